@@ -1,0 +1,1 @@
+"""Custom kernels, importable as ``softpatch_jax.kernels``."""

@@ -1,0 +1,84 @@
+"""torch state dict (numpy) -> Flax variables, shared by every backbone.
+
+Each Flax leaf is mapped to one torch key:
+
+* module path: each Flax submodule name is turned into its torch name by a
+  per-model function (e.g. ``layer1_0`` -> ``layer1.0``), joined with dots;
+* leaf: conv/dense ``kernel`` <- ``weight`` (OIHW -> HWIO, or (out,in) ->
+  (in,out)), ``bias`` <- ``bias``, BatchNorm ``scale`` <- ``weight`` and
+  ``batch_stats`` ``mean``/``var`` <- ``running_mean``/``running_var``.
+
+Every expected leaf must be found with the right shape and every torch key
+must be used (``num_batches_tracked`` is ignored); otherwise one ValueError
+lists all missing / unexpected keys and shape mismatches.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+_LEAF_TO_TORCH = {
+    ("params", "kernel"): "weight",
+    ("params", "scale"): "weight",
+    ("params", "bias"): "bias",
+    ("batch_stats", "mean"): "running_mean",
+    ("batch_stats", "var"): "running_var",
+}
+_IGNORED_SUFFIXES = ("num_batches_tracked",)
+
+
+def _to_flax_layout(arr: np.ndarray, leaf: str) -> np.ndarray:
+    if leaf != "kernel":
+        return arr
+    if arr.ndim == 4:   # conv OIHW -> HWIO (depthwise: (C,1,kh,kw) -> (kh,kw,1,C))
+        return arr.transpose(2, 3, 1, 0)
+    if arr.ndim == 2:   # linear (out, in) -> (in, out)
+        return arr.T
+    return arr
+
+
+def torch_to_flax(expected_shapes, state_dict: Mapping[str, np.ndarray],
+                  module_name_to_torch: Callable[[str], str],
+                  source: str = "state dict"):
+    """Build Flax variables matching ``expected_shapes`` from ``state_dict``.
+
+    expected_shapes: pytree of objects with ``.shape`` (e.g. the output of
+    ``jax.eval_shape(module.init, ...)``). source: names the file in errors.
+    """
+    flat = traverse_util.flatten_dict(
+        jax.tree_util.tree_map(lambda a: a, dict(expected_shapes)))
+    used: set[str] = set()
+    missing, mismatched = [], []
+    out = {}
+    for path, spec in flat.items():
+        collection, *modules, leaf = path
+        key_leaf = _LEAF_TO_TORCH.get((collection, leaf))
+        if key_leaf is None:
+            raise ValueError(f"no torch equivalent for Flax variable {'/'.join(path)}")
+        key = ".".join([module_name_to_torch(m) for m in modules] + [key_leaf])
+        if key not in state_dict:
+            missing.append(key)
+            continue
+        used.add(key)
+        arr = _to_flax_layout(np.asarray(state_dict[key]), leaf)
+        if tuple(arr.shape) != tuple(spec.shape):
+            mismatched.append(
+                f"{key}: file {tuple(np.asarray(state_dict[key]).shape)} -> "
+                f"{tuple(arr.shape)}, model expects {tuple(spec.shape)}")
+            continue
+        out[path] = np.ascontiguousarray(arr, dtype=np.float32)
+    unexpected = sorted(k for k in state_dict
+                        if k not in used and not k.endswith(_IGNORED_SUFFIXES))
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
+        if mismatched:
+            parts.append(f"shape mismatches ({len(mismatched)}): {mismatched}")
+        raise ValueError(f"{source}: weights do not fit the model; " + "; ".join(parts))
+    return traverse_util.unflatten_dict(out)

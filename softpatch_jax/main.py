@@ -1,0 +1,30 @@
+r"""Runs SoftPatch / PatchCore as configured and writes results to --workdir.
+
+  python -m softpatch_jax.main --config configs/default.py --workdir out/
+  python -m softpatch_jax.main --config configs/mvtec.py \
+      --config.data.root=/data/mvtec --workdir out/mvtec
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from softpatch_jax import pipeline
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to an ml_collections config file.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "out", "Directory for results.")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.INFO)
+  pipeline.run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
