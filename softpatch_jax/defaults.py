@@ -9,6 +9,9 @@ import ml_collections
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # 'evaluate': fit + predict + metrics per category (labelled data);
+  # 'fit': fit on an unlabelled folder and save a model (configs/fit_folder.py).
+  c.mode = "evaluate"
   # Comma-separated list (or a list) of pipeline.METHODS keys.
   c.methods = "softpatch_lof,patchcore"
 

@@ -585,6 +585,13 @@ def run(config, workdir: str) -> dict:
   Every file is written atomically, so an interrupted run leaves either the
   previous result or none, never a truncated one.
   """
+  mode = config.get("mode", "evaluate")
+  if mode == "fit":
+    # Fit on an unlabelled folder and save a model artifact (no metrics).
+    from softpatch_jax import fitting  # pylint: disable=g-import-not-at-top
+    return fitting.fit_and_save(config, workdir)
+  if mode != "evaluate":
+    raise ValueError(f"config.mode must be 'evaluate' or 'fit', got {mode!r}")
   workdir = io_utils.ensure_writable_dir(workdir)
   t_start = time.perf_counter()
   bb = build_backbone(config)

@@ -1,0 +1,159 @@
+"""Weighted approximate greedy k-center (coreset selection).
+
+Semantics (all paths):
+  d(x, c) = sqrt(sum_k (x_k - c_k)^2)                      Euclidean
+  dist    = mean_j d(x, x[start_idx[j]]) * w               (weight from the start)
+  repeat n_select times:
+    i = argmax(dist)            (first occurrence)
+    record i
+    dist = min(dist, d(x, x[i]) * w)
+With w = 0 for noise patches their distance is 0 from the start, so they
+are only ever picked once every clean point is at distance 0 as well.
+
+Paths: ``kcenter_reference`` (plain jnp loop), the XLA path (one fused
+distance + min pass and an argmax per selected point, so x is read once per
+iteration; optional bf16 storage of x), and the Pallas kernel
+(``kcenter_pallas.py``). No path forms an M x M matrix.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from softpatch_jax.kernels import _dispatch
+
+_F32 = jnp.float32
+
+
+def _validate(x, n_select, start_idx, sampling_weight, op):
+  x = jnp.asarray(x)
+  _dispatch.check_rank("x", op, x, 2)
+  m = x.shape[0]
+  if m == 0:
+    raise ValueError(f"kernels.{op}: x is empty, shape {tuple(x.shape)}")
+  if not isinstance(n_select, (int, np.integer)) or n_select < 0:
+    raise ValueError(f"kernels.{op}: n_select must be an int >= 0, got "
+                     f"{n_select!r}")
+  start_idx = jnp.asarray(start_idx)
+  if start_idx.ndim != 1 or start_idx.shape[0] == 0:
+    raise ValueError(f"kernels.{op}: start_idx must be a non-empty 1-d index "
+                     f"array, got shape {tuple(start_idx.shape)}")
+  if not jnp.issubdtype(start_idx.dtype, jnp.integer):
+    raise ValueError(f"kernels.{op}: start_idx must be integer, got "
+                     f"{start_idx.dtype}")
+  if sampling_weight is None:
+    w = jnp.ones((m,), _F32)
+  else:
+    w = jnp.asarray(sampling_weight, _F32)
+    if w.shape != (m,):
+      raise ValueError(f"kernels.{op}: sampling_weight shape {tuple(w.shape)} "
+                       f"!= ({m},) to match x {tuple(x.shape)}")
+  return x.astype(_F32), int(n_select), start_idx.astype(jnp.int32), w
+
+
+def _dist_to(x, c):
+  """Euclidean distance of every row of x to c, from coordinate differences.
+
+  The difference form (rather than ||x||^2 - 2 x.c + ||c||^2) makes the
+  distance of a point to itself and to its exact duplicates exactly 0, and
+  identical rows get bit-identical distances, so ties stay ties.
+  """
+  diff = x.astype(_F32) - c.astype(_F32)[None, :]
+  return jnp.sqrt(jnp.maximum(jnp.sum(diff * diff, axis=1), 0.0))
+
+
+def initial_distance(x, start_idx, w):
+  """mean over starts of the distance to each start, times w.
+
+  The sum runs sequentially over the starts on every path, so all paths
+  round identically.
+  """
+  def body(j, acc):
+    s = start_idx[j]
+    return acc + _dist_to(x, x[s])
+  acc = jax.lax.fori_loop(0, start_idx.shape[0], body,
+                          jnp.zeros((x.shape[0],), _F32))
+  return acc / start_idx.shape[0] * w
+
+
+@functools.partial(jax.jit, static_argnames=("n_select",))
+def _kcenter_reference(x, n_select, start_idx, w):
+  dist = initial_distance(x, start_idx, w)
+
+  def body(t, carry):
+    dist, sel = carry
+    i = jnp.argmax(dist).astype(jnp.int32)
+    sel = sel.at[t].set(i)
+    dist = jnp.minimum(dist, _dist_to(x, x[i]) * w)
+    return dist, sel
+
+  _, sel = jax.lax.fori_loop(0, n_select, body,
+                             (dist, jnp.zeros((n_select,), jnp.int32)))
+  return sel
+
+
+def kcenter_reference(x, n_select: int, start_idx, sampling_weight=None):
+  """Plain-jnp weighted greedy k-center -> (n_select,) int32 indices."""
+  x, n_select, start_idx, w = _validate(x, n_select, start_idx,
+                                        sampling_weight, "kcenter_reference")
+  return _kcenter_reference(x, n_select, start_idx, w)
+
+
+@functools.partial(jax.jit, static_argnames=("n_select", "storage_dtype"))
+def _kcenter_xla(x, n_select, start_idx, w, storage_dtype):
+  if storage_dtype is not None:
+    # Halves the bytes read per iteration; norms from the stored values.
+    x = x.astype(storage_dtype)
+  dist = initial_distance(x, start_idx, w)
+  i0 = jnp.argmax(dist).astype(jnp.int32)
+
+  def body(t, carry):
+    dist, sel, i = carry
+    sel = sel.at[t].set(i)
+    c = jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
+    # One fused pass over x: distance, weight, running min; then argmax.
+    dist = jnp.minimum(dist, _dist_to(x, c) * w)
+    return dist, sel, jnp.argmax(dist).astype(jnp.int32)
+
+  _, sel, _ = jax.lax.fori_loop(
+      0, n_select, body, (dist, jnp.zeros((n_select,), jnp.int32), i0))
+  return sel
+
+
+def kcenter(x, n_select: int, start_idx, sampling_weight=None,
+            impl: str | None = None, *, storage_dtype=None):
+  """Weighted approximate greedy k-center.
+
+  Args:
+    x: (M, d) features (typically the 128-d projection).
+    n_select: number of centres to pick.
+    start_idx: (S,) int indices of the random starting points.
+    sampling_weight: (M,) weights (1 clean, 0 noise) or None (all ones).
+    impl: None (XLA on CPU, Pallas on GPU/TPU), 'xla', 'pallas',
+      'pallas_interpret' or 'reference'.
+    storage_dtype: None (float32) or jnp.bfloat16 to store x in bf16 with
+      f32 accumulation (XLA and Pallas paths). Selections may then differ
+      from float32 where two candidates are within bf16 resolution.
+
+  Returns:
+    (n_select,) int32 indices into x, in selection order.
+  """
+  x, n_select, start_idx, w = _validate(x, n_select, start_idx,
+                                        sampling_weight, "kcenter")
+  path = _dispatch.resolve_impl(impl, "kcenter")
+  if n_select == 0:
+    return jnp.zeros((0,), jnp.int32)
+  sdt = None if storage_dtype is None else jnp.dtype(storage_dtype)
+  if sdt is not None and sdt == jnp.dtype(_F32):
+    sdt = None
+  if path == "reference":
+    return _kcenter_reference(x, n_select, start_idx, w)
+  if path == "xla":
+    return _kcenter_xla(x, n_select, start_idx, w, sdt)
+  from softpatch_jax.kernels import kcenter_pallas  # pylint: disable=g-import-not-at-top
+  return kcenter_pallas.kcenter_pallas(
+      x, n_select, start_idx, w, interpret=(path == "pallas_interpret"),
+      storage_dtype=sdt)

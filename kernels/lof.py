@@ -1,0 +1,152 @@
+"""Batched Local Outlier Factor, one independent LOF per position.
+
+``lof(x)[p]`` equals ``-sklearn.neighbors.LocalOutlierFactor(n_neighbors=k)
+.fit(x[p]).negative_outlier_factor_`` (euclidean metric):
+  * k is clamped to [1, N-1] as sklearn does;
+  * neighbours of a point are the k nearest *other* points; equal distances
+    are ordered by index. sklearn's heap keeps an arbitrary member of a tie,
+    but exactly tied distances only arise from duplicated points, and
+    duplicates of one point have identical k-distance and lrd, so the LOF
+    values do not depend on which member is kept;
+  * k-distance(o) = distance to o's k-th neighbour,
+    reach(p, o) = max(k-distance(o), d(p, o)),
+    lrd(p) = 1 / (mean_o reach(p, o) + 1e-10),
+    LOF(p) = mean_o lrd(o) / lrd(p).
+Distances between duplicated points are exactly 0 on every path (sklearn's
+are too); that matters because lrd then saturates at 1e10.
+
+Paths: ``lof_reference`` (plain jnp, (P, N, N, D) differences, tests only),
+the XLA path (positions in chunks; a Gram-matrix pass proposes k + margin
+candidates per point, whose distances are then recomputed exactly from
+differences), and the Pallas kernel in ``lof_pallas.py`` (one position per
+grid step).
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+
+from softpatch_jax.kernels import _dispatch
+
+_F32 = jnp.float32
+_EPS = 1e-10  # sklearn's guard in the lrd denominator
+
+
+def effective_k(k: int, n: int) -> int:
+  """sklearn's clamp: n_neighbors_ = max(1, min(k, n - 1))."""
+  return max(1, min(int(k), n - 1))
+
+
+def _validate(x, k, op):
+  x = jnp.asarray(x)
+  _dispatch.check_rank("x", op, x, 3)
+  if x.shape[1] < 2:
+    raise ValueError(
+        f"kernels.{op}: need at least 2 points per position, got x shape "
+        f"{tuple(x.shape)}")
+  if int(k) < 1:
+    raise ValueError(f"kernels.{op}: k must be >= 1, got {k!r}")
+  if int(k) > x.shape[1]:
+    warnings.warn(
+        f"kernels.{op}: n_neighbors ({k}) is greater than the number of "
+        f"samples ({x.shape[1]}); using n_samples - 1 = {x.shape[1] - 1}.")
+  return x.astype(_F32), effective_k(k, x.shape[1])
+
+
+def _lex_k_smallest(d, idx, k):
+  """k smallest along the last axis, ordered by (distance, index)."""
+  ds, ids = jax.lax.sort((d, idx), dimension=d.ndim - 1, num_keys=2)
+  return ds[..., :k], ids[..., :k]
+
+
+def lof_from_neighbours(nd, nbr):
+  """LOF from (..., N, k) ascending neighbour distances and indices."""
+  gather = jnp.vectorize(lambda v, i: v[i], signature="(n),(n,k)->(n,k)")
+  kdist = nd[..., -1]
+  reach = jnp.maximum(gather(kdist, nbr), nd)
+  lrd = 1.0 / (jnp.mean(reach, axis=-1) + _EPS)
+  return jnp.mean(gather(lrd, nbr) / lrd[..., None], axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _lof_reference(x, k):
+  n = x.shape[1]
+  diff = x[:, :, None, :] - x[:, None, :, :]
+  d = jnp.sqrt(jnp.sum(diff * diff, axis=-1))
+  eye = jnp.eye(n, dtype=bool)
+  d = jnp.where(eye, jnp.inf, d)  # a point is not its own neighbour
+  idx = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), d.shape)
+  nd, nbr = _lex_k_smallest(d, idx, k)
+  return lof_from_neighbours(nd, nbr)
+
+
+def lof_reference(x, k: int):
+  """Plain-jnp LOF per position: x (P, N, D) -> (P, N) float32."""
+  x, keff = _validate(x, k, "lof_reference")
+  return _lof_reference(x, keff)
+
+
+def _chunk_neighbours(xc, k, margin):
+  """Exact (distance, index)-ordered k nearest others for a chunk (c, N, D)."""
+  c, n, _ = xc.shape
+  kc = min(n - 1, k + margin)
+  # Centring per position shrinks the norms, and so the cancellation error
+  # of the Gram form used to pick candidates.
+  xm = xc - jnp.mean(xc, axis=1, keepdims=True)
+  sq = jnp.sum(xm * xm, axis=-1)
+  gram = jnp.einsum("cid,cjd->cij", xm, xm, preferred_element_type=_F32)
+  approx = sq[:, :, None] + sq[:, None, :] - 2.0 * gram
+  approx = jnp.where(jnp.eye(n, dtype=bool), jnp.inf, approx)
+  _, cand = jax.lax.top_k(-approx, kc)  # (c, N, kc)
+  cand = cand.astype(jnp.int32)
+  rows = jax.vmap(lambda a, i: a[i])(xc, cand)  # (c, N, kc, D)
+  diff = xc[:, :, None, :] - rows
+  d = jnp.sqrt(jnp.sum(diff * diff, axis=-1))
+  return _lex_k_smallest(d, cand, k)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "chunk", "margin"))
+def _lof_xla(x, k, chunk, margin):
+  p, n, dim = x.shape
+  pp = _dispatch.round_up(p, chunk)
+  xs = jnp.pad(x, ((0, pp - p), (0, 0), (0, 0))).reshape(pp // chunk, chunk,
+                                                           n, dim)
+
+  def one_chunk(xc):
+    nd, nbr = _chunk_neighbours(xc, k, margin)
+    return lof_from_neighbours(nd, nbr)
+
+  return jax.lax.map(one_chunk, xs).reshape(pp, n)[:p]
+
+
+def lof(x, k: int, impl: str | None = None, *, chunk: int = 16,
+        margin: int = 4):
+  """LOF of every point within its own position group.
+
+  Args:
+    x: (P, N, D) features: P positions, N images, D dims.
+    k: n_neighbors (clamped to N - 1 like sklearn).
+    impl: None (XLA on CPU, Pallas on GPU/TPU), 'xla', 'pallas',
+      'pallas_interpret' or 'reference'.
+    chunk: positions per step of the XLA path (bounds memory at
+      chunk * N * N floats).
+    margin: extra candidates per point taken from the Gram-form distances
+      before the exact recomputation (XLA path); guards against rounding
+      reordering near-equal neighbours.
+
+  Returns:
+    (P, N) float32 LOF scores (1 = inlier, larger = more outlying).
+  """
+  x, keff = _validate(x, k, "lof")
+  path = _dispatch.resolve_impl(impl, "lof")
+  if x.shape[0] == 0:
+    return jnp.zeros((0, x.shape[1]), _F32)
+  if path == "reference":
+    return _lof_reference(x, keff)
+  if path == "xla":
+    return _lof_xla(x, keff, int(min(chunk, x.shape[0])), int(margin))
+  from softpatch_jax.kernels import lof_pallas  # pylint: disable=g-import-not-at-top
+  return lof_pallas.lof_pallas(x, keff, interpret=(path == "pallas_interpret"))

@@ -1,0 +1,368 @@
+r"""Scores new images with a saved model: scores, decisions, heatmaps, CSV.
+
+  python -m softpatch_jax.predict --model out/model.softpatch \
+      --input /path/to/images --output out/pred [--save_maps] [--save_masks]
+
+--input is a directory (its images, sub-folders too with --recursive) or a
+comma-separated list of image files. Files whose extension is not an image
+extension (.png .jpg .jpeg .bmp .tif .tiff) are skipped with one warning that
+lists them. Images are decoded, scored and written batch by batch, so a
+folder of any size runs in bounded memory, with a progress bar.
+
+Output (in --output):
+  predictions.csv      one row per input file: path, score, decision
+                       (anomalous / normal / error), threshold,
+                       anomalous_pixel_fraction, heatmap, map, mask, error.
+                       Scores are written with full float precision.
+  heatmaps/<name>.png  the anomaly map over the (resized, cropped) image, on
+                       one colour scale for all images: 0 .. 2x the pixel
+                       threshold (the threshold is mid-scale); predicted
+                       defect regions (map >= pixel threshold) outlined green.
+  maps/<name>.npy      with --save_maps: the raw float32 (H, W) anomaly map.
+  masks/<name>.png     with --save_masks: the binary mask (map >= pixel
+                       threshold) as a 0/255 PNG.
+<name> is the path relative to the input folder (or to the common folder of
+the listed files), without extension, with '/' replaced by '__'.
+
+A file that cannot be decoded (truncated, corrupt, zero bytes) gets a row
+with decision 'error' and the reason, and a warning; the other images are
+still scored (--strict: stop at the first such file instead). Every file is
+written atomically; predictions.csv is removed at the start and written last,
+so it exists only for a complete run, and re-running overwrites cleanly.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import csv
+import io
+import logging
+import os
+import sys
+from typing import List, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from softpatch_jax import io_utils
+from softpatch_jax import model_io
+from softpatch_jax import pipeline
+from softpatch_jax import thresholds as thresholds_lib
+from softpatch_jax import viz
+from softpatch_jax.progress import Progress
+
+log = logging.getLogger("softpatch_jax.predict")
+
+CSV_FILENAME = "predictions.csv"
+CSV_FIELDS = ["path", "score", "decision", "threshold",
+              "anomalous_pixel_fraction", "heatmap", "map", "mask", "error"]
+
+
+# --------------------------------------------------------------------------
+# Inputs.
+
+
+def list_inputs(inputs, recursive: bool = False) -> List[str]:
+  """A directory, a comma-separated string, or a list -> image file paths.
+
+  Non-image files are skipped with one warning listing them; a listed file
+  that does not exist, or no image at all, is a ValueError.
+  """
+  from softpatch_jax.data import _files  # pylint: disable=g-import-not-at-top
+  if isinstance(inputs, str):
+    if os.path.isdir(inputs):
+      return _files.list_images(inputs, "input image", recursive=recursive)
+    inputs = [p.strip() for p in inputs.split(",") if p.strip()]
+  inputs = [os.fspath(p) for p in inputs]
+  if not inputs:
+    raise ValueError("no input given: pass a directory or image files")
+  paths, skipped = [], []
+  for p in inputs:
+    if os.path.isdir(p):
+      paths += _files.list_images(p, "input image", recursive=recursive)
+    elif not os.path.isfile(p):
+      raise ValueError(f"input file does not exist: {p}")
+    elif _files.is_image(p):
+      paths.append(p)
+    else:
+      skipped.append(p)
+  if skipped:
+    log.warning("skipping %d non-image file(s) (accepted extensions %s): %s",
+                len(skipped), ", ".join(_files.IMAGE_EXTENSIONS),
+                ", ".join(skipped))
+  if not paths:
+    raise ValueError(f"no image files among the inputs {inputs}")
+  return paths
+
+
+def output_names(paths: Sequence[str]) -> List[str]:
+  """Unique, flat output names for input paths (see module docstring)."""
+  absp = [os.path.abspath(p) for p in paths]
+  root = os.path.commonpath([os.path.dirname(p) for p in absp])
+  rel = [os.path.relpath(p, root) for p in absp]
+  names = [os.path.splitext(r)[0].replace(os.sep, "__") for r in rel]
+  counts = collections.Counter(names)
+  out, seen = [], set()
+  for r, n in zip(rel, names):
+    if counts[n] > 1:  # a.png and a.jpg: keep the extension
+      n = r.replace(os.sep, "__").replace(".", "_")
+    base, i = n, 1
+    while n in seen:
+      n, i = f"{base}_{i}", i + 1
+    seen.add(n)
+    out.append(n)
+  return out
+
+
+def _decode_batches(paths, pre, batch_size, num_workers, strict):
+  """Yields (indices, images or None per file, errors) batch by batch.
+
+  Decoding runs in a thread pool; at most two batches are in flight.
+  """
+  from softpatch_jax.data import open_image  # pylint: disable=g-import-not-at-top
+
+  def load(p):
+    try:
+      return pre.image_array(open_image(p)), None
+    except ValueError as e:
+      if strict:
+        raise
+      return None, str(e)
+
+  chunks = [list(range(s, min(s + batch_size, len(paths))))
+            for s in range(0, len(paths), batch_size)]
+  with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
+    pending = collections.deque()
+    for c in chunks[:2]:
+      pending.append((c, [pool.submit(load, paths[i]) for i in c]))
+    nxt = 2
+    while pending:
+      idx, futs = pending.popleft()
+      if nxt < len(chunks):
+        c = chunks[nxt]
+        pending.append((c, [pool.submit(load, paths[i]) for i in c]))
+        nxt += 1
+      res = [f.result() for f in futs]
+      yield idx, [r[0] for r in res], [r[1] for r in res]
+
+
+# --------------------------------------------------------------------------
+# Prediction.
+
+
+def color_range(model, image_threshold, pixel_threshold):
+  """One colour scale for every heatmap: 0 .. 2 x the pixel threshold."""
+  ref = pixel_threshold if pixel_threshold is not None else image_threshold
+  if ref is None or not ref > 0:
+    return None
+  return 0.0, 2.0 * float(ref)
+
+
+def _png_bytes(arr) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(arr).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def _fmt(v):
+  if v is None:
+    return ""
+  if isinstance(v, float):
+    return repr(v)  # full precision: the CSV round-trips the float32 score
+  return str(v)
+
+
+def predict(model, inputs, output: str, *, batch_size: int = 16,
+            num_workers: int = 2, save_maps: bool = False,
+            save_masks: bool = False, heatmaps: bool = True,
+            threshold: Optional[float] = None,
+            pixel_threshold: Optional[float] = None,
+            quantile: Optional[float] = None, recursive: bool = False,
+            strict: bool = False, memory_budget_mb: Optional[float] = None,
+            backbone_weights: Optional[str] = None, backbone=None,
+            progress: bool = True) -> dict:
+  """Scores `inputs` with `model` (a FittedModel or a model path).
+
+  Returns {'rows': [...], 'csv': path, 'n_images', 'n_anomalous', 'n_errors'}.
+  """
+  if not isinstance(model, model_io.FittedModel):
+    model = model_io.load_model(model)
+  if int(batch_size) < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  paths = list_inputs(inputs, recursive=recursive)
+  output = io_utils.ensure_writable_dir(output)
+  csv_path = os.path.join(output, CSV_FILENAME)
+  # Only a complete run leaves a predictions.csv behind.
+  if os.path.exists(csv_path):
+    os.remove(csv_path)
+
+  t_img = model.image_threshold
+  t_pix = model.pixel_threshold
+  if quantile is not None:
+    if model.heldout_image_scores is None:
+      raise ValueError("--quantile needs a model fitted with the 'quantile' "
+                       "threshold (it stores held-out training scores)")
+    t_img = thresholds_lib.quantile(model.heldout_image_scores, quantile)
+    t_pix = thresholds_lib.quantile(model.heldout_pixel_max, quantile)
+  if threshold is not None:
+    t_img = float(threshold)
+  if pixel_threshold is not None:
+    t_pix = float(pixel_threshold)
+  crange = color_range(model, t_img, t_pix)
+
+  if backbone is None:
+    backbone = model.build_backbone(weights=backbone_weights)
+  else:
+    model_io.check_backbone(model, backbone)
+  extractor = model.make_extractor(backbone, batch_size=batch_size)
+  pre = model.make_preprocess()
+  names = output_names(paths)
+  rows = [None] * len(paths)
+  n_batches = (len(paths) + batch_size - 1) // batch_size
+  stream = _decode_batches(paths, pre, int(batch_size), int(num_workers),
+                           strict)
+  for idx, images, errors in Progress(stream, total=n_batches,
+                                      desc="predict", unit="batches",
+                                      enabled=progress):
+    ok = [j for j, im in enumerate(images) if im is not None]
+    for j, err in enumerate(errors):
+      if err is not None:
+        log.warning("cannot score %s: %s", paths[idx[j]], err)
+        rows[idx[j]] = {"path": paths[idx[j]], "decision": "error",
+                        "threshold": t_img, "error": err}
+    if not ok:
+      continue
+    batch = np.stack([images[j] for j in ok]).astype(np.float32, copy=False)
+    feats = extractor(batch)
+    pipeline.check_finite(np.asarray(feats), "features of input images")
+    img_scores, maps = model.score(feats, memory_budget_mb)
+    img_scores, maps = np.asarray(img_scores), np.asarray(maps)
+    for r, j in enumerate(ok):
+      i = idx[j]
+      rows[i] = _write_one(output, names[i], paths[i], batch[r],
+                           float(img_scores[r]), maps[r], pre, t_img, t_pix,
+                           crange, heatmaps, save_maps, save_masks)
+
+  _write_csv(csv_path, rows)
+  n_err = sum(r["decision"] == "error" for r in rows)
+  n_anom = sum(r["decision"] == "anomalous" for r in rows)
+  print(f"{len(rows)} images: {n_anom} anomalous, "
+        f"{len(rows) - n_anom - n_err} normal, {n_err} unreadable "
+        f"(threshold {t_img}); results in {csv_path}", flush=True)
+  return {"rows": rows, "csv": csv_path, "n_images": len(rows),
+          "n_anomalous": n_anom, "n_errors": n_err,
+          "image_threshold": t_img, "pixel_threshold": t_pix}
+
+
+def _write_one(output, name, path, image, score, amap, pre, t_img, t_pix,
+               crange, heatmaps, save_maps, save_masks) -> dict:
+  row = {"path": path, "score": score, "threshold": t_img}
+  row["decision"] = ("n/a" if t_img is None else
+                     "anomalous" if score >= t_img else "normal")
+  mask = None
+  if t_pix is not None:
+    mask = amap >= t_pix
+    row["anomalous_pixel_fraction"] = float(mask.mean())
+  if heatmaps:
+    rgb = viz.to_uint8_image(image, pre.mean, pre.std)
+    if rgb.shape[-1] == 1:
+      rgb = np.repeat(rgb, 3, axis=-1)
+    lo, hi = crange if crange is not None else (float(amap.min()),
+                                                float(amap.max()))
+    over = viz.overlay(rgb, amap, lo, hi)
+    if mask is not None and mask.any():
+      over = viz.mask_outline(over, mask)
+    rel = os.path.join("heatmaps", name + ".png")
+    io_utils.write_bytes(os.path.join(output, rel), _png_bytes(over))
+    row["heatmap"] = rel
+  if save_maps:
+    rel = os.path.join("maps", name + ".npy")
+    io_utils.save_npy(os.path.join(output, rel), amap.astype(np.float32))
+    row["map"] = rel
+  if save_masks and mask is not None:
+    rel = os.path.join("masks", name + ".png")
+    io_utils.write_bytes(os.path.join(output, rel),
+                         _png_bytes(mask.astype(np.uint8) * 255))
+    row["mask"] = rel
+  return row
+
+
+def _write_csv(path, rows):
+  buf = io.StringIO()
+  w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
+  w.writeheader()
+  for r in rows:
+    w.writerow({k: _fmt(r.get(k)) for k in CSV_FIELDS})
+  io_utils.write_text(path, buf.getvalue())
+
+
+def read_predictions(path) -> List[dict]:
+  """Reads a predictions.csv back (scores as float, '' as None)."""
+  with open(path, newline="", encoding="utf-8") as f:
+    rows = list(csv.DictReader(f))
+  for r in rows:
+    for k in ("score", "threshold", "anomalous_pixel_fraction"):
+      r[k] = float(r[k]) if r.get(k) else None
+  return rows
+
+
+# --------------------------------------------------------------------------
+# Command line.
+
+
+def _define_flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("model", None, "model.softpatch file, or the fit "
+                      "workdir that holds it.")
+  flags.DEFINE_string("input", None, "A directory of images, or "
+                      "comma-separated image files.")
+  flags.DEFINE_string("output", None, "Output directory.")
+  flags.DEFINE_bool("recursive", False, "Also read images in sub-folders of "
+                    "an input directory.")
+  flags.DEFINE_integer("batch_size", 16, "Images per batch.")
+  flags.DEFINE_integer("num_workers", 2, "Image decoding threads.")
+  flags.DEFINE_bool("heatmaps", True, "Write heatmaps/<name>.png.")
+  flags.DEFINE_bool("save_maps", False, "Also write maps/<name>.npy (raw "
+                    "float32 anomaly maps).")
+  flags.DEFINE_bool("save_masks", False, "Also write masks/<name>.png "
+                    "(binary, map >= pixel threshold).")
+  flags.DEFINE_float("threshold", None, "Image threshold override.")
+  flags.DEFINE_float("pixel_threshold", None, "Pixel threshold override.")
+  flags.DEFINE_float("quantile", None, "Re-derive both thresholds as this "
+                     "quantile of the stored held-out training scores.")
+  flags.DEFINE_float("memory_budget_mb", None, "Scan the memory bank in "
+                     "chunks of at most this size (default: the model's "
+                     "config; 0: no limit).")
+  flags.DEFINE_string("backbone_weights", None, "Where the backbone weights "
+                      "are now, if they moved since fitting (.pth path); "
+                      "they must be the same weights.")
+  flags.DEFINE_bool("strict", False, "Stop at the first unreadable image "
+                    "instead of recording it as an error row.")
+  flags.mark_flags_as_required(["model", "input", "output"])
+  return flags.FLAGS
+
+
+def main(argv):
+  from absl import app  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.getLogger().setLevel(logging.INFO)
+  f = FLAGS
+  try:
+    predict(f.model, f.input, f.output, batch_size=f.batch_size,
+            num_workers=f.num_workers, save_maps=f.save_maps,
+            save_masks=f.save_masks, heatmaps=f.heatmaps,
+            threshold=f.threshold, pixel_threshold=f.pixel_threshold,
+            quantile=f.quantile, recursive=f.recursive, strict=f.strict,
+            memory_budget_mb=f.memory_budget_mb,
+            backbone_weights=f.backbone_weights)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  from absl import app as _app  # pylint: disable=g-import-not-at-top
+  FLAGS = _define_flags()
+  _app.run(main)

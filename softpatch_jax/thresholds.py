@@ -1,0 +1,142 @@
+"""Decision thresholds for image scores and pixel maps, with or without labels.
+
+A SoftPatch user usually has no clean, labelled validation set: the training
+folder itself is "mostly normal" with some defective images mixed in. Three
+ways to choose a threshold are offered (config.threshold.method):
+
+  'quantile' (default): held-out training scores. The training images are
+      split into K folds (config.threshold.folds, default 5; fewer when there
+      are fewer images). For each fold a memory bank is fitted on the other
+      K-1 folds with the same method and settings, and the held-out fold is
+      scored against it, so every training image gets the score it would get
+      as a new image. The image threshold is the q-quantile of these N
+      held-out image scores (config.threshold.quantile, default 0.95); the
+      pixel threshold is the q-quantile of the N held-out per-image maxima of
+      the pixel maps (config.threshold.pixel_quantile, default: the same q),
+      so that a fraction q of held-out training images gets an empty mask.
+      Why the default: it needs no labels, and scores of an image that is in
+      the bank are ~0 (it matches itself), so only held-out scores show what
+      a normal new image scores. Why q=0.95 and not 0.99: the training set
+      may hold a few percent of defective images; their held-out scores are
+      high, and a quantile above 1 - contamination would put the threshold
+      among them and miss similar defects later. The price is about 5 % false
+      alarms on a clean line; raise q for a clean training set. The held-out
+      scores are stored in the model, so the threshold can be re-derived
+      later without refitting (predict --quantile).
+  'manual': config.threshold.value (image) and, optionally,
+      config.threshold.pixel_value (pixel; without it no binary masks).
+  'f1': config.threshold.val_dir, a labelled folder with good/ (normal) and
+      one sub-folder per defect type (anomalous), optionally MVTec-style
+      ground_truth/<defect>/<name>_mask.png masks. The image threshold
+      maximises F1 over the folder's images; the pixel threshold maximises F1
+      over its mask pixels (None when there are no masks).
+
+Decisions everywhere are `score >= threshold` -> anomalous.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+METHODS = ("quantile", "manual", "f1")
+DEFAULT_METHOD = "quantile"
+DEFAULT_QUANTILE = 0.95
+DEFAULT_FOLDS = 5
+# Pixel-level F1 sorts every pixel; beyond this many, a regular subsample.
+MAX_F1_PIXELS = 20_000_000
+
+
+def validate(method: str, quantile: float = DEFAULT_QUANTILE,
+             pixel_quantile: Optional[float] = None, folds: int = DEFAULT_FOLDS,
+             value: Optional[float] = None, val_dir: str = "") -> None:
+  """Checks threshold settings before any expensive work."""
+  if method not in METHODS:
+    raise ValueError(f"config.threshold.method must be one of {METHODS}, got "
+                     f"{method!r}")
+  for name, q in (("quantile", quantile), ("pixel_quantile", pixel_quantile)):
+    if q is not None and not 0.0 < float(q) <= 1.0:
+      raise ValueError(f"config.threshold.{name} must be in (0, 1], got {q}")
+  if method == "quantile" and int(folds) < 2:
+    raise ValueError(f"config.threshold.folds must be >= 2, got {folds}")
+  if method == "manual":
+    if value is None:
+      raise ValueError("config.threshold.method='manual' needs "
+                       "config.threshold.value")
+    if not np.isfinite(float(value)):
+      raise ValueError(f"config.threshold.value must be finite, got {value}")
+  if method == "f1" and not val_dir:
+    raise ValueError("config.threshold.method='f1' needs "
+                     "config.threshold.val_dir (a labelled folder)")
+
+
+def fold_split(n: int, n_folds: int, seed: int) -> List[np.ndarray]:
+  """Splits range(n) into min(n_folds, n) seeded, near-equal folds."""
+  if n < 2:
+    raise ValueError(f"held-out scoring needs at least 2 images, got {n}")
+  k = max(2, min(int(n_folds), n))
+  perm = np.random.default_rng(seed).permutation(n)
+  return [np.sort(f) for f in np.array_split(perm, k)]
+
+
+def quantile(values, q: float) -> float:
+  """The q-quantile (linear interpolation, numpy's default) as a float."""
+  v = np.asarray(values, np.float64).ravel()
+  if v.size == 0:
+    raise ValueError("cannot take a quantile of no scores")
+  if not np.all(np.isfinite(v)):
+    raise ValueError("scores contain NaN/inf; cannot derive a threshold")
+  return float(np.quantile(v, float(q)))
+
+
+def f1_optimal(labels, scores) -> Tuple[float, float]:
+  """The threshold t maximising F1 of `score >= t`, and that F1.
+
+  t is the midpoint between the lowest score flagged and the next lower
+  score, so that the same split of the validation set holds with some margin
+  either side. Ties in F1 go to the highest threshold (fewest alarms).
+  """
+  y = np.asarray(labels).ravel().astype(bool)
+  s = np.asarray(scores, np.float64).ravel()
+  if y.shape != s.shape:
+    raise ValueError(f"labels {y.shape} and scores {s.shape} differ in shape")
+  n_pos = int(y.sum())
+  if n_pos == 0 or n_pos == y.size:
+    raise ValueError(f"F1-optimal threshold needs both normal and anomalous "
+                     f"examples, got {n_pos} anomalous of {y.size}")
+  if not np.all(np.isfinite(s)):
+    raise ValueError("scores contain NaN/inf; cannot derive a threshold")
+  order = np.argsort(-s, kind="stable")
+  s_sorted, y_sorted = s[order], y[order]
+  tp = np.cumsum(y_sorted)
+  k = np.arange(1, s.size + 1)
+  # Only the last position of each group of equal scores is a valid cut.
+  last = np.r_[s_sorted[1:] != s_sorted[:-1], True]
+  f1 = np.where(last, 2.0 * tp / (k + n_pos), -1.0)
+  i = int(np.argmax(f1))
+  t = s_sorted[i]
+  if i + 1 < s.size:
+    t = 0.5 * (t + s_sorted[i + 1])
+    if not t > s_sorted[i + 1]:  # adjacent floats: keep the exact score
+      t = s_sorted[i]
+  return float(t), float(f1[i])
+
+
+def pixel_f1_optimal(masks, maps) -> Tuple[float, float]:
+  """F1-optimal threshold over pixels (a regular subsample if very many)."""
+  m = np.asarray(masks).ravel() > 0.5
+  a = np.asarray(maps, np.float32).ravel()
+  if m.size != a.size:
+    raise ValueError(f"masks ({np.shape(masks)}) and maps ({np.shape(maps)}) "
+                     "differ in size")
+  if a.size > MAX_F1_PIXELS:
+    step = int(np.ceil(a.size / MAX_F1_PIXELS))
+    m, a = m[::step], a[::step]
+  return f1_optimal(m, a)
+
+
+def summary(values) -> dict:
+  v = np.asarray(values, np.float64)
+  return {"n": int(v.size), "min": float(v.min()), "median": float(
+      np.median(v)), "max": float(v.max())}

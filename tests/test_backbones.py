@@ -1,0 +1,99 @@
+"""backbones registry: load(), taps, random weights, input validation."""
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from softpatch_jax import backbones
+
+ALL = ["resnet18", "wide_resnet50_2", "efficientnet_lite0", "efficientnet_lite1",
+       "efficientnet_lite2"]
+
+
+def test_list_backbones():
+    assert backbones.list_backbones() == ALL
+
+
+def test_unknown_name_lists_available():
+    with pytest.raises(ValueError, match="resnet18.*wide_resnet50_2.*efficientnet_lite0"):
+        backbones.load("vgg16", weights="random")
+
+
+@pytest.mark.parametrize("name,tap", [("resnet18", "stage3"), ("efficientnet_lite0", "layer2")])
+def test_unknown_tap_lists_valid(name, tap):
+    with pytest.raises(ValueError, match=f"{tap}.*valid taps"):
+        backbones.load(name, weights="random", layers=(tap,))
+
+
+def test_bad_weights_argument():
+    with pytest.raises(ValueError, match="does_not_exist.pth"):
+        backbones.load("resnet18", weights="/nonexistent/does_not_exist.pth")
+
+
+@pytest.mark.parametrize("name,default,mean", [
+    ("resnet18", ("layer2", "layer3"), (0.485, 0.456, 0.406)),
+    ("efficientnet_lite0", ("stage3", "stage5"), (127 / 255,) * 3),
+])
+def test_random_weights_and_defaults(name, default, mean):
+    a = backbones.load(name, weights="random", seed=0)
+    b = backbones.load(name, weights="random", seed=0)
+    c = backbones.load(name, weights="random", seed=1)
+    assert a.name == name and a.layers == default and a.default_layers == default
+    assert a.weights_id == "random:0" and c.weights_id == "random:1"
+    np.testing.assert_allclose(a.mean, mean)
+    assert len(a.std) == 3
+    leaves = lambda bb: jax.tree_util.tree_leaves(bb.variables)  # noqa: E731
+    assert all(np.array_equal(x, y) for x, y in zip(leaves(a), leaves(b)))
+    assert not all(np.array_equal(x, y) for x, y in zip(leaves(a), leaves(c)))
+    stats = traverse_util.flatten_dict(a.variables["batch_stats"])
+    for path, v in stats.items():
+        np.testing.assert_array_equal(v, 0.0 if path[-1] == "mean" else 1.0)
+    x = np.random.default_rng(0).normal(size=(2, 64, 48, 3)).astype(np.float32)
+    out = a(x)
+    assert tuple(out) == default
+    for tap, f in out.items():
+        s = a.tap_strides[tap]
+        assert f.shape[:3] == (2, -(-64 // s), -(-48 // s)), (tap, f.shape)
+        assert f.dtype == np.float32 and np.isfinite(np.asarray(f)).all()
+    # module.apply gives the same dict as the jitted call.
+    direct = a.module.apply(a.variables, x)
+    for tap in default:
+        np.testing.assert_allclose(direct[tap], out[tap], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,taps,unused", [
+    ("resnet18", ("layer1",), ("layer2_0", "layer4_1", "fc")),
+    ("efficientnet_lite0", ("stage2", "stage1"), ("blocks_3", "conv_head", "fc")),
+])
+def test_stops_after_last_requested_tap(name, taps, unused):
+    bb = backbones.load(name, weights="random", layers=taps, seed=3)
+    x = np.zeros((1, 32, 32, 3), np.float32)
+    full = bb(x)
+    assert set(full) == set(taps)
+    # Later modules' variables are not needed at all.
+    pruned = {col: {k: v for k, v in tree.items() if k not in unused}
+              for col, tree in bb.variables.items()}
+    out = bb.module.apply(pruned, x)
+    for t in taps:
+        np.testing.assert_array_equal(out[t], full[t])
+
+
+def test_tap_order_and_all_taps_lite():
+    bb = backbones.load("efficientnet_lite0", weights="random",
+                        layers=("logits", "features", "stage7", "stage4"))
+    out = bb(np.zeros((1, 64, 64, 3), np.float32))
+    assert out["logits"].shape == (1, 1000)
+    assert out["features"].shape == (1, 2, 2, 1280)
+    assert out["stage7"].shape == (1, 2, 2, 320)
+    assert out["stage4"].shape == (1, 4, 4, 80)
+
+
+def test_input_validation():
+    bb = backbones.load("resnet18", weights="random", layers=("layer1",))
+    with pytest.raises(ValueError, match=r"\(B, H, W, 3\)"):
+        bb(np.zeros((1, 3, 32, 32), np.float32))
+
+
+def test_input_size_hints():
+    assert backbones.load("efficientnet_lite2", weights="random").input_size == 260
+    assert backbones.load("resnet18", weights="random").input_size == 224

