@@ -86,8 +86,12 @@ class FeatureExtractor:
   def __post_init__(self):
     layers = tuple(self.backbone.layers)
 
-    def fn(images):
-      maps = self.backbone(images)
+    module = self.backbone.module
+
+    # The weights are an argument, not closed-over constants, so they are
+    # not baked into the compiled program.
+    def fn(variables, images):
+      maps = module.apply(variables, images)
       feats, grid = features_lib.patch_features(
           [maps[name] for name in layers], patchsize=self.patchsize,
           pretrain_embed_dim=self.pretrain_embed_dim,
@@ -115,7 +119,7 @@ class FeatureExtractor:
     if n < self.batch_size:
       pad = np.zeros((self.batch_size - n, *images.shape[1:]), images.dtype)
       images = np.concatenate([images, pad], 0)
-    return self._fn(jnp.asarray(images))[:n]
+    return self._fn(self.backbone.variables, jnp.asarray(images))[:n]
 
 
 def check_finite(x, what: str) -> None:

@@ -173,7 +173,7 @@ def _fmt(v):
   return str(v)
 
 
-def predict(model, inputs, output: str, *, batch_size: int = 16,
+def predict(model, inputs, output: str, *, batch_size: Optional[int] = None,
             num_workers: int = 2, save_maps: bool = False,
             save_masks: bool = False, heatmaps: bool = True,
             threshold: Optional[float] = None,
@@ -184,10 +184,15 @@ def predict(model, inputs, output: str, *, batch_size: int = 16,
             progress: bool = True) -> dict:
   """Scores `inputs` with `model` (a FittedModel or a model path).
 
+  batch_size defaults to the fitting batch size: the backbone then runs the
+  same compiled program as at fit time, so scores match bit for bit.
+
   Returns {'rows': [...], 'csv': path, 'n_images', 'n_anomalous', 'n_errors'}.
   """
   if not isinstance(model, model_io.FittedModel):
     model = model_io.load_model(model)
+  if batch_size is None:
+    batch_size = int((model.config.get("data") or {}).get("batch_size", 16))
   if int(batch_size) < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   paths = list_inputs(inputs, recursive=recursive)
@@ -320,7 +325,8 @@ def _define_flags():
   flags.DEFINE_string("output", None, "Output directory.")
   flags.DEFINE_bool("recursive", False, "Also read images in sub-folders of "
                     "an input directory.")
-  flags.DEFINE_integer("batch_size", 16, "Images per batch.")
+  flags.DEFINE_integer("batch_size", None, "Images per batch (default: the "
+                       "fitting batch size).")
   flags.DEFINE_integer("num_workers", 2, "Image decoding threads.")
   flags.DEFINE_bool("heatmaps", True, "Write heatmaps/<name>.png.")
   flags.DEFINE_bool("save_maps", False, "Also write maps/<name>.npy (raw "

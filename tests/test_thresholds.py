@@ -1,0 +1,161 @@
+"""Thresholds: quantile, F1-optimal, folds, held-out scores, and the fit-time choices."""
+
+import importlib.util
+import os
+
+import jax
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score
+
+from softpatch_jax import fitting
+from softpatch_jax import model_io
+from softpatch_jax import pipeline
+from softpatch_jax import scoring
+from softpatch_jax import thresholds
+from softpatch_jax.data import synthetic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def fit_config(train_dir, **overrides):
+  spec = importlib.util.spec_from_file_location(
+      "fit_folder", os.path.join(ROOT, "configs", "fit_folder.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  c.data.train_dir = str(train_dir)
+  c.data.resize = c.data.crop = 64
+  c.data.batch_size = 4
+  c.data.num_workers = 1
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_f1_optimal_matches_bruteforce(seed):
+  rng = np.random.default_rng(seed)
+  n = int(rng.integers(5, 60))
+  labels = rng.integers(0, 2, n)
+  labels[:2] = [0, 1]
+  scores = rng.normal(size=n) + labels * rng.uniform(0, 2)
+  scores[rng.integers(0, n, 3)] = scores[0]  # ties
+  t, f1 = thresholds.f1_optimal(labels, scores)
+  best = max(f1_score(labels, scores >= c) for c in np.unique(scores))
+  assert f1 == pytest.approx(best, abs=1e-12)
+  assert f1_score(labels, scores >= t) == pytest.approx(best, abs=1e-12)
+
+
+def test_f1_optimal_midpoint_and_errors():
+  t, f1 = thresholds.f1_optimal([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9])
+  assert f1 == 1.0 and t == pytest.approx(0.5)
+  with pytest.raises(ValueError, match="both normal and anomalous"):
+    thresholds.f1_optimal([0, 0], [0.1, 0.2])
+  with pytest.raises(ValueError, match="NaN"):
+    thresholds.f1_optimal([0, 1], [0.1, np.nan])
+  t, f1 = thresholds.pixel_f1_optimal(np.eye(4)[None], np.eye(4)[None] * 3)
+  assert f1 == 1.0 and 0 < t <= 3
+
+
+@pytest.mark.parametrize("n,k,seed", [(2, 5, 0), (7, 5, 1), (23, 5, 2),
+                                      (10, 3, 3)])
+def test_fold_split_partitions(n, k, seed):
+  folds = thresholds.fold_split(n, k, seed)
+  assert len(folds) == min(k, n)
+  allidx = np.concatenate(folds)
+  np.testing.assert_array_equal(np.sort(allidx), np.arange(n))
+  sizes = [f.size for f in folds]
+  assert max(sizes) - min(sizes) <= 1
+  np.testing.assert_array_equal(np.concatenate(thresholds.fold_split(
+      n, k, seed)), allidx)  # seeded
+
+
+def test_quantile_and_validate():
+  assert thresholds.quantile([1, 2, 3, 4, 5], 0.5) == 3.0
+  assert thresholds.quantile([1, 2], 1.0) == 2.0
+  with pytest.raises(ValueError, match="no scores"):
+    thresholds.quantile([], 0.5)
+  with pytest.raises(ValueError, match="method"):
+    thresholds.validate("median")
+  with pytest.raises(ValueError, match=r"quantile must be in \(0, 1\]"):
+    thresholds.validate("quantile", quantile=1.5)
+  with pytest.raises(ValueError, match="folds"):
+    thresholds.validate("quantile", folds=1)
+  with pytest.raises(ValueError, match="needs config.threshold.value"):
+    thresholds.validate("manual")
+  with pytest.raises(ValueError, match="val_dir"):
+    thresholds.validate("f1")
+
+
+@pytest.mark.parametrize("method", ["softpatch_lof", "patchcore"])
+def test_heldout_scores_are_out_of_fold(method):
+  """Each image is scored by a bank that never saw it."""
+  rng = np.random.default_rng(0)
+  n, p, d = 9, 16, 12
+  feats = rng.normal(size=(n, p, d)).astype(np.float32)
+  kw = dict(lof_k=3, noise_fraction=0.1, coreset_fraction=0.5, num_starts=2,
+            projection_dim=8, soft_weight=None, grid=(4, 4),
+            image_size=(8, 8), blur_sigma=1.0)
+  key = jax.random.PRNGKey(0)
+  img, pix, k = fitting.heldout_scores(feats, method, key, kw, n_folds=3,
+                                       seed=0, batch_size=4)
+  assert k == 3 and img.shape == pix.shape == (n,)
+  assert np.all(img > 0)  # an in-bank image would match itself (score ~0)
+  # Recompute fold 0 by hand.
+  held = thresholds.fold_split(n, 3, 0)[0]
+  rest = np.setdiff1d(np.arange(n), held)
+  bank, _ = pipeline.fit_bank(feats[rest], method,
+                              jax.random.fold_in(key, 1), **kw)
+  s = np.asarray(scoring.score_batch(bank, feats[held])[0])
+  np.testing.assert_allclose(img[held], s, rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  root = tmp_path_factory.mktemp("thr")
+  synthetic.make_mvtec_like(root / "d", n_train=5, n_test_good=3,
+                            n_test_defect=2, size=64, seed=1)
+  return root / "d" / "synth"
+
+
+def test_manual_threshold(data, tmp_path):
+  c = fit_config(data / "train" / "good", **{
+      "threshold.method": "manual", "threshold.value": 123.5,
+      "threshold.pixel_value": 100.0})
+  fitting.fit_and_save(c, str(tmp_path))
+  m = model_io.load_model(str(tmp_path))
+  assert m.thresholds["method"] == "manual"
+  assert m.image_threshold == 123.5 and m.pixel_threshold == 100.0
+  assert m.heldout_image_scores is None
+
+
+def test_f1_threshold_from_labelled_folder(data, tmp_path):
+  c = fit_config(data / "train" / "good", **{
+      "threshold.method": "f1", "threshold.val_dir": str(data / "test")})
+  fitting.fit_and_save(c, str(tmp_path))
+  m = model_io.load_model(str(tmp_path))
+  det = m.thresholds["details"]
+  assert m.thresholds["method"] == "f1"
+  assert det["n_val"] == 3 + 2 * 2 and det["n_val_anomalous"] == 4
+  assert 0 < det["image_f1"] <= 1 and 0 < det["pixel_f1"] <= 1
+  assert m.pixel_threshold is not None
+  # The stored threshold reproduces the reported F1 on the folder.
+  from softpatch_jax import predict
+  res = predict.predict(m, str(data / "test"), str(tmp_path / "p"),
+                        recursive=True, heatmaps=False, progress=False)
+  y = np.array(["good" not in r["path"] for r in res["rows"]])
+  pred = np.array([r["decision"] == "anomalous" for r in res["rows"]])
+  assert f1_score(y, pred) == pytest.approx(det["image_f1"])
+
+
+def test_f1_threshold_needs_both_classes(data, tmp_path):
+  c = fit_config(data / "train" / "good", **{
+      "threshold.method": "f1", "threshold.val_dir": str(data / "train")})
+  with pytest.raises(ValueError, match="needs normal images in good/"):
+    fitting.fit_and_save(c, str(tmp_path))
+  assert not os.path.exists(tmp_path / model_io.MODEL_FILENAME)
