@@ -31,8 +31,6 @@ out/fit_summary.json (thresholds, the training images with the most
 noise-flagged patches, timings), and a printed predict command.
 """
 
-import ml_collections
-
 from softpatch_jax import defaults
 
 
@@ -54,18 +52,6 @@ def get_config():
   # The training folder is used as it is: no anomalies are injected.
   c.noise.ratio = 0.0
 
-  # Scoring against a bank larger than this many MiB scans it in chunks
-  # (same scores, bounded memory). 0 = no limit.
-  c.scoring.memory_budget_mb = 1024.0
-
-  c.threshold = ml_collections.ConfigDict()
-  c.threshold.method = "quantile"     # 'quantile' | 'manual' | 'f1'
-  c.threshold.quantile = 0.95         # of held-out training image scores
-  # Of held-out per-image pixel-map maxima; None: same as quantile.
-  c.threshold.pixel_quantile = ml_collections.config_dict.placeholder(float)
-  c.threshold.folds = 5
-  c.threshold.value = ml_collections.config_dict.placeholder(float)
-  c.threshold.pixel_value = ml_collections.config_dict.placeholder(float)
-  c.threshold.val_dir = ""            # labelled folder for 'f1'
+  # Thresholds: c.threshold (defaults.py); 'quantile' of held-out folds.
   c.output.num_heatmaps = 0
   return c

@@ -43,6 +43,19 @@ def base_config() -> ml_collections.ConfigDict:
   # None: the method's own choice (on for softpatch_*, off for patchcore*).
   c.scoring.soft_weight = ml_collections.config_dict.placeholder(bool)
   c.scoring.blur_sigma = 4.0
+  # Scoring against a bank larger than this many MiB scans it in chunks
+  # (same scores, bounded memory). 0 = no limit.
+  c.scoring.memory_budget_mb = 1024.0
+
+  # Decision thresholds of a saved model (mode='fit'); see thresholds.py.
+  c.threshold = ml_collections.ConfigDict()
+  c.threshold.method = "quantile"     # 'quantile' | 'manual' | 'f1'
+  c.threshold.quantile = 0.95         # of held-out training image scores
+  c.threshold.pixel_quantile = ml_collections.config_dict.placeholder(float)
+  c.threshold.folds = 5
+  c.threshold.value = ml_collections.config_dict.placeholder(float)
+  c.threshold.pixel_value = ml_collections.config_dict.placeholder(float)
+  c.threshold.val_dir = ""            # labelled folder for 'f1'
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = "mvtec"       # mvtec | btad | folder | elpv | synthetic

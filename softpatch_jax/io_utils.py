@@ -40,6 +40,11 @@ def atomic_open(path: str, mode: str = "w", **kwargs):
       yield f
       f.flush()
       os.fsync(f.fileno())
+    # mkstemp creates 0600 files; give the result the usual umask mode so
+    # models and heatmaps stay readable by others on a shared machine.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(OSError):

@@ -151,7 +151,7 @@ def _decode_batches(paths, pre, batch_size, num_workers, strict):
 # Prediction.
 
 
-def color_range(model, image_threshold, pixel_threshold):
+def color_range(image_threshold, pixel_threshold):
   """One colour scale for every heatmap: 0 .. 2 x the pixel threshold."""
   ref = pixel_threshold if pixel_threshold is not None else image_threshold
   if ref is None or not ref > 0:
@@ -214,7 +214,7 @@ def predict(model, inputs, output: str, *, batch_size: Optional[int] = None,
     t_img = float(threshold)
   if pixel_threshold is not None:
     t_pix = float(pixel_threshold)
-  crange = color_range(model, t_img, t_pix)
+  crange = color_range(t_img, t_pix)
 
   if backbone is None:
     backbone = model.build_backbone(weights=backbone_weights)

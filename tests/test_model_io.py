@@ -11,7 +11,6 @@ from flax import serialization
 
 from softpatch_jax import backbones
 from softpatch_jax import fitting
-from softpatch_jax import kernels
 from softpatch_jax import model_io
 from softpatch_jax import scoring
 from softpatch_jax.data import synthetic
