@@ -24,8 +24,10 @@ def get_config():
   c = defaults.base_config()
   c.data.dataset = "elpv"
   c.data.categories = "mono,poly"
-  c.data.resize = 160
-  c.data.crop = 160
+  # The cells are square 300 px images: resize straight to 224 (no crop), so
+  # defects at the cell border stay in view.
+  c.data.resize = 224
+  c.data.crop = 224
   c.data.max_train = 120
   c.data.max_test = 200
   c.data.batch_size = 16

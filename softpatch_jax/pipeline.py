@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import jax
 import jax.numpy as jnp

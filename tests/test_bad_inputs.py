@@ -5,7 +5,6 @@ in a documented handling, and never leaves a partial output file.
 """
 
 import copy
-import importlib.util
 import logging
 import os
 
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import _testutil  # pylint: disable=g-bad-import-order
 from softpatch_jax import backbones
 from softpatch_jax import fitting
 from softpatch_jax import model_io
@@ -21,29 +21,13 @@ from softpatch_jax import pipeline
 from softpatch_jax import predict
 from softpatch_jax.data import Preprocess, Sample, mvtec, noise, synthetic
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 D = 64  # feature width of the small test model
 
 
 def fit_config(train_dir, **overrides):
-  spec = importlib.util.spec_from_file_location(
-      "fit_folder", os.path.join(ROOT, "configs", "fit_folder.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
-  c.data.train_dir = str(train_dir)
-  c.data.resize = c.data.crop = 64
-  c.data.batch_size = 4
-  c.data.num_workers = 1
-  c.threshold.folds = 2
-  c.features.pretrain_embed_dim = c.features.target_embed_dim = D
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+  overrides.setdefault("features.pretrain_embed_dim", D)
+  overrides.setdefault("features.target_embed_dim", D)
+  return _testutil.fit_config(train_dir, folds=2, **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """Model artifact: bit-exact round trip, version and backbone checks, chunked scoring."""
 
-import importlib.util
 import os
 import shutil
 
@@ -15,27 +14,8 @@ from softpatch_jax import model_io
 from softpatch_jax import scoring
 from softpatch_jax.data import synthetic
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def fit_config(train_dir, **overrides):
-  spec = importlib.util.spec_from_file_location(
-      "fit_folder", os.path.join(ROOT, "configs", "fit_folder.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
-  c.data.train_dir = str(train_dir)
-  c.data.resize = c.data.crop = 64
-  c.data.batch_size = 4
-  c.data.num_workers = 1
-  c.threshold.folds = 3
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+from _testutil import fit_config  # pylint: disable=g-bad-import-order
 
 
 def random_model(seed=0, m=40, d=16, grid=(4, 4), soft=True, **kw):

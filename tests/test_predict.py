@@ -1,6 +1,5 @@
 """End to end: fit on a folder (CLI), predict in a new process (CLI), determinism."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -20,19 +19,7 @@ FIT_FLAGS = ["--config.data.resize=64", "--config.data.crop=64",
              "--config.data.batch_size=4", "--config.data.num_workers=1",
              "--config.threshold.folds=3"]
 
-
-def fit_config(train_dir):
-  spec = importlib.util.spec_from_file_location(
-      "fit_folder", os.path.join(ROOT, "configs", "fit_folder.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
-  c.data.train_dir = str(train_dir)
-  c.data.resize = c.data.crop = 64
-  c.data.batch_size = 4
-  c.data.num_workers = 1
-  c.threshold.folds = 3
-  return c
+from _testutil import fit_config  # pylint: disable=g-bad-import-order
 
 
 def run(args):

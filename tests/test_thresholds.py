@@ -1,6 +1,5 @@
 """Thresholds: quantile, F1-optimal, folds, held-out scores, and the fit-time choices."""
 
-import importlib.util
 import os
 
 import jax
@@ -8,6 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
+import _testutil  # pylint: disable=g-bad-import-order
 from softpatch_jax import fitting
 from softpatch_jax import model_io
 from softpatch_jax import pipeline
@@ -15,26 +15,10 @@ from softpatch_jax import scoring
 from softpatch_jax import thresholds
 from softpatch_jax.data import synthetic
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def fit_config(train_dir, **overrides):
-  spec = importlib.util.spec_from_file_location(
-      "fit_folder", os.path.join(ROOT, "configs", "fit_folder.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
-  c.data.train_dir = str(train_dir)
-  c.data.resize = c.data.crop = 64
-  c.data.batch_size = 4
-  c.data.num_workers = 1
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+  return _testutil.fit_config(train_dir, folds=None, **overrides)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
