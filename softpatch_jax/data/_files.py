@@ -69,3 +69,41 @@ def find_mask(gt_dir: str, stem: str, suffixes: Sequence[str] = ("_mask",)) -> O
 
 def stem(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
+
+
+def load_layout(root, category: str, *, normal: str, mask_suffixes: Sequence[str],
+                layout: str):
+    """(train, test) Samples of an MVTec-like folder layout.
+
+    <root>/<category>/train/<normal>/*, <root>/<category>/test/<type>/* (<normal> = label 0,
+    any other type = label 1 with a mask ground_truth/<type>/<stem><suffix>.<ext>).
+    Missing folders and masks raise ValueError naming the expected path.
+    """
+    from .types import Sample  # pylint: disable=g-import-not-at-top
+    root = os.fspath(root)
+    cat_dir = require_dir(os.path.join(root, category), f"Category '{category}'")
+    train_dir = os.path.join(cat_dir, "train", normal)
+    if not os.path.isdir(train_dir):
+        raise ValueError(f"training folder not found: {train_dir} (expected the {layout} layout "
+                         f"<root>/<category>/train/{normal})")
+    train = [Sample(p, 0, normal, None, category=category)
+             for p in list_images(train_dir, "training image")]
+    test_dir = require_dir(os.path.join(cat_dir, "test"), "Test")
+    test = []
+    for dtype in subdirs(test_dir):
+        files = list_images(os.path.join(test_dir, dtype), "test image", allow_empty=True)
+        if not files:
+            logger.warning("empty test folder skipped: %s", os.path.join(test_dir, dtype))
+        for p in files:
+            if dtype == normal:
+                test.append(Sample(p, 0, dtype, None, category=category))
+                continue
+            gt_dir = os.path.join(cat_dir, "ground_truth", dtype)
+            mask = find_mask(gt_dir, stem(p), tuple(mask_suffixes))
+            if mask is None:
+                raise ValueError(f"missing ground-truth mask for {p}: expected "
+                                 f"{os.path.join(gt_dir, stem(p) + mask_suffixes[-1])}.png")
+            test.append(Sample(p, 1, dtype, mask, category=category))
+    if not test:
+        raise ValueError(f"no test images under {test_dir}")
+    return train, test
