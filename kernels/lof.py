@@ -23,7 +23,9 @@ grid step).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+import os
 import warnings
 
 import jax
@@ -122,6 +124,26 @@ def _lof_xla(x, k, chunk, margin):
   return jax.lax.map(one_chunk, xs).reshape(pp, n)[:p]
 
 
+def _lof_xla_threaded(x, k, chunk, margin):
+  """The XLA path with the positions split over host threads.
+
+  XLA:CPU runs the top-k and the gathers of one program on one core; the
+  positions are independent, so contiguous slices of them run as separate
+  executions in parallel (XLA releases the GIL). Each slice is a multiple of
+  `chunk`, so the result is bit-identical to one call.
+  """
+  p = x.shape[0]
+  workers = min(os.cpu_count() or 1, p // max(chunk, 1))
+  if workers <= 1 or jax.default_backend() != "cpu":
+    return _lof_xla(x, k, chunk, margin)
+  step = _dispatch.round_up(-(-p // workers), chunk)
+  bounds = [(a, min(a + step, p)) for a in range(0, p, step)]
+  with concurrent.futures.ThreadPoolExecutor(len(bounds)) as ex:
+    outs = list(ex.map(
+        lambda ab: _lof_xla(x[ab[0]:ab[1]], k, chunk, margin), bounds))
+  return jnp.concatenate(outs, axis=0)
+
+
 def lof(x, k: int, impl: str | None = None, *, chunk: int = 16,
         margin: int = 4):
   """LOF of every point within its own position group.
@@ -147,6 +169,7 @@ def lof(x, k: int, impl: str | None = None, *, chunk: int = 16,
   if path == "reference":
     return _lof_reference(x, keff)
   if path == "xla":
-    return _lof_xla(x, keff, int(min(chunk, x.shape[0])), int(margin))
+    return _lof_xla_threaded(x, keff, int(min(chunk, x.shape[0])),
+                             int(margin))
   from softpatch_jax.kernels import lof_pallas  # pylint: disable=g-import-not-at-top
   return lof_pallas.lof_pallas(x, keff, interpret=(path == "pallas_interpret"))

@@ -107,3 +107,17 @@ def test_warning_and_errors():
     kernels.lof(x[0], 2)
   with pytest.raises(ValueError, match="k must be"):
     kernels.lof(x, 0)
+
+
+@pytest.mark.parametrize("p,chunk", [(70, 16), (33, 16), (48, 8)])
+def test_positions_split_over_threads_is_bit_identical(p, chunk):
+  # The CPU path runs slices of positions in parallel threads; the result
+  # must not depend on the split.
+  import importlib  # pylint: disable=g-import-not-at-top
+  lof_mod = importlib.import_module("softpatch_jax.kernels.lof")
+  rng = np.random.default_rng(p)
+  x = rng.normal(size=(p, 12, 5)).astype(np.float32)
+  whole = np.asarray(lof_mod._lof_xla(x, 4, chunk, 4))
+  split = np.asarray(lof_mod._lof_xla_threaded(x, 4, chunk, 4))
+  np.testing.assert_array_equal(split, whole)
+  np.testing.assert_allclose(split, _sklearn_lof(x, 4), rtol=1e-5, atol=1e-5)
