@@ -117,15 +117,17 @@ def bench_lof(rng, scale, k, res):
   x = rng.normal(size=(p, 230, 128)).astype(np.float32)
   xj = jnp.asarray(x)
   keff = lof_mod.effective_k(k, x.shape[1])
-  ours_c, comp = _aot(lof_mod._lof_xla, xj, k=keff, chunk=8, margin=4)  # pylint: disable=protected-access
-  t_ours, ours = _timed(lambda: ours_c(xj), repeat=3)
+  # The public op (position slices in parallel threads on CPU); the first
+  # call compiles, the timed calls reuse the compiled programs.
+  comp, _ = _timed(lambda: lof_mod.lof(xj, keff))
+  t_ours, ours = _timed(lambda: lof_mod.lof(xj, keff), repeat=3)
 
   def sk_loop():
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
       return np.stack([-LocalOutlierFactor(n_neighbors=k).fit(x[i])
                        .negative_outlier_factor_ for i in range(p)])
-  t_sk, sk = _timed(sk_loop)
+  t_sk, sk = _timed(sk_loop, repeat=2)
   xt = torch.from_numpy(x)
   t_tb, tb = _timed(lambda: torch_batched_lof(xt, keff).numpy(), repeat=3)
   res["lof"] = {
