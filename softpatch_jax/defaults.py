@@ -85,7 +85,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.noise.ratio = 0.1
   c.noise.overlap = True
   c.noise.seed = 0
+  # Augment the injected copies (seed table 10): which transforms to apply.
   c.noise.augment = False
+  c.noise.augment_affine = True    # +-3 % translation
+  c.noise.augment_rotate = True    # +-3 degrees
+  c.noise.augment_noise = False    # Gaussian noise, std 0.02 of full range
+  c.noise.augment_blur = False     # Gaussian blur, sigma 0.5-1.5 px
   c.noise.resample = False
   c.noise.source = "test"        # 'test' | 'uncertain' (elpv)
 

@@ -346,6 +346,16 @@ def build_preprocess(config, bb):
                     mean=tuple(bb.mean), std=tuple(bb.std))
 
 
+def build_augment(config):
+  """The transforms applied to injected training copies (config.noise)."""
+  from softpatch_jax.data.augment import Augment  # pylint: disable=g-import-not-at-top
+  nc = config.noise
+  return Augment(affine=nc.get("augment_affine", True),
+                 rotate=nc.get("augment_rotate", True),
+                 noise=nc.get("augment_noise", False),
+                 blur=nc.get("augment_blur", False))
+
+
 def fit_kwargs(config, grid, image_size) -> dict:
   return dict(lof_k=config.denoise.lof_k,
               noise_fraction=config.denoise.noise_fraction,
@@ -370,11 +380,12 @@ def run_category(config, category: str, train, test, bb, extractor,
   image_size = (config.data.crop, config.data.crop)
   grid = extractor.grid(image_size)
   bs, nw = config.data.batch_size, config.data.num_workers
+  augment = build_augment(config)
 
   t0 = time.perf_counter()
   train_feats = extract_features(
       extractor, stream_batches(train, pre, batch_size=bs, num_workers=nw,
-                                with_masks=False),
+                                with_masks=False, augment=augment),
       total=_n_batches(len(train), bs), desc=f"{category}: train features")
   extract_s = time.perf_counter() - t0
   logging.info("%s: train features %s (%.1fs)", category, train_feats.shape,

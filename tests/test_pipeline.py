@@ -95,7 +95,12 @@ def test_patchcore_random_and_gaussian_run(tmp_path):
   c = _config(0, size=64)
   c.methods = "patchcore_random,softpatch_gaussian,softpatch_nearest"
   c.output.num_heatmaps = 0
+  # Also exercise augmentation of the injected copies (seed table 10).
+  c.noise.augment = True
+  c.noise.augment_blur = True
+  c.noise.augment_noise = True
   result = pipeline.run(c, str(tmp_path))
+  assert result["noise"]["synth"]["augment"] is True
   for m in ("patchcore_random", "softpatch_gaussian", "softpatch_nearest"):
     assert 0.0 <= _metric(result, m, "image_auroc") <= 1.0
 
@@ -103,3 +108,12 @@ def test_patchcore_random_and_gaussian_run(tmp_path):
 def test_unknown_method_is_rejected():
   with pytest.raises(ValueError, match="unknown method"):
     pipeline.parse_methods("softpatch_lof,nope")
+
+
+def test_build_augment_follows_config():
+  c = _config(0)
+  c.noise.augment_rotate = False
+  c.noise.augment_blur = True
+  aug = pipeline.build_augment(c)
+  assert (aug.affine, aug.rotate, aug.noise, aug.blur) == (True, False, False,
+                                                          True)
