@@ -637,9 +637,11 @@ def run(config, workdir: str) -> dict:
     raise ValueError(f"config.mode must be 'evaluate' or 'fit', got {mode!r}")
   workdir = io_utils.ensure_writable_dir(workdir)
   t_start = time.perf_counter()
+  # Categories first: a wrong data path fails before any weights load.
+  cats = list_categories(config, workdir)
+  parse_methods(config.methods)
   bb = build_backbone(config)
   extractor = build_extractor(config, bb)
-  cats = list_categories(config, workdir)
   rows = []
   noise_records = {}
   for cat in cats:
