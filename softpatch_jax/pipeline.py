@@ -455,7 +455,13 @@ def write_heatmaps(path, test, preds, methods, pre, num, injected_paths=()):
   """
   from softpatch_jax.data import stream_batches  # pylint: disable=g-import-not-at-top
   first = preds[methods[0]]
-  order = [i for i, lab in enumerate(first.labels) if lab == 1][:num]
+  defective = [i for i, lab in enumerate(first.labels) if lab == 1]
+  # Half the rows (at most) show defects that were also injected into
+  # training, where the methods differ most; the rest are ordinary ones.
+  seen = [i for i in defective
+          if test[int(first.indices[i])].path in injected_paths]
+  seen = seen[:num // 2]
+  order = sorted(seen + [i for i in defective if i not in seen][:num - len(seen)])
   if not order or first.maps is None:
     return
   samples = [test[int(first.indices[i])] for i in order]
@@ -468,8 +474,10 @@ def write_heatmaps(path, test, preds, methods, pre, num, injected_paths=()):
     row = [images[r]]
     for name in methods:
       p = preds[name]
-      row.append(viz.overlay(images[r], p.maps[i], float(p.maps.min()),
-                             float(np.percentile(p.maps, 99.9))))
+      # Colour scale per method: the median test pixel is dark, the
+      # 99.9th percentile is full heat.
+      lo, hi = np.percentile(p.maps, [50.0, 99.9])
+      row.append(viz.overlay(images[r], p.maps[i], float(lo), float(hi)))
     if batch.masks is not None:
       row.append(viz.mask_outline(images[r], batch.masks[r]))
     rows.append(row)
