@@ -212,8 +212,8 @@ def chunking(m: int, dim: int, memory_budget_mb: Optional[float]):
   The kNN kernel scans the bank in tiles of `tile` rows. Chunks are whole
   multiples of the tile the unchunked search uses, so every distance comes
   from the same tile computation and the scores are bit-identical to the
-  unchunked ones (tested). Only a budget below one tile (16 MiB for 1024-d
-  features) needs smaller tiles; the nearest neighbours are then the same and
+  unchunked ones (tested). Only a budget below one tile (1024 rows, 4 MiB
+  for 1024-d features) needs smaller tiles; the nearest neighbours are then the same and
   the scores equal to float rounding (~1e-7 relative).
   """
   rows = rows_per_chunk(dim, memory_budget_mb)

@@ -255,13 +255,21 @@ class Predictions:
   indices: np.ndarray                # (N,) indices into the sample list
 
 
-def predict_features(banks: Dict[str, scoring.MemoryBank], feats):
-  """Scores one batch of (B, P, D) features against several banks."""
+def predict_features(banks: Dict[str, scoring.MemoryBank], feats,
+                     pad_to: Optional[int] = None):
+  """Scores one batch of (B, P, D) features against several banks.
+
+  With `pad_to`, a short (last) batch is zero-padded to that size and the
+  padding dropped again, so every batch reuses one compiled program.
+  """
   out = {}
+  n = feats.shape[0]
   feats = jnp.asarray(feats)
+  if pad_to is not None and n < pad_to:
+    feats = jnp.pad(feats, ((0, pad_to - n), (0, 0), (0, 0)))
   for name, bank in banks.items():
     img, maps, _ = scoring.score_batch(bank, feats)
-    out[name] = (np.asarray(img), np.asarray(maps))
+    out[name] = (np.asarray(img)[:n], np.asarray(maps)[:n])
   return out
 
 
@@ -275,7 +283,8 @@ def predict(banks: Dict[str, scoring.MemoryBank], extractor, stream,
   for batch in Progress(stream, total=total, desc=desc, unit="batches"):
     feats = extractor(batch.images)
     check_finite(np.asarray(feats), f"features of {desc}")
-    res = predict_features(banks, feats)
+    res = predict_features(banks, feats,
+                           pad_to=getattr(extractor, "batch_size", None))
     for k, (img, amap) in res.items():
       scores[k].append(img)
       if keep_maps:

@@ -1,5 +1,6 @@
 """Model artifact: bit-exact round trip, version and backbone checks, chunked scoring."""
 
+import importlib
 import os
 import shutil
 
@@ -211,13 +212,17 @@ def test_chunked_scoring_equals_unchunked(seed, soft):
 def test_chunked_scoring_whole_tiles_bit_exact():
   """Budgets of whole default tiles give exactly the unchunked scores."""
   rng = np.random.default_rng(5)
-  m, d = 5000, 8  # two default tiles of 4096 rows, the second padded
+  knn_module = importlib.import_module("softpatch_jax.kernels.knn")
+  d = 8
+  tile = knn_module.default_blocks(1, 10**6, 1)[1]
+  m = 5 * tile // 2  # chunks of two tiles: two chunks, the last one short
+  assert knn_module.default_blocks(1, m, 1)[1] == tile
   model = random_model(5, m=m, d=d)
   feats = rng.normal(size=(2, 16, d)).astype(np.float32)
   full = model.score(feats, memory_budget_mb=0)
-  plan = model_io.chunking(m, d, 4096 * d * 4 / 2**20)
-  assert plan == (4096, 4096)
-  chunked = model.score(feats, memory_budget_mb=4096 * d * 4 / 2**20)
+  budget = 2 * tile * d * 4 / 2**20
+  assert model_io.chunking(m, d, budget) == (2 * tile, tile)
+  chunked = model.score(feats, memory_budget_mb=budget)
   for a, b in zip(full, chunked):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
