@@ -1,6 +1,8 @@
 """Backend dispatch shared by the kernel wrappers."""
 from __future__ import annotations
 
+import os
+
 import jax
 
 IMPLS = ("xla", "pallas", "pallas_interpret", "reference")
@@ -13,6 +15,14 @@ def resolve_impl(impl: str | None, op: str) -> str:
   slow); GPU/TPU -> the Pallas kernel.
   """
   if impl is None:
+    # An escape hatch for accelerators where a Pallas kernel fails to lower
+    # or is slower: SOFTPATCH_JAX_IMPL=xla (or another path) for every op.
+    forced = os.environ.get("SOFTPATCH_JAX_IMPL", "").strip()
+    if forced:
+      if forced not in IMPLS:
+        raise ValueError(f"SOFTPATCH_JAX_IMPL={forced!r} is not one of "
+                         f"{IMPLS}")
+      return forced
     return "xla" if jax.default_backend() == "cpu" else "pallas"
   if impl not in IMPLS:
     raise ValueError(f"kernels.{op}: impl={impl!r} is not one of {IMPLS}")

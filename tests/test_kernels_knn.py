@@ -113,3 +113,18 @@ def test_default_dispatch_and_errors():
     kernels.knn(q, b, impl="cuda")
   with pytest.raises(ValueError, match="rank 2"):
     kernels.knn(q[None], b)
+
+
+def test_impl_can_be_forced_by_environment(monkeypatch):
+  import importlib  # pylint: disable=g-import-not-at-top
+  dispatch = importlib.import_module("softpatch_jax.kernels._dispatch")
+  monkeypatch.setenv("SOFTPATCH_JAX_IMPL", "reference")
+  assert dispatch.resolve_impl(None, "knn") == "reference"
+  assert dispatch.resolve_impl("xla", "knn") == "xla"  # explicit wins
+  monkeypatch.setenv("SOFTPATCH_JAX_IMPL", "cuda")
+  with pytest.raises(ValueError, match="SOFTPATCH_JAX_IMPL"):
+    dispatch.resolve_impl(None, "knn")
+  monkeypatch.delenv("SOFTPATCH_JAX_IMPL")
+  import jax  # pylint: disable=g-import-not-at-top
+  assert dispatch.resolve_impl(None, "knn") == (
+      "xla" if jax.default_backend() == "cpu" else "pallas")
