@@ -137,11 +137,13 @@ def _lof_xla_threaded(x, k, chunk, margin):
   if workers <= 1 or jax.default_backend() != "cpu":
     return _lof_xla(x, k, chunk, margin)
   step = _dispatch.round_up(-(-p // workers), chunk)
-  bounds = [(a, min(a + step, p)) for a in range(0, p, step)]
-  with concurrent.futures.ThreadPoolExecutor(len(bounds)) as ex:
+  # Equal slices (the last one zero-padded) share one compiled program.
+  xp = jnp.pad(x, ((0, step * workers - p), (0, 0), (0, 0)))
+  with concurrent.futures.ThreadPoolExecutor(workers) as ex:
     outs = list(ex.map(
-        lambda ab: _lof_xla(x[ab[0]:ab[1]], k, chunk, margin), bounds))
-  return jnp.concatenate(outs, axis=0)
+        lambda a: _lof_xla(xp[a:a + step], k, chunk, margin),
+        range(0, step * workers, step)))
+  return jnp.concatenate(outs, axis=0)[:p]
 
 
 def lof(x, k: int, impl: str | None = None, *, chunk: int = 16,

@@ -167,7 +167,8 @@ def noise_threshold(w: jax.Array, noise_fraction: float = 0.15) -> jax.Array:
     return jnp.quantile(jnp.ravel(w), 1.0 - float(noise_fraction))
 
 
-def denoise(weights: jax.Array, noise_fraction: float = 0.15) -> Tuple[jax.Array, jax.Array]:
-    """-> (noise_mask bool, same shape as weights: w > t;  soft weights max(w, 0))."""
+def denoise(weights: jax.Array, noise_fraction: float = 0.15
+            ) -> Tuple[jax.Array, jax.Array, jax.Array]:
+    """-> (noise_mask = w > t, soft weights max(w, 0), the threshold t)."""
     t = noise_threshold(weights, noise_fraction)
-    return weights > t, jnp.maximum(weights, 0.0)
+    return weights > t, jnp.maximum(weights, 0.0), t

@@ -55,7 +55,7 @@ def patchify(fmap: jax.Array, patchsize: int = 3, stride: int = 1) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=64)
-def _bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     """(out, in) interpolation matrix of torch's align_corners=False bilinear rule."""
     scale = in_size / out_size
     dst = np.arange(out_size, dtype=np.float64)
@@ -82,8 +82,8 @@ def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
     _, h, w, _ = x.shape
     if (h, w) == (out_h, out_w):
         return x
-    mh = jnp.asarray(_bilinear_matrix(h, out_h), x.dtype)
-    mw = jnp.asarray(_bilinear_matrix(w, out_w), x.dtype)
+    mh = jnp.asarray(bilinear_matrix(h, out_h), x.dtype)
+    mw = jnp.asarray(bilinear_matrix(w, out_w), x.dtype)
     y = jnp.einsum("Hh,bhwf->bHwf", mh, x, precision=_HIGHEST)
     return jnp.einsum("Ww,bHwf->bHWf", mw, y, precision=_HIGHEST)
 

@@ -222,7 +222,8 @@ def fit_and_save(config, workdir: str) -> dict:
   t0 = time.perf_counter()
   train_feats = pipeline.extract_features(
       extractor, stream_batches(train, pre, batch_size=bs, num_workers=nw,
-                                with_masks=False),
+                                with_masks=False,
+                                augment=pipeline.build_augment(config)),
       total=(n + bs - 1) // bs, desc="train features")
   extract_s = time.perf_counter() - t0
 

@@ -105,10 +105,6 @@ class FittedModel:
     return self._bank
 
   @property
-  def bank_bytes(self) -> int:
-    return int(self.bank_features.nbytes)
-
-  @property
   def image_threshold(self) -> Optional[float]:
     v = self.thresholds.get("image")
     return None if v is None else float(v)

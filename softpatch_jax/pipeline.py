@@ -206,10 +206,9 @@ def fit_bank(train_feats, method: str, key, *, lof_k: int = 6,
                        f"compare patches across images, got {n}")
     w = denoise.patch_weights(reduced.reshape(n, p, projection_dim),
                               spec["denoise"], lof_k=lof_k)
-    t = denoise.noise_threshold(w, noise_fraction)
-    noise = w > t
+    noise, soft, t = denoise.denoise(w, noise_fraction)
     sampling_weight = jnp.where(noise, 0.0, 1.0).reshape(-1)
-    soft = jnp.maximum(w, 0.0).reshape(-1)
+    soft = soft.reshape(-1)
     info.threshold = float(t)
     info.n_noise_patches = int(noise.sum())
     info.image_noise_fraction = np.asarray(noise.mean(axis=1))
@@ -478,15 +477,17 @@ def write_heatmaps(path, test, preds, methods, pre, num, injected_paths=()):
                                    num_workers=2,
                                    with_masks=first.masks is not None)))
   images = [viz.to_uint8_image(im, pre.mean, pre.std) for im in batch.images]
+  # Colour scale per method: the median test pixel is dark, the 99.9th
+  # percentile is full heat.
+  scales = {name: np.percentile(preds[name].maps, [50.0, 99.9])
+            for name in methods}
   rows = []
   for r, i in enumerate(order):
     row = [images[r]]
     for name in methods:
-      p = preds[name]
-      # Colour scale per method: the median test pixel is dark, the
-      # 99.9th percentile is full heat.
-      lo, hi = np.percentile(p.maps, [50.0, 99.9])
-      row.append(viz.overlay(images[r], p.maps[i], float(lo), float(hi)))
+      lo, hi = scales[name]
+      row.append(viz.overlay(images[r], preds[name].maps[i], float(lo),
+                             float(hi)))
     if batch.masks is not None:
       row.append(viz.mask_outline(images[r], batch.masks[r]))
     rows.append(row)
@@ -522,15 +523,40 @@ def load_dataset(config, category: str, workdir: str):
 
 
 def _synthetic_root(config, workdir):
+  """Generates the synthetic data set once per parameter set.
+
+  The parameters are recorded beside the data; other parameters (or an
+  interrupted generation, which leaves no record) mean a fresh generation
+  into a temporary folder that then replaces the old one.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
   from softpatch_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   root = os.path.join(workdir, "synthetic_data")
-  cats = list_categories(config, workdir=None)
-  if not all(os.path.isdir(os.path.join(root, c)) for c in cats):
-    s = config.data.synthetic
-    synthetic.make_mvtec_like(root, categories=tuple(cats),
-                              n_train=s.n_train, n_test_good=s.n_test_good,
-                              n_test_defect=s.n_test_defect, size=s.size,
-                              seed=s.seed)
+  s = config.data.synthetic
+  params = dict(categories=list(list_categories(config, workdir=None)),
+                n_train=s.n_train, n_test_good=s.n_test_good,
+                n_test_defect=s.n_test_defect, size=s.size, seed=s.seed)
+  record = os.path.join(root, "params.json")
+  try:
+    with open(record, encoding="utf-8") as f:
+      if json.load(f) == params:
+        return root
+  except (OSError, ValueError):
+    pass
+  tmp = tempfile.mkdtemp(prefix=".synthetic_data.", dir=workdir)
+  try:
+    synthetic.make_mvtec_like(tmp, categories=tuple(params["categories"]),
+                              **{k: v for k, v in params.items()
+                                 if k != "categories"})
+    io_utils.write_json(os.path.join(tmp, "params.json"), params)
+    if os.path.exists(root):
+      shutil.rmtree(root)
+    os.replace(tmp, root)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
   return root
 
 
@@ -673,11 +699,9 @@ def run(config, workdir: str) -> dict:
                  len(test))
     rows += run_category(config, cat, train, test, bb, extractor, workdir,
                          noise_info)
-    # Rewrite after every category so a long run can be inspected midway.
-    _write_results(workdir, config, rows, noise_records,
-                   time.perf_counter() - t_start, bb)
-  result = _write_results(workdir, config, rows, noise_records,
-                          time.perf_counter() - t_start, bb)
+    # Rewritten after every category so a long run can be inspected midway.
+    result = _write_results(workdir, config, rows, noise_records,
+                            time.perf_counter() - t_start, bb)
   print(format_table(rows + summarize(rows)), flush=True)
   print(f"results written to {os.path.join(workdir, 'results.csv')} and "
         "results.json", flush=True)

@@ -12,7 +12,6 @@ sigma 4 (scipy ``gaussian_filter`` semantics: reflect padding, truncate 4).
 from __future__ import annotations
 
 import functools
-import math
 from typing import Tuple
 
 import flax
@@ -20,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from softpatch_jax import features
 from softpatch_jax import kernels
 
 
@@ -84,26 +84,8 @@ def patch_scores(bank: MemoryBank, feats: jax.Array):
     raise ValueError(
         f"test features must have shape (B, P, {bank.features.shape[-1]}), "
         f"got {feats.shape}")
-  b, p, d = feats.shape
-  dist, idx = kernels.knn(feats.reshape(b * p, d), bank.features, k=1)
-  dist, idx = dist[:, 0], idx[:, 0]
-  if bank.soft_weight:
-    dist = dist * bank.weights[idx]
-  return dist.reshape(b, p), idx.reshape(b, p)
-
-
-def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
-  """(n_out, n_in) interpolation matrix of torch bilinear, align_corners=False."""
-  scale = n_in / n_out
-  m = np.zeros((n_out, n_in), np.float64)
-  for o in range(n_out):
-    src = max((o + 0.5) * scale - 0.5, 0.0)
-    i0 = min(int(math.floor(src)), n_in - 1)
-    i1 = min(i0 + 1, n_in - 1)
-    frac = src - i0
-    m[o, i0] += 1.0 - frac
-    m[o, i1] += frac
-  return m.astype(np.float32)
+  return kernels.score_images(bank.features, bank.weights, feats,
+                              soft=bank.soft_weight)
 
 
 def _gaussian_matrix(n: int, sigma: float, truncate: float = 4.0) -> np.ndarray:
@@ -132,7 +114,9 @@ def _gaussian_matrix(n: int, sigma: float, truncate: float = 4.0) -> np.ndarray:
 @functools.lru_cache(maxsize=16)
 def _map_operators(grid, image_size, sigma):
   (h, w), (H, W) = grid, image_size
-  up_h, up_w = _bilinear_matrix(h, H), _bilinear_matrix(w, W)
+  # The same align_corners=False interpolation as the feature alignment.
+  up_h = features.bilinear_matrix(h, H)
+  up_w = features.bilinear_matrix(w, W)
   if sigma and sigma > 0:
     up_h = _gaussian_matrix(H, sigma) @ up_h
     up_w = _gaussian_matrix(W, sigma) @ up_w

@@ -1,7 +1,7 @@
 """Heatmap rendering with Pillow only (no plotting library needed).
 
 `overlay` blends a colour-mapped anomaly map over the input image;
-`heatmap_grid` lays several (image, map, mask) rows out in one PNG.
+`tile_rows` lays rows of such tiles out in one PNG with titles.
 """
 
 from __future__ import annotations
@@ -58,41 +58,6 @@ def mask_outline(image_u8: np.ndarray, mask: np.ndarray,
   out = image_u8.copy()
   out[edge] = color
   return out
-
-
-def heatmap_grid(images: Sequence[np.ndarray], maps: Sequence[np.ndarray],
-                 masks: Optional[Sequence[Optional[np.ndarray]]] = None,
-                 titles: Optional[Sequence[str]] = None,
-                 vmin: Optional[float] = None,
-                 vmax: Optional[float] = None) -> Image.Image:
-  """One row per example: input | heatmap overlay (| mask outline).
-
-  All maps share one colour scale (vmin/vmax default to the min/max over
-  the given maps), so rows can be compared.
-  """
-  if not images:
-    raise ValueError("heatmap_grid needs at least one image")
-  vmin = float(np.min([m.min() for m in maps])) if vmin is None else vmin
-  vmax = float(np.max([m.max() for m in maps])) if vmax is None else vmax
-  h, w = images[0].shape[:2]
-  pad, title_h = 4, 14
-  cols = 3 if masks is not None else 2
-  canvas = Image.new("RGB", (cols * (w + pad) + pad,
-                             len(images) * (h + pad + title_h) + pad),
-                     (255, 255, 255))
-  draw = ImageDraw.Draw(canvas)
-  for r, (img, amap) in enumerate(zip(images, maps)):
-    y = pad + r * (h + pad + title_h)
-    if titles is not None:
-      draw.text((pad, y), str(titles[r])[:80], fill=(0, 0, 0))
-    y += title_h
-    tiles = [img, overlay(img, amap, vmin, vmax)]
-    if masks is not None:
-      m = masks[r]
-      tiles.append(mask_outline(img, m) if m is not None else img)
-    for c, tile in enumerate(tiles):
-      canvas.paste(Image.fromarray(tile), (pad + c * (w + pad), y))
-  return canvas
 
 
 def tile_rows(rows: Sequence[Sequence[np.ndarray]],

@@ -137,7 +137,8 @@ def test_threshold_and_denoise(seed, frac):
     np.testing.assert_allclose(t, np.quantile(w.astype(np.float64), 1 - frac), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(t, float(torch.quantile(torch.from_numpy(w).reshape(-1), 1 - frac)),
                                rtol=1e-5, atol=1e-6)
-    mask, soft = denoise.denoise(w, frac)
+    mask, soft, t2 = denoise.denoise(w, frac)
+    assert float(t2) == t
     np.testing.assert_array_equal(np.asarray(mask), w > np.float32(t))
     np.testing.assert_array_equal(np.asarray(soft), np.maximum(w, 0))
 

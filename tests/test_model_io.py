@@ -190,7 +190,7 @@ def test_chunked_scoring_equals_unchunked(seed, soft):
   model.bank_features[m // 2] = model.bank_features[1]
   feats = rng.normal(size=(3, 16, d)).astype(np.float32)
   feats[0, 0] = model.bank_features[1]
-  # Unchunked, against the lead's scoring module.
+  # Unchunked, against scoring.score_batch.
   ref_img, ref_maps, _ = scoring.score_batch(model.bank,
                                                      jnp.asarray(feats))
   full_img, full_maps = model.score(feats, memory_budget_mb=0)  # no limit

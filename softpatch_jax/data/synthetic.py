@@ -16,14 +16,14 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from softpatch_jax import io_utils
+
 DEFECT_TYPES = ("scratch", "blob", "spot")
 _KINDS = ("stripes", "grid", "noise")
 
 
 def _save_png(arr: np.ndarray, path: str) -> None:
-    tmp = path + ".tmp"
-    Image.fromarray(arr).save(tmp, format="PNG")
-    os.replace(tmp, path)  # never leave a half-written file under the final name
+    io_utils.save_image(path, Image.fromarray(arr))  # atomic: temp file + rename
 
 
 def _smooth(rng, size: int, cells: int) -> np.ndarray:
