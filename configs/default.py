@@ -36,20 +36,8 @@ from softpatch_jax import defaults
 
 
 def get_config():
-  c = defaults.base_config()
-  c.data.dataset = "elpv"
-  c.data.categories = "mono,poly"
-  # The cells are square 300 px images: resize straight to 224 (no crop), so
-  # defects at the cell border stay in view.
-  c.data.resize = 224
-  c.data.crop = 224
+  c = defaults.elpv_config()
   c.data.max_train = 120
   c.data.max_test = 200
-  c.data.batch_size = 16
-  c.backbone.name = "efficientnet_lite0"
-  c.backbone.layers = ("stage3", "stage5")
-  c.noise.ratio = 0.1
-  c.noise.overlap = True
-  c.methods = "softpatch_lof,patchcore"
   c.output.num_heatmaps = 6
   return c

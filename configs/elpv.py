@@ -18,15 +18,4 @@ from softpatch_jax import defaults
 
 
 def get_config():
-  c = defaults.base_config()
-  c.data.dataset = "elpv"
-  c.data.categories = "mono,poly"
-  c.data.resize = 224
-  c.data.crop = 224
-  c.data.batch_size = 16
-  c.backbone.name = "efficientnet_lite0"
-  c.backbone.layers = ("stage3", "stage5")
-  c.noise.ratio = 0.1
-  c.noise.overlap = True
-  c.methods = "softpatch_lof,patchcore"
-  return c
+  return defaults.elpv_config()

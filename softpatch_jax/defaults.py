@@ -97,3 +97,24 @@ def base_config() -> ml_collections.ConfigDict:
   c.output = ml_collections.ConfigDict()
   c.output.num_heatmaps = 4
   return c
+
+
+def elpv_config() -> ml_collections.ConfigDict:
+  """ELPV solar cells with the offline EfficientNet-Lite0 weights.
+
+  Shared by configs/elpv.py (the whole split) and configs/default.py (a
+  subsample that fits a few minutes on a laptop CPU).
+  """
+  c = base_config()
+  c.data.dataset = "elpv"
+  c.data.categories = "mono,poly"
+  # The cells are square 300 px images: resize straight to 224 (no crop), so
+  # defects at the cell border stay in view.
+  c.data.resize = 224
+  c.data.crop = 224
+  c.backbone.name = "efficientnet_lite0"
+  c.backbone.layers = ("stage3", "stage5")  # the layer2/layer3 analogues
+  c.noise.ratio = 0.1
+  c.noise.overlap = True
+  c.methods = "softpatch_lof,patchcore"
+  return c
