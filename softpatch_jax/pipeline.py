@@ -683,6 +683,7 @@ def run(config, workdir: str) -> dict:
   # Categories first: a wrong data path fails before any weights load.
   cats = list_categories(config, workdir)
   parse_methods(config.methods)
+  coreset.num_samples(1, config.coreset.fraction)  # (0, 1], before any work
   bb = build_backbone(config)
   extractor = build_extractor(config, bb)
   rows = []
