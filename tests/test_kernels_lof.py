@@ -47,14 +47,19 @@ CASES = [  # (P, N, D, k, duplicate groups, max group size)
 ]
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("p,n,d,k,groups,size", CASES)
-def test_xla_and_reference_match_sklearn(seed, p, n, d, k, groups, size):
+def _case(seed, p, n, d, k, groups, size):
+  """Random (p, n, d) data, optionally with duplicate groups, and sklearn's LOF."""
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(p, n, d)).astype(np.float32)
   if groups:
     x = _with_duplicates(rng, x, groups, size)
-  want = _sklearn_lof(x, k)
+  return x, _sklearn_lof(x, k)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("p,n,d,k,groups,size", CASES)
+def test_xla_and_reference_match_sklearn(seed, p, n, d, k, groups, size):
+  x, want = _case(seed, p, n, d, k, groups, size)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     _check(kernels.lof(x, k, impl="xla", chunk=2), want)
@@ -67,11 +72,7 @@ def test_xla_and_reference_match_sklearn(seed, p, n, d, k, groups, size):
     (1, 5, 4, 2, 0, 0),
 ])
 def test_pallas_interpret_matches_sklearn(p, n, d, k, groups, size):
-  rng = np.random.default_rng(n)
-  x = rng.normal(size=(p, n, d)).astype(np.float32)
-  if groups:
-    x = _with_duplicates(rng, x, groups, size)
-  want = _sklearn_lof(x, k)
+  x, want = _case(n, p, n, d, k, groups, size)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     _check(kernels.lof(x, k, impl="pallas_interpret"), want)

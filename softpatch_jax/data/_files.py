@@ -107,3 +107,13 @@ def load_layout(root, category: str, *, normal: str, mask_suffixes: Sequence[str
     if not test:
         raise ValueError(f"no test images under {test_dir}")
     return train, test
+
+
+def list_layout_categories(root, *, normal: str, layout: str) -> List[str]:
+    """Sorted sub-folders of root that hold <cat>/train/<normal>."""
+    root = os.fspath(root)
+    require_dir(root, "Dataset root")
+    cats = [d for d in subdirs(root) if os.path.isdir(os.path.join(root, d, "train", normal))]
+    if not cats:
+        raise ValueError(f"no {layout}-style categories (<cat>/train/{normal}) under {root}")
+    return cats

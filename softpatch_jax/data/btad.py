@@ -7,22 +7,17 @@ Images are .bmp or .png depending on the product; the normal class is 'ok'.
 """
 from __future__ import annotations
 
-import os
 from typing import List, Tuple
 
-from ._files import load_layout, require_dir, subdirs
+from ._files import list_layout_categories, load_layout
 from .types import Sample
 
 CATEGORIES = ("01", "02", "03")
 
 
 def list_categories(root) -> List[str]:
-    root = os.fspath(root)
-    require_dir(root, "Dataset root")
-    cats = [d for d in subdirs(root) if os.path.isdir(os.path.join(root, d, "train", "ok"))]
-    if not cats:
-        raise ValueError(f"no BTAD-style categories (<cat>/train/ok) under {root}")
-    return cats
+    """Sorted sub-folders of root that look like categories (have train/ok)."""
+    return list_layout_categories(root, normal="ok", layout="BTAD")
 
 
 def load_category(root, category: str) -> Tuple[List[Sample], List[Sample]]:

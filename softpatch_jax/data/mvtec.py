@@ -6,10 +6,9 @@
 """
 from __future__ import annotations
 
-import os
 from typing import List, Tuple
 
-from ._files import load_layout, require_dir, subdirs
+from ._files import list_layout_categories, load_layout
 from .types import Sample
 
 CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
@@ -18,12 +17,7 @@ CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leath
 
 def list_categories(root) -> List[str]:
     """Sorted sub-folders of root that look like categories (have train/good)."""
-    root = os.fspath(root)
-    require_dir(root, "Dataset root")
-    cats = [d for d in subdirs(root) if os.path.isdir(os.path.join(root, d, "train", "good"))]
-    if not cats:
-        raise ValueError(f"no MVTec-style categories (<cat>/train/good) under {root}")
-    return cats
+    return list_layout_categories(root, normal="good", layout="MVTec")
 
 
 def load_category(root, category: str) -> Tuple[List[Sample], List[Sample]]:
