@@ -3,20 +3,21 @@
   python benchmarks/bench_kernels.py              # full size (slow on 2 cores)
   python benchmarks/bench_kernels.py --scale 0.1  # quick run
 
-Full-size shapes (from the issue): LOF at [784, 230, 128]; greedy coreset
-over 164,000 x 128 selecting 10 %; kNN with 49,000 queries against a
-16,400 x 1,024 bank. --scale multiplies positions / points / queries /
-bank rows. Baselines: sklearn LocalOutlierFactor looped over positions,
-a batched torch LOF written the way the reference computes it on GPU,
-a torch approximate greedy coreset in the reference's style (distance
-column concatenated and re-reduced each step), faiss-cpu IndexFlatL2.
+"The reference" is the official SoftPatch PyTorch code (Jiang et al.,
+NeurIPS 2022; see the README). Full-size shapes: LOF at [784, 230, 128]
+(positions, images, dims); greedy coreset over 164,000 x 128 selecting
+10 %; kNN with 49,000 queries against a 16,400 x 1,024 bank. --scale
+multiplies positions / points / queries / bank rows. Baselines: sklearn
+LocalOutlierFactor looped over positions, a batched torch LOF written the
+way the reference computes it on GPU, a torch approximate greedy coreset in
+the reference's style (distance column concatenated and re-reduced each
+step), faiss-cpu IndexFlatL2.
 Needs the `bench` extra (torch, scikit-learn, faiss-cpu). Prints each
 comparison as a ratio and writes all numbers to --out (JSON).
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import platform
@@ -24,16 +25,18 @@ import tempfile
 import time
 import warnings
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from softpatch_jax import kernels
-# The package re-exports functions named like their modules, so fetch the
-# modules themselves (the benchmark AOT-compiles their jitted internals).
-kcenter_mod = importlib.import_module("softpatch_jax.kernels.kcenter")
-knn_mod = importlib.import_module("softpatch_jax.kernels.knn")
-lof_mod = importlib.import_module("softpatch_jax.kernels.lof")
+from softpatch_jax.kernels import kcenter
+from softpatch_jax.kernels import knn
+from softpatch_jax.kernels import lof
+
+# The jitted internals of the public ops, AOT-compiled so that timings
+# exclude compilation.
+_KCENTER_XLA = kcenter._kcenter_xla  # pylint: disable=protected-access
+_KNN_XLA = knn._knn_xla  # pylint: disable=protected-access
 
 
 def _now():
@@ -46,7 +49,8 @@ def _timed(fn, repeat=1):
   for _ in range(repeat):
     t = _now()
     out = fn()
-    out = jax.block_until_ready(out) if not isinstance(out, (list, np.ndarray)) else out
+    if not isinstance(out, (list, np.ndarray)):
+      out = jax.block_until_ready(out)
     best = min(best, _now() - t)
   return best, out
 
@@ -66,7 +70,8 @@ def memory_read_bandwidth(nbytes=1 << 30):
   jax.block_until_ready(f(aj))
   t_np = min(_timed(lambda: a.sum())[0] for _ in range(3))
   t_jx = min(_timed(lambda: f(aj))[0] for _ in range(3))
-  return {"numpy_sum_gbs": nbytes / t_np / 1e9, "jax_sum_gbs": nbytes / t_jx / 1e9,
+  return {"numpy_sum_gbs": nbytes / t_np / 1e9,
+          "jax_sum_gbs": nbytes / t_jx / 1e9,
           "best_gbs": nbytes / min(t_np, t_jx) / 1e9}
 
 
@@ -116,11 +121,11 @@ def bench_lof(rng, scale, k, res):
   p = max(1, round(784 * scale))
   x = rng.normal(size=(p, 230, 128)).astype(np.float32)
   xj = jnp.asarray(x)
-  keff = lof_mod.effective_k(k, x.shape[1])
+  keff = lof.effective_k(k, x.shape[1])
   # The public op (position slices in parallel threads on CPU); the first
   # call compiles, the timed calls reuse the compiled programs.
-  comp, _ = _timed(lambda: lof_mod.lof(xj, keff))
-  t_ours, ours = _timed(lambda: lof_mod.lof(xj, keff), repeat=3)
+  comp, _ = _timed(lambda: lof.lof(xj, keff))
+  t_ours, ours = _timed(lambda: lof.lof(xj, keff), repeat=3)
 
   def sk_loop():
     with warnings.catch_warnings():
@@ -148,8 +153,8 @@ def bench_coreset(rng, scale, res, bandwidth, with_bf16):
   w = (rng.random(m) >= 0.15).astype(np.float32)
   starts = rng.choice(m, 10, replace=False).astype(np.int32)
   xj, wj, sj = jnp.asarray(x), jnp.asarray(w), jnp.asarray(starts)
-  comp_f, comp = _aot(kcenter_mod._kcenter_xla, x=xj, start_idx=sj, w=wj, n_select=n_sel,  # pylint: disable=protected-access
-                      storage_dtype=None)
+  comp_f, comp = _aot(_KCENTER_XLA, x=xj, start_idx=sj, w=wj,
+                      n_select=n_sel, storage_dtype=None)
   t_ours, sel = _timed(lambda: comp_f(x=xj, start_idx=sj, w=wj))
   sel = np.asarray(sel)
   t_torch, sel_t = _timed(lambda: torch_greedy_coreset(
@@ -167,7 +172,7 @@ def bench_coreset(rng, scale, res, bandwidth, with_bf16):
       "targets": {"vs_torch": 3.0},
   }
   if with_bf16:
-    comp_b, _ = _aot(kcenter_mod._kcenter_xla, x=xj, start_idx=sj, w=wj, n_select=n_sel,  # pylint: disable=protected-access
+    comp_b, _ = _aot(_KCENTER_XLA, x=xj, start_idx=sj, w=wj, n_select=n_sel,
                      storage_dtype=jnp.dtype(jnp.bfloat16))
     t_b, sel_b = _timed(lambda: comp_b(x=xj, start_idx=sj, w=wj))
     sel_b = np.asarray(sel_b)
@@ -187,9 +192,9 @@ def bench_knn(rng, scale, res, with_bf16):
   b = rng.normal(size=(nb, 1024)).astype(np.float32)
   qj, bj = jnp.asarray(q), jnp.asarray(b)
   # The public op's own tile sizes (knn.default_blocks).
-  bq, bn = knn_mod.default_blocks(mq, nb, 1)
-  comp_f, comp = _aot(knn_mod._knn_xla, qj, bj, k=1, block_q=bq,  # pylint: disable=protected-access
-                      block_n=bn, compute_dtype=None)
+  bq, bn = knn.default_blocks(mq, nb, 1)
+  comp_f, comp = _aot(_KNN_XLA, qj, bj, k=1, block_q=bq, block_n=bn,
+                      compute_dtype=None)
   t_ours, (d, i) = _timed(lambda: comp_f(qj, bj), repeat=2)
   faiss.omp_set_num_threads(os.cpu_count() or 1)
   index = faiss.IndexFlatL2(1024)
@@ -209,8 +214,9 @@ def bench_knn(rng, scale, res, with_bf16):
     # bf16 inputs, f32 accumulation. Timed on a query subset: XLA:CPU has
     # no native bf16 GEMM on this machine, so this is about exactness.
     sub = min(mq, 4_900)
-    comp_b, _ = _aot(knn_mod._knn_xla, qj[:sub], bj, k=1, block_q=bq,  # pylint: disable=protected-access
-                     block_n=min(bn, nb), compute_dtype=jnp.dtype(jnp.bfloat16))
+    comp_b, _ = _aot(_KNN_XLA, qj[:sub], bj, k=1, block_q=bq,
+                     block_n=min(bn, nb),
+                     compute_dtype=jnp.dtype(jnp.bfloat16))
     t_b, (_, ib) = _timed(lambda: comp_b(qj[:sub], bj))
     out.update({"bf16_queries": sub, "bf16_s": t_b,
                 "bf16_exact_index_agreement": float(
@@ -275,13 +281,14 @@ def main():
     else:
       bench_knn(rng, args.scale, res, not args.no_bf16)
       r = res["knn"]
-      print(f"kNN {r['queries']}x{r['bank']}x{r['dim']}: ours {r['ours_s']:.2f}s"
-            f" | faiss IndexFlatL2 {r['faiss_s']:.2f}s (ours/faiss "
-            f"{r['ratio_ours_over_faiss']:.2f}, target <= 1.2) | nn index "
+      print(f"kNN {r['queries']}x{r['bank']}x{r['dim']}: ours "
+            f"{r['ours_s']:.2f}s | faiss IndexFlatL2 {r['faiss_s']:.2f}s "
+            f"(ours/faiss {r['ratio_ours_over_faiss']:.2f}, target <= 1.2) | "
+            f"nn index "
             f"agreement {100 * r['index_agreement_vs_faiss']:.3f}%")
       if "bf16_s" in r:
-        print(f"  bf16 inputs ({r['bf16_queries']} queries): {r['bf16_s']:.2f}s,"
-              f" exact nn index agreement with f32 "
+        print(f"  bf16 inputs ({r['bf16_queries']} queries): "
+              f"{r['bf16_s']:.2f}s, exact nn index agreement with f32 "
               f"{100 * r['bf16_exact_index_agreement']:.2f}%")
     _write_json(out, res)
   print(f"results written to {out}")

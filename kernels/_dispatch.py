@@ -30,10 +30,12 @@ def resolve_impl(impl: str | None, op: str) -> str:
 
 
 def check_rank(name: str, op: str, x, rank: int) -> None:
+  """Raises ValueError unless `x` has rank `rank`."""
   if x.ndim != rank:
-    raise ValueError(
-        f"kernels.{op}: {name} must have rank {rank}, got shape {tuple(x.shape)}")
+    raise ValueError(f"kernels.{op}: {name} must have rank {rank}, got shape "
+                     f"{tuple(x.shape)}")
 
 
 def round_up(n: int, m: int) -> int:
+  """The smallest multiple of m that is >= n."""
   return -(-n // m) * m

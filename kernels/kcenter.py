@@ -1,8 +1,8 @@
 """Weighted approximate greedy k-center (coreset selection).
 
 Semantics (all paths):
-  d(x, c) = sqrt(sum_k (x_k - c_k)^2)                      Euclidean
-  dist    = mean_j d(x, x[start_idx[j]]) * w               (weight from the start)
+  d(x, c) = sqrt(sum_k (x_k - c_k)^2)             Euclidean
+  dist    = mean_j d(x, x[start_idx[j]]) * w      (weight from the start)
   repeat n_select times:
     i = argmax(dist)            (first occurrence)
     record i
@@ -16,8 +16,7 @@ path (per selected point one matvec over x in the expanded
 difference form on CPU, followed by fused weight/min/argmax over (M,)
 vectors, so x is read once per iteration; exact duplicates are mapped to
 one representative so ties stay exact; optional bf16 storage of x), and
-the Pallas kernel
-(``kcenter_pallas.py``). No path forms an M x M matrix.
+the Pallas kernel (``kcenter_pallas.py``). No path forms an M x M matrix.
 """
 from __future__ import annotations
 
@@ -107,11 +106,11 @@ def kcenter_reference(x, n_select: int, start_idx, sampling_weight=None):
 
 
 def duplicate_representative(x):
-  """rep[j] = lowest index of the exact duplicates of row j (rep[j] = j if unique).
+  """rep[j] = lowest index among the exact duplicates of row j.
 
-  Rows are grouped by an exact integer hash of their bit patterns, then
-  checked for equality with their sorted neighbour, so no float rounding
-  is involved. O(M log M), done once.
+  rep[j] = j for a unique row. Rows are grouped by an exact integer hash of
+  their bit patterns, then checked for equality with their sorted
+  neighbour, so no float rounding is involved. O(M log M), done once.
   """
   m, d = x.shape
   bits = jax.lax.bitcast_convert_type(x.astype(_F32), jnp.uint32)

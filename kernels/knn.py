@@ -108,7 +108,7 @@ def _prep(queries, bank, compute_dtype):
 
 
 def _refine(q, b, d, idx, k):
-  """Exact f32 distances for the chosen indices, re-sorted (low-precision path)."""
+  """Exact f32 distances of the chosen indices, re-sorted (bf16 inputs)."""
   rows = b[idx]  # (m, k, D)
   diff = jnp.sum(q * q, 1)[:, None] - 2.0 * jnp.einsum(
       "md,mkd->mk", q, rows, preferred_element_type=_F32) + jnp.sum(

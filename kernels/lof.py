@@ -131,10 +131,15 @@ def _lof_xla_threaded(x, k, chunk, margin):
   positions are independent, so contiguous slices of them run as separate
   executions in parallel (XLA releases the GIL). Each slice is a multiple of
   `chunk`, so the result is bit-identical to one call.
+
+  Under a transformation (``jax.jit``, ``vmap``, ...) ``x`` is a tracer,
+  which host threads cannot execute: the positions then stay in one traced
+  call of ``_lof_xla``, with the same result.
   """
   p = x.shape[0]
   workers = min(os.cpu_count() or 1, p // max(chunk, 1))
-  if workers <= 1 or jax.default_backend() != "cpu":
+  if (isinstance(x, jax.core.Tracer) or workers <= 1
+      or jax.default_backend() != "cpu"):
     return _lof_xla(x, k, chunk, margin)
   step = _dispatch.round_up(-(-p // workers), chunk)
   # Equal slices (the last one zero-padded) share one compiled program.

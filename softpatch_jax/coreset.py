@@ -1,148 +1,284 @@
-"""Memory-bank subsampling (DESIGN §1.5): weighted greedy k-center, random, identity.
+"""Memory-bank subsamplers: weighted greedy k-center, random, identity.
 
-``greedy`` is the approximate greedy coreset of PatchCore with SoftPatch's
-sampling weight: every point's distance starts as its mean distance to a few
-random start points and is multiplied by its weight (1 clean, 0 noise), so
-zero-weight points keep distance 0 and are never picked while any selectable
-point with positive distance remains. The O(M·n) selection loop runs on device
-in ``softpatch_jax.kernels.kcenter``.
+Every subsampler returns a fixed-length pair ``(indices, valid)``: int32
+indices into the M points and a boolean mask of the entries that count. The
+length depends only on static sizes, so each subsampler can be jitted,
+vmapped and sharded; `compact` drops the invalid entries on the host.
 
-Differences from the reference implementation (documented on purpose):
-- The weight is applied from the very first pick (the reference applies it only
-  from the second pick on, so its first pick can be a noise patch).
+``greedy`` is PatchCore's approximate greedy coreset with SoftPatch's sampling
+weight (Jiang et al., NeurIPS 2022, Sec. 3.2): every point's distance starts as
+its mean distance to a few random start points and is multiplied by its weight
+(1 clean, 0 noise), so zero-weight points keep distance 0 and are never picked
+while any selectable point at positive distance remains. The O(M n) selection
+loop runs on the device in `softpatch_jax.kernels.kcenter`.
+
+Differences from the reference implementation (README, "Deliberate
+differences"):
+- The weight is applied from the very first pick (the reference applies it
+  only from the second pick on, so its first pick can be a noise patch).
 - ``num_starts`` defaults to 10, the intended value; the reference's SoftPatch
   sampler passes 128 into that slot by accident. Pass 128 to reproduce it.
-- ``num_samples`` returns at least 1 (the reference's ``int(M*fraction)`` can be 0)
-  and accepts fraction == 1 (keep everything).
-- The result never repeats an index and never holds a zero-weight point. Once
-  every remaining distance is 0 (more picks requested than distinct selectable
-  points), the plain argmax would pick index 0 again and again, or a zero-weight
-  point; such picks are dropped, so the result can be shorter than requested.
+- ``num_samples`` returns at least 1 (the reference's ``int(M*fraction)`` can
+  be 0) and accepts fraction == 1 (keep everything).
+- Invalid entries: once every remaining distance is 0 (more picks requested
+  than distinct selectable points), the plain argmax would pick index 0 again
+  and again, or a zero-weight point; such picks are marked invalid.
 - When the request covers every selectable point, all of them are returned in
-  index order without running the O(M²) loop (the set is what greedy would give).
+  index order without running the loop (the set greedy would give).
 """
+
 from __future__ import annotations
 
-import logging
 import operator
-from typing import Optional, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-log = logging.getLogger(__name__)
+from softpatch_jax import validation
+from softpatch_jax.kernels import kcenter as kcenter_lib
+
+Selection = Tuple[jax.Array, jax.Array]  # (indices (n,) int32, valid (n,))
+
+SUBSAMPLERS: Dict[str, Callable[..., Selection]] = {}
+
+
+def register_subsampler(name: str):
+  """Decorator: adds a subsampler to `SUBSAMPLERS` under `name`."""
+
+  def wrap(fn):
+    SUBSAMPLERS[name] = fn
+    return fn
+
+  return wrap
+
+
+def get_subsampler(name: str) -> Callable[..., Selection]:
+  if name not in SUBSAMPLERS:
+    raise ValueError(
+        f"unknown subsampler {name!r}; choose from {sorted(SUBSAMPLERS)}"
+    )
+  return SUBSAMPLERS[name]
 
 
 def num_samples(m: int, fraction: float) -> int:
-    """Number of points kept for a fraction: max(1, int(m * fraction)) (reference floors)."""
-    if not isinstance(fraction, (int, float, np.floating, np.integer)) or isinstance(fraction, bool):
-        raise ValueError(f"coreset fraction must be a number in (0, 1], got {fraction!r}")
-    if not 0.0 < float(fraction) <= 1.0:
-        raise ValueError(f"coreset fraction must be in (0, 1], got {fraction}")
-    if int(m) < 1:
-        raise ValueError(f"cannot subsample an empty bank (M={m})")
-    return max(1, int(int(m) * float(fraction)))
-
-
-def identity(m: int) -> jax.Array:
-    """All indices 0..m-1 (no subsampling)."""
-    return jnp.arange(int(m), dtype=jnp.int32)
+  """Points kept for a fraction: max(1, int(m * fraction)), as the reference."""
+  if not isinstance(
+      fraction, (int, float, np.floating, np.integer)
+  ) or isinstance(fraction, bool):
+    raise ValueError(
+        f"coreset fraction must be a number in (0, 1], got {fraction!r}"
+    )
+  if not 0.0 < float(fraction) <= 1.0:
+    raise ValueError(f"coreset fraction must be in (0, 1], got {fraction}")
+  if int(m) < 1:
+    raise ValueError(f"cannot subsample an empty bank (M={m})")
+  return max(1, int(int(m) * float(fraction)))
 
 
 def start_indices(m: int, num_starts: int, key: jax.Array) -> jax.Array:
-    """min(num_starts, m) distinct random start points, drawn from ``key``."""
-    if int(num_starts) < 1:
-        raise ValueError(f"num_starts must be >= 1, got {num_starts}")
-    s = min(int(num_starts), int(m))
-    return jax.random.choice(key, int(m), (s,), replace=False).astype(jnp.int32)
+  """min(num_starts, m) distinct random start points, drawn from ``key``."""
+  if int(num_starts) < 1:
+    raise ValueError(f"num_starts must be >= 1, got {num_starts}")
+  s = min(int(num_starts), int(m))
+  return jax.random.choice(key, int(m), (s,), replace=False).astype(jnp.int32)
+
+
+def compact(selection: Selection) -> jax.Array:
+  """The valid indices of a selection, in order (host sync; not jittable)."""
+  idx, valid = selection
+  valid = np.asarray(valid)
+  if valid.all():
+    return jnp.asarray(idx, jnp.int32)
+  return jnp.asarray(np.asarray(idx)[valid], jnp.int32)
 
 
 def _resolve_n(m: int, n_select: Union[int, float]) -> int:
-    # An int is a count; a float is a fraction of the bank.
-    if isinstance(n_select, (float, np.floating)):
-        return num_samples(m, n_select)
-    try:
-        n = operator.index(n_select)
-    except TypeError:
-        raise ValueError(f"n_select must be an int count or a float fraction, got {n_select!r}")
-    if n < 1:
-        raise ValueError(f"n_select must be >= 1, got {n}")
-    return n
+  # An int is a count; a float is a fraction of the bank.
+  if isinstance(n_select, (float, np.floating)):
+    return num_samples(m, n_select)
+  try:
+    n = operator.index(n_select)
+  except TypeError:
+    raise ValueError(
+        "n_select must be an int count or a float fraction, got "
+        f"{n_select!r}"
+    ) from None
+  if n < 1:
+    raise ValueError(f"n_select must be >= 1, got {n}")
+  return n
 
 
-def greedy(proj: jax.Array, n_select: Union[int, float], key: jax.Array,
-           sampling_weight: Optional[jax.Array] = None, num_starts: int = 10) -> jax.Array:
-    """Weighted approximate greedy k-center subsampling.
+def _check_weight(w, m: int, op: str):
+  if w is None:
+    return None
+  w = jnp.asarray(w, jnp.float32)
+  if w.shape != (m,):
+    raise ValueError(
+        f"coreset.{op}: sampling_weight shape {tuple(w.shape)} != ({m},)"
+    )
+  if validation.is_concrete(w):
+    wn = np.asarray(w)
+    if not np.all(np.isfinite(wn)) or np.any(wn < 0):
+      raise ValueError(f"coreset.{op}: sampling_weight must be finite and >= 0")
+    if not np.any(wn > 0):
+      raise ValueError(
+          f"coreset.{op}: every sampling weight is 0, nothing can be selected"
+      )
+  return w
 
-    Args:
-      proj: (M, d) features to select on (SoftPatch: the 128-d projection).
-      n_select: number of points (int) or a fraction of M in (0, 1] (float).
-      key: PRNG key for the start points.
-      sampling_weight: optional (M,) non-negative weights multiplying distances
-        (1 clean / 0 noise); zero-weight points are never selected.
-      num_starts: number of random start points (clipped to M).
-    Returns:
-      int32 indices into proj, in pick order, distinct, at most n_select of them.
-    """
-    if proj.ndim != 2 or proj.shape[0] < 1:
-        raise ValueError(f"coreset.greedy: expected (M, d) features with M >= 1, got shape "
-                         f"{tuple(proj.shape)}")
-    m = int(proj.shape[0])
-    n = _resolve_n(m, n_select)
-    w = None
-    if sampling_weight is not None:
-        w = np.asarray(sampling_weight, np.float32)
-        if w.shape != (m,):
-            raise ValueError(f"coreset.greedy: sampling_weight shape {w.shape} != ({m},)")
-        if not np.all(np.isfinite(w)) or np.any(w < 0):
-            raise ValueError("coreset.greedy: sampling_weight must be finite and >= 0")
-    selectable = np.flatnonzero(w > 0) if w is not None else np.arange(m)
-    if selectable.size == 0:
-        raise ValueError("coreset.greedy: every sampling weight is 0, nothing can be selected")
-    if n >= selectable.size:
-        if n > selectable.size:
-            log.warning("coreset.greedy: %d points requested but only %d are selectable; "
-                        "keeping all of them", n, selectable.size)
-        return jnp.asarray(selectable, jnp.int32)
 
-    from softpatch_jax import kernels  # the on-device selection loop
+def _all_selectable(w, m: int, n: int) -> Selection:
+  """The first n points of positive weight in index order, padded."""
+  if w is None:
+    idx = jnp.minimum(jnp.arange(n, dtype=jnp.int32), m - 1)
+    return idx, jnp.arange(n) < m
+  idx = jnp.nonzero(w > 0, size=n, fill_value=0)[0].astype(jnp.int32)
+  valid = jnp.arange(n) < jnp.sum(w > 0)
+  return jnp.where(valid, idx, idx[0]), valid
+
+
+def _first_occurrence(idx, m: int):
+  """valid[t]: idx[t] does not occur among idx[:t]. O(m + n)."""
+  t = jnp.arange(idx.shape[0], dtype=jnp.int32)
+  first = jnp.full((m,), idx.shape[0], jnp.int32).at[idx].min(t)
+  return first[idx] == t
+
+
+@register_subsampler("greedy")
+def greedy(
+    proj: jax.Array,
+    n_select: Union[int, float],
+    key: Optional[jax.Array] = None,
+    *,
+    sampling_weight: Optional[jax.Array] = None,
+    num_starts: int = 10,
+    starts: Optional[jax.Array] = None,
+) -> Selection:
+  """Weighted approximate greedy k-center subsampling.
+
+  Args:
+    proj: (M, d) features to select on (SoftPatch: the 128-d projection).
+    n_select: number of points (int) or a fraction of M in (0, 1] (float).
+    key: PRNG key for the start points (unused when `starts` is given).
+    sampling_weight: optional (M,) non-negative weights multiplying distances
+      (1 clean / 0 noise); zero-weight points are never selected.
+    num_starts: number of random start points (clipped to M).
+    starts: explicit (S,) start indices instead of drawing them from `key`.
+
+  Returns:
+    (indices (n,) int32 in pick order, valid (n,) bool). Valid indices are
+    distinct and of positive weight; invalid entries repeat the first pick.
+  """
+  if proj.ndim != 2 or proj.shape[0] < 1:
+    raise ValueError(
+        "coreset.greedy: expected (M, d) features with M >= 1, got shape "
+        f"{tuple(proj.shape)}"
+    )
+  m = int(proj.shape[0])
+  n = _resolve_n(m, n_select)
+  w = _check_weight(sampling_weight, m, "greedy")
+  if starts is None:
+    if key is None:
+      raise ValueError("coreset.greedy: pass a PRNG key or explicit starts")
     starts = start_indices(m, num_starts, key)
-    idx = np.asarray(kernels.kcenter(jnp.asarray(proj, jnp.float32), n, starts,
-                                     None if w is None else jnp.asarray(w)))
-    # Drop repeats / zero-weight picks, which only happen once all distances are 0.
-    _, first = np.unique(idx, return_index=True)
-    keep = np.zeros(idx.shape, bool)
-    keep[first] = True
+  starts = jnp.asarray(starts, jnp.int32)
+  if starts.ndim != 1 or starts.shape[0] < 1:
+    raise ValueError(
+        "coreset.greedy: starts must be a non-empty 1-d index array, got "
+        f"shape {tuple(starts.shape)}"
+    )
+  n_selectable = m if w is None else jnp.sum(w > 0)
+
+  def run_kcenter():
+    idx = kcenter_lib.kcenter(jnp.asarray(proj, jnp.float32), n, starts, w)
+    valid = _first_occurrence(idx, m)
     if w is not None:
-        keep &= w[idx] > 0
-    if not keep.all():
-        log.warning("coreset.greedy: only %d distinct selectable points at positive distance; "
-                    "returning %d of the %d requested", int(keep.sum()), int(keep.sum()), n)
-        idx = idx[keep]
-    return jnp.asarray(idx, jnp.int32)
+      valid &= w[idx] > 0
+    return jnp.where(valid, idx, idx[0]), valid
+
+  if not validation.is_concrete(n_selectable):
+    return jax.lax.cond(
+        n >= n_selectable,
+        lambda: _all_selectable(w, m, n),
+        run_kcenter,
+    )
+  n_selectable = int(n_selectable)
+  if n >= n_selectable:
+    # Every selectable point is requested: skip the O(M n) loop.
+    if n > n_selectable:
+      logging.warning(
+          "coreset.greedy: %d points requested but only %d are selectable; "
+          "keeping all of them",
+          n,
+          n_selectable,
+      )
+    return _all_selectable(w, m, n)
+  idx, valid = run_kcenter()
+  n_valid = int(np.asarray(valid).sum())
+  if n_valid < n:
+    logging.warning(
+        "coreset.greedy: only %d distinct selectable points at positive "
+        "distance; returning %d of the %d requested",
+        n_valid,
+        n_valid,
+        n,
+    )
+  return idx, valid
 
 
-def random(m: int, n: Union[int, float], key: jax.Array,
-           sampling_weight: Optional[jax.Array] = None) -> jax.Array:
-    """n distinct uniformly random indices (PatchCore-random: choice without replacement).
+@register_subsampler("random")
+def random(
+    proj: Union[jax.Array, int],
+    n_select: Union[int, float],
+    key: jax.Array,
+    *,
+    sampling_weight: Optional[jax.Array] = None,
+    **unused,
+) -> Selection:
+  """n distinct uniformly random indices (PatchCore-random).
 
-    n may be a count (int) or a fraction of m (float). With ``sampling_weight``,
-    only points of positive weight are drawn from (uniformly among them).
-    """
-    m = int(m)
-    if m < 1:
-        raise ValueError(f"coreset.random: cannot subsample an empty bank (M={m})")
-    n = _resolve_n(m, n)
-    if sampling_weight is None:
-        if n > m:
-            raise ValueError(f"coreset.random: n={n} exceeds M={m}")
-        return jax.random.choice(key, m, (n,), replace=False).astype(jnp.int32)
-    w = np.asarray(sampling_weight, np.float32)
-    if w.shape != (m,):
-        raise ValueError(f"coreset.random: sampling_weight shape {w.shape} != ({m},)")
-    selectable = np.flatnonzero(w > 0)
-    if n > selectable.size:
-        raise ValueError(f"coreset.random: n={n} exceeds the {selectable.size} selectable points")
-    pick = jax.random.choice(key, selectable.size, (n,), replace=False)
-    return jnp.asarray(selectable, jnp.int32)[pick]
+  `proj` is the (M, d) features or just M. With `sampling_weight`, points of
+  weight 0 are never drawn (uniform among the others).
+  """
+  del unused
+  m = int(proj) if isinstance(proj, (int, np.integer)) else int(proj.shape[0])
+  if m < 1:
+    raise ValueError(f"coreset.random: cannot subsample an empty bank (M={m})")
+  n = _resolve_n(m, n_select)
+  w = _check_weight(sampling_weight, m, "random")
+  if n > m:
+    raise ValueError(f"coreset.random: n={n} exceeds M={m}")
+  if w is None:
+    idx = jax.random.choice(key, m, (n,), replace=False).astype(jnp.int32)
+    return idx, jnp.ones((n,), bool)
+  if validation.is_concrete(w) and n > int(np.sum(np.asarray(w) > 0)):
+    raise ValueError(
+        f"coreset.random: n={n} exceeds the "
+        f"{int(np.sum(np.asarray(w) > 0))} selectable points"
+    )
+  p = (w > 0).astype(jnp.float32)
+  idx = jax.random.choice(key, m, (n,), replace=False, p=p / jnp.sum(p))
+  idx = idx.astype(jnp.int32)
+  valid = w[idx] > 0
+  return jnp.where(valid, idx, idx[0]), valid
+
+
+@register_subsampler("identity")
+def identity(
+    proj: Union[jax.Array, int],
+    n_select=None,
+    key=None,
+    *,
+    sampling_weight: Optional[jax.Array] = None,
+    **unused,
+) -> Selection:
+  """Every point (of positive weight), in index order: no subsampling."""
+  del n_select, key, unused
+  m = int(proj) if isinstance(proj, (int, np.integer)) else int(proj.shape[0])
+  if m < 1:
+    raise ValueError(f"coreset.identity: empty bank (M={m})")
+  w = _check_weight(sampling_weight, m, "identity")
+  return _all_selectable(w, m, m)

@@ -1,6 +1,7 @@
 """The base ml_collections config that every file in configs/ starts from.
 
-Defaults are the reference's (DESIGN §1), except where noted.
+Defaults are the official SoftPatch code's, except where noted (README,
+"Deliberate differences from the reference implementation").
 """
 
 import ml_collections
@@ -12,7 +13,7 @@ def base_config() -> ml_collections.ConfigDict:
   # 'evaluate': fit + predict + metrics per category (labelled data);
   # 'fit': fit on an unlabelled folder and save a model (configs/fit_folder.py).
   c.mode = "evaluate"
-  # Comma-separated list (or a list) of pipeline.METHODS keys.
+  # Comma-separated list (or a list) of methods.METHODS keys.
   c.methods = "softpatch_lof,patchcore"
 
   c.backbone = ml_collections.ConfigDict()
@@ -80,12 +81,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.synthetic.size = 128
   c.data.synthetic.seed = 0
 
-  # Noisy-training protocol (DESIGN §1.8).
+  # Noisy-training protocol (README, "The default job").
   c.noise = ml_collections.ConfigDict()
   c.noise.ratio = 0.1
   c.noise.overlap = True
   c.noise.seed = 0
-  # Augment the injected copies (seed table 10): which transforms to apply.
+  # Augment the injected copies (affine / rotation / noise / blur).
   c.noise.augment = False
   c.noise.augment_affine = True    # +-3 % translation
   c.noise.augment_rotate = True    # +-3 degrees

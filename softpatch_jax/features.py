@@ -1,4 +1,8 @@
-"""Local patch features (DESIGN §1.2): patchify, bilinear resize, adaptive pooling.
+"""Local patch features: patchify, bilinear resize, adaptive pooling, `embed`.
+
+PatchCore / SoftPatch locally aware patch features (Jiang et al., NeurIPS
+2022, Sec. 3.1; README "The method"). `embed` runs a backbone and turns its
+taps into one feature per patch.
 
 All functions are pure and jittable (shapes and sizes are static Python ints).
 Layout is NHWC throughout. The numerics follow the torch reference ops
@@ -8,7 +12,8 @@ Layout is NHWC throughout. The numerics follow the torch reference ops
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+import dataclasses
+from typing import Any, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -175,3 +180,54 @@ def patch_features(maps: Sequence[jax.Array], patchsize: int = 3,
     h, w = ref_hw
     flat = stacked.reshape(b, h * w, len(maps) * pretrain_embed_dim)
     return adaptive_avg_pool1d(flat, target_embed_dim), (h, w)
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedSpec:
+    """What `embed` computes: static, hashable, so it can be a jit argument.
+
+    module: the Flax backbone module (``backbones.Backbone.module``), whose
+      ``apply(variables, images)`` returns a dict of tap name -> NHWC map.
+    layers: the taps to aggregate, finest first (its grid is the patch grid).
+    patchsize: neighbourhood size of the local patch features (3).
+    pretrain_embed_dim: per-layer pooled dimension (1024).
+    target_embed_dim: final feature dimension (1024).
+    """
+    module: Any
+    layers: Tuple[str, ...]
+    patchsize: int = 3
+    pretrain_embed_dim: int = 1024
+    target_embed_dim: int = 1024
+
+
+def embed(variables, images: jax.Array, spec: EmbedSpec):
+    """Backbone + patch features: (B, H, W, 3) images -> ((B, P, D), grid).
+
+    Pure and jittable (``jax.jit(embed, static_argnums=2)`` returns the grid
+    as arrays; `embed_jit` keeps only the features). Images are normalised
+    with the backbone's mean and std.
+    """
+    maps = spec.module.apply(variables, images)
+    return patch_features([maps[name] for name in spec.layers],
+                          patchsize=spec.patchsize,
+                          pretrain_embed_dim=spec.pretrain_embed_dim,
+                          target_embed_dim=spec.target_embed_dim)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def embed_jit(variables, images: jax.Array, spec: EmbedSpec) -> jax.Array:
+    """`embed` as one compiled program; returns the (B, P, D) features only.
+
+    The weights are an argument, not closed-over constants, so they are not
+    baked into the program and new weights never trigger a recompile.
+    """
+    return embed(variables, images, spec)[0]
+
+
+def grid_shape(variables, spec: EmbedSpec, image_size) -> Tuple[int, int]:
+    """The (h, w) patch grid for `image_size` input, by shape inference only."""
+    images = jax.ShapeDtypeStruct((1, *image_size, 3), jnp.float32)
+    maps = jax.eval_shape(spec.module.apply, variables, images)
+    first = jax.eval_shape(lambda m: patchify(m, spec.patchsize),
+                           maps[spec.layers[0]])
+    return int(first.shape[1]), int(first.shape[2])

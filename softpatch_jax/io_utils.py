@@ -14,6 +14,8 @@ import json
 import os
 import tempfile
 
+import numpy as np
+
 
 def ensure_writable_dir(path: str) -> str:
   """Creates `path` if needed and checks that files can be written there."""
@@ -85,7 +87,6 @@ def save_image(path: str, image) -> None:
 
 
 def save_npy(path: str, array) -> None:
-  import numpy as np  # pylint: disable=g-import-not-at-top
   buf = io.BytesIO()
   np.save(buf, array)
   write_bytes(path, buf.getvalue())
@@ -100,7 +101,6 @@ def _csv_value(v):
 
 
 def _json_default(o):
-  import numpy as np  # pylint: disable=g-import-not-at-top
   if isinstance(o, np.generic):
     return o.item()
   if isinstance(o, np.ndarray):

@@ -1,8 +1,11 @@
-r"""Runs SoftPatch / PatchCore as configured and writes results to --workdir.
+r"""Command line: parses flags and runs the config's mode.
 
   python -m softpatch_jax.main --config configs/default.py --workdir out/
-  python -m softpatch_jax.main --config configs/mvtec.py \
-      --config.data.root=/data/mvtec --workdir out/mvtec
+  python -m softpatch_jax.main --config configs/fit_folder.py \
+      --config.data.train_dir=DIR --workdir out/model
+
+config.mode 'evaluate' (default) runs `experiment.run`; 'fit' runs
+`fit.fit_and_save`.
 """
 
 import sys
@@ -13,13 +16,26 @@ from absl import logging
 from ml_collections import config_flags
 
 from softpatch_jax import backbones
-from softpatch_jax import pipeline
+from softpatch_jax import experiment
+from softpatch_jax import fit
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to an ml_collections config file.",
-    lock_config=True)
+    "config", None, "Path to an ml_collections config file.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", "out", "Directory for results.")
 flags.mark_flags_as_required(["config"])
+
+MODES = {"evaluate": experiment.run, "fit": fit.fit_and_save}
+
+
+def run(config, workdir: str):
+  """Runs config.mode ('evaluate' or 'fit') into `workdir`."""
+  mode = config.get("mode", "evaluate")
+  if mode not in MODES:
+    raise ValueError(
+        f"config.mode must be one of {sorted(MODES)}, got {mode!r}"
+    )
+  return MODES[mode](config, workdir)
 
 
 def main(argv):
@@ -27,7 +43,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
   try:
-    pipeline.run(_CONFIG.value, _WORKDIR.value)
+    run(_CONFIG.value, _WORKDIR.value)
   except (ValueError, backbones.WeightsUnavailableError) as e:
     # Bad input (a file, a value, a shape): one clear line, no traceback.
     print(f"error: {e}", file=sys.stderr, flush=True)

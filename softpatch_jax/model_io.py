@@ -1,4 +1,4 @@
-"""A fitted model as one versioned file: save, load, and score with it.
+"""A fitted model as one versioned file: serialisation only (save and load).
 
 File format (``model.softpatch``): one msgpack document written with
 ``flax.serialization.msgpack_serialize`` (no pickle, so loading a file never
@@ -26,16 +26,12 @@ interrupted save leaves the previous model (or none), never a truncated one.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import importlib
 import json
 import os
 from typing import Any, Dict, Optional
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import serialization
+import numpy as np
 
 from softpatch_jax import io_utils
 from softpatch_jax import scoring
@@ -52,7 +48,7 @@ class FittedModel:
   Attributes:
     bank_features: (M, D) float32 memory-bank patch features.
     bank_weights: (M,) float32 outlier weights of the bank patches.
-    method: pipeline method name ('softpatch_lof', 'patchcore', ...).
+    method: method name ('softpatch_lof', 'patchcore', ...).
     soft_weight: whether nearest distances are multiplied by bank weights.
     grid: (h, w) patch grid of one image.
     image_size: (H, W) network input size = pixel-map size.
@@ -113,142 +109,6 @@ class FittedModel:
   def pixel_threshold(self) -> Optional[float]:
     v = self.thresholds.get("pixel")
     return None if v is None else float(v)
-
-  def make_preprocess(self):
-    from softpatch_jax.data.preprocess import Preprocess  # pylint: disable=g-import-not-at-top
-    p = self.preprocess
-    return Preprocess(resize=p["resize"], crop=p["crop"],
-                      mean=tuple(p["mean"]), std=tuple(p["std"]),
-                      grayscale_to_rgb=bool(p.get("grayscale_to_rgb", True)))
-
-  def build_backbone(self, weights: Optional[str] = None):
-    """Rebuilds the recorded backbone and checks its weights identity.
-
-    Args:
-      weights: where to find the weights now ('imagenet', 'random', a .pth
-        path) when they moved since fitting; default: the recorded spec.
-
-    Raises:
-      ValueError: the rebuilt weights are not the ones the model was fitted
-        with (its scores would be meaningless).
-    """
-    from softpatch_jax import backbones  # pylint: disable=g-import-not-at-top
-    b = self.backbone
-    bb = backbones.load(b["name"],
-                        weights=b["weights"] if weights is None else weights,
-                        layers=tuple(b["layers"]), seed=int(b.get("seed", 0)))
-    check_backbone(self, bb)
-    return bb
-
-  def make_extractor(self, bb, batch_size: int = 16):
-    from softpatch_jax import pipeline  # pylint: disable=g-import-not-at-top
-    f = self.features
-    return pipeline.FeatureExtractor(
-        backbone=bb, patchsize=int(f["patchsize"]),
-        pretrain_embed_dim=int(f["pretrain_embed_dim"]),
-        target_embed_dim=int(f["target_embed_dim"]),
-        batch_size=int(batch_size))
-
-  def score(self, feats, memory_budget_mb: Optional[float] = None):
-    """(B, P, D) features -> (image scores (B,), pixel maps (B, H, W)).
-
-    When the bank is larger than `memory_budget_mb` (default: the fitted
-    config's scoring.memory_budget_mb), it is scanned in chunks that fit the
-    budget; the result is the same as scoring against the whole bank.
-    """
-    if memory_budget_mb is None:
-      memory_budget_mb = (self.config.get("scoring", {}) or {}).get(
-          "memory_budget_mb")
-    return score_with_budget(self, feats, memory_budget_mb)
-
-
-# --------------------------------------------------------------------------
-# Chunked scoring under a memory budget.
-
-
-def _knn_chunk(queries, chunk, tile):
-  # Called outside any enclosing jit on purpose: the kernel then runs as its
-  # own compiled program, exactly as in an unchunked search.
-  from softpatch_jax import kernels  # pylint: disable=g-import-not-at-top
-  d, i = kernels.knn(queries, chunk, k=1, block_n=tile)
-  return d[:, 0], i[:, 0]
-
-
-@jax.jit
-def _merge(best_d, best_i, d, i, offset):
-  # Strictly smaller only: on a tie the earlier chunk (lower bank index)
-  # wins, as in one unchunked argmin.
-  better = d < best_d
-  return jnp.where(better, d, best_d), jnp.where(better, i + offset, best_i)
-
-
-@jax.jit
-def _patch_scores(bank, feats):
-  return scoring.patch_scores(bank, feats)[0]
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _image_scores_and_maps(scores, grid, image_size, sigma):
-  # One compiled program turns patch scores into outputs on both the chunked
-  # and the unchunked path, so the two agree bit for bit.
-  return jnp.max(scores, axis=-1), scoring.anomaly_maps(scores, grid,
-                                                        image_size, sigma)
-
-
-def rows_per_chunk(dim: int, memory_budget_mb: Optional[float]) -> Optional[int]:
-  """Bank rows that fit the budget; None when there is no budget."""
-  if memory_budget_mb is None or memory_budget_mb <= 0:
-    return None
-  return max(1, int(float(memory_budget_mb) * 2**20) // (4 * int(dim)))
-
-
-def chunking(m: int, dim: int, memory_budget_mb: Optional[float]):
-  """(chunk_rows, tile_rows) for a bank of m rows, or None: no chunking.
-
-  The kNN kernel scans the bank in tiles of `tile` rows. Chunks are whole
-  multiples of the tile the unchunked search uses, so every distance comes
-  from the same tile computation and the scores are bit-identical to the
-  unchunked ones (tested). Only a budget below one tile (1024 rows, 4 MiB
-  for 1024-d features) needs smaller tiles; the nearest neighbours are then the same and
-  the scores equal to float rounding (~1e-7 relative).
-  """
-  rows = rows_per_chunk(dim, memory_budget_mb)
-  if rows is None or rows >= m:
-    return None
-  knn_module = importlib.import_module("softpatch_jax.kernels.knn")
-  tile = int(knn_module.default_blocks(1, m, 1)[1])
-  if rows >= tile:
-    return (rows // tile) * tile, tile
-  tile = max(8, (rows // 8) * 8)
-  return tile, tile
-
-
-def score_with_budget(model: FittedModel, feats, memory_budget_mb=None):
-  """Image scores and pixel maps, chunking the bank when over budget."""
-  feats = jnp.asarray(feats, jnp.float32)
-  m, d = model.bank_features.shape
-  if feats.ndim != 3 or feats.shape[-1] != d:
-    raise ValueError(f"features must have shape (B, P, {d}) for this model, "
-                     f"got {tuple(feats.shape)}")
-  plan = chunking(m, d, memory_budget_mb)
-  if plan is None:
-    scores = _patch_scores(model.bank, feats)
-  else:
-    rows, tile = plan
-    b, p, _ = feats.shape
-    q = feats.reshape(b * p, d)
-    best_d = jnp.full((b * p,), jnp.inf, jnp.float32)
-    best_i = jnp.zeros((b * p,), jnp.int32)
-    for start in range(0, m, rows):
-      # Only one chunk of the bank is on the device at a time.
-      chunk = jnp.asarray(model.bank_features[start:start + rows])
-      dist, idx = _knn_chunk(q, chunk, tile)
-      best_d, best_i = _merge(best_d, best_i, dist, idx, jnp.int32(start))
-    if model.soft_weight:
-      best_d = best_d * jnp.asarray(model.bank_weights)[best_i]
-    scores = best_d.reshape(b, p)
-  return _image_scores_and_maps(scores, model.grid, model.image_size,
-                                float(model.blur_sigma))
 
 
 # --------------------------------------------------------------------------

@@ -34,25 +34,29 @@ so it exists only for a complete run, and re-running overwrites cleanly.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import csv
 import io
-import logging
 import os
 import sys
 from typing import List, Optional, Sequence
 
+from absl import app
+from absl import flags
+from absl import logging
 import numpy as np
 from PIL import Image
 
+from softpatch_jax import backbones
+from softpatch_jax import data
+from softpatch_jax import engine
 from softpatch_jax import io_utils
 from softpatch_jax import model_io
-from softpatch_jax import pipeline
+from softpatch_jax import scoring
 from softpatch_jax import thresholds as thresholds_lib
+from softpatch_jax import validation
 from softpatch_jax import viz
+from softpatch_jax.data import _files
 from softpatch_jax.progress import Progress
-
-log = logging.getLogger("softpatch_jax.predict")
 
 CSV_FILENAME = "predictions.csv"
 CSV_FIELDS = ["path", "score", "decision", "threshold",
@@ -69,7 +73,6 @@ def list_inputs(inputs, recursive: bool = False) -> List[str]:
   Non-image files are skipped with one warning listing them; a listed file
   that does not exist, or no image at all, is a ValueError.
   """
-  from softpatch_jax.data import _files  # pylint: disable=g-import-not-at-top
   if isinstance(inputs, str):
     if os.path.isdir(inputs):
       return _files.list_images(inputs, "input image", recursive=recursive)
@@ -88,7 +91,7 @@ def list_inputs(inputs, recursive: bool = False) -> List[str]:
     else:
       skipped.append(p)
   if skipped:
-    log.warning("skipping %d non-image file(s) (accepted extensions %s): %s",
+    logging.warning("skipping %d non-image file(s) (accepted extensions %s): %s",
                 len(skipped), ", ".join(_files.IMAGE_EXTENSIONS),
                 ", ".join(skipped))
   if not paths:
@@ -115,36 +118,61 @@ def output_names(paths: Sequence[str]) -> List[str]:
   return out
 
 
-def _decode_batches(paths, pre, batch_size, num_workers, strict):
-  """Yields (indices, images or None per file, errors) batch by batch.
+def preprocess_for(model: model_io.FittedModel) -> data.Preprocess:
+  """The preprocessing the model was fitted with."""
+  p = model.preprocess
+  return data.Preprocess(
+      resize=p["resize"],
+      crop=p["crop"],
+      mean=tuple(p["mean"]),
+      std=tuple(p["std"]),
+      grayscale_to_rgb=bool(p.get("grayscale_to_rgb", True)),
+  )
 
-  Decoding runs in a thread pool; at most two batches are in flight.
+
+def backbone_for(model: model_io.FittedModel, weights: Optional[str] = None):
+  """Rebuilds the recorded backbone and checks its weights identity.
+
+  Args:
+    model: the fitted model.
+    weights: where to find the weights now ('imagenet', 'random', a .pth
+      path) when they moved since fitting; default: the recorded spec.
+
+  Raises:
+    ValueError: the rebuilt weights are not the ones the model was fitted
+      with (its scores would be meaningless).
   """
-  from softpatch_jax.data import open_image  # pylint: disable=g-import-not-at-top
+  b = model.backbone
+  bb = backbones.load(
+      b["name"],
+      weights=b["weights"] if weights is None else weights,
+      layers=tuple(b["layers"]),
+      seed=int(b.get("seed", 0)),
+  )
+  model_io.check_backbone(model, bb)
+  return bb
 
-  def load(p):
-    try:
-      return pre.image_array(open_image(p)), None
-    except ValueError as e:
-      if strict:
-        raise
-      return None, str(e)
 
-  chunks = [list(range(s, min(s + batch_size, len(paths))))
-            for s in range(0, len(paths), batch_size)]
-  with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
-    pending = collections.deque()
-    for c in chunks[:2]:
-      pending.append((c, [pool.submit(load, paths[i]) for i in c]))
-    nxt = 2
-    while pending:
-      idx, futs = pending.popleft()
-      if nxt < len(chunks):
-        c = chunks[nxt]
-        pending.append((c, [pool.submit(load, paths[i]) for i in c]))
-        nxt += 1
-      res = [f.result() for f in futs]
-      yield idx, [r[0] for r in res], [r[1] for r in res]
+def embedder_for(model: model_io.FittedModel, bb, batch_size: int = 16):
+  """The Embedder that computes the model's features with backbone `bb`."""
+  return engine.Embedder(
+      bb.variables, engine.embed_spec(bb, model.features), batch_size
+  )
+
+
+def score_features(model: model_io.FittedModel, feats, memory_budget_mb=None):
+  """(image scores (B,), maps (B, H, W)) of features against the model.
+
+  `memory_budget_mb` defaults to the fitting config's
+  scoring.memory_budget_mb.
+  """
+  if memory_budget_mb is None:
+    memory_budget_mb = (model.config.get("scoring", {}) or {}).get(
+        "memory_budget_mb"
+    )
+  rows = scoring.rows_for_budget(model.bank_features.shape[1], memory_budget_mb)
+  img, maps, _ = scoring.score(model.bank, feats, max_bank_rows=rows)
+  return img, maps
 
 
 # --------------------------------------------------------------------------
@@ -217,37 +245,61 @@ def predict(model, inputs, output: str, *, batch_size: Optional[int] = None,
   crange = color_range(t_img, t_pix)
 
   if backbone is None:
-    backbone = model.build_backbone(weights=backbone_weights)
+    backbone = backbone_for(model, weights=backbone_weights)
   else:
     model_io.check_backbone(model, backbone)
-  extractor = model.make_extractor(backbone, batch_size=batch_size)
-  pre = model.make_preprocess()
+  embedder = embedder_for(model, backbone, batch_size=batch_size)
+  pre = preprocess_for(model)
   names = output_names(paths)
   rows = [None] * len(paths)
   n_batches = (len(paths) + batch_size - 1) // batch_size
-  stream = _decode_batches(paths, pre, int(batch_size), int(num_workers),
-                           strict)
-  for idx, images, errors in Progress(stream, total=n_batches,
-                                      desc="predict", unit="batches",
-                                      enabled=progress):
-    ok = [j for j, im in enumerate(images) if im is not None]
-    for j, err in enumerate(errors):
-      if err is not None:
-        log.warning("cannot score %s: %s", paths[idx[j]], err)
-        rows[idx[j]] = {"path": paths[idx[j]], "decision": "error",
-                        "threshold": t_img, "error": err}
-    if not ok:
+  samples = [data.Sample(p, -1, "unknown") for p in paths]
+  stream = data.stream_batches(
+      samples,
+      pre,
+      batch_size=int(batch_size),
+      num_workers=int(num_workers),
+      with_masks=False,
+      errors="raise" if strict else "collect",
+  )
+  for batch in Progress(
+      stream, total=n_batches, desc="predict", unit="batches", enabled=progress
+  ):
+    for i, err in batch.errors:
+      logging.warning("cannot score %s: %s", paths[i], err)
+      rows[i] = {
+          "path": paths[i],
+          "decision": "error",
+          "threshold": t_img,
+          "error": err,
+      }
+    if batch.images is None or not len(batch.images):
       continue
-    batch = np.stack([images[j] for j in ok]).astype(np.float32, copy=False)
-    feats = extractor(batch)
-    pipeline.check_finite(np.asarray(feats), "features of input images")
-    img_scores, maps = model.score(feats, memory_budget_mb)
+    feats = embedder(batch.images)
+    validation.check_finite(
+        feats,
+        "features of input images",
+        "the backbone weights or the input images are broken",
+    )
+    img_scores, maps = score_features(model, feats, memory_budget_mb)
     img_scores, maps = np.asarray(img_scores), np.asarray(maps)
-    for r, j in enumerate(ok):
-      i = idx[j]
-      rows[i] = _write_one(output, names[i], paths[i], batch[r],
-                           float(img_scores[r]), maps[r], pre, t_img, t_pix,
-                           crange, heatmaps, save_maps, save_masks)
+    for r, i in enumerate(batch.indices):
+      i = int(i)
+      rows[i] = _write_one(
+          output,
+          names[i],
+          paths[i],
+          batch.images[r],
+          float(img_scores[r]),
+          maps[r],
+          pre,
+          t_img,
+          t_pix,
+          crange,
+          heatmaps,
+          save_maps,
+          save_masks,
+      )
 
   _write_csv(csv_path, rows)
   n_err = sum(r["decision"] == "error" for r in rows)
@@ -317,7 +369,7 @@ def read_predictions(path) -> List[dict]:
 
 
 def _define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  """The command's flags; defined only when run as a program."""
   flags.DEFINE_string("model", None, "model.softpatch file, or the fit "
                       "workdir that holds it.")
   flags.DEFINE_string("input", None, "A directory of images, or "
@@ -350,11 +402,10 @@ def _define_flags():
 
 
 def main(argv):
-  from absl import app  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.getLogger().setLevel(logging.INFO)
-  f = FLAGS
+  logging.set_verbosity(logging.INFO)
+  f = flags.FLAGS
   try:
     predict(f.model, f.input, f.output, batch_size=f.batch_size,
             num_workers=f.num_workers, save_maps=f.save_maps,
@@ -369,6 +420,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app as _app  # pylint: disable=g-import-not-at-top
-  FLAGS = _define_flags()
-  _app.run(main)
+  _define_flags()
+  app.run(main)

@@ -1,18 +1,25 @@
-"""Scoring: memory bank, nearest-neighbour patch scores, image scores, pixel maps.
+"""The memory bank and THE scoring function: kNN patch scores, image scores, maps.
 
-Data flow (DESIGN §1.6): every test patch feature is matched to its nearest
-memory-bank feature by *squared* L2 distance (what faiss ``IndexFlatL2``
-returns, and so what the reference scores with). With soft weighting on, the
-distance is multiplied by the outlier weight of the matched bank patch. The
-image score is the max over its patches; the pixel map is the patch-score grid
-bilinearly upsampled (``align_corners=False``) and blurred with a Gaussian of
-sigma 4 (scipy ``gaussian_filter`` semantics: reflect padding, truncate 4).
+SoftPatch scoring (Jiang et al., NeurIPS 2022, Sec. 3.3; README "Scoring"):
+every test patch feature is matched to its nearest memory-bank feature by
+*squared* L2 distance (what faiss ``IndexFlatL2`` returns, and so what the
+reference scores with). With soft weighting on, the distance is multiplied by
+the outlier weight of the matched bank patch. The image score is the max over
+its patches; the pixel map is the patch-score grid bilinearly upsampled
+(``align_corners=False``) and blurred with a Gaussian of sigma 4 (scipy
+``gaussian_filter`` semantics: reflect padding, truncate 4).
+
+`score` is the one scoring path: evaluation, threshold fitting and the predict
+command all call it. With ``max_bank_rows`` it scans the bank in chunks, so a
+bank larger than a memory budget is never multiplied against the queries at
+once; the result is the same as one scan (bit for bit when the chunk is a whole
+number of kNN tiles, see `chunk_plan`).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Tuple
+from typing import Optional, Tuple
 
 import flax
 import jax
@@ -20,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from softpatch_jax import features
-from softpatch_jax import kernels
+from softpatch_jax.kernels import knn as knn_lib
 
 
 @flax.struct.dataclass
@@ -37,55 +44,64 @@ class MemoryBank:
     image_size: (H, W) of the network input, the size of the pixel maps.
     blur_sigma: sigma of the Gaussian applied to the pixel maps.
   """
+
   features: jax.Array
   weights: jax.Array
   soft_weight: bool = flax.struct.field(pytree_node=False, default=True)
   grid: Tuple[int, int] = flax.struct.field(pytree_node=False, default=(28, 28))
   image_size: Tuple[int, int] = flax.struct.field(
-      pytree_node=False, default=(224, 224))
+      pytree_node=False, default=(224, 224)
+  )
   blur_sigma: float = flax.struct.field(pytree_node=False, default=4.0)
 
   @property
   def size(self) -> int:
     return int(self.features.shape[0])
 
+  def take(self, rows) -> "MemoryBank":
+    """The bank restricted to `rows` (an index array)."""
+    rows = jnp.asarray(rows, jnp.int32)
+    return self.replace(features=self.features[rows], weights=self.weights[rows])
 
-def make_bank(features, weights=None, *, soft_weight=True, grid=(28, 28),
-              image_size=(224, 224), blur_sigma=4.0) -> MemoryBank:
-  """Builds a MemoryBank, checking shapes and finiteness."""
+
+def make_bank(
+    features,
+    weights=None,
+    *,
+    soft_weight=True,
+    grid=(28, 28),
+    image_size=(224, 224),
+    blur_sigma=4.0,
+) -> MemoryBank:
+  """Builds a MemoryBank, checking shapes."""
   features = jnp.asarray(features, jnp.float32)
   if features.ndim != 2 or features.shape[0] == 0:
     raise ValueError(
-        f"memory bank features must have shape (M>0, D), got {features.shape}")
+        "memory bank features must have shape (M>0, D), got "
+        f"{features.shape}"
+    )
   if weights is None:
     weights = jnp.ones((features.shape[0],), jnp.float32)
   weights = jnp.asarray(weights, jnp.float32)
   if weights.shape != (features.shape[0],):
-    raise ValueError(f"memory bank weights must have shape "
-                     f"({features.shape[0]},), got {weights.shape}")
-  return MemoryBank(features=features, weights=weights,
-                    soft_weight=bool(soft_weight),
-                    grid=tuple(int(g) for g in grid),
-                    image_size=tuple(int(s) for s in image_size),
-                    blur_sigma=float(blur_sigma))
-
-
-def patch_scores(bank: MemoryBank, feats: jax.Array):
-  """Per-patch anomaly scores.
-
-  Args:
-    bank: the fitted memory bank.
-    feats: (B, P, D) test patch features.
-
-  Returns:
-    (scores (B, P), nearest bank index (B, P)).
-  """
-  if feats.ndim != 3 or feats.shape[-1] != bank.features.shape[-1]:
     raise ValueError(
-        f"test features must have shape (B, P, {bank.features.shape[-1]}), "
-        f"got {feats.shape}")
-  return kernels.score_images(bank.features, bank.weights, feats,
-                              soft=bank.soft_weight)
+        "memory bank weights must have shape "
+        f"({features.shape[0]},), got {weights.shape}"
+    )
+  if blur_sigma is None or not float(blur_sigma) >= 0:
+    raise ValueError(f"blur_sigma must be >= 0, got {blur_sigma!r}")
+  return MemoryBank(
+      features=features,
+      weights=weights,
+      soft_weight=bool(soft_weight),
+      grid=tuple(int(g) for g in grid),
+      image_size=tuple(int(s) for s in image_size),
+      blur_sigma=float(blur_sigma),
+  )
+
+
+# --------------------------------------------------------------------------
+# Pixel maps.
 
 
 def _gaussian_matrix(n: int, sigma: float, truncate: float = 4.0) -> np.ndarray:
@@ -113,13 +129,13 @@ def _gaussian_matrix(n: int, sigma: float, truncate: float = 4.0) -> np.ndarray:
 
 @functools.lru_cache(maxsize=16)
 def _map_operators(grid, image_size, sigma):
-  (h, w), (H, W) = grid, image_size
+  (h, w), (hh, ww) = grid, image_size
   # The same align_corners=False interpolation as the feature alignment.
-  up_h = features.bilinear_matrix(h, H)
-  up_w = features.bilinear_matrix(w, W)
+  up_h = features.bilinear_matrix(h, hh)
+  up_w = features.bilinear_matrix(w, ww)
   if sigma and sigma > 0:
-    up_h = _gaussian_matrix(H, sigma) @ up_h
-    up_w = _gaussian_matrix(W, sigma) @ up_w
+    up_h = _gaussian_matrix(hh, sigma) @ up_h
+    up_w = _gaussian_matrix(ww, sigma) @ up_w
   return up_h, up_w
 
 
@@ -138,9 +154,120 @@ def anomaly_maps(scores: jax.Array, grid, image_size, sigma=4.0) -> jax.Array:
   return jnp.einsum("bHw,Ww->bHW", out, up_w, precision=hi)
 
 
+# --------------------------------------------------------------------------
+# Scoring.
+
+
+def _nearest(bank_feats, queries, block_n=None):
+  d, i = knn_lib.knn(queries, bank_feats, k=1, block_n=block_n)
+  return d[:, 0], i[:, 0]
+
+
+def _soft(dist, idx, weights, soft):
+  return dist * weights[idx] if soft else dist
+
+
+def _outputs(scores, grid, image_size, sigma):
+  return jnp.max(scores, axis=-1), anomaly_maps(
+      scores, grid, image_size, sigma
+  )
+
+
 @jax.jit
-def score_batch(bank: MemoryBank, feats: jax.Array):
-  """Image scores (B,), pixel maps (B, H, W) and patch scores (B, P)."""
-  scores, _ = patch_scores(bank, feats)
-  maps = anomaly_maps(scores, bank.grid, bank.image_size, bank.blur_sigma)
-  return jnp.max(scores, axis=-1), maps, scores
+def _score_whole(bank: MemoryBank, feats):
+  """One compiled program: nearest neighbours, soft weights, max, maps."""
+  b, p, d = feats.shape
+  dist, idx = _nearest(bank.features, feats.reshape(b * p, d))
+  scores = _soft(dist, idx, bank.weights, bank.soft_weight).reshape(b, p)
+  img, maps = _outputs(scores, bank.grid, bank.image_size, bank.blur_sigma)
+  return img, maps, scores
+
+
+@jax.jit
+def _merge(best_d, best_i, d, i, offset):
+  # Strictly smaller only: on a tie the earlier chunk (lower bank index)
+  # wins, as in one unchunked argmin.
+  better = d < best_d
+  return jnp.where(better, d, best_d), jnp.where(better, i + offset, best_i)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _outputs_jit(scores, grid, image_size, sigma):
+  return _outputs(scores, grid, image_size, sigma)
+
+
+def rows_for_budget(dim: int, memory_budget_mb: Optional[float]):
+  """Bank rows of `dim` float32 features that fit a budget; None: no limit."""
+  if memory_budget_mb is None or float(memory_budget_mb) <= 0:
+    return None
+  return max(1, int(float(memory_budget_mb) * 2**20) // (4 * int(dim)))
+
+
+def chunk_plan(m: int, max_bank_rows: Optional[int]):
+  """(chunk_rows, tile_rows) for a bank of m rows, or None: no chunking.
+
+  The kNN kernel scans the bank in tiles. Chunks are whole multiples of the
+  tile an unchunked scan uses, so every distance comes from the same tile
+  computation and the nearest neighbours and distances are bit-identical to
+  the unchunked ones (tested). Only a limit below one tile (1024 rows, 4 MiB
+  for 1024-d features) needs smaller tiles; the nearest neighbours are then
+  the same and the distances equal to float rounding (~1e-7 relative).
+  """
+  if max_bank_rows is None or int(max_bank_rows) >= m:
+    return None
+  rows = int(max_bank_rows)
+  if rows < 1:
+    raise ValueError(f"max_bank_rows must be >= 1, got {max_bank_rows}")
+  tile = int(knn_lib.default_blocks(1, m, 1)[1])
+  if rows >= tile:
+    return (rows // tile) * tile, tile
+  tile = max(8, (rows // 8) * 8)
+  return tile, tile
+
+
+def score(bank: MemoryBank, feats, *, max_bank_rows: Optional[int] = None):
+  """Scores test patch features against a memory bank.
+
+  Args:
+    bank: the fitted memory bank.
+    feats: (B, P, D) test patch features, P = grid[0] * grid[1].
+    max_bank_rows: scan the bank in chunks of at most this many rows (None:
+      one scan). Use `rows_for_budget` to turn a memory budget into rows.
+
+  Returns:
+    (image scores (B,), pixel maps (B, H, W), patch scores (B, P)).
+
+  Pure and jittable: under `jax.jit` the chunks become one program and the
+  whole bank lives on the device; called eagerly, only one chunk of a
+  chunked bank is multiplied against the queries at a time.
+  """
+  feats = jnp.asarray(feats, jnp.float32)
+  m, d = bank.features.shape
+  if feats.ndim != 3 or feats.shape[-1] != d:
+    raise ValueError(
+        f"features must have shape (B, P, {d}) for this memory bank, got "
+        f"{tuple(feats.shape)}"
+    )
+  b, p, _ = feats.shape
+  if p != bank.grid[0] * bank.grid[1]:
+    raise ValueError(
+        f"features have {p} patches per image, but the bank's grid "
+        f"{bank.grid} has {bank.grid[0] * bank.grid[1]}"
+    )
+  plan = chunk_plan(m, max_bank_rows)
+  if plan is None:
+    return _score_whole(bank, feats)
+  rows, tile = plan
+  q = feats.reshape(b * p, d)
+  best_d = jnp.full((b * p,), jnp.inf, jnp.float32)
+  best_i = jnp.zeros((b * p,), jnp.int32)
+  for start in range(0, m, rows):
+    dist, idx = _nearest(bank.features[start : start + rows], q, tile)
+    best_d, best_i = _merge(best_d, best_i, dist, idx, jnp.int32(start))
+  # Soft weights outside the compiled output stage, so the chunked and the
+  # unchunked scans of one bank share that program and its rounding.
+  scores = _soft(best_d, best_i, bank.weights, bank.soft_weight).reshape(b, p)
+  img, maps = _outputs_jit(
+      scores, bank.grid, bank.image_size, float(bank.blur_sigma)
+  )
+  return img, maps, scores

@@ -40,6 +40,8 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
+from softpatch_jax import metrics
+
 METHODS = ("quantile", "manual", "f1")
 DEFAULT_METHOD = "quantile"
 DEFAULT_QUANTILE = 0.95
@@ -90,12 +92,22 @@ def quantile(values, q: float) -> float:
   return float(np.quantile(v, float(q)))
 
 
-def f1_optimal(labels, scores) -> Tuple[float, float]:
-  """The threshold t maximising F1 of `score >= t`, and that F1.
+def f1_threshold(labels, scores) -> Tuple[float, float]:
+  """The decision threshold t maximising F1 of `score >= t`: (F1, t).
 
+  F1 comes from ``metrics.f1_curve``, the same curve as the F1-max metric.
   t is the midpoint between the lowest score flagged and the next lower
   score, so that the same split of the validation set holds with some margin
-  either side. Ties in F1 go to the highest threshold (fewest alarms).
+  either side. Ties in F1 go to the highest threshold: a deployed threshold
+  should raise the fewest alarms. (``metrics.f1_max_threshold`` reports the
+  lowest one instead, to follow sklearn; the F1 value is the same.)
+
+  Args:
+    labels: (N,) labels, nonzero = anomalous.
+    scores: (N,) finite scores, higher = more anomalous.
+
+  Returns:
+    (f1, threshold) as floats.
   """
   y = np.asarray(labels).ravel().astype(bool)
   s = np.asarray(scores, np.float64).ravel()
@@ -107,24 +119,21 @@ def f1_optimal(labels, scores) -> Tuple[float, float]:
                      f"examples, got {n_pos} anomalous of {y.size}")
   if not np.all(np.isfinite(s)):
     raise ValueError("scores contain NaN/inf; cannot derive a threshold")
-  order = np.argsort(-s, kind="stable")
-  s_sorted, y_sorted = s[order], y[order]
-  tp = np.cumsum(y_sorted)
-  k = np.arange(1, s.size + 1)
-  # Only the last position of each group of equal scores is a valid cut.
-  last = np.r_[s_sorted[1:] != s_sorted[:-1], True]
-  f1 = np.where(last, 2.0 * tp / (k + n_pos), -1.0)
-  i = int(np.argmax(f1))
-  t = s_sorted[i]
-  if i + 1 < s.size:
-    t = 0.5 * (t + s_sorted[i + 1])
-    if not t > s_sorted[i + 1]:  # adjacent floats: keep the exact score
-      t = s_sorted[i]
-  return float(t), float(f1[i])
+  thr, f1 = metrics.f1_curve(y, s)
+  i = int(np.argmax(f1))  # thresholds descend: first maximum = highest t
+  t = thr[i]
+  if i + 1 < thr.size:
+    mid = 0.5 * (thr[i] + thr[i + 1])
+    if mid > thr[i + 1]:  # adjacent floats: keep the exact score
+      t = mid
+  return float(f1[i]), float(t)
 
 
-def pixel_f1_optimal(masks, maps) -> Tuple[float, float]:
-  """F1-optimal threshold over pixels (a regular subsample if very many)."""
+def pixel_f1_threshold(masks, maps) -> Tuple[float, float]:
+  """``f1_threshold`` over pixels: (F1, t), masks > 0.5 = defective.
+
+  Beyond MAX_F1_PIXELS pixels, a regular subsample is used.
+  """
   m = np.asarray(masks).ravel() > 0.5
   a = np.asarray(maps, np.float32).ravel()
   if m.size != a.size:
@@ -133,7 +142,7 @@ def pixel_f1_optimal(masks, maps) -> Tuple[float, float]:
   if a.size > MAX_F1_PIXELS:
     step = int(np.ceil(a.size / MAX_F1_PIXELS))
     m, a = m[::step], a[::step]
-  return f1_optimal(m, a)
+  return f1_threshold(m, a)
 
 
 def summary(values) -> dict:

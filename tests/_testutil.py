@@ -2,6 +2,9 @@
 
 import importlib.util
 import os
+import warnings
+
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,3 +38,68 @@ def fit_config(train_dir, folds=3, **overrides):
       node = node[p]
     node[last] = v
   return c
+
+
+def numpy_greedy_kcenter(x, n_select, start_idx, weight=None, *,
+                         dtype=np.float32):
+  """Weighted greedy k-center in plain numpy (the kernels.kcenter contract).
+
+  As documented at the top of kernels/kcenter.py: Euclidean distances from
+  coordinate differences; the initial distance is the mean distance to the
+  starting points times the weight; then n_select times pick the first
+  argmax and lower the running minimum with distance * weight.
+
+  Args:
+    x: (M, d) points.
+    n_select: number of centres to pick.
+    start_idx: (S,) indices of the starting points.
+    weight: (M,) sampling weights, or None for all ones.
+    dtype: arithmetic precision. float32 (default) rounds like the kernels
+      (the starts are summed one after the other), so selections can be
+      compared exactly; float64 gives the exact-arithmetic answer.
+
+  Returns:
+    (n_select,) int32 indices in selection order.
+  """
+  x = np.asarray(x, dtype)
+  w = (np.ones(len(x), dtype) if weight is None
+       else np.asarray(weight, dtype))
+
+  def dist_to(i):
+    diff = x - x[i]
+    return np.sqrt((diff * diff).sum(1))
+
+  starts = np.asarray(start_idx).ravel()
+  acc = np.zeros(len(x), dtype)
+  for s in starts:
+    acc = acc + dist_to(int(s))
+  dist = acc / np.asarray(len(starts), x.dtype) * w
+  sel = []
+  for _ in range(int(n_select)):
+    i = int(np.argmax(dist))
+    sel.append(i)
+    dist = np.minimum(dist, dist_to(i) * w)
+  return np.array(sel, np.int32)
+
+
+def sklearn_lof(x, k, *, fit_dtype=None):
+  """sklearn's LOF per position: (P, N, D) -> (P, N) float64.
+
+  out[p] = -LocalOutlierFactor(n_neighbors=k).fit(x[p])
+  .negative_outlier_factor_; sklearn's warning when k >= N (it then uses
+  N - 1) is silenced.
+
+  Args:
+    x: (P, N, D) points, one independent LOF per position.
+    k: n_neighbors.
+    fit_dtype: dtype the points are cast to before fitting (None: as given).
+  """
+  from sklearn.neighbors import LocalOutlierFactor  # pylint: disable=g-import-not-at-top
+  x = np.asarray(x) if fit_dtype is None else np.asarray(x, fit_dtype)
+  out = []
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    for p in range(x.shape[0]):
+      clf = LocalOutlierFactor(n_neighbors=k).fit(x[p])
+      out.append(-clf.negative_outlier_factor_)
+  return np.stack(out).astype(np.float64)

@@ -1,30 +1,10 @@
 """kernels.kcenter: every path against a plain numpy weighted greedy."""
+import jax.numpy as jnp
 import numpy as np
 import pytest
-import jax.numpy as jnp
 
-from softpatch_jax import kernels
-
-
-def _np_greedy(x, n_select, starts, w):
-  """The contract, written directly in float32 numpy."""
-  x = np.asarray(x, np.float32)
-  w = np.ones(len(x), np.float32) if w is None else np.asarray(w, np.float32)
-
-  def dist_to(i):
-    diff = x - x[i]
-    return np.sqrt((diff * diff).sum(1))
-
-  acc = np.zeros(len(x), np.float32)
-  for s in starts:
-    acc = acc + dist_to(s)
-  dist = acc / np.float32(len(starts)) * w
-  sel = []
-  for _ in range(n_select):
-    i = int(np.argmax(dist))
-    sel.append(i)
-    dist = np.minimum(dist, dist_to(i) * w)
-  return np.array(sel, np.int32)
+import _testutil  # pylint: disable=g-bad-import-order
+from softpatch_jax.kernels import kcenter
 
 
 def _data(seed, m, d, noise_frac, n_dup):
@@ -50,9 +30,9 @@ def _data(seed, m, d, noise_frac, n_dup):
 ])
 def test_xla_and_reference_match_numpy(seed, m, d, n_sel, noise, dup):
   x, w, starts = _data(seed, m, d, noise, dup)
-  want = _np_greedy(x, n_sel, starts, w)
+  want = _testutil.numpy_greedy_kcenter(x, n_sel, starts, w)
   for impl in ("xla", "reference"):
-    got = np.asarray(kernels.kcenter(x, n_sel, starts, w, impl=impl))
+    got = np.asarray(kcenter.kcenter(x, n_sel, starts, w, impl=impl))
     assert got.dtype == np.int32
     np.testing.assert_array_equal(got, want, err_msg=impl)
   if w is not None:
@@ -68,8 +48,8 @@ def test_xla_and_reference_match_numpy(seed, m, d, n_sel, noise, dup):
 ])
 def test_pallas_interpret_matches_numpy(seed, m, d, n_sel, noise, dup):
   x, w, starts = _data(seed, m, d, noise, dup)
-  want = _np_greedy(x, n_sel, starts, w)
-  got = np.asarray(kernels.kcenter(x, n_sel, starts, w,
+  want = _testutil.numpy_greedy_kcenter(x, n_sel, starts, w)
+  got = np.asarray(kcenter.kcenter(x, n_sel, starts, w,
                                    impl="pallas_interpret"))
   np.testing.assert_array_equal(got, want)
 
@@ -77,8 +57,9 @@ def test_pallas_interpret_matches_numpy(seed, m, d, n_sel, noise, dup):
 def test_duplicates_are_not_reselected():
   x, _, starts = _data(7, 100, 6, None, 0)
   x = np.concatenate([x, x[:30]])  # 30 exact copies
-  sel = np.asarray(kernels.kcenter(x, 90, starts))
-  np.testing.assert_array_equal(sel, _np_greedy(x, 90, starts, None))
+  sel = np.asarray(kcenter.kcenter(x, 90, starts))
+  np.testing.assert_array_equal(
+      sel, _testutil.numpy_greedy_kcenter(x, 90, starts, None))
   # A copy of a picked point has distance 0: never picked while others remain.
   rows = {tuple(r) for r in x[sel]}
   assert len(rows) == len(sel)
@@ -86,8 +67,8 @@ def test_duplicates_are_not_reselected():
 
 def test_bf16_storage_runs_and_mostly_agrees():
   x, w, starts = _data(8, 600, 32, 0.1, 0)
-  a = np.asarray(kernels.kcenter(x, 50, starts, w, impl="xla"))
-  b = np.asarray(kernels.kcenter(x, 50, starts, w, impl="xla",
+  a = np.asarray(kcenter.kcenter(x, 50, starts, w, impl="xla"))
+  b = np.asarray(kcenter.kcenter(x, 50, starts, w, impl="xla",
                                  storage_dtype=jnp.bfloat16))
   assert len(set(b.tolist())) == 50 and np.all(w[b] > 0)
   assert len(set(a.tolist()) & set(b.tolist())) >= 25
@@ -96,9 +77,9 @@ def test_bf16_storage_runs_and_mostly_agrees():
 def test_errors():
   x = np.zeros((10, 3), np.float32)
   with pytest.raises(ValueError, match="sampling_weight"):
-    kernels.kcenter(x, 2, np.array([0]), np.ones(9))
+    kcenter.kcenter(x, 2, np.array([0]), np.ones(9))
   with pytest.raises(ValueError, match="start_idx"):
-    kernels.kcenter(x, 2, np.array([], np.int32))
+    kcenter.kcenter(x, 2, np.array([], np.int32))
   with pytest.raises(ValueError, match="rank 2"):
-    kernels.kcenter(x[None], 2, np.array([0]))
-  assert kernels.kcenter(x, 0, np.array([0])).shape == (0,)
+    kcenter.kcenter(x[None], 2, np.array([0]))
+  assert kcenter.kcenter(x, 0, np.array([0])).shape == (0,)

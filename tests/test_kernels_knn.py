@@ -1,9 +1,11 @@
 """kernels.knn: XLA and Pallas (interpret) paths against the jnp reference."""
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
-import jax.numpy as jnp
 
-from softpatch_jax import kernels
+from softpatch_jax.kernels import _dispatch
+from softpatch_jax.kernels import knn
 
 
 def _np_knn(q, b, k):
@@ -44,8 +46,8 @@ def test_xla_matches_reference(seed, m, n, d, k, bq, bn):
   rng = np.random.default_rng(seed)
   q = rng.normal(size=(m, d)).astype(np.float32)
   b = rng.normal(size=(n, d)).astype(np.float32)
-  ref = kernels.knn_reference(q, b, k)
-  out = kernels.knn(q, b, k, block_q=bq, block_n=bn, impl="xla")
+  ref = knn.knn_reference(q, b, k)
+  out = knn.knn(q, b, k, block_q=bq, block_n=bn, impl="xla")
   _check_against(ref, out, q, b)
   nd, _ = _np_knn(q, b, k)
   np.testing.assert_allclose(np.asarray(ref[0]), nd, rtol=1e-4, atol=1e-4)
@@ -58,8 +60,8 @@ def test_pallas_interpret_matches_reference(m, n, d, k, bq, bn):
   rng = np.random.default_rng(m * n)
   q = rng.normal(size=(m, d)).astype(np.float32)
   b = rng.normal(size=(n, d)).astype(np.float32)
-  ref = kernels.knn_reference(q, b, k)
-  out = kernels.knn(q, b, k, block_q=bq, block_n=bn, impl="pallas_interpret")
+  ref = knn.knn_reference(q, b, k)
+  out = knn.knn(q, b, k, block_q=bq, block_n=bn, impl="pallas_interpret")
   _check_against(ref, out, q, b)
 
 
@@ -72,7 +74,7 @@ def test_duplicates_break_ties_to_lowest_index(impl):
   b[9] = b[4]
   q = np.concatenate([b[[4, 9, 17]], rng.integers(-2, 3, size=(10, 4))]
                      ).astype(np.float32)
-  d, i = kernels.knn(q, b, 3, block_q=8, block_n=8, impl=impl)
+  d, i = knn.knn(q, b, 3, block_q=8, block_n=8, impl=impl)
   nd, ni = _np_knn(q, b, 3)
   np.testing.assert_array_equal(np.asarray(d), nd)
   np.testing.assert_array_equal(np.asarray(i), ni)
@@ -83,18 +85,18 @@ def test_bf16_inputs_refined_distances():
   rng = np.random.default_rng(5)
   q = rng.normal(size=(200, 64)).astype(np.float32)
   b = rng.normal(size=(300, 64)).astype(np.float32)
-  ref_d, ref_i = map(np.asarray, kernels.knn_reference(q, b, 2))
-  d, i = map(np.asarray, kernels.knn(q, b, 2, impl="xla",
+  ref_d, ref_i = map(np.asarray, knn.knn_reference(q, b, 2))
+  d, i = map(np.asarray, knn.knn(q, b, 2, impl="xla",
                                      compute_dtype=jnp.bfloat16))
   # Returned distances are exact f32 distances of the returned indices.
   exact = ((q[:, None, :].astype(np.float64) - b[i]) ** 2).sum(-1)
   np.testing.assert_allclose(d, exact, rtol=1e-4, atol=1e-3)
   assert (i[:, 0] == ref_i[:, 0]).mean() > 0.9
   assert np.all(d[:, 0] >= ref_d[:, 0] - 1e-3)
-  dp, ip = map(np.asarray, kernels.knn(q[:20], b[:40], 2,
+  dp, ip = map(np.asarray, knn.knn(q[:20], b[:40], 2,
                                        impl="pallas_interpret",
                                        compute_dtype=jnp.bfloat16))
-  d2, i2 = map(np.asarray, kernels.knn(q[:20], b[:40], 2, impl="xla",
+  d2, i2 = map(np.asarray, knn.knn(q[:20], b[:40], 2, impl="xla",
                                        compute_dtype=jnp.bfloat16))
   np.testing.assert_array_equal(ip, i2)
 
@@ -102,29 +104,26 @@ def test_bf16_inputs_refined_distances():
 def test_default_dispatch_and_errors():
   q = np.ones((4, 3), np.float32)
   b = np.zeros((2, 3), np.float32)
-  d, i = kernels.knn(q, b)
+  d, i = knn.knn(q, b)
   assert d.shape == (4, 1) and i.shape == (4, 1)
   np.testing.assert_allclose(np.asarray(d), 3.0)
   with pytest.raises(ValueError, match="exceeds the bank size"):
-    kernels.knn(q, b, k=3)
+    knn.knn(q, b, k=3)
   with pytest.raises(ValueError, match="feature dims"):
-    kernels.knn(q, np.zeros((5, 2), np.float32))
+    knn.knn(q, np.zeros((5, 2), np.float32))
   with pytest.raises(ValueError, match="impl"):
-    kernels.knn(q, b, impl="cuda")
+    knn.knn(q, b, impl="cuda")
   with pytest.raises(ValueError, match="rank 2"):
-    kernels.knn(q[None], b)
+    knn.knn(q[None], b)
 
 
 def test_impl_can_be_forced_by_environment(monkeypatch):
-  import importlib  # pylint: disable=g-import-not-at-top
-  dispatch = importlib.import_module("softpatch_jax.kernels._dispatch")
   monkeypatch.setenv("SOFTPATCH_JAX_IMPL", "reference")
-  assert dispatch.resolve_impl(None, "knn") == "reference"
-  assert dispatch.resolve_impl("xla", "knn") == "xla"  # explicit wins
+  assert _dispatch.resolve_impl(None, "knn") == "reference"
+  assert _dispatch.resolve_impl("xla", "knn") == "xla"  # explicit wins
   monkeypatch.setenv("SOFTPATCH_JAX_IMPL", "cuda")
   with pytest.raises(ValueError, match="SOFTPATCH_JAX_IMPL"):
-    dispatch.resolve_impl(None, "knn")
+    _dispatch.resolve_impl(None, "knn")
   monkeypatch.delenv("SOFTPATCH_JAX_IMPL")
-  import jax  # pylint: disable=g-import-not-at-top
-  assert dispatch.resolve_impl(None, "knn") == (
+  assert _dispatch.resolve_impl(None, "knn") == (
       "xla" if jax.default_backend() == "cpu" else "pallas")

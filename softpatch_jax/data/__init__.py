@@ -1,11 +1,62 @@
-"""Data layer: dataset loaders, decoding/preprocessing, streaming, noise protocol."""
-from .augment import Augment
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, open_image, open_mask
-from .stream import stream_batches
-from .types import Batch, Sample, has_pixel_labels
-from ._files import IMAGE_EXTENSIONS
-from . import btad, elpv, folder, mvtec, noise, synthetic
+"""Data layer: data sets, decoding and preprocessing, streaming, protocol.
 
-__all__ = ["Augment", "Batch", "IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "Preprocess",
-           "Sample", "btad", "elpv", "folder", "has_pixel_labels", "mvtec", "noise", "open_image",
-           "open_mask", "stream_batches", "synthetic"]
+`register_dataset` / `get_dataset` / `list_categories` / `load_dataset`: the
+data sets that `config.data.dataset` names (registry.py); `stream_batches`:
+ordered, bounded, multi-threaded decoding into Batches (stream.py);
+`subsample_test` / `apply_noise` / `build_augment`: the evaluation protocol
+(protocol.py).
+"""
+
+from softpatch_jax.data import btad
+from softpatch_jax.data import elpv
+from softpatch_jax.data import folder
+from softpatch_jax.data import mvtec
+from softpatch_jax.data import noise
+from softpatch_jax.data import synthetic
+from softpatch_jax.data._files import IMAGE_EXTENSIONS
+from softpatch_jax.data.augment import Augment
+from softpatch_jax.data.preprocess import IMAGENET_MEAN
+from softpatch_jax.data.preprocess import IMAGENET_STD
+from softpatch_jax.data.preprocess import open_image
+from softpatch_jax.data.preprocess import open_mask
+from softpatch_jax.data.preprocess import Preprocess
+from softpatch_jax.data.protocol import apply_noise
+from softpatch_jax.data.protocol import build_augment
+from softpatch_jax.data.protocol import subsample_test
+from softpatch_jax.data.registry import get_dataset
+from softpatch_jax.data.registry import list_categories
+from softpatch_jax.data.registry import load_dataset
+from softpatch_jax.data.registry import register_dataset
+from softpatch_jax.data.registry import registered_names
+from softpatch_jax.data.stream import stream_batches
+from softpatch_jax.data.types import Batch
+from softpatch_jax.data.types import has_pixel_labels
+from softpatch_jax.data.types import Sample
+
+__all__ = [
+    "Augment",
+    "Batch",
+    "IMAGE_EXTENSIONS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Preprocess",
+    "Sample",
+    "apply_noise",
+    "btad",
+    "build_augment",
+    "elpv",
+    "folder",
+    "get_dataset",
+    "has_pixel_labels",
+    "list_categories",
+    "load_dataset",
+    "mvtec",
+    "noise",
+    "open_image",
+    "open_mask",
+    "register_dataset",
+    "registered_names",
+    "stream_batches",
+    "subsample_test",
+    "synthetic",
+]

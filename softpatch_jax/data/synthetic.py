@@ -1,16 +1,22 @@
 """Procedural MVTec-layout data sets for tests and smoke runs.
 
-Each category gets one texture family (stripes, grid or smooth noise, by its position
-in `categories`) with per-image jitter of phase, angle, period, brightness and noise so
-normal images differ.  Defects are drawn with PIL (no antialiasing), so masks are
-exactly 0/255 and the image is changed exactly where the mask is 255:
-  scratch: a thick dark polyline;  blob: a filled ellipse in the complementary colour;
+Each category gets one texture family (stripes, grid or smooth noise, by its
+position in `categories`) with per-image jitter of phase, angle, period,
+brightness and noise so normal images differ. Defects are drawn with PIL (no
+antialiasing), so masks are exactly 0/255 and the image is changed exactly
+where the mask is 255:
+  scratch: a thick dark polyline;
+  blob:    a filled ellipse in the complementary colour;
   spot:    several small saturated colour discs.
 Defects lie inside the central region so a 256 -> 224 centre crop keeps them.
 """
+
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import tempfile
 from typing import Sequence
 
 import numpy as np
@@ -23,113 +29,231 @@ _KINDS = ("stripes", "grid", "noise")
 
 
 def _save_png(arr: np.ndarray, path: str) -> None:
-    io_utils.save_image(path, Image.fromarray(arr))  # atomic: temp file + rename
+  io_utils.save_image(path, Image.fromarray(arr))  # atomic: temp file + rename
 
 
 def _smooth(rng, size: int, cells: int) -> np.ndarray:
-    low = rng.random((cells, cells)).astype(np.float32)
-    return np.asarray(Image.fromarray(low, mode="F").resize((size, size), Image.BICUBIC))
+  low = rng.random((cells, cells)).astype(np.float32)
+  return np.asarray(
+      Image.fromarray(low, mode="F").resize((size, size), Image.BICUBIC)
+  )
 
 
 def _texture(kind: str, base: dict, rng, size: int) -> np.ndarray:
-    """float (size, size, 3) in [0, 1]."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    angle = base["angle"] + rng.normal(0, 0.05)
-    period = base["period"] * (1 + rng.normal(0, 0.03))
-    phase = rng.uniform(0, 2 * np.pi)
-    u = xx * np.cos(angle) + yy * np.sin(angle)
-    if kind == "stripes":
-        pattern = 0.5 + 0.5 * np.sin(2 * np.pi * u / period + phase)
-    elif kind == "grid":
-        v = -xx * np.sin(angle) + yy * np.cos(angle)
-        a = np.abs(np.sin(np.pi * u / period + phase))
-        b = np.abs(np.sin(np.pi * v / period + phase * 0.7))
-        pattern = np.minimum(a, b) ** 0.3
-    else:
-        pattern = _smooth(rng, size, base["cells"])
-    pattern = 0.75 * pattern + 0.25 * _smooth(rng, size, 6)
-    shade = 0.55 + 0.4 * pattern
-    img = shade[..., None] * base["colour"][None, None, :] * (1 + rng.normal(0, 0.03))
-    img = img + rng.normal(0, 0.015, size=img.shape)
-    return np.clip(img, 0, 1)
+  """float (size, size, 3) in [0, 1]."""
+  yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+  angle = base["angle"] + rng.normal(0, 0.05)
+  period = base["period"] * (1 + rng.normal(0, 0.03))
+  phase = rng.uniform(0, 2 * np.pi)
+  u = xx * np.cos(angle) + yy * np.sin(angle)
+  if kind == "stripes":
+    pattern = 0.5 + 0.5 * np.sin(2 * np.pi * u / period + phase)
+  elif kind == "grid":
+    v = -xx * np.sin(angle) + yy * np.cos(angle)
+    a = np.abs(np.sin(np.pi * u / period + phase))
+    b = np.abs(np.sin(np.pi * v / period + phase * 0.7))
+    pattern = np.minimum(a, b) ** 0.3
+  else:
+    pattern = _smooth(rng, size, base["cells"])
+  pattern = 0.75 * pattern + 0.25 * _smooth(rng, size, 6)
+  shade = 0.55 + 0.4 * pattern
+  img = (
+      shade[..., None]
+      * base["colour"][None, None, :]
+      * (1 + rng.normal(0, 0.03))
+  )
+  img = img + rng.normal(0, 0.015, size=img.shape)
+  return np.clip(img, 0, 1)
 
 
 def _point(rng, size: int, lo: float = 0.3):
-    return tuple(float(v) for v in rng.uniform(lo * size, (1 - lo) * size, size=2))
+  return tuple(
+      float(v) for v in rng.uniform(lo * size, (1 - lo) * size, size=2)
+  )
 
 
 def _defect(kind: str, img: np.ndarray, base: dict, rng, size: int):
-    mask_img = Image.new("L", (size, size), 0)
-    draw = ImageDraw.Draw(mask_img)
-    if kind == "scratch":
-        n_pts = int(rng.integers(2, 4))
-        for _ in range(100):  # redraw until the scratch is long enough to be obvious
-            pts = [_point(rng, size) for _ in range(n_pts)]
-            if sum(np.hypot(a[0] - b[0], a[1] - b[1]) for a, b in zip(pts, pts[1:])) >= 0.25 * size:
-                break
-        draw.line(pts, fill=255, width=max(3, size // 28))
-        colour = base["colour"] * 0.12
-    elif kind == "blob":
-        cx, cy = _point(rng, size, 0.35)
-        rx, ry = rng.uniform(size / 14, size / 8, size=2)
-        draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=255)
-        colour = 1.0 - base["colour"] * 0.8
-    elif kind == "spot":
-        for _ in range(int(rng.integers(3, 6))):
-            cx, cy = _point(rng, size, 0.35)
-            r = rng.uniform(size / 40, size / 20) + 1.5
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
-        colour = np.array([1.0, 0.1, 0.9]) if base["colour"][1] > 0.4 else np.array([0.1, 1.0, 0.2])
-    else:
-        raise ValueError(f"unknown synthetic defect type {kind!r}; choose from {DEFECT_TYPES}")
-    mask = np.asarray(mask_img) == 255
-    if not mask.any():  # degenerate draw (cannot happen with the sizes above, but be safe)
-        mask[size // 2 - 2:size // 2 + 2, size // 2 - 2:size // 2 + 2] = True
-    out = img.copy()
-    texture = 0.9 + 0.1 * rng.random(size=(size, size, 1))
-    out[mask] = np.clip(colour[None, :] * texture[mask], 0, 1)
-    return out, mask
+  mask_img = Image.new("L", (size, size), 0)
+  draw = ImageDraw.Draw(mask_img)
+  if kind == "scratch":
+    n_pts = int(rng.integers(2, 4))
+    for _ in range(
+        100
+    ):  # redraw until the scratch is long enough to be obvious
+      pts = [_point(rng, size) for _ in range(n_pts)]
+      if (
+          sum(np.hypot(a[0] - b[0], a[1] - b[1]) for a, b in zip(pts, pts[1:]))
+          >= 0.25 * size
+      ):
+        break
+    draw.line(pts, fill=255, width=max(3, size // 28))
+    colour = base["colour"] * 0.12
+  elif kind == "blob":
+    cx, cy = _point(rng, size, 0.35)
+    rx, ry = rng.uniform(size / 14, size / 8, size=2)
+    draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=255)
+    colour = 1.0 - base["colour"] * 0.8
+  elif kind == "spot":
+    for _ in range(int(rng.integers(3, 6))):
+      cx, cy = _point(rng, size, 0.35)
+      r = rng.uniform(size / 40, size / 20) + 1.5
+      draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+    colour = (
+        np.array([1.0, 0.1, 0.9])
+        if base["colour"][1] > 0.4
+        else np.array([0.1, 1.0, 0.2])
+    )
+  else:
+    raise ValueError(
+        f"unknown synthetic defect type {kind!r}; choose from {DEFECT_TYPES}"
+    )
+  mask = np.asarray(mask_img) == 255
+  if (
+      not mask.any()
+  ):  # degenerate draw (cannot happen with the sizes above, but be safe)
+    mask[size // 2 - 2 : size // 2 + 2, size // 2 - 2 : size // 2 + 2] = True
+  out = img.copy()
+  texture = 0.9 + 0.1 * rng.random(size=(size, size, 1))
+  out[mask] = np.clip(colour[None, :] * texture[mask], 0, 1)
+  return out, mask
 
 
-def make_mvtec_like(root, categories: Sequence[str] = ("synth",), n_train: int = 20,
-                    n_test_good: int = 8, n_test_defect: int = 8, size: int = 128, seed: int = 0,
-                    defect_types: Sequence[str] = ("scratch", "blob")) -> str:
-    """Write <root>/<cat>/{train/good, test/good, test/<type>, ground_truth/<type>} PNGs.
+def make_mvtec_like(
+    root,
+    categories: Sequence[str] = ("synth",),
+    n_train: int = 20,
+    n_test_good: int = 8,
+    n_test_defect: int = 8,
+    size: int = 128,
+    seed: int = 0,
+    defect_types: Sequence[str] = ("scratch", "blob"),
+) -> str:
+  """Writes an MVTec-like data set of PNGs under `root`.
 
-    n_test_defect images are written per defect type.  Masks are 0/255 'L' PNGs named
-    <stem>_mask.png.  Deterministic for a given seed.  Returns root.
-    """
-    root = os.fspath(root)
-    if size < 32:
-        raise ValueError(f"synthetic image size must be >= 32, got {size}")
-    for name, v in (("n_train", n_train), ("n_test_good", n_test_good), ("n_test_defect", n_test_defect)):
-        if v < 0:
-            raise ValueError(f"{name} must be >= 0, got {v}")
-    for d in defect_types:
-        if d not in DEFECT_TYPES:
-            raise ValueError(f"unknown synthetic defect type {d!r}; choose from {DEFECT_TYPES}")
-    for ci, cat in enumerate(categories):
-        rng = np.random.default_rng([seed, ci])
-        base = dict(colour=rng.uniform(0.35, 0.9, size=3), angle=rng.uniform(0, np.pi),
-                    period=rng.uniform(0.08, 0.16), cells=int(rng.integers(4, 9)))
-        kind = _KINDS[ci % len(_KINDS)]
+  The layout is <root>/<cat>/{train/good, test/good, test/<type>,
+  ground_truth/<type>}. n_test_defect images are written per defect type.
+  Masks are 0/255 'L' PNGs named <stem>_mask.png. Deterministic for a given
+  seed. Returns root.
+  """
+  root = os.fspath(root)
+  if size < 32:
+    raise ValueError(f"synthetic image size must be >= 32, got {size}")
+  for name, v in (
+      ("n_train", n_train),
+      ("n_test_good", n_test_good),
+      ("n_test_defect", n_test_defect),
+  ):
+    if v < 0:
+      raise ValueError(f"{name} must be >= 0, got {v}")
+  for d in defect_types:
+    if d not in DEFECT_TYPES:
+      raise ValueError(
+          f"unknown synthetic defect type {d!r}; choose from {DEFECT_TYPES}"
+      )
+  for ci, cat in enumerate(categories):
+    rng = np.random.default_rng([seed, ci])
+    base = dict(
+        colour=rng.uniform(0.35, 0.9, size=3),
+        angle=rng.uniform(0, np.pi),
+        period=rng.uniform(0.08, 0.16),
+        cells=int(rng.integers(4, 9)),
+    )
+    kind = _KINDS[ci % len(_KINDS)]
 
-        def write(folder, n):
-            d = os.path.join(root, cat, folder)
-            os.makedirs(d, exist_ok=True)
-            for i in range(n):
-                img = _texture(kind, base, rng, size)
-                _save_png((img * 255).round().astype(np.uint8), os.path.join(d, f"{i:03d}.png"))
+    def write(folder, n):
+      d = os.path.join(root, cat, folder)
+      os.makedirs(d, exist_ok=True)
+      for i in range(n):
+        img = _texture(kind, base, rng, size)
+        _save_png(
+            (img * 255).round().astype(np.uint8),
+            os.path.join(d, f"{i:03d}.png"),
+        )
 
-        write(os.path.join("train", "good"), n_train)
-        write(os.path.join("test", "good"), n_test_good)
-        for dt in defect_types:
-            d = os.path.join(root, cat, "test", dt)
-            g = os.path.join(root, cat, "ground_truth", dt)
-            os.makedirs(d, exist_ok=True)
-            os.makedirs(g, exist_ok=True)
-            for i in range(n_test_defect):
-                img, mask = _defect(dt, _texture(kind, base, rng, size), base, rng, size)
-                _save_png((img * 255).round().astype(np.uint8), os.path.join(d, f"{i:03d}.png"))
-                _save_png(np.where(mask, 255, 0).astype(np.uint8), os.path.join(g, f"{i:03d}_mask.png"))
-    return root
+    write(os.path.join("train", "good"), n_train)
+    write(os.path.join("test", "good"), n_test_good)
+    for dt in defect_types:
+      d = os.path.join(root, cat, "test", dt)
+      g = os.path.join(root, cat, "ground_truth", dt)
+      os.makedirs(d, exist_ok=True)
+      os.makedirs(g, exist_ok=True)
+      for i in range(n_test_defect):
+        img, mask = _defect(
+            dt, _texture(kind, base, rng, size), base, rng, size
+        )
+        _save_png(
+            (img * 255).round().astype(np.uint8),
+            os.path.join(d, f"{i:03d}.png"),
+        )
+        _save_png(
+            np.where(mask, 255, 0).astype(np.uint8),
+            os.path.join(g, f"{i:03d}_mask.png"),
+        )
+  return root
+
+
+def ensure_generated(
+    workdir,
+    categories: Sequence[str],
+    n_train: int,
+    n_test_good: int,
+    n_test_defect: int,
+    size: int,
+    seed: int,
+) -> str:
+  """Generates the data set into <workdir>/synthetic_data once per parameters.
+
+  The parameters are recorded beside the data in params.json; a call with the
+  same parameters reuses the data. Other parameters (or an interrupted
+  generation, which leaves no record) mean a fresh generation into a temporary
+  folder in `workdir` that then replaces the old one, so the folder never holds
+  a mix of two parameter sets.
+
+  Args:
+    workdir: an existing, writable folder.
+    categories: the category names (see `make_mvtec_like`).
+    n_train: training images per category.
+    n_test_good: normal test images per category.
+    n_test_defect: test images per category and defect type.
+    size: the image side in pixels.
+    seed: the generation seed.
+
+  Returns:
+    The data root, <workdir>/synthetic_data.
+  """
+  workdir = os.fspath(workdir)
+  root = os.path.join(workdir, "synthetic_data")
+  params = dict(
+      categories=list(categories),
+      n_train=n_train,
+      n_test_good=n_test_good,
+      n_test_defect=n_test_defect,
+      size=size,
+      seed=seed,
+  )
+  record = os.path.join(root, "params.json")
+  try:
+    with open(record, encoding="utf-8") as f:
+      if json.load(f) == params:
+        return root
+  except (OSError, ValueError):
+    pass
+  tmp = tempfile.mkdtemp(prefix=".synthetic_data.", dir=workdir)
+  try:
+    make_mvtec_like(
+        tmp,
+        categories=tuple(params["categories"]),
+        n_train=n_train,
+        n_test_good=n_test_good,
+        n_test_defect=n_test_defect,
+        size=size,
+        seed=seed,
+    )
+    io_utils.write_json(os.path.join(tmp, "params.json"), params)
+    if os.path.exists(root):
+      shutil.rmtree(root)
+    os.replace(tmp, root)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
+  return root

@@ -1,0 +1,206 @@
+"""A registry of the data sets that `config.data.dataset` can name.
+
+Each data set is registered under its name with `register_dataset`, in the
+manner of the big_vision and scenic registries:
+
+  @register_dataset("mvtec")
+  class _MVTec:
+
+    @staticmethod
+    def categories(config, workdir):
+      return mvtec.list_categories(config.data.root)
+
+    @staticmethod
+    def load(config, category, workdir):
+      return mvtec.load_category(config.data.root, category)
+
+`categories(config, workdir)` lists the categories found when the config names
+none; `load(config, category, workdir)` returns the (train, test) Sample lists
+of one category. The module-level `list_categories` and `load_dataset`
+dispatch on `config.data.dataset` through the registry.
+
+Registered here: mvtec, btad, folder, elpv and synthetic.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
+
+from softpatch_jax.data import btad
+from softpatch_jax.data import elpv
+from softpatch_jax.data import folder
+from softpatch_jax.data import mvtec
+from softpatch_jax.data import synthetic
+from softpatch_jax.data.types import Sample
+
+_T = TypeVar("_T")
+
+# name -> the registered object (anything with `categories` and `load`).
+_REGISTRY: Dict[str, Any] = {}
+
+
+def register_dataset(name: str, *, replace: bool = False) -> Callable[[_T], _T]:
+  """Returns a decorator registering a data set under `name`.
+
+  Args:
+    name: the value of `config.data.dataset` that selects the data set.
+    replace: allow replacing a data set registered under the same name.
+
+  Returns:
+    A decorator that registers its argument (a class, an instance or any
+    object with callable attributes `categories(config, workdir)` and
+    `load(config, category, workdir)`) and returns it unchanged.
+
+  Raises:
+    ValueError: at decoration, when `name` is taken and `replace` is False.
+    TypeError: at decoration, when `categories` or `load` is missing.
+  """
+
+  def decorator(dataset: _T) -> _T:
+    for attr in ("categories", "load"):
+      if not callable(getattr(dataset, attr, None)):
+        raise TypeError(
+            f"dataset {name!r} must have a callable {attr!r}, got {dataset!r}"
+        )
+    if name in _REGISTRY and not replace:
+      raise ValueError(f"dataset {name!r} is already registered")
+    _REGISTRY[name] = dataset
+    return dataset
+
+  return decorator
+
+
+def registered_names() -> List[str]:
+  """The names of the registered data sets, in registration order."""
+  return list(_REGISTRY)
+
+
+def get_dataset(name: str) -> Any:
+  """The data set registered under `name` (ValueError listing the names)."""
+  try:
+    return _REGISTRY[name]
+  except (KeyError, TypeError):
+    raise ValueError(
+        f"unknown config.data.dataset {name!r}; choose from "
+        f"{', '.join(registered_names())}"
+    ) from None
+
+
+def list_categories(config, workdir: Optional[str] = None) -> List[str]:
+  """The categories to run: `config.data.categories`, else those found.
+
+  `config.data.categories` may be a comma-separated string or a list; when it
+  is empty the data set's own `categories` decides (the folders under
+  `config.data.root` for mvtec and btad, a fixed list otherwise). An unknown
+  `config.data.dataset` is a ValueError either way, so a run fails on it
+  before any work.
+  """
+  dataset = get_dataset(config.data.dataset)
+  cats = config.data.get("categories")
+  if isinstance(cats, str):
+    cats = [c.strip() for c in cats.split(",") if c.strip()]
+  if cats:
+    return list(cats)
+  return list(dataset.categories(config, workdir))
+
+
+def load_dataset(
+    config, category: str, workdir: Optional[str]
+) -> Tuple[List[Sample], List[Sample]]:
+  """The (train, test) Sample lists of one category of `config.data`."""
+  return get_dataset(config.data.dataset).load(config, category, workdir)
+
+
+# ---------------------------------------------------------------------------
+# Built-in data sets.
+
+
+@register_dataset("mvtec")
+class _MVTec:
+  """MVTec AD under `config.data.root`; categories are its sub-folders."""
+
+  @staticmethod
+  def categories(config, workdir):
+    del workdir  # unused
+    return mvtec.list_categories(config.data.root)
+
+  @staticmethod
+  def load(config, category, workdir):
+    del workdir  # unused
+    return mvtec.load_category(config.data.root, category)
+
+
+@register_dataset("btad")
+class _BTAD:
+  """BTAD under `config.data.root`; categories are its sub-folders."""
+
+  @staticmethod
+  def categories(config, workdir):
+    del workdir  # unused
+    return btad.list_categories(config.data.root)
+
+  @staticmethod
+  def load(config, category, workdir):
+    del workdir  # unused
+    return btad.load_category(config.data.root, category)
+
+
+@register_dataset("folder")
+class _Folder:
+  """`config.data.train_dir` (+ optional `test_dir`): one category."""
+
+  @staticmethod
+  def categories(config, workdir):
+    del config, workdir  # unused
+    return ["folder"]
+
+  @staticmethod
+  def load(config, category, workdir):
+    del category, workdir  # unused
+    return folder.load_folder(
+        config.data.train_dir, config.data.get("test_dir") or None
+    )
+
+
+@register_dataset("elpv")
+class _ELPV:
+  """ELPV solar cells from the elpv-dataset package: mono and poly."""
+
+  @staticmethod
+  def categories(config, workdir):
+    del config, workdir  # unused
+    return ["mono", "poly"]
+
+  @staticmethod
+  def load(config, category, workdir):
+    del workdir  # unused
+    return elpv.load_category(
+        category,
+        seed=config.data.split_seed,
+        test_normal_fraction=config.data.test_normal_fraction,
+        max_train=config.data.get("max_train") or None,
+    )
+
+
+@register_dataset("synthetic")
+class _Synthetic:
+  """Generated MVTec-like textures, cached in <workdir>/synthetic_data."""
+
+  @staticmethod
+  def categories(config, workdir):
+    del config, workdir  # unused
+    return ["synth"]
+
+  @staticmethod
+  def load(config, category, workdir):
+    s = config.data.synthetic
+    root = synthetic.ensure_generated(
+        workdir,
+        categories=list_categories(config, workdir=None),
+        n_train=s.n_train,
+        n_test_good=s.n_test_good,
+        n_test_defect=s.n_test_defect,
+        size=s.size,
+        seed=s.seed,
+    )
+    return mvtec.load_category(root, category)

@@ -1,0 +1,456 @@
+"""The stages chained over image streams: embed, fit banks, score, evaluate.
+
+This module sits between the pure core (features, methods, scoring, metrics)
+and the edge (experiment, fit, predict). It reads images through `data` and
+shows progress bars, but writes no files and prints nothing else. The
+sequence preprocess -> grid -> stream -> embed -> fit is written once here
+(`fit_methods`), and so is the embed -> check -> score -> collect loop
+(`score_stream`, `score_images`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Dict, List, Optional, Sequence
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from softpatch_jax import backbones
+from softpatch_jax import data
+from softpatch_jax import features as features_lib
+from softpatch_jax import methods as methods_lib
+from softpatch_jax import metrics
+from softpatch_jax import scoring
+from softpatch_jax import validation
+from softpatch_jax.progress import Progress
+
+_BROKEN = "the backbone weights or the input images are broken"
+
+
+# --------------------------------------------------------------------------
+# Embedding.
+
+
+class Embedder:
+  """`features.embed` bound to a backbone's weights, over fixed-size batches.
+
+  Batches are padded to `batch_size` so that one compiled program serves
+  every batch, the last partial one included.
+  """
+
+  def __init__(self, variables, spec: features_lib.EmbedSpec, batch_size=16):
+    if int(batch_size) < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    self.variables = variables
+    self.spec = spec
+    self.batch_size = int(batch_size)
+    self._grids = {}
+
+  def grid(self, image_size) -> tuple:
+    """The (h, w) patch grid for `image_size` input."""
+    image_size = tuple(int(s) for s in image_size)
+    if image_size not in self._grids:
+      self._grids[image_size] = features_lib.grid_shape(
+          self.variables, self.spec, image_size
+      )
+    return self._grids[image_size]
+
+  def __call__(self, images: np.ndarray) -> jax.Array:
+    """(B, H, W, 3) normalised images, B <= batch_size -> (B, P, D)."""
+    n = images.shape[0]
+    if n > self.batch_size:
+      raise ValueError(
+          f"batch of {n} images exceeds batch_size {self.batch_size}"
+      )
+    if n < self.batch_size:
+      pad = np.zeros((self.batch_size - n, *images.shape[1:]), images.dtype)
+      images = np.concatenate([images, pad], 0)
+    return features_lib.embed_jit(self.variables, jnp.asarray(images), self.spec)[
+        :n
+    ]
+
+
+def embed_spec(bb: backbones.Backbone, features_config) -> features_lib.EmbedSpec:
+  """The EmbedSpec of a backbone and a config.features-like mapping."""
+  f = features_config
+  return features_lib.EmbedSpec(
+      module=bb.module,
+      layers=tuple(bb.layers),
+      patchsize=int(f["patchsize"]),
+      pretrain_embed_dim=int(f["pretrain_embed_dim"]),
+      target_embed_dim=int(f["target_embed_dim"]),
+  )
+
+
+def build_backbone(config) -> backbones.Backbone:
+  layers = config.backbone.get("layers") or None
+  return backbones.load(
+      config.backbone.name,
+      weights=config.backbone.get("weights", "imagenet"),
+      layers=tuple(layers) if layers else None,
+      seed=config.seed,
+  )
+
+
+def build_embedder(config, bb: backbones.Backbone) -> Embedder:
+  return Embedder(
+      bb.variables, embed_spec(bb, config.features), config.data.batch_size
+  )
+
+
+def build_preprocess(config, bb: backbones.Backbone) -> data.Preprocess:
+  return data.Preprocess(
+      resize=config.data.resize,
+      crop=config.data.crop,
+      mean=tuple(bb.mean),
+      std=tuple(bb.std),
+  )
+
+
+def _n_batches(n, bs):
+  return (n + bs - 1) // bs
+
+
+def extract_features(
+    embedder: Embedder,
+    samples: Sequence,
+    pre: data.Preprocess,
+    *,
+    num_workers: int = 2,
+    augment=None,
+    desc: str = "features",
+    storage_dtype=np.float32,
+) -> np.ndarray:
+  """Embeds every sample -> (N, P, D) numpy array, with a progress bar."""
+  bs = embedder.batch_size
+  stream = data.stream_batches(
+      samples,
+      pre,
+      batch_size=bs,
+      num_workers=num_workers,
+      with_masks=False,
+      augment=augment,
+  )
+  chunks = []
+  for batch in Progress(
+      stream, total=_n_batches(len(samples), bs), desc=desc, unit="batches"
+  ):
+    f = np.asarray(embedder(batch.images))
+    validation.check_finite(f, f"features of {desc}", _BROKEN)
+    chunks.append(f.astype(storage_dtype, copy=False))
+  if not chunks:
+    raise ValueError(f"no images to extract features from ({desc})")
+  return np.concatenate(chunks, 0)
+
+
+# --------------------------------------------------------------------------
+# Fitting.
+
+
+@dataclasses.dataclass
+class FitInfo:
+  """What fitting did, for the results files and for diagnosis."""
+
+  method: str
+  n_images: int
+  n_patches: int
+  bank_size: int
+  n_noise_patches: int = 0
+  threshold: Optional[float] = None
+  # (N,) fraction of each training image's patches flagged as noise.
+  image_noise_fraction: Optional[np.ndarray] = None
+  # (N, P) outlier weights; kept for analysis, not saved in the bank.
+  weights: Optional[np.ndarray] = None
+  fit_s: float = 0.0
+
+
+def bank_options(config) -> dict:
+  """build_bank keyword arguments from a config (all but grid / image size)."""
+  return dict(
+      lof_k=config.denoise.lof_k,
+      noise_fraction=config.denoise.noise_fraction,
+      coreset_fraction=config.coreset.fraction,
+      num_starts=config.coreset.num_starts,
+      projection_dim=config.coreset.projection_dim,
+      soft_weight=config.scoring.get("soft_weight", None),
+      blur_sigma=config.scoring.blur_sigma,
+  )
+
+
+def max_bank_rows(config, dim: int) -> Optional[int]:
+  """config.scoring.memory_budget_mb as bank rows (None: no limit)."""
+  return scoring.rows_for_budget(
+      dim, config.scoring.get("memory_budget_mb", None)
+  )
+
+
+def fit_bank(train_feats, method, key, **options):
+  """`methods.build_bank` on concrete data, timed and summarised: (bank, info)."""
+  t0 = time.perf_counter()
+  method = methods_lib.get_method(method)
+  bank, fit = methods_lib.build_bank(train_feats, key, method, **options)
+  jax.block_until_ready(bank.features)
+  n, p = np.shape(train_feats)[:2]
+  info = FitInfo(
+      method=method.name, n_images=n, n_patches=n * p, bank_size=bank.size
+  )
+  if fit.noise is not None:
+    info.threshold = float(fit.threshold)
+    info.n_noise_patches = int(fit.noise.sum())
+    info.image_noise_fraction = np.asarray(fit.noise.mean(axis=1))
+    info.weights = np.asarray(fit.weights)
+  info.fit_s = time.perf_counter() - t0
+  return bank, info
+
+
+@dataclasses.dataclass
+class Fitted:
+  """Banks fitted on one training set, with the features they came from."""
+
+  banks: Dict[str, scoring.MemoryBank]
+  infos: Dict[str, FitInfo]
+  train_feats: np.ndarray
+  grid: tuple
+  image_size: tuple
+  extract_s: float
+
+
+def fit_methods(
+    config,
+    train: Sequence,
+    embedder: Embedder,
+    pre: data.Preprocess,
+    method_names: Sequence[str],
+    desc: str = "train features",
+) -> Fitted:
+  """Embeds the training samples once and fits every method on them."""
+  image_size = (config.data.crop, config.data.crop)
+  grid = embedder.grid(image_size)
+  t0 = time.perf_counter()
+  train_feats = extract_features(
+      embedder,
+      train,
+      pre,
+      num_workers=config.data.num_workers,
+      augment=data.build_augment(config),
+      desc=desc,
+  )
+  extract_s = time.perf_counter() - t0
+  logging.info("%s %s (%.1fs)", desc, train_feats.shape, extract_s)
+  key = jax.random.PRNGKey(config.seed)
+  options = dict(bank_options(config), grid=grid, image_size=image_size)
+  banks, infos = {}, {}
+  for name in method_names:
+    banks[name], infos[name] = fit_bank(train_feats, name, key, **options)
+    info = infos[name]
+    logging.info(
+        "%s: bank %d of %d patches, %d noise patches (%.1fs)",
+        name,
+        info.bank_size,
+        info.n_patches,
+        info.n_noise_patches,
+        info.fit_s,
+    )
+  return Fitted(banks, infos, train_feats, grid, image_size, extract_s)
+
+
+# --------------------------------------------------------------------------
+# Scoring.
+
+
+def score_features(
+    banks: Dict[str, scoring.MemoryBank],
+    feats,
+    *,
+    max_bank_rows: Optional[int] = None,
+    pad_to: Optional[int] = None,
+) -> Dict[str, tuple]:
+  """Scores one batch of (B, P, D) features against several banks.
+
+  Returns {name: (image scores (B,), maps (B, H, W))} as numpy. With
+  `pad_to`, a short (last) batch is zero-padded to that size and the padding
+  dropped again, so every batch reuses one compiled program.
+  """
+  n = feats.shape[0]
+  feats = jnp.asarray(feats)
+  if pad_to is not None and n < pad_to:
+    feats = jnp.pad(feats, ((0, pad_to - n), (0, 0), (0, 0)))
+  out = {}
+  for name, bank in banks.items():
+    img, maps, _ = scoring.score(bank, feats, max_bank_rows=max_bank_rows)
+    out[name] = (np.asarray(img)[:n], np.asarray(maps)[:n])
+  return out
+
+
+def score_images(
+    banks, embedder: Embedder, images, *, max_bank_rows=None, pad=True,
+    what="images",
+):
+  """Embeds one batch of images, checks the features and scores them."""
+  feats = embedder(images)
+  validation.check_finite(feats, f"features of {what}", _BROKEN)
+  return score_features(
+      banks,
+      feats,
+      max_bank_rows=max_bank_rows,
+      pad_to=embedder.batch_size if pad else None,
+  )
+
+
+@dataclasses.dataclass
+class Predictions:
+  image_scores: np.ndarray  # (N,)
+  maps: Optional[np.ndarray]  # (N, H, W) or None when not kept
+  labels: np.ndarray  # (N,)
+  masks: Optional[np.ndarray]  # (N, H, W) or None
+  indices: np.ndarray  # (N,) indices into the sample list
+
+
+def score_stream(
+    banks: Dict[str, scoring.MemoryBank],
+    embedder: Embedder,
+    stream,
+    *,
+    total=None,
+    keep_maps=True,
+    desc="test",
+    max_bank_rows=None,
+) -> Dict[str, Predictions]:
+  """Streams batches once and scores them against every bank."""
+  scores = {k: [] for k in banks}
+  maps = {k: [] for k in banks}
+  labels, masks, indices = [], [], []
+  for batch in Progress(stream, total=total, desc=desc, unit="batches"):
+    res = score_images(
+        banks, embedder, batch.images, max_bank_rows=max_bank_rows, what=desc
+    )
+    for k, (img, amap) in res.items():
+      scores[k].append(img)
+      if keep_maps:
+        maps[k].append(amap)
+    labels.append(np.asarray(batch.labels))
+    indices.append(np.asarray(batch.indices))
+    if batch.masks is not None:
+      masks.append(np.asarray(batch.masks, np.float32))
+  if not labels:
+    raise ValueError(f"no images to score ({desc})")
+  labels_a = np.concatenate(labels)
+  masks_a = (
+      np.concatenate(masks) if masks and len(masks) == len(labels) else None
+  )
+  return {
+      k: Predictions(
+          image_scores=np.concatenate(scores[k]),
+          maps=np.concatenate(maps[k]) if keep_maps else None,
+          labels=labels_a,
+          masks=masks_a,
+          indices=np.concatenate(indices),
+      )
+      for k in banks
+  }
+
+
+def predict_samples(
+    banks, embedder, samples, pre, *, num_workers=2, with_masks=False,
+    desc="test", max_bank_rows=None, keep_maps=True,
+) -> Dict[str, Predictions]:
+  """`score_stream` over decoded samples."""
+  stream = data.stream_batches(
+      samples,
+      pre,
+      batch_size=embedder.batch_size,
+      num_workers=num_workers,
+      with_masks=with_masks,
+  )
+  return score_stream(
+      banks,
+      embedder,
+      stream,
+      total=_n_batches(len(samples), embedder.batch_size),
+      keep_maps=keep_maps,
+      desc=desc,
+      max_bank_rows=max_bank_rows,
+  )
+
+
+def evaluate(pred: Predictions, pixel_metrics: bool = True) -> dict:
+  """Image AUROC / F1-max, and pixel AUROC / AUPRO when masks exist.
+
+  Metrics that cannot be computed (no masks, one class only) are None and
+  are written as "n/a", never as 0.
+  """
+  res = {
+      "image_auroc": None,
+      "image_f1_max": None,
+      "pixel_auroc": None,
+      "aupro": None,
+  }
+  labels = np.asarray(pred.labels)
+  known = labels >= 0
+  if known.any() and len(np.unique(labels[known])) == 2:
+    y, s = labels[known], pred.image_scores[known]
+    res["image_auroc"] = float(metrics.image_auroc(y, s))
+    res["image_f1_max"] = float(metrics.f1_max(y, s))
+  if (
+      pixel_metrics
+      and pred.masks is not None
+      and pred.maps is not None
+      and pred.masks.max() > 0
+      and pred.masks.min() < 1
+  ):
+    res["pixel_auroc"] = float(metrics.pixel_auroc(pred.masks, pred.maps))
+    res["aupro"] = float(metrics.aupro(pred.masks, pred.maps))
+  return res
+
+
+def image_noise_summary(
+    info: FitInfo, injected: np.ndarray
+) -> Dict[str, Optional[float]]:
+  """How much of the injected vs the clean images was flagged as noise."""
+  if info.image_noise_fraction is None or not injected.any():
+    return {}
+  frac = info.image_noise_fraction
+  return {
+      "noise_frac_injected": float(frac[injected].mean()),
+      "noise_frac_clean": (
+          float(frac[~injected].mean()) if (~injected).any() else None
+      ),
+  }
+
+
+def heldout_scores(
+    train_feats, method, key, options, folds: List[np.ndarray], batch_size=16,
+    max_bank_rows=None,
+):
+  """Held-out image scores and pixel-map maxima of every training image.
+
+  Fold f is scored against a bank fitted (same method and settings, key
+  folded with f) on the other folds.
+  """
+  n = train_feats.shape[0]
+  img = np.zeros((n,), np.float32)
+  pix = np.zeros((n,), np.float32)
+  for f, held in enumerate(folds):
+    rest = np.setdiff1d(np.arange(n), held)
+    bank, _ = fit_bank(
+        train_feats[rest], method, jax.random.fold_in(key, f + 1), **options
+    )
+    for s in range(0, held.size, batch_size):
+      part = held[s : s + batch_size]
+      i, maps, _ = scoring.score(
+          bank, train_feats[part], max_bank_rows=max_bank_rows
+      )
+      img[part] = np.asarray(i)
+      pix[part] = np.asarray(maps).reshape(part.size, -1).max(-1)
+    logging.info(
+        "threshold fold %d/%d: %d held out, bank %d",
+        f + 1,
+        len(folds),
+        held.size,
+        bank.size,
+    )
+  return img, pix

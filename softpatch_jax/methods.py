@@ -1,0 +1,231 @@
+"""Methods (discriminator, subsampler, soft weight) and `build_bank`.
+
+A method is a small frozen record: which noise discriminator denoises the
+training patches (None: no denoising, PatchCore), which subsampler picks the
+memory bank, and whether test distances are re-weighted by the bank's outlier
+weights. Adding a method touches one place: a `register_method` call here.
+
+`build_bank` is SoftPatch's training stage (Jiang et al., NeurIPS 2022,
+Sec. 3.2): project the patch features to a small dimension, weight every
+patch with the discriminator, drop the most outlying ``noise_fraction`` of
+patches, and select the bank with the weighted greedy coreset on the same
+projection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Dict, List, Optional, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from softpatch_jax import coreset
+from softpatch_jax import denoise
+from softpatch_jax import scoring
+from softpatch_jax import validation
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """name; discriminator (a `denoise.DISCRIMINATORS` key or None);
+  subsampler (a `coreset.SUBSAMPLERS` key); soft_weight (re-weight scores)."""
+
+  name: str
+  discriminator: Optional[str]
+  subsampler: str
+  soft_weight: bool
+
+  @property
+  def denoises(self) -> bool:
+    return self.discriminator is not None
+
+
+METHODS: Dict[str, Method] = {}
+# Short names accepted in configs.
+ALIASES = {"softpatch": "softpatch_lof"}
+
+
+def register_method(method: Method) -> Method:
+  """Adds `method` to `METHODS`; its discriminator and subsampler must exist."""
+  if (
+      method.discriminator is not None
+      and method.discriminator not in denoise.DISCRIMINATORS
+  ):
+    raise ValueError(
+        f"unknown discriminator {method.discriminator!r}; choose from "
+        f"{sorted(denoise.DISCRIMINATORS)}"
+    )
+  coreset.get_subsampler(method.subsampler)
+  METHODS[method.name] = method
+  return method
+
+
+register_method(Method("softpatch_lof", "lof", "greedy", True))
+register_method(Method("softpatch_nearest", "nearest", "greedy", True))
+register_method(Method("softpatch_gaussian", "gaussian", "greedy", True))
+register_method(Method("patchcore", None, "greedy", False))
+register_method(Method("patchcore_random", None, "random", False))
+# The full memory bank, no subsampling: an upper reference for small data.
+register_method(Method("patchcore_full", None, "identity", False))
+
+
+def get_method(name) -> Method:
+  """A Method by name (or alias); a Method passes through."""
+  if isinstance(name, Method):
+    return name
+  key = ALIASES.get(name, name)
+  if key not in METHODS:
+    raise ValueError(
+        f"unknown method {name!r}; choose from "
+        f"{sorted(METHODS) + sorted(ALIASES)}"
+    )
+  return METHODS[key]
+
+
+def parse_methods(methods) -> List[str]:
+  """A comma-separated string or a list of names -> canonical names."""
+  if isinstance(methods, str):
+    methods = [m.strip() for m in methods.split(",") if m.strip()]
+  names = [get_method(m).name for m in methods]
+  if not names:
+    raise ValueError("config.methods is empty")
+  return names
+
+
+@flax.struct.dataclass
+class BankFit:
+  """What `build_bank` computed besides the bank, for diagnosis.
+
+  Attributes:
+    indices: (n,) selected patch indices into the N*P training patches.
+    valid: (n,) which selected entries count (see `coreset`).
+    weights: (N, P) discriminator weights, or None without denoising.
+    noise: (N, P) patches flagged as noise, or None.
+    threshold: the noise threshold on the weights, or None.
+  """
+
+  indices: jax.Array
+  valid: jax.Array
+  weights: Optional[jax.Array] = None
+  noise: Optional[jax.Array] = None
+  threshold: Optional[jax.Array] = None
+
+
+def _grid_for(p: int, grid) -> Tuple[int, int]:
+  if grid is not None:
+    grid = tuple(int(g) for g in grid)
+    if grid[0] * grid[1] != p:
+      raise ValueError(f"grid {grid} does not hold {p} patches per image")
+    return grid
+  side = math.isqrt(p)
+  if side * side != p:
+    raise ValueError(f"pass grid=(h, w): {p} patches per image is not square")
+  return side, side
+
+
+def build_bank(
+    feats,
+    key: jax.Array,
+    method,
+    *,
+    noise_fraction: float = 0.15,
+    coreset_fraction: float = 0.1,
+    num_starts: int = 10,
+    projection_dim: int = 128,
+    lof_k: int = 6,
+    soft_weight: Optional[bool] = None,
+    grid=None,
+    image_size=(224, 224),
+    blur_sigma: float = 4.0,
+    projection=None,
+    starts=None,
+) -> Tuple[scoring.MemoryBank, BankFit]:
+  """Fits a memory bank on (N, P, D) training patch features.
+
+  Args:
+    feats: (N, P, D) patch features of the N training images.
+    key: PRNG key; the projection and the coreset starts come from it.
+    method: a `Method` or its name.
+    noise_fraction: share of patches flagged as noise (denoising methods).
+    coreset_fraction: share of patches kept in the bank.
+    num_starts: random start points of the greedy coreset.
+    projection_dim: dimension of the random projection.
+    lof_k: neighbours of the LOF discriminator.
+    soft_weight: overrides the method's re-weighting flag when not None.
+    grid: (h, w) patch grid, h * w == P (default: square).
+    image_size, blur_sigma: pixel-map geometry stored in the bank.
+    projection: an explicit projection, (W (D, d), b (d,)) or W alone,
+      instead of drawing one from `key`.
+    starts: explicit coreset start indices instead of drawing them.
+
+  Returns:
+    (MemoryBank, BankFit). Pure and jittable (with `method` and the sizes
+    static): under jit the bank has a fixed length and invalid coreset
+    entries repeat the first pick, which never changes a nearest distance;
+    called eagerly, invalid entries are dropped.
+  """
+  method = get_method(method)
+  feats = jnp.asarray(feats, jnp.float32)
+  if feats.ndim != 3:
+    raise ValueError(f"train features must be (N, P, D), got {feats.shape}")
+  n, p, d = feats.shape
+  if n < 1:
+    raise ValueError("cannot fit a memory bank on 0 training images")
+  grid = _grid_for(p, grid)
+  validation.check_finite(
+      feats, "training features", "the backbone weights or images are broken"
+  )
+  flat = feats.reshape(n * p, d)
+  proj_key, coreset_key = jax.random.split(key)
+  # One projection serves the noise discriminator and the coreset (the
+  # reference accidentally draws a second one for the coreset).
+  if projection is None:
+    projection = denoise.make_projection(proj_key, d, projection_dim)
+  elif not isinstance(projection, (tuple, list)):
+    projection = (projection, jnp.zeros((projection.shape[1],), jnp.float32))
+  reduced = denoise.project(flat, projection)
+
+  fit = {}
+  sampling_weight = None
+  soft = jnp.ones((n * p,), jnp.float32)
+  if method.denoises:
+    if n < 2:
+      raise ValueError(
+          f"{method.name} needs at least 2 training images to compare "
+          f"patches across images, got {n}"
+      )
+    w = denoise.patch_weights(
+        reduced.reshape(n, p, reduced.shape[-1]),
+        method.discriminator,
+        lof_k=lof_k,
+    )
+    noise, soft, t = denoise.denoise(w, noise_fraction)
+    sampling_weight = jnp.where(noise, 0.0, 1.0).reshape(-1)
+    soft = soft.reshape(-1)
+    fit = dict(weights=w, noise=noise, threshold=t)
+
+  n_select = coreset.num_samples(n * p, coreset_fraction)
+  idx, valid = coreset.get_subsampler(method.subsampler)(
+      reduced,
+      n_select,
+      coreset_key,
+      sampling_weight=sampling_weight,
+      num_starts=num_starts,
+      starts=starts,
+  )
+  rows = idx
+  if validation.is_concrete(valid):
+    rows = coreset.compact((idx, valid))
+  use_soft = method.soft_weight if soft_weight is None else bool(soft_weight)
+  bank = scoring.make_bank(
+      flat[rows],
+      soft[rows],
+      soft_weight=use_soft,
+      grid=grid,
+      image_size=image_size,
+      blur_sigma=blur_sigma,
+  )
+  return bank, BankFit(indices=idx, valid=valid, **fit)

@@ -1,0 +1,34 @@
+"""Checks shared by every stage: finiteness, and whether an array is concrete.
+
+Pure stages are jittable, so a check that needs values (a count of NaNs)
+runs only on concrete arrays and is skipped while tracing.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+
+def is_concrete(x) -> bool:
+  """True for numpy arrays, Python numbers and committed jax arrays."""
+  return not isinstance(x, jax.core.Tracer)
+
+
+def check_finite(x, what: str, hint: str = "") -> None:
+  """Raises ValueError when a concrete array holds NaN or inf.
+
+  Args:
+    x: the array (a tracer is not checked).
+    what: names the array in the message ("features of mono: test").
+    hint: what is probably broken, appended to the message.
+  """
+  if not is_concrete(x):
+    return
+  a = np.asarray(x)
+  bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+  if bad:
+    raise ValueError(
+        f"{what}: {bad} non-finite values (NaN/inf) out of {a.size}"
+        + (f"; {hint}" if hint else "")
+    )

@@ -1,0 +1,339 @@
+"""The data set registry: dispatch, overrides, errors, synthetic caching."""
+
+import json
+import os
+
+import ml_collections
+import pytest
+from PIL import Image
+
+from softpatch_jax import defaults
+from softpatch_jax import data
+from softpatch_jax.data import btad
+from softpatch_jax.data import folder
+from softpatch_jax.data import mvtec
+from softpatch_jax.data import registry
+from softpatch_jax.data import synthetic
+
+BUILT_IN = ["mvtec", "btad", "folder", "elpv", "synthetic"]
+
+
+def _config(dataset, **data_fields):
+  """The base config with `config.data.<k> = v` for `data_fields`."""
+  c = defaults.base_config().to_dict()
+  c["data"].update(dataset=dataset, **data_fields)
+  # Not type-safe, so that categories may also be a list.
+  return ml_collections.ConfigDict(c, type_safe=False)
+
+
+@pytest.fixture(scope="module")
+def mvtec_root(tmp_path_factory):
+  root = tmp_path_factory.mktemp("mv")
+  synthetic.make_mvtec_like(
+      root,
+      categories=("bb", "aa"),
+      n_train=3,
+      n_test_good=2,
+      n_test_defect=1,
+      size=32,
+      seed=1,
+  )
+  return str(root)
+
+
+@pytest.fixture
+def private_registry(monkeypatch):
+  """Registrations made in a test vanish with it."""
+  monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+
+def test_built_in_names_and_package_exports():
+  assert data.registered_names() == BUILT_IN
+  for name in BUILT_IN:
+    ds = data.get_dataset(name)
+    assert callable(ds.categories) and callable(ds.load)
+  assert data.list_categories is registry.list_categories
+  assert data.load_dataset is registry.load_dataset
+  assert data.register_dataset is registry.register_dataset
+
+
+@pytest.mark.parametrize("name", ["nope", "", None, "MVTec"])
+def test_unknown_name_lists_the_registered_ones(name):
+  msg = (
+      f"unknown config.data.dataset {name!r}; choose from mvtec, btad, "
+      "folder, elpv, synthetic"
+  )
+  with pytest.raises(ValueError) as e:
+    data.get_dataset(name)
+  assert str(e.value) == msg
+  with pytest.raises(ValueError) as e:
+    data.list_categories(_config(name))
+  assert str(e.value) == msg
+  with pytest.raises(ValueError) as e:  # also when categories are given
+    data.list_categories(_config(name, categories="a,b"))
+  assert str(e.value) == msg
+  with pytest.raises(ValueError) as e:
+    data.load_dataset(_config(name), "c", "/unused")
+  assert str(e.value) == msg
+
+
+def test_mvtec_dispatch(mvtec_root):
+  c = _config("mvtec", root=mvtec_root)
+  assert data.list_categories(c) == ["aa", "bb"]
+  assert data.load_dataset(c, "bb", None) == mvtec.load_category(
+      mvtec_root, "bb"
+  )
+
+
+def test_btad_dispatch(tmp_path):
+  cat = tmp_path / "02"
+  for sub in ["train/ok", "test/ok", "test/ko", "ground_truth/ko"]:
+    os.makedirs(cat / sub)
+  for sub in ["train/ok/0.bmp", "test/ok/1.bmp", "test/ko/2.bmp"]:
+    Image.new("RGB", (8, 8)).save(cat / sub)
+  Image.new("L", (8, 8)).save(cat / "ground_truth" / "ko" / "2.png")
+  c = _config("btad", root=str(tmp_path))
+  assert data.list_categories(c) == ["02"]
+  assert data.load_dataset(c, "02", None) == btad.load_category(
+      str(tmp_path), "02"
+  )
+
+
+def test_folder_dispatch(tmp_path):
+  os.makedirs(tmp_path / "train")
+  os.makedirs(tmp_path / "test" / "dent")
+  Image.new("RGB", (8, 8)).save(tmp_path / "train" / "a.png")
+  Image.new("RGB", (8, 8)).save(tmp_path / "test" / "x.png")
+  Image.new("RGB", (8, 8)).save(tmp_path / "test" / "dent" / "d.png")
+  c = _config("folder", train_dir=str(tmp_path / "train"))
+  assert data.list_categories(c) == ["folder"]
+  train, test = data.load_dataset(c, "folder", None)
+  assert (train, test) == folder.load_folder(str(tmp_path / "train"))
+  assert test == []
+  c.data.test_dir = str(tmp_path / "test")
+  assert data.load_dataset(c, "folder", None) == folder.load_folder(
+      str(tmp_path / "train"), str(tmp_path / "test")
+  )
+
+
+def test_elpv_dispatch():
+  c = _config("elpv")
+  assert data.list_categories(c) == ["mono", "poly"]
+  pytest.importorskip("elpv_dataset")
+  c.data.split_seed = 3
+  c.data.test_normal_fraction = 0.3
+  c.data.max_train = 7
+  train, test = data.load_dataset(c, "mono", None)
+  assert (train, test) == data.elpv.load_category(
+      "mono", seed=3, test_normal_fraction=0.3, max_train=7
+  )
+  c.data.max_train = 0  # 0 = every training cell
+  assert data.load_dataset(c, "mono", None) == data.elpv.load_category(
+      "mono", seed=3, test_normal_fraction=0.3
+  )
+
+
+@pytest.mark.parametrize(
+    "given,expected",
+    [
+        ("bb", ["bb"]),
+        (" zz , aa,,", ["zz", "aa"]),
+        (["q", "p"], ["q", "p"]),
+        (("x",), ["x"]),
+        ("", ["aa", "bb"]),
+        (" , ", ["aa", "bb"]),
+        (None, ["aa", "bb"]),
+    ],
+)
+def test_categories_override(mvtec_root, given, expected):
+  c = _config("mvtec", root=mvtec_root)
+  c.data.categories = given
+  assert data.list_categories(c) == expected
+  # The override wins for every data set, even where discovery would fail.
+  c = _config("mvtec", root="/does/not/exist", categories=given)
+  if given and str(given).strip(" ,"):
+    assert data.list_categories(c) == expected
+  else:
+    with pytest.raises(ValueError, match="/does/not/exist"):
+      data.list_categories(c)
+
+
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("elpv", ["mono", "poly"]),
+        ("folder", ["folder"]),
+        ("synthetic", ["synth"]),
+    ],
+)
+def test_fixed_category_lists(name, expected):
+  assert data.list_categories(_config(name)) == expected
+  assert data.list_categories(_config(name), workdir="/unused") == expected
+
+
+def test_register_custom_dataset(private_registry, mvtec_root):
+  calls = []
+
+  @data.register_dataset("toy")
+  class Toy:
+
+    @staticmethod
+    def categories(config, workdir):
+      calls.append(("categories", workdir))
+      return ["one", "two"]
+
+    @staticmethod
+    def load(config, category, workdir):
+      calls.append(("load", category, workdir))
+      return [category], []
+
+  assert data.get_dataset("toy") is Toy
+  assert "toy" in data.registered_names()
+  c = _config("toy")
+  assert data.list_categories(c, workdir="/w") == ["one", "two"]
+  assert data.load_dataset(c, "two", "/w") == (["two"], [])
+  assert calls == [("categories", "/w"), ("load", "two", "/w")]
+  with pytest.raises(ValueError, match="'toy' is already registered"):
+    data.register_dataset("toy")(Toy)
+
+  # replace=True swaps the entry; an instance works as well as a class.
+  class Alias:
+
+    def categories(self, config, workdir):
+      return mvtec.list_categories(config.data.root)
+
+    def load(self, config, category, workdir):
+      return mvtec.load_category(config.data.root, category)
+
+  data.register_dataset("toy", replace=True)(Alias())
+  c.data.root = mvtec_root
+  assert data.list_categories(c) == ["aa", "bb"]
+  assert str(_unknown_message()).endswith("elpv, synthetic, toy")
+  with pytest.raises(TypeError, match="load"):
+    data.register_dataset("broken")(type("B", (), {"categories": len}))
+  assert "broken" not in data.registered_names()
+
+
+def _unknown_message():
+  with pytest.raises(ValueError) as e:
+    data.get_dataset("absent")
+  return e.value
+
+
+def test_registry_is_restored_after_private_registration():
+  assert data.registered_names() == BUILT_IN
+
+
+# ---------------------------------------------------------------- synthetic
+
+
+def _synthetic_config(**params):
+  c = _config("synthetic")
+  s = dict(n_train=3, n_test_good=1, n_test_defect=1, size=32, seed=0)
+  s.update(params)
+  for k, v in s.items():
+    c.data.synthetic[k] = v
+  return c
+
+
+def test_synthetic_dispatch_generates_into_workdir(tmp_path):
+  c = _synthetic_config()
+  train, test = data.load_dataset(c, "synth", str(tmp_path))
+  root = tmp_path / "synthetic_data"
+  assert (train, test) == mvtec.load_category(str(root), "synth")
+  assert len(train) == 3 and len(test) == 1 + 2  # scratch + blob
+  with open(root / "params.json", encoding="utf-8") as f:
+    assert json.load(f) == dict(
+        categories=["synth"],
+        n_train=3,
+        n_test_good=1,
+        n_test_defect=1,
+        size=32,
+        seed=0,
+    )
+  # Overridden categories are generated, and recorded.
+  c.data.categories = "s1,s2"
+  assert len(data.load_dataset(c, "s2", str(tmp_path))[0]) == 3
+  assert mvtec.list_categories(str(root)) == ["s1", "s2"]
+  with open(root / "params.json", encoding="utf-8") as f:
+    assert json.load(f)["categories"] == ["s1", "s2"]
+
+
+def _generate(workdir, **overrides):
+  params = dict(
+      categories=["synth"],
+      n_train=2,
+      n_test_good=1,
+      n_test_defect=1,
+      size=32,
+      seed=0,
+  )
+  params.update(overrides)
+  return synthetic.ensure_generated(str(workdir), **params)
+
+
+def test_ensure_generated_reuses_same_parameters(tmp_path):
+  root = _generate(tmp_path)
+  assert root == os.path.join(str(tmp_path), "synthetic_data")
+  marker = os.path.join(root, "marker")
+  with open(marker, "w", encoding="utf-8") as f:
+    f.write("kept while the parameters stay the same")
+  assert _generate(tmp_path) == root
+  assert os.path.exists(marker)
+  assert sorted(os.listdir(tmp_path)) == ["synthetic_data"]  # no temp left
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(n_train=3),
+        dict(n_test_good=2),
+        dict(n_test_defect=2),
+        dict(size=40),
+        dict(seed=1),
+        dict(categories=["synth", "other"]),
+    ],
+)
+def test_ensure_generated_regenerates_on_other_parameters(tmp_path, change):
+  root = _generate(tmp_path)
+  marker = os.path.join(root, "marker")
+  open(marker, "w", encoding="utf-8").close()
+  assert _generate(tmp_path, **change) == root
+  assert not os.path.exists(marker)  # a fresh folder replaced the old one
+  with open(os.path.join(root, "params.json"), encoding="utf-8") as f:
+    recorded = json.load(f)
+  for k, v in change.items():
+    assert recorded[k] == v
+  train, test = mvtec.load_category(root, "synth")
+  assert len(train) == change.get("n_train", 2)
+  assert len(test) == change.get("n_test_good", 1) + 2 * change.get(
+      "n_test_defect", 1
+  )
+  assert sorted(os.listdir(tmp_path)) == ["synthetic_data"]
+
+
+def test_ensure_generated_redoes_an_unrecorded_or_corrupt_generation(tmp_path):
+  root = _generate(tmp_path)
+  marker = os.path.join(root, "marker")
+  open(marker, "w", encoding="utf-8").close()
+  os.remove(os.path.join(root, "params.json"))  # as after an interruption
+  _generate(tmp_path)
+  assert not os.path.exists(marker)
+  open(marker, "w", encoding="utf-8").close()
+  with open(os.path.join(root, "params.json"), "w", encoding="utf-8") as f:
+    f.write("{not json")
+  _generate(tmp_path)
+  assert not os.path.exists(marker)
+  assert os.path.exists(os.path.join(root, "params.json"))
+
+
+def test_ensure_generated_is_deterministic(tmp_path):
+  os.makedirs(tmp_path / "a")
+  os.makedirs(tmp_path / "b")
+  a = _generate(tmp_path / "a", seed=5)
+  b = _generate(tmp_path / "b", seed=5)
+  rel = os.path.join("synth", "test", "blob", "000.png")
+  with open(os.path.join(a, rel), "rb") as f:
+    first = f.read()
+  with open(os.path.join(b, rel), "rb") as f:
+    assert f.read() == first
