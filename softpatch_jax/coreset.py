@@ -217,6 +217,8 @@ def greedy(
       )
     return _all_selectable(w, m, n)
   idx, valid = run_kcenter()
+  if not validation.is_concrete(valid):
+    return idx, valid
   n_valid = int(np.asarray(valid).sum())
   if n_valid < n:
     logging.warning(

@@ -111,9 +111,16 @@ def pixel_auroc(masks, maps) -> float:
 def _f1_curve(y: np.ndarray, s: np.ndarray):
   """(thresholds descending, F1) for validated labels and scores."""
   fps, tps, thr = _clf_curve(y, s)
-  # F1 = 2PR / (P + R) = 2TP / (TP + FP + #positives). TP + FP >= 1 at every
-  # threshold, so the denominator is never 0.
-  return thr, 2.0 * tps / (tps + fps + tps[-1])
+  # F1 = 2PR / (P + R), in this order of operations so that reported F1
+  # values stay bit-identical across releases (the algebraically equal
+  # 2TP / (TP + FP + #positives) rounds differently).
+  precision = tps / (tps + fps)
+  recall = tps / tps[-1]
+  denom = precision + recall
+  f1 = np.divide(
+      2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0
+  )
+  return thr, f1
 
 
 def f1_curve(labels, scores) -> Tuple[np.ndarray, np.ndarray]:

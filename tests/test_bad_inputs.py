@@ -15,9 +15,9 @@ from PIL import Image
 
 import _testutil  # pylint: disable=g-bad-import-order
 from softpatch_jax import backbones
-from softpatch_jax import fitting
+from softpatch_jax import fit
 from softpatch_jax import model_io
-from softpatch_jax import pipeline
+from softpatch_jax import engine
 from softpatch_jax import predict
 from softpatch_jax.data import Preprocess, Sample, mvtec, noise, synthetic
 
@@ -93,11 +93,11 @@ def test_corrupt_or_empty_training_image_fails_clearly(images, tmp_path):
   c = fit_config(train, **{"threshold.method": "manual",
                            "threshold.value": 1.0})
   with pytest.raises(ValueError, match="truncated.png"):
-    fitting.fit_and_save(c, str(tmp_path / "w1"))
+    fit.fit_and_save(c, str(tmp_path / "w1"))
   (train / "truncated.png").unlink()
   (train / "zero.png").write_bytes(b"")
   with pytest.raises(ValueError, match=r"empty \(0 bytes\).*zero.png"):
-    fitting.fit_and_save(c, str(tmp_path / "w2"))
+    fit.fit_and_save(c, str(tmp_path / "w2"))
   for w in ("w1", "w2"):
     assert os.listdir(tmp_path / w) == []  # no model, no temp files
 
@@ -181,7 +181,7 @@ def test_mask_size_mismatch(images, tmp_path):
   c = fit_config(images / "train" / "good", **{
       "threshold.method": "f1", "threshold.val_dir": str(val)})
   with pytest.raises(ValueError, match="000_mask.png has size 32x32"):
-    fitting.fit_and_save(c, str(tmp_path / "w"))
+    fit.fit_and_save(c, str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w" / model_io.MODEL_FILENAME)
 
 
@@ -191,14 +191,14 @@ def test_mask_size_mismatch(images, tmp_path):
 def test_empty_folder(model, bb, tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(ValueError, match="no training image files"):
-    fitting.fit_and_save(fit_config(tmp_path / "empty"), str(tmp_path / "w"))
+    fit.fit_and_save(fit_config(tmp_path / "empty"), str(tmp_path / "w"))
   with pytest.raises(ValueError, match="no input image files"):
     run_predict(model, bb, str(tmp_path / "empty"), tmp_path / "out")
   assert not os.path.exists(tmp_path / "w" / model_io.MODEL_FILENAME)
   assert not os.path.exists(tmp_path / "out")
   c = fit_config(tmp_path / "missing")
   with pytest.raises(ValueError, match="directory not found"):
-    fitting.fit_and_save(c, str(tmp_path / "w"))
+    fit.fit_and_save(c, str(tmp_path / "w"))
 
 
 def test_category_without_train_good(tmp_path):
@@ -208,7 +208,7 @@ def test_category_without_train_good(tmp_path):
   c = fit_config("", **{"data.dataset": "mvtec", "data.root": str(tmp_path),
                         "data.categories": "cat"})
   with pytest.raises(ValueError, match=r"cat.*train"):
-    fitting.fit_and_save(c, str(tmp_path / "w"))
+    fit.fit_and_save(c, str(tmp_path / "w"))
 
 
 # ---- non-image files in a folder: skipped with a warning listing them -------
@@ -245,7 +245,7 @@ def test_noise_ratio_needs_more_anomalies(images, tmp_path):
     noise.inject(train, test, ratio=0.9, overlap=True, seed=0)
   c = fit_config(images / "train" / "good", **{"noise.ratio": 0.5})
   with pytest.raises(ValueError, match="only 0 exist"):
-    fitting.fit_and_save(c, str(tmp_path / "w"))
+    fit.fit_and_save(c, str(tmp_path / "w"))
 
 
 # ---- lof_k >= number of training images -------------------------------------
@@ -258,9 +258,9 @@ def test_lof_k_at_least_number_of_images_is_clamped(caplog):
             projection_dim=8, grid=(4, 4), image_size=(8, 8), blur_sigma=1.0)
   key = jax.random.PRNGKey(0)
   with caplog.at_level(logging.WARNING):
-    big, _ = pipeline.fit_bank(feats, "softpatch_lof", key, lof_k=10, **kw)
+    big, _ = engine.fit_bank(feats, "softpatch_lof", key, lof_k=10, **kw)
   assert "lof_k=10 >= number of training images (4); using k=3" in caplog.text
-  ref, _ = pipeline.fit_bank(feats, "softpatch_lof", key, lof_k=3, **kw)
+  ref, _ = engine.fit_bank(feats, "softpatch_lof", key, lof_k=3, **kw)
   np.testing.assert_array_equal(np.asarray(big.weights),
                                 np.asarray(ref.weights))
 
@@ -272,10 +272,10 @@ def test_lof_k_at_least_number_of_images_is_clamped(caplog):
 def test_coreset_ratio_outside_unit_interval(frac, tmp_path):
   c = fit_config(tmp_path / "does_not_matter", **{"coreset.fraction": frac})
   with pytest.raises(ValueError, match=r"coreset.fraction must be in \(0, 1\]"):
-    fitting.fit_and_save(c, str(tmp_path / "w"))
+    fit.fit_and_save(c, str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w")  # checked before anything else
   c.coreset.fraction = 1.0
-  fitting.validate_config(c)
+  fit.validate_config(c)
 
 
 # ---- a training set of 1 or 2 images ----------------------------------------
@@ -284,16 +284,16 @@ def test_coreset_ratio_outside_unit_interval(frac, tmp_path):
 def test_one_or_two_training_images(images, tmp_path):
   one = good_dir(images, tmp_path, n=1)
   with pytest.raises(ValueError, match=r"needs at least 2 training images.*got 1"):
-    fitting.fit_and_save(fit_config(one), str(tmp_path / "w1"))
+    fit.fit_and_save(fit_config(one), str(tmp_path / "w1"))
   (tmp_path / "train").rename(tmp_path / "t1")
   two = good_dir(images, tmp_path, n=2)
   with pytest.raises(ValueError, match="needs at least 3 training images.*"
                      "got 2.*threshold.method=manual"):
-    fitting.fit_and_save(fit_config(two), str(tmp_path / "w2"))
+    fit.fit_and_save(fit_config(two), str(tmp_path / "w2"))
   # Documented handling: with a manual threshold two images fit (LOF k=1).
   c = fit_config(two, **{"threshold.method": "manual",
                          "threshold.value": 5.0})
-  fitting.fit_and_save(c, str(tmp_path / "w3"))
+  fit.fit_and_save(c, str(tmp_path / "w3"))
   m = model_io.load_model(str(tmp_path / "w3"))
   assert m.fit_info["n_train"] == 2 and m.image_threshold == 5.0
   assert not os.path.exists(tmp_path / "w1" / model_io.MODEL_FILENAME)
@@ -318,10 +318,10 @@ def test_nan_features_from_broken_checkpoint(model, bb, images, tmp_path,
     run_predict(model, broken, str(images / "test" / "good"),
                 tmp_path / "out")
   assert not os.path.exists(tmp_path / "out" / "predictions.csv")
-  monkeypatch.setattr(pipeline, "build_backbone", lambda config: broken)
+  monkeypatch.setattr(engine, "build_backbone", lambda config: broken)
   c = fit_config(images / "train" / "good")
   with pytest.raises(ValueError, match="non-finite values"):
-    fitting.fit_and_save(c, str(tmp_path / "w"))
+    fit.fit_and_save(c, str(tmp_path / "w"))
   assert os.listdir(tmp_path / "w") == []
 
 
@@ -333,14 +333,14 @@ def test_workdir_not_writable(model, bb, images, tmp_path):
   blocker.write_text("x")
   c = fit_config(images / "train" / "good")
   with pytest.raises(ValueError, match="not writable"):
-    fitting.fit_and_save(c, str(blocker / "out"))
+    fit.fit_and_save(c, str(blocker / "out"))
   with pytest.raises(ValueError, match="not writable"):
     run_predict(model, bb, str(images / "test" / "good"), blocker / "pred")
   if os.geteuid() != 0:  # root ignores permission bits
     ro = tmp_path / "ro"
     ro.mkdir(mode=0o500)
     with pytest.raises(ValueError, match="not writable"):
-      fitting.fit_and_save(c, str(ro))
+      fit.fit_and_save(c, str(ro))
 
 
 # ---- an interrupted run: re-running overwrites cleanly, atomic results ------
@@ -353,13 +353,13 @@ def test_interrupted_fit_then_rerun(images, tmp_path, monkeypatch):
   def interrupted(*a, **k):
     raise KeyboardInterrupt
 
-  monkeypatch.setattr(fitting, "heldout_scores", interrupted)
+  monkeypatch.setattr(engine, "heldout_scores", interrupted)
   with pytest.raises(KeyboardInterrupt):
-    fitting.fit_and_save(c, str(work))
+    fit.fit_and_save(c, str(work))
   assert os.listdir(work) == []  # nothing half-written
   monkeypatch.undo()
-  fitting.fit_and_save(c, str(work))
-  assert sorted(os.listdir(work)) == [fitting.SUMMARY_FILENAME,
+  fit.fit_and_save(c, str(work))
+  assert sorted(os.listdir(work)) == [fit.SUMMARY_FILENAME,
                                       model_io.MODEL_FILENAME]
   model_io.load_model(str(work))
 

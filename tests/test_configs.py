@@ -7,7 +7,7 @@ import os
 import pytest
 
 from softpatch_jax import backbones
-from softpatch_jax import pipeline
+from softpatch_jax import methods
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -33,7 +33,7 @@ def test_config_loads_and_documents_itself(path):
   assert "python -m softpatch_jax" in doc, "docstring must give the command"
   assert "xpected" in doc, "docstring must give expected runtime/result"
   c = mod.get_config()
-  pipeline.parse_methods(c.methods)
+  methods.parse_methods(c.methods)
   assert c.backbone.name in backbones.list_backbones()
   assert c.mode in ("evaluate", "fit")
   assert 0 < c.coreset.fraction <= 1

@@ -5,19 +5,21 @@ import jax
 import numpy as np
 import pytest
 
+import _testutil  # pylint: disable=g-bad-import-order
 from softpatch_jax import coreset
 
 
 def _numpy_greedy(x, n, starts, w=None):
-    x = x.astype(np.float64)
-    w = np.ones(len(x)) if w is None else np.asarray(w, np.float64)
-    dist = np.stack([np.linalg.norm(x - x[s], axis=1) for s in starts], 1).mean(1) * w
-    out = []
-    for _ in range(n):
-        i = int(np.argmax(dist))
-        out.append(i)
-        dist = np.minimum(dist, np.linalg.norm(x - x[i], axis=1) * w)
-    return np.array(out)
+    return _testutil.numpy_greedy_kcenter(x, n, starts, w, dtype=np.float64)
+
+
+def _compact_np(selection):
+    return np.asarray(coreset.compact(selection))
+
+
+def _greedy(*args, **kwargs):
+    """The valid picks of coreset.greedy, as numpy."""
+    return np.asarray(coreset.compact(coreset.greedy(*args, **kwargs)))
 
 
 @pytest.mark.parametrize("seed,m,d,n,starts", [(0, 60, 8, 12, 10), (1, 150, 16, 30, 10),
@@ -26,7 +28,7 @@ def _numpy_greedy(x, n, starts, w=None):
 def test_greedy_matches_numpy(seed, m, d, n, starts):
     x = np.random.default_rng(seed).standard_normal((m, d)).astype(np.float32)
     key = jax.random.PRNGKey(seed)
-    got = np.asarray(coreset.greedy(x, n, key, num_starts=starts))
+    got = _greedy(x, n, key, num_starts=starts)
     s = np.asarray(coreset.start_indices(m, starts, key))
     assert len(s) == min(starts, m) and len(set(s.tolist())) == len(s)
     assert got.dtype == np.int32
@@ -41,7 +43,7 @@ def test_weighted_greedy_matches_numpy_and_skips_noise(seed, m, d, n):
     w = (rng.random(m) > 0.3).astype(np.float32)
     w[np.argmax(np.linalg.norm(x, axis=1))] = 0.0  # the farthest point is noise
     key = jax.random.PRNGKey(seed + 10)
-    got = np.asarray(coreset.greedy(x, n, key, sampling_weight=w))
+    got = _greedy(x, n, key, sampling_weight=w)
     s = np.asarray(coreset.start_indices(m, 10, key))
     np.testing.assert_array_equal(got, _numpy_greedy(x, n, s, w))
     assert np.all(w[got] > 0)
@@ -52,12 +54,12 @@ def test_greedy_more_than_selectable(caplog):
     x = rng.standard_normal((30, 5)).astype(np.float32)
     w = np.zeros(30, np.float32)
     w[[2, 5, 7, 11]] = 1.0
-    with caplog.at_level(logging.WARNING, logger="softpatch_jax.coreset"):
-        got = np.asarray(coreset.greedy(x, 10, jax.random.PRNGKey(0), sampling_weight=w))
+    with caplog.at_level(logging.WARNING):
+        got = _greedy(x, 10, jax.random.PRNGKey(0), sampling_weight=w)
     assert "only 4 are selectable" in caplog.text
     np.testing.assert_array_equal(got, [2, 5, 7, 11])
     # Fraction 1.0 without weights keeps everything.
-    np.testing.assert_array_equal(np.asarray(coreset.greedy(x, 1.0, jax.random.PRNGKey(0))),
+    np.testing.assert_array_equal(_greedy(x, 1.0, jax.random.PRNGKey(0)),
                                   np.arange(30))
 
 
@@ -69,8 +71,8 @@ def test_greedy_duplicates_exhaust_distances(caplog):
     x = np.concatenate([base[:1], base, base, base])  # 19 points
     w = np.ones(len(x), np.float32)
     w[0] = 0.0
-    with caplog.at_level(logging.WARNING, logger="softpatch_jax.coreset"):
-        got = np.asarray(coreset.greedy(x, 10, jax.random.PRNGKey(1), sampling_weight=w))
+    with caplog.at_level(logging.WARNING):
+        got = _greedy(x, 10, jax.random.PRNGKey(1), sampling_weight=w)
     assert len(got) == len(set(got.tolist())) and np.all(w[got] > 0)
     rows = {tuple(r) for r in x[got]}
     assert len(rows) == 6 and len(got) >= 6  # every distinct clean point covered
@@ -101,15 +103,63 @@ def test_num_samples_and_errors():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_random_and_identity(seed):
     key = jax.random.PRNGKey(seed)
-    idx = np.asarray(coreset.random(50, 12, key))
+    idx = _compact_np(coreset.random(50, 12, key))
     assert idx.dtype == np.int32 and len(idx) == 12 and len(set(idx.tolist())) == 12
     assert idx.min() >= 0 and idx.max() < 50
-    np.testing.assert_array_equal(idx, np.asarray(coreset.random(50, 12, key)))
-    assert len(np.asarray(coreset.random(50, 0.1, key))) == 5
+    np.testing.assert_array_equal(idx, _compact_np(coreset.random(50, 12, key)))
+    assert len(_compact_np(coreset.random(50, 0.1, key))) == 5
     w = np.zeros(50, np.float32)
     w[::3] = 1
-    idx = np.asarray(coreset.random(50, 10, key, sampling_weight=w))
+    idx = _compact_np(coreset.random(50, 10, key, sampling_weight=w))
     assert len(set(idx.tolist())) == 10 and np.all(w[idx] > 0)
     with pytest.raises(ValueError):
         coreset.random(5, 6, key)
-    np.testing.assert_array_equal(np.asarray(coreset.identity(4)), [0, 1, 2, 3])
+    np.testing.assert_array_equal(_compact_np(coreset.identity(4)), [0, 1, 2, 3])
+
+
+@pytest.mark.parametrize("case", ["plain", "weighted", "duplicates", "all"])
+def test_greedy_jit_fixed_length_matches_eager(case):
+    """Under jit: fixed length n, the same valid picks, invalid ones masked."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((40, 4)).astype(np.float32)
+    w, n = None, 8
+    if case == "weighted":
+        w = (rng.random(40) > 0.4).astype(np.float32)
+    elif case == "duplicates":
+        x = np.concatenate([x[:3]] * 10 + [x[:1]])  # 3 distinct points
+        w, n = np.ones(len(x), np.float32), 8
+        w[-1] = 0.0
+    elif case == "all":
+        w = np.zeros(40, np.float32)
+        w[[1, 4, 9]] = 1.0
+    key = jax.random.PRNGKey(3)
+    eager = _greedy(x, n, key, sampling_weight=w)
+    idx, valid = jax.jit(
+        lambda a, ww: coreset.greedy(a, n, key, sampling_weight=ww))(x, w)
+    idx, valid = np.asarray(idx), np.asarray(valid)
+    assert idx.shape == valid.shape == (n,)
+    np.testing.assert_array_equal(idx[valid], eager)
+    if w is not None:
+        assert np.all(w[idx] > 0)  # invalid slots repeat a valid pick
+
+
+def test_greedy_explicit_starts_and_registry():
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((30, 3)).astype(np.float32)
+    starts = np.array([4, 17], np.int32)
+    got = _greedy(x, 6, starts=starts)
+    np.testing.assert_array_equal(got, _numpy_greedy(x, 6, starts))
+    assert coreset.get_subsampler("greedy") is coreset.greedy
+    assert set(coreset.SUBSAMPLERS) >= {"greedy", "random", "identity"}
+    with pytest.raises(ValueError, match="unknown subsampler 'nope'"):
+        coreset.get_subsampler("nope")
+    with pytest.raises(ValueError, match="PRNG key or explicit starts"):
+        coreset.greedy(x, 3)
+
+
+def test_identity_with_weights_keeps_positive_in_order():
+    w = np.array([0, 1, 1, 0, 1], np.float32)
+    idx, valid = coreset.identity(5, sampling_weight=w)
+    assert np.asarray(idx).shape == (5,)
+    np.testing.assert_array_equal(np.asarray(coreset.compact((idx, valid))),
+                                  [1, 2, 4])

@@ -5,8 +5,8 @@ import jax
 import numpy as np
 import pytest
 import torch
-from sklearn.neighbors import LocalOutlierFactor
 
+import _testutil  # pylint: disable=g-bad-import-order
 from softpatch_jax import denoise
 
 
@@ -65,14 +65,14 @@ def test_lof_matches_sklearn(seed, n, p, d, k):
         if _ambiguous_knn(x[:, j], kk):
             continue
         compared += 1
-        ref = -LocalOutlierFactor(n_neighbors=kk).fit(x[:, j].astype(np.float64)).negative_outlier_factor_
+        ref = _testutil.sklearn_lof(x[None, :, j], kk, fit_dtype=np.float64)[0]
         np.testing.assert_allclose(got[:, j], ref, rtol=2e-4, atol=2e-4)
     assert compared >= p - 1  # only the coarse-grid position may be skipped
 
 
 def test_lof_k_clamped_with_warning(caplog):
     x = _data(5, 4, 2, 3, dup=False)
-    with caplog.at_level(logging.WARNING, logger="softpatch_jax.denoise"):
+    with caplog.at_level(logging.WARNING):
         got = np.asarray(denoise.patch_weights(x, "lof", lof_k=6))
     assert "lof_k=6" in caplog.text
     for j in range(2):
@@ -145,7 +145,7 @@ def test_threshold_and_denoise(seed, frac):
 
 def test_bad_inputs():
     x = _data(0, 5, 2, 3)
-    with pytest.raises(ValueError, match="method"):
+    with pytest.raises(ValueError, match="unknown discriminator 'median'"):
         denoise.patch_weights(x, "median")
     with pytest.raises(ValueError, match="shape"):
         denoise.patch_weights(x[0], "nearest")
@@ -158,3 +158,24 @@ def test_bad_inputs():
         denoise.patch_weights(bad, "gaussian")
     with pytest.raises(ValueError, match="noise_fraction"):
         denoise.noise_threshold(x, 1.0)
+
+
+def test_lof_jit_equals_eager():
+    x = _data(6, 10, 5, 4, dup=False)
+    f = jax.jit(lambda a: denoise.patch_weights(a, "lof", lof_k=4))
+    np.testing.assert_array_equal(np.asarray(f(x)),
+                                  np.asarray(denoise.patch_weights(x, "lof", lof_k=4)))
+
+
+def test_register_discriminator():
+    @denoise.register_discriminator("test_norm")
+    def norm(x, **unused):
+        del unused
+        return np.linalg.norm(x, axis=-1)
+
+    try:
+        x = _data(7, 4, 3, 2, dup=False)
+        np.testing.assert_allclose(np.asarray(denoise.patch_weights(x, "test_norm")),
+                                   np.linalg.norm(x, axis=-1), rtol=1e-6)
+    finally:
+        del denoise.DISCRIMINATORS["test_norm"]

@@ -1,18 +1,17 @@
-"""Model artifact: bit-exact round trip, version and backbone checks, chunked scoring."""
+"""Model artifact: bit-exact round trip, version and backbone checks."""
 
-import importlib
 import os
 import shutil
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import serialization
 
 from softpatch_jax import backbones
-from softpatch_jax import fitting
+from softpatch_jax import fit
 from softpatch_jax import model_io
-from softpatch_jax import scoring
+from softpatch_jax import predict
+from softpatch_jax.data import open_image
 from softpatch_jax.data import synthetic
 
 
@@ -46,32 +45,31 @@ def fitted(tmp_path_factory):
   synthetic.make_mvtec_like(tmp / "data", n_train=6, n_test_good=2,
                             n_test_defect=2, size=64, seed=0)
   work = tmp / "work"
-  fitting.fit_and_save(fit_config(tmp / "data/synth/train/good"), str(work))
+  fit.fit_and_save(fit_config(tmp / "data/synth/train/good"), str(work))
   return tmp, work / model_io.MODEL_FILENAME
 
 
 def test_round_trip_scores_bit_exact(fitted):
   tmp, path = fitted
   model = model_io.load_model(str(path))
-  bb = model.build_backbone()
-  ex = model.make_extractor(bb, batch_size=4)
-  pre = model.make_preprocess()
-  from softpatch_jax.data import open_image
+  bb = predict.backbone_for(model)
+  ex = predict.embedder_for(model, bb, batch_size=4)
+  pre = predict.preprocess_for(model)
   imgs = np.stack([pre.image_array(open_image(str(p))) for p in sorted(
       (tmp / "data/synth/test/scratch").iterdir())])
   feats = ex(imgs)
-  s1, m1 = model.score(feats)
+  s1, m1 = predict.score_features(model, feats)
   # Save the loaded model again and reload: every array and score identical.
   path2 = str(tmp / "copy.softpatch")
   model_io.save_model(path2, model)
   model2 = model_io.load_model(path2, backbone=bb)
-  s2, m2 = model2.score(feats)
+  s2, m2 = predict.score_features(model2, feats)
   np.testing.assert_array_equal(np.asarray(s1), np.asarray(s2))
   np.testing.assert_array_equal(np.asarray(m1), np.asarray(m2))
   np.testing.assert_array_equal(model.bank_features, model2.bank_features)
   assert model.thresholds == model2.thresholds
   assert model.config == model2.config
-  # The artifact holds everything issue 5 lists.
+  # The artifact holds the backbone, preprocessing and thresholds.
   assert model.backbone["name"] == "efficientnet_lite0"
   assert model.backbone["weights_id"] == bb.weights_id
   assert model.preprocess["crop"] == 64
@@ -92,7 +90,8 @@ def test_round_trip_random_model(tmp_path, seed):
   assert back.config == model.config and back.grid == model.grid
   feats = np.random.default_rng(seed).normal(size=(2, 16, 16)).astype(
       np.float32)
-  for a, b in zip(model.score(feats), back.score(feats)):
+  for a, b in zip(predict.score_features(model, feats),
+                  predict.score_features(back, feats)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert os.listdir(tmp_path) == [os.path.basename(path)]  # no temp files
 
@@ -133,7 +132,7 @@ def test_backbone_mismatch_refused(fitted, tmp_path):
   # A moved copy of the same weights file is accepted.
   moved = tmp_path / "lite0.pth"
   shutil.copy(orig, moved)
-  bb = model.build_backbone(weights=str(moved))
+  bb = predict.backbone_for(model, weights=str(moved))
   assert bb.weights_id == model.backbone["weights_id"]
   model_io.load_model(str(path), backbone=bb)
   # Other weights for the same architecture (one trailing byte changes the
@@ -147,7 +146,7 @@ def test_backbone_mismatch_refused(fitted, tmp_path):
   with pytest.raises(ValueError, match="weights mismatch"):
     model_io.load_model(str(path), backbone=other_bb)
   with pytest.raises(ValueError, match="weights mismatch"):
-    model.build_backbone(weights=str(other))
+    predict.backbone_for(model, weights=str(other))
 
 
 def test_backbone_random_seeds_differ():
@@ -179,52 +178,6 @@ def test_backbone_name_and_taps_checked():
     model_io.check_backbone(model, Fake())
   Fake.layers = ("stage3", "stage5")
   model_io.check_backbone(model, Fake())
-
-
-@pytest.mark.parametrize("seed,soft", [(0, True), (1, False), (2, True)])
-def test_chunked_scoring_equals_unchunked(seed, soft):
-  rng = np.random.default_rng(seed)
-  m, d = int(rng.integers(40, 300)), int(rng.integers(3, 40))
-  model = random_model(seed, m=m, d=d, soft=soft)
-  # Duplicate rows make exact ties: both paths must pick the lower index.
-  model.bank_features[m // 2] = model.bank_features[1]
-  feats = rng.normal(size=(3, 16, d)).astype(np.float32)
-  feats[0, 0] = model.bank_features[1]
-  # Unchunked, against scoring.score_batch.
-  ref_img, ref_maps, _ = scoring.score_batch(model.bank,
-                                                     jnp.asarray(feats))
-  full_img, full_maps = model.score(feats, memory_budget_mb=0)  # no limit
-  np.testing.assert_array_equal(np.asarray(full_img), np.asarray(ref_img))
-  np.testing.assert_allclose(np.asarray(full_maps), np.asarray(ref_maps),
-                             rtol=1e-6, atol=1e-6)
-  mb = lambda rows: rows * d * 4 / 2**20
-  for rows in (1, 7, 16, m - 1):
-    rows_chunk, tile = model_io.chunking(m, d, mb(rows))
-    assert rows_chunk <= max(rows, 8) and rows_chunk % tile == 0
-    img, maps = model.score(feats, memory_budget_mb=mb(rows))
-    # Tiles smaller than the default ones: equal up to float rounding.
-    np.testing.assert_allclose(np.asarray(img), np.asarray(ref_img),
-                               rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(maps), np.asarray(ref_maps),
-                               rtol=1e-5, atol=1e-5)
-
-
-def test_chunked_scoring_whole_tiles_bit_exact():
-  """Budgets of whole default tiles give exactly the unchunked scores."""
-  rng = np.random.default_rng(5)
-  knn_module = importlib.import_module("softpatch_jax.kernels.knn")
-  d = 8
-  tile = knn_module.default_blocks(1, 10**6, 1)[1]
-  m = 5 * tile // 2  # chunks of two tiles: two chunks, the last one short
-  assert knn_module.default_blocks(1, m, 1)[1] == tile
-  model = random_model(5, m=m, d=d)
-  feats = rng.normal(size=(2, 16, d)).astype(np.float32)
-  full = model.score(feats, memory_budget_mb=0)
-  budget = 2 * tile * d * 4 / 2**20
-  assert model_io.chunking(m, d, budget) == (2 * tile, tile)
-  chunked = model.score(feats, memory_budget_mb=budget)
-  for a, b in zip(full, chunked):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_nonfinite_bank_refused(tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from softpatch_jax import fitting
+from softpatch_jax import fit
 from softpatch_jax import model_io
 from softpatch_jax import predict
 from softpatch_jax.data import synthetic
@@ -82,7 +82,7 @@ def test_fit_is_deterministic(fitted):
   """Same config and seed: a second fit (this process) is bit-identical."""
   tmp, model_path = fitted
   first = model_io.load_model(str(model_path))
-  fitting.fit_and_save(fit_config(tmp / "data/synth/train/good"),
+  fit.fit_and_save(fit_config(tmp / "data/synth/train/good"),
                        str(tmp / "again"))
   second = model_io.load_model(str(tmp / "again"))
   np.testing.assert_array_equal(first.bank_features, second.bank_features)

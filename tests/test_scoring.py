@@ -1,4 +1,5 @@
-"""Scoring against plain references: numpy kNN, torch upsampling, scipy blur."""
+"""scoring.score against plain references: numpy kNN, torch upsampling, scipy
+blur; chunked scans against one scan; jit against eager."""
 
 import numpy as np
 import pytest
@@ -6,29 +7,35 @@ import scipy.ndimage
 import torch
 import torch.nn.functional as F
 
+import jax
 import jax.numpy as jnp
 
 from softpatch_jax import scoring
+from softpatch_jax.kernels import knn
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_patch_scores_match_bruteforce(seed):
   rng = np.random.default_rng(seed)
-  b, p, d, m = rng.integers(1, 4), rng.integers(5, 40), rng.integers(3, 20), \
-      rng.integers(1, 70)
+  b, h, w = rng.integers(1, 4), rng.integers(2, 7), rng.integers(2, 7)
+  d, m = rng.integers(3, 20), rng.integers(1, 70)
+  p = h * w
   feats = rng.normal(size=(b, p, d)).astype(np.float32)
   bank_f = rng.normal(size=(m, d)).astype(np.float32)
   bank_w = rng.uniform(0.5, 2.0, size=(m,)).astype(np.float32)
   for soft in (False, True):
-    bank = scoring.make_bank(bank_f, bank_w, soft_weight=soft)
-    scores, idx = scoring.patch_scores(bank, jnp.asarray(feats))
+    bank = scoring.make_bank(bank_f, bank_w, soft_weight=soft, grid=(h, w),
+                             image_size=(4 * h, 4 * w), blur_sigma=1.0)
+    img, maps, scores = scoring.score(bank, jnp.asarray(feats))
     d2 = ((feats.reshape(-1, 1, d).astype(np.float64)
            - bank_f[None].astype(np.float64)) ** 2).sum(-1)
     ref_idx = d2.argmin(1)
     ref = d2.min(1) * (bank_w[ref_idx] if soft else 1.0)
-    np.testing.assert_array_equal(np.asarray(idx).ravel(), ref_idx)
     np.testing.assert_allclose(np.asarray(scores).ravel(), ref, rtol=1e-4,
                                atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(img),
+                                  np.asarray(scores).max(-1))
+    assert maps.shape == (b, 4 * h, 4 * w)
 
 
 @pytest.mark.parametrize("grid,size,sigma", [((28, 28), (224, 224), 4.0),
@@ -46,21 +53,90 @@ def test_anomaly_maps_match_torch_and_scipy(grid, size, sigma):
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_score_batch_image_score_is_max():
-  rng = np.random.default_rng(3)
-  bank = scoring.make_bank(rng.normal(size=(50, 8)), soft_weight=False,
-                           grid=(4, 4), image_size=(16, 16))
-  feats = jnp.asarray(rng.normal(size=(3, 16, 8)).astype(np.float32))
-  img, maps, patch = scoring.score_batch(bank, feats)
-  np.testing.assert_allclose(np.asarray(img), np.asarray(patch).max(-1))
-  assert maps.shape == (3, 16, 16)
-
-
 def test_bank_validation():
   with pytest.raises(ValueError, match="shape"):
     scoring.make_bank(np.zeros((0, 4)))
   with pytest.raises(ValueError, match="weights"):
     scoring.make_bank(np.zeros((3, 4)), np.ones(2))
   bank = scoring.make_bank(np.zeros((3, 4)))
-  with pytest.raises(ValueError, match="test features"):
-    scoring.patch_scores(bank, jnp.zeros((2, 5, 3)))
+  with pytest.raises(ValueError, match=r"features must have shape \(B, P, 4\)"):
+    scoring.score(bank, jnp.zeros((2, 5, 3)))
+  with pytest.raises(ValueError, match="grid"):
+    scoring.score(bank, jnp.zeros((2, 5, 4)))
+  with pytest.raises(ValueError, match="blur_sigma"):
+    scoring.make_bank(np.zeros((3, 4)), blur_sigma=-1.0)
+
+
+def _random_bank(seed, m, d, soft=True, grid=(4, 4)):
+  rng = np.random.default_rng(seed)
+  return scoring.make_bank(
+      rng.normal(size=(m, d)).astype(np.float32),
+      rng.uniform(0.5, 2.0, size=(m,)).astype(np.float32),
+      soft_weight=soft, grid=grid, image_size=(4 * grid[0], 4 * grid[1]),
+      blur_sigma=2.0)
+
+
+@pytest.mark.parametrize("seed,soft", [(0, True), (1, False), (2, True)])
+def test_chunked_scoring_equals_unchunked(seed, soft):
+  rng = np.random.default_rng(seed)
+  m, d = int(rng.integers(40, 300)), int(rng.integers(3, 40))
+  bank = _random_bank(seed, m, d, soft)
+  # Duplicate rows make exact ties: both paths must pick the lower index.
+  feats_np = np.array(bank.features)
+  feats_np[m // 2] = feats_np[1]
+  bank = bank.replace(features=jnp.asarray(feats_np))
+  feats = rng.normal(size=(3, 16, d)).astype(np.float32)
+  feats[0, 0] = feats_np[1]
+  ref_img, ref_maps, ref_patch = scoring.score(bank, feats)
+  for rows in (1, 7, 16, m - 1):
+    rows_chunk, tile = scoring.chunk_plan(m, rows)
+    assert rows_chunk <= max(rows, 8) and rows_chunk % tile == 0
+    img, maps, patch = scoring.score(bank, feats, max_bank_rows=rows)
+    # Tiles smaller than the default ones: equal up to float rounding.
+    # (A query equal to a bank row is 0 or ~1e-7 away, by cancellation.)
+    np.testing.assert_allclose(np.asarray(patch), np.asarray(ref_patch),
+                               rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(img), np.asarray(ref_img),
+                               rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(maps), np.asarray(ref_maps),
+                               rtol=1e-5, atol=1e-5)
+  assert scoring.chunk_plan(m, m) is None and scoring.chunk_plan(m, None) is None
+
+
+def test_chunked_scoring_whole_tiles_bit_exact():
+  """Chunks of whole default tiles give exactly the one-scan patch scores."""
+  rng = np.random.default_rng(5)
+  d = 8
+  tile = knn.default_blocks(1, 10**6, 1)[1]
+  m = 5 * tile // 2  # chunks of two tiles: two chunks, the last one short
+  assert knn.default_blocks(1, m, 1)[1] == tile
+  bank = _random_bank(5, m, d)
+  feats = rng.normal(size=(2, 16, d)).astype(np.float32)
+  full = scoring.score(bank, feats)
+  rows = scoring.rows_for_budget(d, 2 * tile * d * 4 / 2**20)
+  assert scoring.chunk_plan(m, rows) == (2 * tile, tile)
+  chunked = scoring.score(bank, feats, max_bank_rows=rows)
+  np.testing.assert_array_equal(np.asarray(full[0]), np.asarray(chunked[0]))
+  np.testing.assert_array_equal(np.asarray(full[2]), np.asarray(chunked[2]))
+  np.testing.assert_allclose(np.asarray(full[1]), np.asarray(chunked[1]),
+                             rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [None, 16])
+def test_score_is_jittable(rows):
+  rng = np.random.default_rng(7)
+  bank = _random_bank(7, 50, 6)
+  feats = jnp.asarray(rng.normal(size=(2, 16, 6)).astype(np.float32))
+  eager = scoring.score(bank, feats, max_bank_rows=rows)
+  jitted = jax.jit(lambda b, f: scoring.score(b, f, max_bank_rows=rows))(
+      bank, feats)
+  for a, b in zip(eager, jitted):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6,
+                               atol=1e-6)
+
+
+def test_rows_for_budget():
+  assert scoring.rows_for_budget(1024, None) is None
+  assert scoring.rows_for_budget(1024, 0) is None
+  assert scoring.rows_for_budget(1024, 4.0) == 1024
+  assert scoring.rows_for_budget(1024, 1e-9) == 1

@@ -8,10 +8,10 @@ import pytest
 from sklearn.metrics import f1_score
 
 import _testutil  # pylint: disable=g-bad-import-order
-from softpatch_jax import fitting
+from softpatch_jax import fit
 from softpatch_jax import metrics
 from softpatch_jax import model_io
-from softpatch_jax import pipeline
+from softpatch_jax import engine
 from softpatch_jax import scoring
 from softpatch_jax import thresholds
 from softpatch_jax.data import synthetic
@@ -122,16 +122,17 @@ def test_heldout_scores_are_out_of_fold(method):
             projection_dim=8, soft_weight=None, grid=(4, 4),
             image_size=(8, 8), blur_sigma=1.0)
   key = jax.random.PRNGKey(0)
-  img, pix, k = fitting.heldout_scores(feats, method, key, kw, n_folds=3,
-                                       seed=0, batch_size=4)
-  assert k == 3 and img.shape == pix.shape == (n,)
+  folds = thresholds.fold_split(n, 3, 0)
+  img, pix = engine.heldout_scores(feats, method, key, kw, folds,
+                                   batch_size=4)
+  assert len(folds) == 3 and img.shape == pix.shape == (n,)
   assert np.all(img > 0)  # an in-bank image would match itself (score ~0)
   # Recompute fold 0 by hand.
   held = thresholds.fold_split(n, 3, 0)[0]
   rest = np.setdiff1d(np.arange(n), held)
-  bank, _ = pipeline.fit_bank(feats[rest], method,
+  bank, _ = engine.fit_bank(feats[rest], method,
                               jax.random.fold_in(key, 1), **kw)
-  s = np.asarray(scoring.score_batch(bank, feats[held])[0])
+  s = np.asarray(scoring.score(bank, feats[held])[0])
   np.testing.assert_allclose(img[held], s, rtol=1e-6)
 
 
@@ -147,7 +148,7 @@ def test_manual_threshold(data, tmp_path):
   c = fit_config(data / "train" / "good", **{
       "threshold.method": "manual", "threshold.value": 123.5,
       "threshold.pixel_value": 100.0})
-  fitting.fit_and_save(c, str(tmp_path))
+  fit.fit_and_save(c, str(tmp_path))
   m = model_io.load_model(str(tmp_path))
   assert m.thresholds["method"] == "manual"
   assert m.image_threshold == 123.5 and m.pixel_threshold == 100.0
@@ -157,7 +158,7 @@ def test_manual_threshold(data, tmp_path):
 def test_f1_threshold_from_labelled_folder(data, tmp_path):
   c = fit_config(data / "train" / "good", **{
       "threshold.method": "f1", "threshold.val_dir": str(data / "test")})
-  fitting.fit_and_save(c, str(tmp_path))
+  fit.fit_and_save(c, str(tmp_path))
   m = model_io.load_model(str(tmp_path))
   det = m.thresholds["details"]
   assert m.thresholds["method"] == "f1"
@@ -177,5 +178,5 @@ def test_f1_threshold_needs_both_classes(data, tmp_path):
   c = fit_config(data / "train" / "good", **{
       "threshold.method": "f1", "threshold.val_dir": str(data / "train")})
   with pytest.raises(ValueError, match="needs normal images in good/"):
-    fitting.fit_and_save(c, str(tmp_path))
+    fit.fit_and_save(c, str(tmp_path))
   assert not os.path.exists(tmp_path / model_io.MODEL_FILENAME)

@@ -201,7 +201,7 @@ def ensure_generated(
     size: int,
     seed: int,
 ) -> str:
-  """Generates the data set into <workdir>/synthetic_data once per parameters.
+  """Generates the data into <workdir>/synthetic_data once per parameter set.
 
   The parameters are recorded beside the data in params.json; a call with the
   same parameters reuses the data. Other parameters (or an interrupted

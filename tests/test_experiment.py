@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 from softpatch_jax import defaults
-from softpatch_jax import pipeline
+from softpatch_jax import data
+from softpatch_jax import experiment
+from softpatch_jax import methods
 
 
 def _config(seed, size=96):
@@ -46,7 +48,7 @@ def runs(tmp_path_factory):
   out = {}
   for seed in (0, 1, 2):
     workdir = str(tmp_path_factory.mktemp(f"run{seed}"))
-    out[seed] = (workdir, pipeline.run(_config(seed), workdir))
+    out[seed] = (workdir, experiment.run(_config(seed), workdir))
   return out
 
 
@@ -99,7 +101,7 @@ def test_patchcore_random_and_gaussian_run(tmp_path):
   c.noise.augment = True
   c.noise.augment_blur = True
   c.noise.augment_noise = True
-  result = pipeline.run(c, str(tmp_path))
+  result = experiment.run(c, str(tmp_path))
   assert result["noise"]["synth"]["augment"] is True
   for m in ("patchcore_random", "softpatch_gaussian", "softpatch_nearest"):
     assert _metric(result, m, "image_auroc") > 0.8, m
@@ -112,21 +114,21 @@ def test_patchcore_random_and_gaussian_run(tmp_path):
 def test_synthetic_data_follows_its_parameters(tmp_path):
   c = _config(0, size=64)
   c.data.synthetic.n_train = 4
-  assert len(pipeline.load_dataset(c, "synth", str(tmp_path))[0]) == 4
+  assert len(data.load_dataset(c, "synth", str(tmp_path))[0]) == 4
   c.data.synthetic.n_train = 6  # other parameters: generated anew
-  assert len(pipeline.load_dataset(c, "synth", str(tmp_path))[0]) == 6
+  assert len(data.load_dataset(c, "synth", str(tmp_path))[0]) == 6
   assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
 
 
 def test_unknown_method_is_rejected():
   with pytest.raises(ValueError, match="unknown method"):
-    pipeline.parse_methods("softpatch_lof,nope")
+    methods.parse_methods("softpatch_lof,nope")
 
 
 def test_build_augment_follows_config():
   c = _config(0)
   c.noise.augment_rotate = False
   c.noise.augment_blur = True
-  aug = pipeline.build_augment(c)
+  aug = data.build_augment(c)
   assert (aug.affine, aug.rotate, aug.noise, aug.blur) == (True, False, False,
                                                           True)
