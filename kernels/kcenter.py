@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from softpatch_jax.kernels import _dispatch
+from softpatch_jax.kernels import kcenter_common
+from softpatch_jax.kernels import kcenter_pallas
 
 _F32 = jnp.float32
 
@@ -57,29 +59,8 @@ def _validate(x, n_select, start_idx, sampling_weight, op):
   return x.astype(_F32), int(n_select), start_idx.astype(jnp.int32), w
 
 
-def _dist_to(x, c):
-  """Euclidean distance of every row of x to c, from coordinate differences.
-
-  The difference form (rather than ||x||^2 - 2 x.c + ||c||^2) makes the
-  distance of a point to itself and to its exact duplicates exactly 0, and
-  identical rows get bit-identical distances, so ties stay ties.
-  """
-  diff = x.astype(_F32) - c.astype(_F32)[None, :]
-  return jnp.sqrt(jnp.maximum(jnp.sum(diff * diff, axis=1), 0.0))
-
-
-def initial_distance(x, start_idx, w):
-  """mean over starts of the distance to each start, times w.
-
-  The sum runs sequentially over the starts on every path, so all paths
-  round identically.
-  """
-  def body(j, acc):
-    s = start_idx[j]
-    return acc + _dist_to(x, x[s])
-  acc = jax.lax.fori_loop(0, start_idx.shape[0], body,
-                          jnp.zeros((x.shape[0],), _F32))
-  return acc / start_idx.shape[0] * w
+_dist_to = kcenter_common.dist_to
+initial_distance = kcenter_common.initial_distance
 
 
 @functools.partial(jax.jit, static_argnames=("n_select",))
@@ -193,7 +174,6 @@ def kcenter(x, n_select: int, start_idx, sampling_weight=None,
     return _kcenter_reference(x, n_select, start_idx, w)
   if path == "xla":
     return _kcenter_xla(x, n_select, start_idx, w, sdt)
-  from softpatch_jax.kernels import kcenter_pallas  # pylint: disable=g-import-not-at-top
   return kcenter_pallas.kcenter_pallas(
       x, n_select, start_idx, w, interpret=(path == "pallas_interpret"),
       storage_dtype=sdt)

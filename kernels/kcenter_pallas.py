@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from softpatch_jax.kernels import _dispatch
-from softpatch_jax.kernels.kcenter import initial_distance
+from softpatch_jax.kernels.kcenter_common import initial_distance
 
 _F32 = jnp.float32
 _BIG = jnp.iinfo(jnp.int32).max

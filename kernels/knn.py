@@ -22,39 +22,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from softpatch_jax.kernels import _dispatch
+from softpatch_jax.kernels import knn_common
+from softpatch_jax.kernels import knn_pallas
 
 _F32 = jnp.float32
-
-
-def _validate(queries, bank, k: int, op: str = "knn"):
-  queries = jnp.asarray(queries)
-  bank = jnp.asarray(bank)
-  _dispatch.check_rank("queries", op, queries, 2)
-  _dispatch.check_rank("bank", op, bank, 2)
-  if queries.shape[1] != bank.shape[1]:
-    raise ValueError(
-        f"kernels.{op}: feature dims differ: queries {tuple(queries.shape)} vs "
-        f"bank {tuple(bank.shape)}")
-  if not isinstance(k, (int, np.integer)) or k < 1:
-    raise ValueError(f"kernels.{op}: k must be a positive int, got {k!r}")
-  if bank.shape[0] < k:
-    raise ValueError(
-        f"kernels.{op}: k={k} exceeds the bank size N={bank.shape[0]} "
-        f"(bank shape {tuple(bank.shape)})")
-  return queries, bank
-
-
-def _sq_dists(q, qq, b, bb):
-  """(m, n) clamped squared distances; same expression on every path."""
-  dots = jax.lax.dot_general(q, b, (((1,), (1,)), ((), ())),
-                             preferred_element_type=_F32)
-  return jnp.maximum(qq[:, None] - 2.0 * dots + bb[None, :], 0.0)
-
-
-def _lex_smallest(d, idx, k):
-  """k smallest of d per row, ties -> smaller idx; returns (d, idx) sorted."""
-  ds, ids = jax.lax.sort((d, idx), dimension=1, num_keys=2)
-  return ds[:, :k], ids[:, :k]
+_validate = knn_common.validate
+_sq_dists = knn_common.sq_dists
+_lex_smallest = knn_common.lex_smallest
+_prep = knn_common.prep
+_refine = knn_common.refine
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
@@ -91,29 +67,6 @@ def _merge_topk(best_d, best_i, d, col, k):
   _, pos = jax.lax.top_k(-cd, k)
   return (jnp.take_along_axis(cd, pos, axis=1),
           jnp.take_along_axis(ci, pos, axis=1))
-
-
-def _prep(queries, bank, compute_dtype):
-  """Casts for the distance matmul; norms from the cast values, in f32."""
-  q = queries.astype(_F32)
-  b = bank.astype(_F32)
-  if compute_dtype is not None and jnp.dtype(compute_dtype) != _F32:
-    qc = q.astype(compute_dtype)
-    bc = b.astype(compute_dtype)
-    qn = qc.astype(_F32)
-    bn = bc.astype(_F32)
-  else:
-    qc, bc, qn, bn = q, b, q, b
-  return q, b, qc, bc, jnp.sum(qn * qn, 1), jnp.sum(bn * bn, 1)
-
-
-def _refine(q, b, d, idx, k):
-  """Exact f32 distances of the chosen indices, re-sorted (bf16 inputs)."""
-  rows = b[idx]  # (m, k, D)
-  diff = jnp.sum(q * q, 1)[:, None] - 2.0 * jnp.einsum(
-      "md,mkd->mk", q, rows, preferred_element_type=_F32) + jnp.sum(
-          rows * rows, -1)
-  return _lex_smallest(jnp.maximum(diff, 0.0), idx, k)
 
 
 def default_blocks(m: int, n: int, k: int) -> tuple[int, int]:
@@ -209,7 +162,6 @@ def knn(queries, bank, k: int = 1, *, block_q: int | None = None,
     if bn < k:
       raise ValueError(f"kernels.knn: block_n={bn} must be >= k={k}")
     return _knn_xla(queries, bank, k, bq, bn, cdt)
-  from softpatch_jax.kernels import knn_pallas  # pylint: disable=g-import-not-at-top
   return knn_pallas.knn_pallas(
       queries, bank, k, block_q=block_q, block_n=block_n,
       interpret=(path == "pallas_interpret"), compute_dtype=cdt)

@@ -15,9 +15,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from softpatch_jax.kernels import _dispatch
-from softpatch_jax.kernels.knn import _prep
-from softpatch_jax.kernels.knn import _refine
-from softpatch_jax.kernels.knn import _validate
+from softpatch_jax.kernels import knn_common
 
 _F32 = jnp.float32
 _BIG = jnp.iinfo(jnp.int32).max
@@ -65,7 +63,7 @@ def _knn_kernel(q_ref, qq_ref, b_ref, bb_ref, d_ref, i_ref, *, k, kp, block_n):
 def _knn_pallas(queries, bank, k, block_q, block_n, interpret, compute_dtype):
   m, dim = queries.shape
   n = bank.shape[0]
-  q, b, qc, bc, qq, bb = _prep(queries, bank, compute_dtype)
+  q, b, qc, bc, qq, bb = knn_common.prep(queries, bank, compute_dtype)
   mp = _dispatch.round_up(m, block_q)
   np_ = _dispatch.round_up(n, block_n)
   dp = _dispatch.round_up(dim, 128) if not interpret else dim
@@ -96,14 +94,14 @@ def _knn_pallas(queries, bank, k, block_q, block_n, interpret, compute_dtype):
   )(qc, qq, bc, bb)
   d, i = d[:m, :k], i[:m, :k]
   if qc.dtype != _F32:
-    d, i = _refine(q, b, d, i, k)
+    d, i = knn_common.refine(q, b, d, i, k)
   return d, i
 
 
 def knn_pallas(queries, bank, k=1, *, block_q=None, block_n=None,
                interpret=False, compute_dtype=None):
   """Pallas kNN; same contract as ``kernels.knn``."""
-  queries, bank = _validate(queries, bank, k, "knn_pallas")
+  queries, bank = knn_common.validate(queries, bank, k, "knn_pallas")
   m, n = queries.shape[0], bank.shape[0]
   if block_q is None:
     block_q = min(128, _next_pow2(max(m, 16)))

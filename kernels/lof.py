@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from softpatch_jax.kernels import _dispatch
+from softpatch_jax.kernels import lof_pallas
 
 _F32 = jnp.float32
 _EPS = 1e-10  # sklearn's guard in the lrd denominator
@@ -178,5 +179,4 @@ def lof(x, k: int, impl: str | None = None, *, chunk: int = 16,
   if path == "xla":
     return _lof_xla_threaded(x, keff, int(min(chunk, x.shape[0])),
                              int(margin))
-  from softpatch_jax.kernels import lof_pallas  # pylint: disable=g-import-not-at-top
   return lof_pallas.lof_pallas(x, keff, interpret=(path == "pallas_interpret"))

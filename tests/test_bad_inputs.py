@@ -19,6 +19,7 @@ from softpatch_jax import fit
 from softpatch_jax import model_io
 from softpatch_jax import engine
 from softpatch_jax import predict
+from softpatch_jax import scoring
 from softpatch_jax.data import Preprocess, Sample, mvtec, noise, synthetic
 
 D = 64  # feature width of the small test model
@@ -403,13 +404,13 @@ def test_bank_over_memory_budget_is_scored_in_chunks(model, bb, images,
   inp = str(images / "test" / "good")
   full = run_predict(model, bb, inp, tmp_path / "a", memory_budget_mb=0)
   seen = []
-  real = model_io._knn_chunk
+  real = scoring._nearest  # pylint: disable=protected-access
 
-  def spy(q, chunk, tile):
+  def spy(chunk, q, tile=None):
     seen.append(chunk.shape[0])
-    return real(q, chunk, tile)
+    return real(chunk, q, tile)
 
-  monkeypatch.setattr(model_io, "_knn_chunk", spy)
+  monkeypatch.setattr(scoring, "_nearest", spy)
   budget = 50 * D * 4 / 2**20  # 50 rows of a 300-row bank
   small = run_predict(model, bb, inp, tmp_path / "b", memory_budget_mb=budget)
   assert seen and max(seen) <= 50  # never more than the budget at once

