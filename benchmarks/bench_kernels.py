@@ -15,6 +15,7 @@ step), faiss-cpu IndexFlatL2.
 Needs the `bench` extra (torch, scikit-learn, faiss-cpu). Prints each
 comparison as a ratio and writes all numbers to --out (JSON).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,19 +71,23 @@ def memory_read_bandwidth(nbytes=1 << 30):
   jax.block_until_ready(f(aj))
   t_np = min(_timed(lambda: a.sum())[0] for _ in range(3))
   t_jx = min(_timed(lambda: f(aj))[0] for _ in range(3))
-  return {"numpy_sum_gbs": nbytes / t_np / 1e9,
-          "jax_sum_gbs": nbytes / t_jx / 1e9,
-          "best_gbs": nbytes / min(t_np, t_jx) / 1e9}
+  return {
+      "numpy_sum_gbs": nbytes / t_np / 1e9,
+      "jax_sum_gbs": nbytes / t_jx / 1e9,
+      "best_gbs": nbytes / min(t_np, t_jx) / 1e9,
+  }
 
 
 # ----------------------------------------------------------------- baselines
 def torch_batched_lof(x, k):
   """Batched LOF in torch as the reference's GPU variant computes it."""
   import torch  # pylint: disable=g-import-not-at-top
+
   p, n, _ = x.shape
   sq = (x * x).sum(-1, keepdim=True)
-  dist = (sq + sq.transpose(-1, -2) - 2 * x.matmul(x.transpose(-1, -2))
-          ).abs().sqrt() + 1e-6
+  dist = (
+      sq + sq.transpose(-1, -2) - 2 * x.matmul(x.transpose(-1, -2))
+  ).abs().sqrt() + 1e-6
   kd, ki = torch.topk(dist, k + 1, dim=-1, largest=False)
   kd, ki = kd[:, :, 1:], ki[:, :, 1:]
   kdist = kd[:, :, -1]
@@ -108,7 +113,7 @@ def torch_greedy_coreset(feats, n_select, starts, weight):
     for _ in range(n_select):
       i = int(torch.argmax(anchor).item())
       picked.append(i)
-      new = dists(feats, feats[i:i + 1]) * w
+      new = dists(feats, feats[i : i + 1]) * w
       anchor = torch.cat([anchor, new], dim=-1)
       anchor = torch.min(anchor, dim=1).values.reshape(-1, 1)
   return np.asarray(picked)
@@ -118,6 +123,7 @@ def torch_greedy_coreset(feats, n_select, starts, weight):
 def bench_lof(rng, scale, k, res):
   from sklearn.neighbors import LocalOutlierFactor  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
+
   p = max(1, round(784 * scale))
   x = rng.normal(size=(p, 230, 128)).astype(np.float32)
   xj = jnp.asarray(x)
@@ -130,15 +136,23 @@ def bench_lof(rng, scale, k, res):
   def sk_loop():
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
-      return np.stack([-LocalOutlierFactor(n_neighbors=k).fit(x[i])
-                       .negative_outlier_factor_ for i in range(p)])
+      return np.stack([
+          -LocalOutlierFactor(n_neighbors=k).fit(x[i]).negative_outlier_factor_
+          for i in range(p)
+      ])
+
   t_sk, sk = _timed(sk_loop, repeat=2)
   xt = torch.from_numpy(x)
   t_tb, tb = _timed(lambda: torch_batched_lof(xt, keff).numpy(), repeat=3)
   res["lof"] = {
-      "shape": list(x.shape), "k": k, "ours_s": t_ours, "ours_compile_s": comp,
-      "sklearn_loop_s": t_sk, "torch_batched_s": t_tb,
-      "speedup_vs_sklearn": t_sk / t_ours, "speedup_vs_torch": t_tb / t_ours,
+      "shape": list(x.shape),
+      "k": k,
+      "ours_s": t_ours,
+      "ours_compile_s": comp,
+      "sklearn_loop_s": t_sk,
+      "torch_batched_s": t_tb,
+      "speedup_vs_sklearn": t_sk / t_ours,
+      "speedup_vs_torch": t_tb / t_ours,
       "max_abs_diff_vs_sklearn": float(np.abs(np.asarray(ours) - sk).max()),
       "max_abs_diff_torch_vs_sklearn": float(np.abs(tb - sk).max()),
       "targets": {"vs_sklearn": 20.0, "vs_torch": 2.0},
@@ -147,45 +161,65 @@ def bench_lof(rng, scale, k, res):
 
 def bench_coreset(rng, scale, res, bandwidth, with_bf16):
   import torch  # pylint: disable=g-import-not-at-top
+
   m = max(1000, round(164_000 * scale))
   n_sel = m // 10
   x = rng.normal(size=(m, 128)).astype(np.float32)
   w = (rng.random(m) >= 0.15).astype(np.float32)
   starts = rng.choice(m, 10, replace=False).astype(np.int32)
   xj, wj, sj = jnp.asarray(x), jnp.asarray(w), jnp.asarray(starts)
-  comp_f, comp = _aot(_KCENTER_XLA, x=xj, start_idx=sj, w=wj,
-                      n_select=n_sel, storage_dtype=None)
+  comp_f, comp = _aot(
+      _KCENTER_XLA, x=xj, start_idx=sj, w=wj, n_select=n_sel, storage_dtype=None
+  )
   t_ours, sel = _timed(lambda: comp_f(x=xj, start_idx=sj, w=wj))
   sel = np.asarray(sel)
-  t_torch, sel_t = _timed(lambda: torch_greedy_coreset(
-      torch.from_numpy(x), n_sel, torch.from_numpy(starts).long(),
-      torch.from_numpy(w)))
+  t_torch, sel_t = _timed(
+      lambda: torch_greedy_coreset(
+          torch.from_numpy(x),
+          n_sel,
+          torch.from_numpy(starts).long(),
+          torch.from_numpy(w),
+      )
+  )
   bytes_per_iter = m * 128 * 4 + m * 4 * 4  # x once + (M,) vectors
   gbs = bytes_per_iter * n_sel / t_ours / 1e9
   out = {
-      "shape": [m, 128], "n_select": n_sel, "ours_s": t_ours,
-      "ours_compile_s": comp, "torch_greedy_s": t_torch,
+      "shape": [m, 128],
+      "n_select": n_sel,
+      "ours_s": t_ours,
+      "ours_compile_s": comp,
+      "torch_greedy_s": t_torch,
       "speedup_vs_torch": t_torch / t_ours,
-      "ours_gbs": gbs, "machine_read_gbs": bandwidth["best_gbs"],
+      "ours_gbs": gbs,
+      "machine_read_gbs": bandwidth["best_gbs"],
       "fraction_of_bandwidth": gbs / bandwidth["best_gbs"],
       "same_selection_as_torch": float(np.mean(sel == sel_t)),
       "targets": {"vs_torch": 3.0},
   }
   if with_bf16:
-    comp_b, _ = _aot(_KCENTER_XLA, x=xj, start_idx=sj, w=wj, n_select=n_sel,
-                     storage_dtype=jnp.dtype(jnp.bfloat16))
+    comp_b, _ = _aot(
+        _KCENTER_XLA,
+        x=xj,
+        start_idx=sj,
+        w=wj,
+        n_select=n_sel,
+        storage_dtype=jnp.dtype(jnp.bfloat16),
+    )
     t_b, sel_b = _timed(lambda: comp_b(x=xj, start_idx=sj, w=wj))
     sel_b = np.asarray(sel_b)
     first_diff = int(np.argmax(sel_b != sel)) if np.any(sel_b != sel) else n_sel
-    out.update({"ours_bf16_s": t_b,
-                "bf16_same_position_fraction": float(np.mean(sel_b == sel)),
-                "bf16_set_overlap": len(set(sel_b) & set(sel)) / n_sel,
-                "bf16_first_divergence_step": first_diff})
+    out.update({
+        "ours_bf16_s": t_b,
+        "bf16_same_position_fraction": float(np.mean(sel_b == sel)),
+        "bf16_set_overlap": len(set(sel_b) & set(sel)) / n_sel,
+        "bf16_first_divergence_step": first_diff,
+    })
   res["coreset"] = out
 
 
 def bench_knn(rng, scale, res, with_bf16):
   import faiss  # pylint: disable=g-import-not-at-top
+
   mq = max(100, round(49_000 * scale))
   nb = max(100, round(16_400 * scale))
   q = rng.normal(size=(mq, 1024)).astype(np.float32)
@@ -193,8 +227,9 @@ def bench_knn(rng, scale, res, with_bf16):
   qj, bj = jnp.asarray(q), jnp.asarray(b)
   # The public op's own tile sizes (knn.default_blocks).
   bq, bn = knn.default_blocks(mq, nb, 1)
-  comp_f, comp = _aot(_KNN_XLA, qj, bj, k=1, block_q=bq, block_n=bn,
-                      compute_dtype=None)
+  comp_f, comp = _aot(
+      _KNN_XLA, qj, bj, k=1, block_q=bq, block_n=bn, compute_dtype=None
+  )
   t_ours, (d, i) = _timed(lambda: comp_f(qj, bj), repeat=2)
   faiss.omp_set_num_threads(os.cpu_count() or 1)
   index = faiss.IndexFlatL2(1024)
@@ -202,25 +237,43 @@ def bench_knn(rng, scale, res, with_bf16):
   t_faiss, (fd, fi) = _timed(lambda: list(index.search(q, 1)), repeat=2)
   i = np.asarray(i)
   out = {
-      "queries": mq, "bank": nb, "dim": 1024, "ours_s": t_ours,
-      "ours_compile_s": comp, "faiss_s": t_faiss,
+      "queries": mq,
+      "bank": nb,
+      "dim": 1024,
+      "ours_s": t_ours,
+      "ours_compile_s": comp,
+      "faiss_s": t_faiss,
       "ratio_ours_over_faiss": t_ours / t_faiss,
       "index_agreement_vs_faiss": float(np.mean(i[:, 0] == fi[:, 0])),
-      "max_rel_dist_diff_vs_faiss": float(np.max(
-          np.abs(np.asarray(d)[:, 0] - fd[:, 0]) / np.maximum(fd[:, 0], 1e-6))),
+      "max_rel_dist_diff_vs_faiss": float(
+          np.max(
+              np.abs(np.asarray(d)[:, 0] - fd[:, 0])
+              / np.maximum(fd[:, 0], 1e-6)
+          )
+      ),
       "targets": {"ours_over_faiss_at_most": 1.2},
   }
   if with_bf16:
     # bf16 inputs, f32 accumulation. Timed on a query subset: XLA:CPU has
     # no native bf16 GEMM on this machine, so this is about exactness.
     sub = min(mq, 4_900)
-    comp_b, _ = _aot(_KNN_XLA, qj[:sub], bj, k=1, block_q=bq,
-                     block_n=min(bn, nb),
-                     compute_dtype=jnp.dtype(jnp.bfloat16))
+    comp_b, _ = _aot(
+        _KNN_XLA,
+        qj[:sub],
+        bj,
+        k=1,
+        block_q=bq,
+        block_n=min(bn, nb),
+        compute_dtype=jnp.dtype(jnp.bfloat16),
+    )
     t_b, (_, ib) = _timed(lambda: comp_b(qj[:sub], bj))
-    out.update({"bf16_queries": sub, "bf16_s": t_b,
-                "bf16_exact_index_agreement": float(
-                    np.mean(np.asarray(ib)[:, 0] == i[:sub, 0]))})
+    out.update({
+        "bf16_queries": sub,
+        "bf16_s": t_b,
+        "bf16_exact_index_agreement": float(
+            np.mean(np.asarray(ib)[:, 0] == i[:sub, 0])
+        ),
+    })
   res["knn"] = out
 
 
@@ -240,17 +293,27 @@ def main():
   ap.add_argument("--only", choices=["lof", "coreset", "knn"], default=None)
   ap.add_argument("--no-bf16", action="store_true")
   ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--out", default=None,
-                  help="JSON path (default benchmarks/results_scale<s>.json)")
+  ap.add_argument(
+      "--out",
+      default=None,
+      help="JSON path (default benchmarks/results_scale<s>.json)",
+  )
   args = ap.parse_args()
   import torch  # pylint: disable=g-import-not-at-top
+
   torch.set_num_threads(os.cpu_count() or 1)
   rng = np.random.default_rng(args.seed)
-  res = {"scale": args.scale, "jax": jax.__version__,
-         "backend": jax.default_backend(), "cpus": os.cpu_count(),
-         "machine": platform.processor() or platform.machine()}
-  out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                 f"results_scale{args.scale:g}.json")
+  res = {
+      "scale": args.scale,
+      "jax": jax.__version__,
+      "backend": jax.default_backend(),
+      "cpus": os.cpu_count(),
+      "machine": platform.processor() or platform.machine(),
+  }
+  out = args.out or os.path.join(
+      os.path.dirname(os.path.abspath(__file__)),
+      f"results_scale{args.scale:g}.json",
+  )
   bw = memory_read_bandwidth()
   res["memory_read_bandwidth"] = bw
   print(f"memory read bandwidth: {bw['best_gbs']:.1f} GB/s")
@@ -259,37 +322,47 @@ def main():
     if s == "lof":
       bench_lof(rng, args.scale, args.lof_k, res)
       r = res["lof"]
-      print(f"LOF {r['shape']} k={r['k']}: ours {r['ours_s']:.3f}s | sklearn "
-            f"loop {r['sklearn_loop_s']:.3f}s ({r['speedup_vs_sklearn']:.1f}x, "
-            f"target 20x) | torch batched {r['torch_batched_s']:.3f}s "
-            f"({r['speedup_vs_torch']:.2f}x, target 2x) | max|diff| vs "
-            f"sklearn {r['max_abs_diff_vs_sklearn']:.2e}")
+      print(
+          f"LOF {r['shape']} k={r['k']}: ours {r['ours_s']:.3f}s | sklearn "
+          f"loop {r['sklearn_loop_s']:.3f}s ({r['speedup_vs_sklearn']:.1f}x, "
+          f"target 20x) | torch batched {r['torch_batched_s']:.3f}s "
+          f"({r['speedup_vs_torch']:.2f}x, target 2x) | max|diff| vs "
+          f"sklearn {r['max_abs_diff_vs_sklearn']:.2e}"
+      )
     elif s == "coreset":
       bench_coreset(rng, args.scale, res, bw, not args.no_bf16)
       r = res["coreset"]
-      print(f"coreset {r['shape']} -> {r['n_select']}: ours {r['ours_s']:.2f}s"
-            f" | torch greedy {r['torch_greedy_s']:.2f}s "
-            f"({r['speedup_vs_torch']:.2f}x, target 3x) | {r['ours_gbs']:.1f} "
-            f"GB/s = {100 * r['fraction_of_bandwidth']:.0f}% of measured read "
-            f"bandwidth | same picks as torch: "
-            f"{100 * r['same_selection_as_torch']:.1f}%")
+      print(
+          f"coreset {r['shape']} -> {r['n_select']}: ours {r['ours_s']:.2f}s"
+          f" | torch greedy {r['torch_greedy_s']:.2f}s "
+          f"({r['speedup_vs_torch']:.2f}x, target 3x) | {r['ours_gbs']:.1f} "
+          f"GB/s = {100 * r['fraction_of_bandwidth']:.0f}% of measured read "
+          "bandwidth | same picks as torch: "
+          f"{100 * r['same_selection_as_torch']:.1f}%"
+      )
       if "ours_bf16_s" in r:
-        print(f"  bf16 storage: {r['ours_bf16_s']:.2f}s, same pick at same "
-              f"step {100 * r['bf16_same_position_fraction']:.1f}%, set "
-              f"overlap {100 * r['bf16_set_overlap']:.1f}%, first divergence "
-              f"at step {r['bf16_first_divergence_step']}")
+        print(
+            f"  bf16 storage: {r['ours_bf16_s']:.2f}s, same pick at same "
+            f"step {100 * r['bf16_same_position_fraction']:.1f}%, set "
+            f"overlap {100 * r['bf16_set_overlap']:.1f}%, first divergence "
+            f"at step {r['bf16_first_divergence_step']}"
+        )
     else:
       bench_knn(rng, args.scale, res, not args.no_bf16)
       r = res["knn"]
-      print(f"kNN {r['queries']}x{r['bank']}x{r['dim']}: ours "
-            f"{r['ours_s']:.2f}s | faiss IndexFlatL2 {r['faiss_s']:.2f}s "
-            f"(ours/faiss {r['ratio_ours_over_faiss']:.2f}, target <= 1.2) | "
-            f"nn index "
-            f"agreement {100 * r['index_agreement_vs_faiss']:.3f}%")
+      print(
+          f"kNN {r['queries']}x{r['bank']}x{r['dim']}: ours "
+          f"{r['ours_s']:.2f}s | faiss IndexFlatL2 {r['faiss_s']:.2f}s "
+          f"(ours/faiss {r['ratio_ours_over_faiss']:.2f}, target <= 1.2) | "
+          "nn index "
+          f"agreement {100 * r['index_agreement_vs_faiss']:.3f}%"
+      )
       if "bf16_s" in r:
-        print(f"  bf16 inputs ({r['bf16_queries']} queries): "
-              f"{r['bf16_s']:.2f}s, exact nn index agreement with f32 "
-              f"{100 * r['bf16_exact_index_agreement']:.2f}%")
+        print(
+            f"  bf16 inputs ({r['bf16_queries']} queries): "
+            f"{r['bf16_s']:.2f}s, exact nn index agreement with f32 "
+            f"{100 * r['bf16_exact_index_agreement']:.2f}%"
+        )
     _write_json(out, res)
   print(f"results written to {out}")
 

@@ -10,6 +10,7 @@ The package exports its op modules, not their functions, so that
   from softpatch_jax.kernels import knn
   sqdist, idx = knn.knn(queries, bank, k=1)
 """
+
 from softpatch_jax.kernels import kcenter
 from softpatch_jax.kernels import knn
 from softpatch_jax.kernels import lof

@@ -1,4 +1,5 @@
 """Backend dispatch shared by the kernel wrappers."""
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,7 @@ def resolve_impl(impl: str | None, op: str) -> str:
     forced = os.environ.get("SOFTPATCH_JAX_IMPL", "").strip()
     if forced:
       if forced not in IMPLS:
-        raise ValueError(f"SOFTPATCH_JAX_IMPL={forced!r} is not one of "
-                         f"{IMPLS}")
+        raise ValueError(f"SOFTPATCH_JAX_IMPL={forced!r} is not one of {IMPLS}")
       return forced
     return "xla" if jax.default_backend() == "cpu" else "pallas"
   if impl not in IMPLS:
@@ -32,8 +32,10 @@ def resolve_impl(impl: str | None, op: str) -> str:
 def check_rank(name: str, op: str, x, rank: int) -> None:
   """Raises ValueError unless `x` has rank `rank`."""
   if x.ndim != rank:
-    raise ValueError(f"kernels.{op}: {name} must have rank {rank}, got shape "
-                     f"{tuple(x.shape)}")
+    raise ValueError(
+        f"kernels.{op}: {name} must have rank {rank}, got shape "
+        f"{tuple(x.shape)}"
+    )
 
 
 def round_up(n: int, m: int) -> int:

@@ -18,6 +18,7 @@ vectors, so x is read once per iteration; exact duplicates are mapped to
 one representative so ties stay exact; optional bf16 storage of x), and
 the Pallas kernel (``kcenter_pallas.py``). No path forms an M x M matrix.
 """
+
 from __future__ import annotations
 
 import functools
@@ -40,22 +41,28 @@ def _validate(x, n_select, start_idx, sampling_weight, op):
   if m == 0:
     raise ValueError(f"kernels.{op}: x is empty, shape {tuple(x.shape)}")
   if not isinstance(n_select, (int, np.integer)) or n_select < 0:
-    raise ValueError(f"kernels.{op}: n_select must be an int >= 0, got "
-                     f"{n_select!r}")
+    raise ValueError(
+        f"kernels.{op}: n_select must be an int >= 0, got {n_select!r}"
+    )
   start_idx = jnp.asarray(start_idx)
   if start_idx.ndim != 1 or start_idx.shape[0] == 0:
-    raise ValueError(f"kernels.{op}: start_idx must be a non-empty 1-d index "
-                     f"array, got shape {tuple(start_idx.shape)}")
+    raise ValueError(
+        f"kernels.{op}: start_idx must be a non-empty 1-d index "
+        f"array, got shape {tuple(start_idx.shape)}"
+    )
   if not jnp.issubdtype(start_idx.dtype, jnp.integer):
-    raise ValueError(f"kernels.{op}: start_idx must be integer, got "
-                     f"{start_idx.dtype}")
+    raise ValueError(
+        f"kernels.{op}: start_idx must be integer, got {start_idx.dtype}"
+    )
   if sampling_weight is None:
     w = jnp.ones((m,), _F32)
   else:
     w = jnp.asarray(sampling_weight, _F32)
     if w.shape != (m,):
-      raise ValueError(f"kernels.{op}: sampling_weight shape {tuple(w.shape)} "
-                       f"!= ({m},) to match x {tuple(x.shape)}")
+      raise ValueError(
+          f"kernels.{op}: sampling_weight shape {tuple(w.shape)} "
+          f"!= ({m},) to match x {tuple(x.shape)}"
+      )
   return x.astype(_F32), int(n_select), start_idx.astype(jnp.int32), w
 
 
@@ -74,15 +81,17 @@ def _kcenter_reference(x, n_select, start_idx, w):
     dist = jnp.minimum(dist, _dist_to(x, x[i]) * w)
     return dist, sel
 
-  _, sel = jax.lax.fori_loop(0, n_select, body,
-                             (dist, jnp.zeros((n_select,), jnp.int32)))
+  _, sel = jax.lax.fori_loop(
+      0, n_select, body, (dist, jnp.zeros((n_select,), jnp.int32))
+  )
   return sel
 
 
 def kcenter_reference(x, n_select: int, start_idx, sampling_weight=None):
   """Plain-jnp weighted greedy k-center -> (n_select,) int32 indices."""
-  x, n_select, start_idx, w = _validate(x, n_select, start_idx,
-                                        sampling_weight, "kcenter_reference")
+  x, n_select, start_idx, w = _validate(
+      x, n_select, start_idx, sampling_weight, "kcenter_reference"
+  )
   return _kcenter_reference(x, n_select, start_idx, w)
 
 
@@ -95,15 +104,21 @@ def duplicate_representative(x):
   """
   m, d = x.shape
   bits = jax.lax.bitcast_convert_type(x.astype(_F32), jnp.uint32)
-  mult = (jnp.arange(d, dtype=jnp.uint32) * jnp.uint32(2654435761)
-          + jnp.uint32(0x9E3779B1)) | jnp.uint32(1)
+  mult = (
+      jnp.arange(d, dtype=jnp.uint32) * jnp.uint32(2654435761)
+      + jnp.uint32(0x9E3779B1)
+  ) | jnp.uint32(1)
   h1 = jnp.sum(bits * mult, axis=1, dtype=jnp.uint32)
-  h2 = jnp.sum((bits ^ (bits >> 15)) * (mult * jnp.uint32(0x85EBCA6B)),
-               axis=1, dtype=jnp.uint32)
+  h2 = jnp.sum(
+      (bits ^ (bits >> 15)) * (mult * jnp.uint32(0x85EBCA6B)),
+      axis=1,
+      dtype=jnp.uint32,
+  )
   order = jnp.lexsort((jnp.arange(m), h2, h1))  # stable: index ascending
   xs = x[order]
   same = jnp.concatenate(
-      [jnp.zeros((1,), bool), jnp.all(xs[1:] == xs[:-1], axis=1)])
+      [jnp.zeros((1,), bool), jnp.all(xs[1:] == xs[:-1], axis=1)]
+  )
   # Head of each run = first (lowest-index) member; propagate it forward.
   head_pos = jax.lax.cummax(jnp.where(same, 0, jnp.arange(m)), axis=0)
   rep_sorted = order[head_pos]
@@ -129,8 +144,9 @@ def _kcenter_xla(x, n_select, start_idx, w, storage_dtype):
     c = jax.lax.dynamic_index_in_dim(xc, i, keepdims=False)
     # The bandwidth-bound pass: one matvec over x (||x-c||^2 expanded),
     # then weight, running min and argmax fuse over (M,) vectors.
-    dots = jax.lax.dot_general(xc, c, (((1,), (0,)), ((), ())),
-                               preferred_element_type=_F32)
+    dots = jax.lax.dot_general(
+        xc, c, (((1,), (0,)), ((), ())), preferred_element_type=_F32
+    )
     sq = jnp.maximum(xx - 2.0 * dots + xx[i], 0.0)
     # Exact duplicates share their representative's value (the matvec may
     # round identical rows differently), and the centre's own group is
@@ -140,12 +156,20 @@ def _kcenter_xla(x, n_select, start_idx, w, storage_dtype):
     return dist, sel, jnp.argmax(dist).astype(jnp.int32)
 
   _, sel, _ = jax.lax.fori_loop(
-      0, n_select, body, (dist, jnp.zeros((n_select,), jnp.int32), i0))
+      0, n_select, body, (dist, jnp.zeros((n_select,), jnp.int32), i0)
+  )
   return sel
 
 
-def kcenter(x, n_select: int, start_idx, sampling_weight=None,
-            impl: str | None = None, *, storage_dtype=None):
+def kcenter(
+    x,
+    n_select: int,
+    start_idx,
+    sampling_weight=None,
+    impl: str | None = None,
+    *,
+    storage_dtype=None,
+):
   """Weighted approximate greedy k-center.
 
   Args:
@@ -162,8 +186,9 @@ def kcenter(x, n_select: int, start_idx, sampling_weight=None,
   Returns:
     (n_select,) int32 indices into x, in selection order.
   """
-  x, n_select, start_idx, w = _validate(x, n_select, start_idx,
-                                        sampling_weight, "kcenter")
+  x, n_select, start_idx, w = _validate(
+      x, n_select, start_idx, sampling_weight, "kcenter"
+  )
   path = _dispatch.resolve_impl(impl, "kcenter")
   if n_select == 0:
     return jnp.zeros((0,), jnp.int32)
@@ -175,5 +200,10 @@ def kcenter(x, n_select: int, start_idx, sampling_weight=None,
   if path == "xla":
     return _kcenter_xla(x, n_select, start_idx, w, sdt)
   return kcenter_pallas.kcenter_pallas(
-      x, n_select, start_idx, w, interpret=(path == "pallas_interpret"),
-      storage_dtype=sdt)
+      x,
+      n_select,
+      start_idx,
+      w,
+      interpret=(path == "pallas_interpret"),
+      storage_dtype=sdt,
+  )

@@ -25,11 +25,12 @@ def initial_distance(x, start_idx, w):
   The sum runs sequentially over the starts on every path, so all paths
   round identically.
   """
+
   def body(j, acc):
     s = start_idx[j]
     return acc + dist_to(x, x[s])
-  acc = jax.lax.fori_loop(0, start_idx.shape[0], body,
-                          jnp.zeros((x.shape[0],), _F32))
+
+  acc = jax.lax.fori_loop(
+      0, start_idx.shape[0], body, jnp.zeros((x.shape[0],), _F32)
+  )
   return acc / start_idx.shape[0] * w
-
-

@@ -7,6 +7,7 @@ applies the sampling weight, lowers the running minimum in place
 that attains it. The tiny cross-block argmax runs outside the kernel, all
 inside one ``lax.fori_loop``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,8 +23,9 @@ _F32 = jnp.float32
 _BIG = jnp.iinfo(jnp.int32).max
 
 
-def _step_kernel(c_ref, xt_ref, w_ref, dist_ref, out_dist_ref, bmax_ref,
-                 bidx_ref, *, block_m):
+def _step_kernel(
+    c_ref, xt_ref, w_ref, dist_ref, out_dist_ref, bmax_ref, bidx_ref, *, block_m
+):
   b = pl.program_id(0)
   # x is held transposed, (d, block_m), so the per-point results are
   # lane-dense rows.
@@ -34,8 +36,7 @@ def _step_kernel(c_ref, xt_ref, w_ref, dist_ref, out_dist_ref, bmax_ref,
   m = jnp.max(new, axis=1, keepdims=True)
   col = b * block_m + jax.lax.broadcasted_iota(jnp.int32, new.shape, 1)
   bmax_ref[...] = m
-  bidx_ref[...] = jnp.min(jnp.where(new == m, col, _BIG), axis=1,
-                          keepdims=True)
+  bidx_ref[...] = jnp.min(jnp.where(new == m, col, _BIG), axis=1, keepdims=True)
 
 
 def _make_step(nb, block_m, dim, interpret):
@@ -65,10 +66,12 @@ def _make_step(nb, block_m, dim, interpret):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("n_select", "block_m", "interpret",
-                              "storage_dtype"))
-def _kcenter_pallas(x, n_select, start_idx, w, block_m, interpret,
-                    storage_dtype):
+    jax.jit,
+    static_argnames=("n_select", "block_m", "interpret", "storage_dtype"),
+)
+def _kcenter_pallas(
+    x, n_select, start_idx, w, block_m, interpret, storage_dtype
+):
   m, dim = x.shape
   if storage_dtype is not None:
     x = x.astype(storage_dtype)
@@ -93,16 +96,32 @@ def _kcenter_pallas(x, n_select, start_idx, w, block_m, interpret,
 
   i0 = jnp.argmax(dist).astype(jnp.int32)
   _, sel, _ = jax.lax.fori_loop(
-      0, n_select, body, (distp, jnp.zeros((n_select,), jnp.int32), i0))
+      0, n_select, body, (distp, jnp.zeros((n_select,), jnp.int32), i0)
+  )
   return sel
 
 
-def kcenter_pallas(x, n_select, start_idx, w, *, interpret=False,
-                   storage_dtype=None, block_m=None):
+def kcenter_pallas(
+    x,
+    n_select,
+    start_idx,
+    w,
+    *,
+    interpret=False,
+    storage_dtype=None,
+    block_m=None,
+):
   """Pallas weighted greedy k-center; inputs validated by ``kcenter``."""
   m = x.shape[0]
   if block_m is None:
     block_m = 128 if interpret else 2048
     block_m = min(block_m, _dispatch.round_up(m, 128))
-  return _kcenter_pallas(x, int(n_select), start_idx, w, int(block_m),
-                         bool(interpret), storage_dtype)
+  return _kcenter_pallas(
+      x,
+      int(n_select),
+      start_idx,
+      w,
+      int(block_m),
+      bool(interpret),
+      storage_dtype,
+  )

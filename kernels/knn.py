@@ -13,6 +13,7 @@ Three implementations share these semantics:
   * the Pallas kernel (``knn_pallas.py``): a (query-tile, bank-tile) grid
     with the running top-k held in the revisited output block.
 """
+
 from __future__ import annotations
 
 import functools
@@ -59,14 +60,19 @@ def _merge_topk(best_d, best_i, d, col, k):
     m = jnp.min(d, axis=1)
     a = jnp.argmin(d, axis=1).astype(jnp.int32)  # first occurrence
     better = m < best_d[:, 0]  # strict: equal keeps the earlier tile
-    return (jnp.where(better, m, best_d[:, 0])[:, None],
-            jnp.where(better, col[a], best_i[:, 0])[:, None])
+    return (
+        jnp.where(better, m, best_d[:, 0])[:, None],
+        jnp.where(better, col[a], best_i[:, 0])[:, None],
+    )
   cd = jnp.concatenate([best_d, d], axis=1)
   ci = jnp.concatenate(
-      [best_i, jnp.broadcast_to(col[None, :], d.shape)], axis=1)
+      [best_i, jnp.broadcast_to(col[None, :], d.shape)], axis=1
+  )
   _, pos = jax.lax.top_k(-cd, k)
-  return (jnp.take_along_axis(cd, pos, axis=1),
-          jnp.take_along_axis(ci, pos, axis=1))
+  return (
+      jnp.take_along_axis(cd, pos, axis=1),
+      jnp.take_along_axis(ci, pos, axis=1),
+  )
 
 
 def default_blocks(m: int, n: int, k: int) -> tuple[int, int]:
@@ -82,7 +88,8 @@ def default_blocks(m: int, n: int, k: int) -> tuple[int, int]:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("k", "block_q", "block_n", "compute_dtype"))
+    jax.jit, static_argnames=("k", "block_q", "block_n", "compute_dtype")
+)
 def _knn_xla(queries, bank, k, block_q, block_n, compute_dtype):
   m, dim = queries.shape
   n = bank.shape[0]
@@ -108,14 +115,16 @@ def _knn_xla(queries, bank, k, block_q, block_n, compute_dtype):
       col = off + jnp.arange(block_n, dtype=jnp.int32)
       return _merge_topk(*carry, d, col, k), None
 
-    init = (jnp.full((block_q, k), jnp.inf, _F32),
-            jnp.zeros((block_q, k), jnp.int32))
+    init = (
+        jnp.full((block_q, k), jnp.inf, _F32),
+        jnp.zeros((block_q, k), jnp.int32),
+    )
     (bd, bi), _ = jax.lax.scan(step, init, (b_tiles, bb_tiles, offsets))
     return bd, bi
 
   bd, bi = jax.lax.map(
-      one_query_tile,
-      (qc.reshape(nq, block_q, dim), qq.reshape(nq, block_q)))
+      one_query_tile, (qc.reshape(nq, block_q, dim), qq.reshape(nq, block_q))
+  )
   bd = bd.reshape(mp, k)[:m]
   bi = bi.reshape(mp, k)[:m]
   if qc.dtype != _F32:
@@ -123,9 +132,16 @@ def _knn_xla(queries, bank, k, block_q, block_n, compute_dtype):
   return bd, bi
 
 
-def knn(queries, bank, k: int = 1, *, block_q: int | None = None,
-        block_n: int | None = None, impl: str | None = None,
-        compute_dtype=None):
+def knn(
+    queries,
+    bank,
+    k: int = 1,
+    *,
+    block_q: int | None = None,
+    block_n: int | None = None,
+    impl: str | None = None,
+    compute_dtype=None,
+):
   """Blocked exact kNN under squared L2.
 
   Args:
@@ -163,5 +179,11 @@ def knn(queries, bank, k: int = 1, *, block_q: int | None = None,
       raise ValueError(f"kernels.knn: block_n={bn} must be >= k={k}")
     return _knn_xla(queries, bank, k, bq, bn, cdt)
   return knn_pallas.knn_pallas(
-      queries, bank, k, block_q=block_q, block_n=block_n,
-      interpret=(path == "pallas_interpret"), compute_dtype=cdt)
+      queries,
+      bank,
+      k,
+      block_q=block_q,
+      block_n=block_n,
+      interpret=(path == "pallas_interpret"),
+      compute_dtype=cdt,
+  )

@@ -19,20 +19,23 @@ def validate(queries, bank, k: int, op: str = "knn"):
   if queries.shape[1] != bank.shape[1]:
     raise ValueError(
         f"kernels.{op}: feature dims differ: queries {tuple(queries.shape)} vs "
-        f"bank {tuple(bank.shape)}")
+        f"bank {tuple(bank.shape)}"
+    )
   if not isinstance(k, (int, np.integer)) or k < 1:
     raise ValueError(f"kernels.{op}: k must be a positive int, got {k!r}")
   if bank.shape[0] < k:
     raise ValueError(
         f"kernels.{op}: k={k} exceeds the bank size N={bank.shape[0]} "
-        f"(bank shape {tuple(bank.shape)})")
+        f"(bank shape {tuple(bank.shape)})"
+    )
   return queries, bank
 
 
 def sq_dists(q, qq, b, bb):
   """(m, n) clamped squared distances; same expression on every path."""
-  dots = jax.lax.dot_general(q, b, (((1,), (1,)), ((), ())),
-                             preferred_element_type=_F32)
+  dots = jax.lax.dot_general(
+      q, b, (((1,), (1,)), ((), ())), preferred_element_type=_F32
+  )
   return jnp.maximum(qq[:, None] - 2.0 * dots + bb[None, :], 0.0)
 
 
@@ -59,9 +62,9 @@ def prep(queries, bank, compute_dtype):
 def refine(q, b, d, idx, k):
   """Exact f32 distances of the chosen indices, re-sorted (bf16 inputs)."""
   rows = b[idx]  # (m, k, D)
-  diff = jnp.sum(q * q, 1)[:, None] - 2.0 * jnp.einsum(
-      "md,mkd->mk", q, rows, preferred_element_type=_F32) + jnp.sum(
-          rows * rows, -1)
+  diff = (
+      jnp.sum(q * q, 1)[:, None]
+      - 2.0 * jnp.einsum("md,mkd->mk", q, rows, preferred_element_type=_F32)
+      + jnp.sum(rows * rows, -1)
+  )
   return lex_smallest(jnp.maximum(diff, 0.0), idx, k)
-
-

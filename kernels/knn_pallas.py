@@ -6,6 +6,7 @@ running top-k, so no distance tile outlives one grid step. The merge is
 k rounds of "take the minimum, lowest index among equals", written with
 plain min/where so that it lowers on every Pallas backend.
 """
+
 from __future__ import annotations
 
 import functools
@@ -33,19 +34,25 @@ def _knn_kernel(q_ref, qq_ref, b_ref, bb_ref, d_ref, i_ref, *, k, kp, block_n):
     d_ref[...] = jnp.full(d_ref.shape, jnp.inf, _F32)
     i_ref[...] = jnp.full(i_ref.shape, _BIG, jnp.int32)
 
-  dots = jax.lax.dot_general(q_ref[...], b_ref[...], (((1,), (1,)), ((), ())),
-                             preferred_element_type=_F32)
+  dots = jax.lax.dot_general(
+      q_ref[...],
+      b_ref[...],
+      (((1,), (1,)), ((), ())),
+      preferred_element_type=_F32,
+  )
   d = jnp.maximum(qq_ref[...] - 2.0 * dots + bb_ref[...], 0.0)
   col = j * block_n + jax.lax.broadcasted_iota(jnp.int32, d.shape, 1)
   run_d = d_ref[...]
   run_i = i_ref[...]
   out_d, out_i = [], []
   for _ in range(k):
-    m = jnp.minimum(jnp.min(run_d, axis=1, keepdims=True),
-                    jnp.min(d, axis=1, keepdims=True))
+    m = jnp.minimum(
+        jnp.min(run_d, axis=1, keepdims=True), jnp.min(d, axis=1, keepdims=True)
+    )
     sel = jnp.minimum(
         jnp.min(jnp.where(run_d == m, run_i, _BIG), axis=1, keepdims=True),
-        jnp.min(jnp.where(d == m, col, _BIG), axis=1, keepdims=True))
+        jnp.min(jnp.where(d == m, col, _BIG), axis=1, keepdims=True),
+    )
     out_d.append(m)
     out_i.append(sel)
     run_d = jnp.where(run_i == sel, jnp.inf, run_d)
@@ -59,7 +66,8 @@ def _knn_kernel(q_ref, qq_ref, b_ref, bb_ref, d_ref, i_ref, *, k, kp, block_n):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("k", "block_q", "block_n", "interpret", "compute_dtype"))
+    static_argnames=("k", "block_q", "block_n", "interpret", "compute_dtype"),
+)
 def _knn_pallas(queries, bank, k, block_q, block_n, interpret, compute_dtype):
   m, dim = queries.shape
   n = bank.shape[0]
@@ -98,8 +106,16 @@ def _knn_pallas(queries, bank, k, block_q, block_n, interpret, compute_dtype):
   return d, i
 
 
-def knn_pallas(queries, bank, k=1, *, block_q=None, block_n=None,
-               interpret=False, compute_dtype=None):
+def knn_pallas(
+    queries,
+    bank,
+    k=1,
+    *,
+    block_q=None,
+    block_n=None,
+    interpret=False,
+    compute_dtype=None,
+):
   """Pallas kNN; same contract as ``kernels.knn``."""
   queries, bank = knn_common.validate(queries, bank, k, "knn_pallas")
   m, n = queries.shape[0], bank.shape[0]
@@ -108,5 +124,12 @@ def knn_pallas(queries, bank, k=1, *, block_q=None, block_n=None,
   if block_n is None:
     block_n = min(512, _next_pow2(max(n, 16)))
   block_n = max(int(block_n), _next_pow2(k))
-  return _knn_pallas(queries, bank, int(k), int(block_q), int(block_n),
-                     bool(interpret), compute_dtype)
+  return _knn_pallas(
+      queries,
+      bank,
+      int(k),
+      int(block_q),
+      int(block_n),
+      bool(interpret),
+      compute_dtype,
+  )

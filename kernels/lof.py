@@ -21,6 +21,7 @@ candidates per point, whose distances are then recomputed exactly from
 differences), and the Pallas kernel in ``lof_pallas.py`` (one position per
 grid step).
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -49,13 +50,15 @@ def _validate(x, k, op):
   if x.shape[1] < 2:
     raise ValueError(
         f"kernels.{op}: need at least 2 points per position, got x shape "
-        f"{tuple(x.shape)}")
+        f"{tuple(x.shape)}"
+    )
   if int(k) < 1:
     raise ValueError(f"kernels.{op}: k must be >= 1, got {k!r}")
   if int(k) > x.shape[1]:
     warnings.warn(
         f"kernels.{op}: n_neighbors ({k}) is greater than the number of "
-        f"samples ({x.shape[1]}); using n_samples - 1 = {x.shape[1] - 1}.")
+        f"samples ({x.shape[1]}); using n_samples - 1 = {x.shape[1] - 1}."
+    )
   return x.astype(_F32), effective_k(k, x.shape[1])
 
 
@@ -115,8 +118,9 @@ def _chunk_neighbours(xc, k, margin):
 def _lof_xla(x, k, chunk, margin):
   p, n, dim = x.shape
   pp = _dispatch.round_up(p, chunk)
-  xs = jnp.pad(x, ((0, pp - p), (0, 0), (0, 0))).reshape(pp // chunk, chunk,
-                                                           n, dim)
+  xs = jnp.pad(x, ((0, pp - p), (0, 0), (0, 0))).reshape(
+      pp // chunk, chunk, n, dim
+  )
 
   def one_chunk(xc):
     nd, nbr = _chunk_neighbours(xc, k, margin)
@@ -139,21 +143,28 @@ def _lof_xla_threaded(x, k, chunk, margin):
   """
   p = x.shape[0]
   workers = min(os.cpu_count() or 1, p // max(chunk, 1))
-  if (isinstance(x, jax.core.Tracer) or workers <= 1
-      or jax.default_backend() != "cpu"):
+  if (
+      isinstance(x, jax.core.Tracer)
+      or workers <= 1
+      or jax.default_backend() != "cpu"
+  ):
     return _lof_xla(x, k, chunk, margin)
   step = _dispatch.round_up(-(-p // workers), chunk)
   # Equal slices (the last one zero-padded) share one compiled program.
   xp = jnp.pad(x, ((0, step * workers - p), (0, 0), (0, 0)))
   with concurrent.futures.ThreadPoolExecutor(workers) as ex:
-    outs = list(ex.map(
-        lambda a: _lof_xla(xp[a:a + step], k, chunk, margin),
-        range(0, step * workers, step)))
+    outs = list(
+        ex.map(
+            lambda a: _lof_xla(xp[a : a + step], k, chunk, margin),
+            range(0, step * workers, step),
+        )
+    )
   return jnp.concatenate(outs, axis=0)[:p]
 
 
-def lof(x, k: int, impl: str | None = None, *, chunk: int = 16,
-        margin: int = 4):
+def lof(
+    x, k: int, impl: str | None = None, *, chunk: int = 16, margin: int = 4
+):
   """LOF of every point within its own position group.
 
   Args:
@@ -177,6 +188,5 @@ def lof(x, k: int, impl: str | None = None, *, chunk: int = 16,
   if path == "reference":
     return _lof_reference(x, keff)
   if path == "xla":
-    return _lof_xla_threaded(x, keff, int(min(chunk, x.shape[0])),
-                             int(margin))
+    return _lof_xla_threaded(x, keff, int(min(chunk, x.shape[0])), int(margin))
   return lof_pallas.lof_pallas(x, keff, interpret=(path == "pallas_interpret"))

@@ -7,6 +7,7 @@ in k rounds of "smallest distance, lowest index among equals" and kept as
 an (N, N) 0/1 mask, so k-distance, lrd and LOF are masked row reductions
 and no gather is needed inside the kernel.
 """
+
 from __future__ import annotations
 
 import functools
@@ -46,8 +47,9 @@ def _lof_kernel(x_ref, xt_ref, out_ref, *, k, n_valid, dim):
     cand = jnp.where(hit, jnp.inf, cand)
     kdist = m  # the last round leaves the k-th neighbour distance
   reach = jnp.maximum(kdist.T, d)  # reach(i, j) = max(kdist(j), d(i, j))
-  lrd = 1.0 / (jnp.sum(jnp.where(mask, reach, 0.0), axis=1, keepdims=True) / k
-               + _EPS)
+  lrd = 1.0 / (
+      jnp.sum(jnp.where(mask, reach, 0.0), axis=1, keepdims=True) / k + _EPS
+  )
   ratio = jnp.where(mask, lrd.T / lrd, 0.0)
   out_ref[...] = (jnp.sum(ratio, axis=1, keepdims=True) / k).T[None]
 

@@ -103,8 +103,7 @@ def _resolve_n(m: int, n_select: Union[int, float]) -> int:
     n = operator.index(n_select)
   except TypeError:
     raise ValueError(
-        "n_select must be an int count or a float fraction, got "
-        f"{n_select!r}"
+        f"n_select must be an int count or a float fraction, got {n_select!r}"
     ) from None
   if n < 1:
     raise ValueError(f"n_select must be >= 1, got {n}")

@@ -50,29 +50,29 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Decision thresholds of a saved model (mode='fit'); see thresholds.py.
   c.threshold = ml_collections.ConfigDict()
-  c.threshold.method = "quantile"     # 'quantile' | 'manual' | 'f1'
-  c.threshold.quantile = 0.95         # of held-out training image scores
+  c.threshold.method = "quantile"  # 'quantile' | 'manual' | 'f1'
+  c.threshold.quantile = 0.95  # of held-out training image scores
   c.threshold.pixel_quantile = ml_collections.config_dict.placeholder(float)
   c.threshold.folds = 5
   c.threshold.value = ml_collections.config_dict.placeholder(float)
   c.threshold.pixel_value = ml_collections.config_dict.placeholder(float)
-  c.threshold.val_dir = ""            # labelled folder for 'f1'
+  c.threshold.val_dir = ""  # labelled folder for 'f1'
 
   c.data = ml_collections.ConfigDict()
-  c.data.dataset = "mvtec"       # mvtec | btad | folder | elpv | synthetic
+  c.data.dataset = "mvtec"  # mvtec | btad | folder | elpv | synthetic
   c.data.root = ""
-  c.data.categories = ""         # comma-separated; empty = all found
-  c.data.train_dir = ""          # dataset=folder
-  c.data.test_dir = ""           # dataset=folder (optional)
+  c.data.categories = ""  # comma-separated; empty = all found
+  c.data.train_dir = ""  # dataset=folder
+  c.data.test_dir = ""  # dataset=folder (optional)
   c.data.resize = 256
   c.data.crop = 224
   c.data.batch_size = 16
   c.data.num_workers = 4
-  c.data.max_test = 0            # >0: seeded per-label subsample of the test set
+  c.data.max_test = 0  # >0: seeded per-label subsample of the test set
   # elpv only.
   c.data.split_seed = 0
   c.data.test_normal_fraction = 0.2
-  c.data.max_train = 0           # 0 = all
+  c.data.max_train = 0  # 0 = all
   # synthetic only.
   c.data.synthetic = ml_collections.ConfigDict()
   c.data.synthetic.n_train = 20
@@ -88,12 +88,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.noise.seed = 0
   # Augment the injected copies (affine / rotation / noise / blur).
   c.noise.augment = False
-  c.noise.augment_affine = True    # +-3 % translation
-  c.noise.augment_rotate = True    # +-3 degrees
-  c.noise.augment_noise = False    # Gaussian noise, std 0.02 of full range
-  c.noise.augment_blur = False     # Gaussian blur, sigma 0.5-1.5 px
+  c.noise.augment_affine = True  # +-3 % translation
+  c.noise.augment_rotate = True  # +-3 degrees
+  c.noise.augment_noise = False  # Gaussian noise, std 0.02 of full range
+  c.noise.augment_blur = False  # Gaussian blur, sigma 0.5-1.5 px
   c.noise.resample = False
-  c.noise.source = "test"        # 'test' | 'uncertain' (elpv)
+  c.noise.source = "test"  # 'test' | 'uncertain' (elpv)
 
   c.output = ml_collections.ConfigDict()
   c.output.num_heatmaps = 4

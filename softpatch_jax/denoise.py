@@ -158,8 +158,7 @@ def effective_lof_k(lof_k: int, n_images: int) -> int:
     raise ValueError(f"lof_k must be >= 1, got {lof_k}")
   if n_images < 2:
     raise ValueError(
-        "LOF needs at least 2 training images (3+ recommended), got "
-        f"{n_images}"
+        f"LOF needs at least 2 training images (3+ recommended), got {n_images}"
     )
   k = lof_lib.effective_k(lof_k, n_images)
   if k != int(lof_k):

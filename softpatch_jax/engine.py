@@ -69,12 +69,14 @@ class Embedder:
     if n < self.batch_size:
       pad = np.zeros((self.batch_size - n, *images.shape[1:]), images.dtype)
       images = np.concatenate([images, pad], 0)
-    return features_lib.embed_jit(self.variables, jnp.asarray(images), self.spec)[
-        :n
-    ]
+    return features_lib.embed_jit(
+        self.variables, jnp.asarray(images), self.spec
+    )[:n]
 
 
-def embed_spec(bb: backbones.Backbone, features_config) -> features_lib.EmbedSpec:
+def embed_spec(
+    bb: backbones.Backbone, features_config
+) -> features_lib.EmbedSpec:
   """The EmbedSpec of a backbone and a config.features-like mapping."""
   f = features_config
   return features_lib.EmbedSpec(
@@ -287,7 +289,12 @@ def score_features(
 
 
 def score_images(
-    banks, embedder: Embedder, images, *, max_bank_rows=None, pad=True,
+    banks,
+    embedder: Embedder,
+    images,
+    *,
+    max_bank_rows=None,
+    pad=True,
     what="images",
 ):
   """Embeds one batch of images, checks the features and scores them."""
@@ -355,8 +362,16 @@ def score_stream(
 
 
 def predict_samples(
-    banks, embedder, samples, pre, *, num_workers=2, with_masks=False,
-    desc="test", max_bank_rows=None, keep_maps=True,
+    banks,
+    embedder,
+    samples,
+    pre,
+    *,
+    num_workers=2,
+    with_masks=False,
+    desc="test",
+    max_bank_rows=None,
+    keep_maps=True,
 ) -> Dict[str, Predictions]:
   """`score_stream` over decoded samples."""
   stream = data.stream_batches(
@@ -423,7 +438,12 @@ def image_noise_summary(
 
 
 def heldout_scores(
-    train_feats, method, key, options, folds: List[np.ndarray], batch_size=16,
+    train_feats,
+    method,
+    key,
+    options,
+    folds: List[np.ndarray],
+    batch_size=16,
     max_bank_rows=None,
 ):
   """Held-out image scores and pixel-map maxima of every training image.

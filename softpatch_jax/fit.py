@@ -42,7 +42,8 @@ def threshold_settings(config) -> dict:
       folds=int(get("folds", thresholds_lib.DEFAULT_FOLDS)),
       value=tc.get("value", None),
       pixel_value=tc.get("pixel_value", None),
-      val_dir=get("val_dir", ""))
+      val_dir=get("val_dir", ""),
+  )
 
 
 def validate_config(config) -> str:
@@ -52,25 +53,32 @@ def validate_config(config) -> str:
   """
   methods = methods_lib.parse_methods(config.methods)
   if len(methods) != 1:
-    raise ValueError(f"fit mode saves one model; config.methods names "
-                     f"{len(methods)} ({', '.join(methods)}); pick one, e.g. "
-                     "--config.methods=softpatch_lof")
+    raise ValueError(
+        "fit mode saves one model; config.methods names "
+        f"{len(methods)} ({', '.join(methods)}); pick one, e.g. "
+        "--config.methods=softpatch_lof"
+    )
   frac = config.coreset.fraction
   if not isinstance(frac, (int, float)) or not 0.0 < float(frac) <= 1.0:
     raise ValueError(f"config.coreset.fraction must be in (0, 1], got {frac!r}")
   nf = config.denoise.noise_fraction
   if not 0.0 <= float(nf) < 1.0:
-    raise ValueError(f"config.denoise.noise_fraction must be in [0, 1), got "
-                     f"{nf!r}")
+    raise ValueError(
+        f"config.denoise.noise_fraction must be in [0, 1), got {nf!r}"
+    )
   if int(config.denoise.lof_k) < 1:
-    raise ValueError(f"config.denoise.lof_k must be >= 1, got "
-                     f"{config.denoise.lof_k!r}")
+    raise ValueError(
+        f"config.denoise.lof_k must be >= 1, got {config.denoise.lof_k!r}"
+    )
   budget = config.scoring.get("memory_budget_mb", None)
   if budget is not None and float(budget) < 0:
-    raise ValueError(f"config.scoring.memory_budget_mb must be >= 0 (0: no "
-                     f"limit), got {budget!r}")
-  thresholds_lib.validate(**{k: v for k, v in threshold_settings(
-      config).items() if k != "pixel_value"})
+    raise ValueError(
+        "config.scoring.memory_budget_mb must be >= 0 (0: no "
+        f"limit), got {budget!r}"
+    )
+  thresholds_lib.validate(**{
+      k: v for k, v in threshold_settings(config).items() if k != "pixel_value"
+  })
   return methods[0]
 
 
@@ -87,14 +95,17 @@ def check_train_size(n: int, method: str, threshold_method: str) -> None:
   if n == 0:
     raise ValueError("no training images")
   if denoising and n < 2:
-    raise ValueError(f"{method} needs at least 2 training images (it compares "
-                     f"patches across images), got {n}")
+    raise ValueError(
+        f"{method} needs at least 2 training images (it compares "
+        f"patches across images), got {n}"
+    )
   need = 3 if denoising else 2
   if threshold_method == "quantile" and n < need:
     raise ValueError(
         f"the held-out ('quantile') threshold needs at least {need} training "
         f"images for {method}, got {n}; add images, or set "
-        "--config.threshold.method=manual --config.threshold.value=<score>")
+        "--config.threshold.method=manual --config.threshold.value=<score>"
+    )
 
 
 def _val_samples(val_dir):
@@ -102,9 +113,12 @@ def _val_samples(val_dir):
   _, test = data.folder.load_folder(val_dir, val_dir)
   unlabelled = [s.path for s in test if s.label < 0]
   if unlabelled:
-    logging.warning("threshold val_dir: ignoring %d image(s) outside good/ "
-                    "and defect sub-folders (no label): %s", len(unlabelled),
-                    ", ".join(unlabelled[:10]))
+    logging.warning(
+        "threshold val_dir: ignoring %d image(s) outside good/ "
+        "and defect sub-folders (no label): %s",
+        len(unlabelled),
+        ", ".join(unlabelled[:10]),
+    )
   test = [s for s in test if s.label >= 0]
   return test
 
@@ -301,5 +315,7 @@ def _noisiest(train, frac, k: int = 10):
   if frac is None:
     return []
   order = np.argsort(-np.asarray(frac), kind="stable")[:k]
-  return [{"path": train[int(i)].path, "noise_fraction": float(frac[int(i)])}
-          for i in order]
+  return [
+      {"path": train[int(i)].path, "noise_fraction": float(frac[int(i)])}
+      for i in order
+  ]

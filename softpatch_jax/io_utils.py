@@ -35,8 +35,9 @@ def atomic_open(path: str, mode: str = "w", **kwargs):
   """Opens a temp file beside `path`; renames it onto `path` on success."""
   directory = os.path.dirname(os.path.abspath(path)) or "."
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".",
-                             suffix=".tmp", dir=directory)
+  fd, tmp = tempfile.mkstemp(
+      prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory
+  )
   try:
     with os.fdopen(fd, mode, **kwargs) as f:
       yield f
@@ -65,8 +66,10 @@ def write_text(path: str, text: str) -> None:
 
 
 def write_json(path: str, obj) -> None:
-  write_text(path, json.dumps(obj, indent=2, sort_keys=False,
-                              default=_json_default) + "\n")
+  write_text(
+      path,
+      json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n",
+  )
 
 
 def write_csv(path: str, rows, fieldnames) -> None:

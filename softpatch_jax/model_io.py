@@ -64,6 +64,7 @@ class FittedModel:
     heldout_pixel_max: (N,) max of each held-out pixel map, or None.
     format_version: file format version this model was read from / for.
   """
+
   bank_features: np.ndarray
   bank_weights: np.ndarray
   method: str
@@ -95,9 +96,13 @@ class FittedModel:
     """The memory bank as a device pytree (built once, on first use)."""
     if self._bank is None:
       self._bank = scoring.make_bank(
-          self.bank_features, self.bank_weights, soft_weight=self.soft_weight,
-          grid=self.grid, image_size=self.image_size,
-          blur_sigma=self.blur_sigma)
+          self.bank_features,
+          self.bank_weights,
+          soft_weight=self.soft_weight,
+          grid=self.grid,
+          image_size=self.image_size,
+          blur_sigma=self.blur_sigma,
+      )
     return self._bank
 
   @property
@@ -133,19 +138,24 @@ def to_bytes(model: FittedModel) -> bytes:
       "config": model.config,
       "fit_info": model.fit_info,
   }
-  arrays = {"bank_features": np.ascontiguousarray(model.bank_features,
-                                                  np.float32),
-            "bank_weights": np.ascontiguousarray(model.bank_weights,
-                                                 np.float32)}
+  arrays = {
+      "bank_features": np.ascontiguousarray(model.bank_features, np.float32),
+      "bank_weights": np.ascontiguousarray(model.bank_weights, np.float32),
+  }
   if model.heldout_image_scores is not None:
-    arrays["heldout_image_scores"] = np.asarray(model.heldout_image_scores,
-                                                np.float32)
+    arrays["heldout_image_scores"] = np.asarray(
+        model.heldout_image_scores, np.float32
+    )
   if model.heldout_pixel_max is not None:
-    arrays["heldout_pixel_max"] = np.asarray(model.heldout_pixel_max,
-                                             np.float32)
-  payload = {"magic": MAGIC, "format_version": FORMAT_VERSION,
-             "meta": json.dumps(_jsonable(meta), sort_keys=True),
-             "arrays": arrays}
+    arrays["heldout_pixel_max"] = np.asarray(
+        model.heldout_pixel_max, np.float32
+    )
+  payload = {
+      "magic": MAGIC,
+      "format_version": FORMAT_VERSION,
+      "meta": json.dumps(_jsonable(meta), sort_keys=True),
+      "arrays": arrays,
+  }
   return serialization.msgpack_serialize(payload)
 
 
@@ -163,8 +173,10 @@ def resolve_model_path(path: str) -> str:
   if os.path.isdir(path):
     cand = os.path.join(path, MODEL_FILENAME)
     if not os.path.isfile(cand):
-      raise ValueError(f"no {MODEL_FILENAME} in directory {path!r}; pass the "
-                       "model file written by the fit command")
+      raise ValueError(
+          f"no {MODEL_FILENAME} in directory {path!r}; pass the "
+          "model file written by the fit command"
+      )
     return cand
   if not os.path.isfile(path):
     raise ValueError(f"model file does not exist: {path!r}")
@@ -175,18 +187,21 @@ def from_bytes(data: bytes, origin: str = "<bytes>") -> FittedModel:
   try:
     payload = serialization.msgpack_restore(data)
   except Exception as e:  # msgpack raises several unrelated types
-    raise ValueError(f"{origin} is not a readable SoftPatch model file "
-                     f"(truncated or corrupt?): {type(e).__name__}: {e}"
-                     ) from None
+    raise ValueError(
+        f"{origin} is not a readable SoftPatch model file "
+        f"(truncated or corrupt?): {type(e).__name__}: {e}"
+    ) from None
   if not isinstance(payload, dict) or payload.get("magic") != MAGIC:
-    raise ValueError(f"{origin} is not a SoftPatch model file (no "
-                     f"{MAGIC!r} header)")
+    raise ValueError(
+        f"{origin} is not a SoftPatch model file (no {MAGIC!r} header)"
+    )
   version = payload.get("format_version")
   if version != FORMAT_VERSION:
     raise ValueError(
         f"{origin} has model format version {version!r}, but this version of "
         f"softpatch_jax reads version {FORMAT_VERSION}; refit the model or use "
-        "the matching softpatch_jax release")
+        "the matching softpatch_jax release"
+    )
   try:
     meta = json.loads(payload["meta"])
     arrays = payload["arrays"]
@@ -194,24 +209,36 @@ def from_bytes(data: bytes, origin: str = "<bytes>") -> FittedModel:
     weights = np.asarray(arrays["bank_weights"])
   except (KeyError, TypeError, ValueError) as e:
     raise ValueError(f"{origin}: model file is missing fields ({e})") from None
-  if feats.dtype != np.float32 or feats.ndim != 2 or weights.shape != (
-      feats.shape[0],):
-    raise ValueError(f"{origin}: bad memory bank arrays: features "
-                     f"{feats.dtype}{feats.shape}, weights "
-                     f"{weights.dtype}{weights.shape}")
+  if (
+      feats.dtype != np.float32
+      or feats.ndim != 2
+      or weights.shape != (feats.shape[0],)
+  ):
+    raise ValueError(
+        f"{origin}: bad memory bank arrays: features "
+        f"{feats.dtype}{feats.shape}, weights "
+        f"{weights.dtype}{weights.shape}"
+    )
   check_finite_bank(feats, weights, origin)
   opt = lambda k: (np.asarray(arrays[k], np.float32) if k in arrays else None)
   return FittedModel(
-      bank_features=feats, bank_weights=weights, method=meta["method"],
-      soft_weight=bool(meta["soft_weight"]), grid=tuple(meta["grid"]),
+      bank_features=feats,
+      bank_weights=weights,
+      method=meta["method"],
+      soft_weight=bool(meta["soft_weight"]),
+      grid=tuple(meta["grid"]),
       image_size=tuple(meta["image_size"]),
-      blur_sigma=float(meta["blur_sigma"]), backbone=meta["backbone"],
-      preprocess=meta["preprocess"], features=meta["features"],
-      thresholds=meta["thresholds"], config=meta.get("config", {}),
+      blur_sigma=float(meta["blur_sigma"]),
+      backbone=meta["backbone"],
+      preprocess=meta["preprocess"],
+      features=meta["features"],
+      thresholds=meta["thresholds"],
+      config=meta.get("config", {}),
       fit_info=meta.get("fit_info", {}),
       heldout_image_scores=opt("heldout_image_scores"),
       heldout_pixel_max=opt("heldout_pixel_max"),
-      format_version=int(version))
+      format_version=int(version),
+  )
 
 
 def load_model(path: str, backbone=None) -> FittedModel:
@@ -239,22 +266,29 @@ def check_backbone(model: FittedModel, bb) -> None:
   """Refuses a backbone other than the one the model was fitted with."""
   rec = model.backbone
   if bb.name != rec["name"]:
-    raise ValueError(f"backbone mismatch: the model was fitted with "
-                     f"{rec['name']!r}, got {bb.name!r}")
+    raise ValueError(
+        "backbone mismatch: the model was fitted with "
+        f"{rec['name']!r}, got {bb.name!r}"
+    )
   if tuple(bb.layers) != tuple(rec["layers"]):
-    raise ValueError(f"backbone mismatch: the model was fitted with taps "
-                     f"{tuple(rec['layers'])}, got {tuple(bb.layers)}")
+    raise ValueError(
+        "backbone mismatch: the model was fitted with taps "
+        f"{tuple(rec['layers'])}, got {tuple(bb.layers)}"
+    )
   if bb.weights_id != rec["weights_id"]:
     raise ValueError(
         f"backbone weights mismatch for {rec['name']!r}: the model was fitted "
         f"with weights {rec['weights_id']!r}, got {bb.weights_id!r}; scores "
         "against this memory bank would be meaningless. Point to the original "
-        "weights file")
+        "weights file"
+    )
 
 
 def check_finite_bank(feats, weights, origin: str) -> None:
   for name, a in (("features", feats), ("weights", weights)):
     bad = int(np.size(a) - np.count_nonzero(np.isfinite(np.asarray(a))))
     if bad:
-      raise ValueError(f"{origin}: memory bank {name} contain {bad} "
-                       "non-finite values (NaN/inf); the model is broken")
+      raise ValueError(
+          f"{origin}: memory bank {name} contain {bad} "
+          "non-finite values (NaN/inf); the model is broken"
+      )

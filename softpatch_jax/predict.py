@@ -59,8 +59,17 @@ from softpatch_jax.data import _files
 from softpatch_jax.progress import Progress
 
 CSV_FILENAME = "predictions.csv"
-CSV_FIELDS = ["path", "score", "decision", "threshold",
-              "anomalous_pixel_fraction", "heatmap", "map", "mask", "error"]
+CSV_FIELDS = [
+    "path",
+    "score",
+    "decision",
+    "threshold",
+    "anomalous_pixel_fraction",
+    "heatmap",
+    "map",
+    "mask",
+    "error",
+]
 
 
 # --------------------------------------------------------------------------
@@ -91,9 +100,12 @@ def list_inputs(inputs, recursive: bool = False) -> List[str]:
     else:
       skipped.append(p)
   if skipped:
-    logging.warning("skipping %d non-image file(s) (accepted extensions %s): %s",
-                len(skipped), ", ".join(_files.IMAGE_EXTENSIONS),
-                ", ".join(skipped))
+    logging.warning(
+        "skipping %d non-image file(s) (accepted extensions %s): %s",
+        len(skipped),
+        ", ".join(_files.IMAGE_EXTENSIONS),
+        ", ".join(skipped),
+    )
   if not paths:
     raise ValueError(f"no image files among the inputs {inputs}")
   return paths
@@ -201,15 +213,26 @@ def _fmt(v):
   return str(v)
 
 
-def predict(model, inputs, output: str, *, batch_size: Optional[int] = None,
-            num_workers: int = 2, save_maps: bool = False,
-            save_masks: bool = False, heatmaps: bool = True,
-            threshold: Optional[float] = None,
-            pixel_threshold: Optional[float] = None,
-            quantile: Optional[float] = None, recursive: bool = False,
-            strict: bool = False, memory_budget_mb: Optional[float] = None,
-            backbone_weights: Optional[str] = None, backbone=None,
-            progress: bool = True) -> dict:
+def predict(
+    model,
+    inputs,
+    output: str,
+    *,
+    batch_size: Optional[int] = None,
+    num_workers: int = 2,
+    save_maps: bool = False,
+    save_masks: bool = False,
+    heatmaps: bool = True,
+    threshold: Optional[float] = None,
+    pixel_threshold: Optional[float] = None,
+    quantile: Optional[float] = None,
+    recursive: bool = False,
+    strict: bool = False,
+    memory_budget_mb: Optional[float] = None,
+    backbone_weights: Optional[str] = None,
+    backbone=None,
+    progress: bool = True,
+) -> dict:
   """Scores `inputs` with `model` (a FittedModel or a model path).
 
   batch_size defaults to the fitting batch size: the backbone then runs the
@@ -234,8 +257,10 @@ def predict(model, inputs, output: str, *, batch_size: Optional[int] = None,
   t_pix = model.pixel_threshold
   if quantile is not None:
     if model.heldout_image_scores is None:
-      raise ValueError("--quantile needs a model fitted with the 'quantile' "
-                       "threshold (it stores held-out training scores)")
+      raise ValueError(
+          "--quantile needs a model fitted with the 'quantile' "
+          "threshold (it stores held-out training scores)"
+      )
     t_img = thresholds_lib.quantile(model.heldout_image_scores, quantile)
     t_pix = thresholds_lib.quantile(model.heldout_pixel_max, quantile)
   if threshold is not None:
@@ -304,19 +329,42 @@ def predict(model, inputs, output: str, *, batch_size: Optional[int] = None,
   _write_csv(csv_path, rows)
   n_err = sum(r["decision"] == "error" for r in rows)
   n_anom = sum(r["decision"] == "anomalous" for r in rows)
-  print(f"{len(rows)} images: {n_anom} anomalous, "
-        f"{len(rows) - n_anom - n_err} normal, {n_err} unreadable "
-        f"(threshold {t_img}); results in {csv_path}", flush=True)
-  return {"rows": rows, "csv": csv_path, "n_images": len(rows),
-          "n_anomalous": n_anom, "n_errors": n_err,
-          "image_threshold": t_img, "pixel_threshold": t_pix}
+  print(
+      f"{len(rows)} images: {n_anom} anomalous, "
+      f"{len(rows) - n_anom - n_err} normal, {n_err} unreadable "
+      f"(threshold {t_img}); results in {csv_path}",
+      flush=True,
+  )
+  return {
+      "rows": rows,
+      "csv": csv_path,
+      "n_images": len(rows),
+      "n_anomalous": n_anom,
+      "n_errors": n_err,
+      "image_threshold": t_img,
+      "pixel_threshold": t_pix,
+  }
 
 
-def _write_one(output, name, path, image, score, amap, pre, t_img, t_pix,
-               crange, heatmaps, save_maps, save_masks) -> dict:
+def _write_one(
+    output,
+    name,
+    path,
+    image,
+    score,
+    amap,
+    pre,
+    t_img,
+    t_pix,
+    crange,
+    heatmaps,
+    save_maps,
+    save_masks,
+) -> dict:
   row = {"path": path, "score": score, "threshold": t_img}
-  row["decision"] = ("n/a" if t_img is None else
-                     "anomalous" if score >= t_img else "normal")
+  row["decision"] = (
+      "n/a" if t_img is None else "anomalous" if score >= t_img else "normal"
+  )
   mask = None
   if t_pix is not None:
     mask = amap >= t_pix
@@ -325,8 +373,9 @@ def _write_one(output, name, path, image, score, amap, pre, t_img, t_pix,
     rgb = viz.to_uint8_image(image, pre.mean, pre.std)
     if rgb.shape[-1] == 1:
       rgb = np.repeat(rgb, 3, axis=-1)
-    lo, hi = crange if crange is not None else (float(amap.min()),
-                                                float(amap.max()))
+    lo, hi = (
+        crange if crange is not None else (float(amap.min()), float(amap.max()))
+    )
     over = viz.overlay(rgb, amap, lo, hi)
     if mask is not None and mask.any():
       over = viz.mask_outline(over, mask)
@@ -339,8 +388,9 @@ def _write_one(output, name, path, image, score, amap, pre, t_img, t_pix,
     row["map"] = rel
   if save_masks and mask is not None:
     rel = os.path.join("masks", name + ".png")
-    io_utils.write_bytes(os.path.join(output, rel),
-                         _png_bytes(mask.astype(np.uint8) * 255))
+    io_utils.write_bytes(
+        os.path.join(output, rel), _png_bytes(mask.astype(np.uint8) * 255)
+    )
     row["mask"] = rel
   return row
 
@@ -370,33 +420,61 @@ def read_predictions(path) -> List[dict]:
 
 def _define_flags():
   """The command's flags; defined only when run as a program."""
-  flags.DEFINE_string("model", None, "model.softpatch file, or the fit "
-                      "workdir that holds it.")
-  flags.DEFINE_string("input", None, "A directory of images, or "
-                      "comma-separated image files.")
+  flags.DEFINE_string(
+      "model", None, "model.softpatch file, or the fit workdir that holds it."
+  )
+  flags.DEFINE_string(
+      "input", None, "A directory of images, or comma-separated image files."
+  )
   flags.DEFINE_string("output", None, "Output directory.")
-  flags.DEFINE_bool("recursive", False, "Also read images in sub-folders of "
-                    "an input directory.")
-  flags.DEFINE_integer("batch_size", None, "Images per batch (default: the "
-                       "fitting batch size).")
+  flags.DEFINE_bool(
+      "recursive",
+      False,
+      "Also read images in sub-folders of an input directory.",
+  )
+  flags.DEFINE_integer(
+      "batch_size", None, "Images per batch (default: the fitting batch size)."
+  )
   flags.DEFINE_integer("num_workers", 2, "Image decoding threads.")
   flags.DEFINE_bool("heatmaps", True, "Write heatmaps/<name>.png.")
-  flags.DEFINE_bool("save_maps", False, "Also write maps/<name>.npy (raw "
-                    "float32 anomaly maps).")
-  flags.DEFINE_bool("save_masks", False, "Also write masks/<name>.png "
-                    "(binary, map >= pixel threshold).")
+  flags.DEFINE_bool(
+      "save_maps",
+      False,
+      "Also write maps/<name>.npy (raw float32 anomaly maps).",
+  )
+  flags.DEFINE_bool(
+      "save_masks",
+      False,
+      "Also write masks/<name>.png (binary, map >= pixel threshold).",
+  )
   flags.DEFINE_float("threshold", None, "Image threshold override.")
   flags.DEFINE_float("pixel_threshold", None, "Pixel threshold override.")
-  flags.DEFINE_float("quantile", None, "Re-derive both thresholds as this "
-                     "quantile of the stored held-out training scores.")
-  flags.DEFINE_float("memory_budget_mb", None, "Scan the memory bank in "
-                     "chunks of at most this size (default: the model's "
-                     "config; 0: no limit).")
-  flags.DEFINE_string("backbone_weights", None, "Where the backbone weights "
-                      "are now, if they moved since fitting (.pth path); "
-                      "they must be the same weights.")
-  flags.DEFINE_bool("strict", False, "Stop at the first unreadable image "
-                    "instead of recording it as an error row.")
+  flags.DEFINE_float(
+      "quantile",
+      None,
+      "Re-derive both thresholds as this "
+      "quantile of the stored held-out training scores.",
+  )
+  flags.DEFINE_float(
+      "memory_budget_mb",
+      None,
+      "Scan the memory bank in "
+      "chunks of at most this size (default: the model's "
+      "config; 0: no limit).",
+  )
+  flags.DEFINE_string(
+      "backbone_weights",
+      None,
+      "Where the backbone weights "
+      "are now, if they moved since fitting (.pth path); "
+      "they must be the same weights.",
+  )
+  flags.DEFINE_bool(
+      "strict",
+      False,
+      "Stop at the first unreadable image "
+      "instead of recording it as an error row.",
+  )
   flags.mark_flags_as_required(["model", "input", "output"])
   return flags.FLAGS
 
@@ -407,13 +485,23 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   f = flags.FLAGS
   try:
-    predict(f.model, f.input, f.output, batch_size=f.batch_size,
-            num_workers=f.num_workers, save_maps=f.save_maps,
-            save_masks=f.save_masks, heatmaps=f.heatmaps,
-            threshold=f.threshold, pixel_threshold=f.pixel_threshold,
-            quantile=f.quantile, recursive=f.recursive, strict=f.strict,
-            memory_budget_mb=f.memory_budget_mb,
-            backbone_weights=f.backbone_weights)
+    predict(
+        f.model,
+        f.input,
+        f.output,
+        batch_size=f.batch_size,
+        num_workers=f.num_workers,
+        save_maps=f.save_maps,
+        save_masks=f.save_masks,
+        heatmaps=f.heatmaps,
+        threshold=f.threshold,
+        pixel_threshold=f.pixel_threshold,
+        quantile=f.quantile,
+        recursive=f.recursive,
+        strict=f.strict,
+        memory_budget_mb=f.memory_budget_mb,
+        backbone_weights=f.backbone_weights,
+    )
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)

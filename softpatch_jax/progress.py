@@ -13,8 +13,9 @@ import time
 class Progress:
   """Iterates `iterable`, showing `desc`, count/total, rate and ETA."""
 
-  def __init__(self, iterable, total=None, desc="", unit="it", stream=None,
-               enabled=True):
+  def __init__(
+      self, iterable, total=None, desc="", unit="it", stream=None, enabled=True
+  ):
     self.iterable = iterable
     self.total = total if total is not None else _len_or_none(iterable)
     self.desc = desc
@@ -54,8 +55,10 @@ class Progress:
       frac = min(self.n / self.total, 1.0)
       bar = "#" * int(20 * frac) + "-" * (20 - int(20 * frac))
       eta = (self.total - self.n) / rate if rate > 0 else float("nan")
-      msg = (f"{self.desc} [{bar}] {self.n}/{self.total} {self.unit} "
-             f"{elapsed:.1f}s elapsed, ETA {eta:.1f}s")
+      msg = (
+          f"{self.desc} [{bar}] {self.n}/{self.total} {self.unit} "
+          f"{elapsed:.1f}s elapsed, ETA {eta:.1f}s"
+      )
     else:
       msg = f"{self.desc} {self.n} {self.unit} {elapsed:.1f}s ({rate:.2f}/s)"
     self.stream.write(msg + end)

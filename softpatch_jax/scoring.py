@@ -61,7 +61,9 @@ class MemoryBank:
   def take(self, rows) -> "MemoryBank":
     """The bank restricted to `rows` (an index array)."""
     rows = jnp.asarray(rows, jnp.int32)
-    return self.replace(features=self.features[rows], weights=self.weights[rows])
+    return self.replace(
+        features=self.features[rows], weights=self.weights[rows]
+    )
 
 
 def make_bank(
@@ -77,8 +79,7 @@ def make_bank(
   features = jnp.asarray(features, jnp.float32)
   if features.ndim != 2 or features.shape[0] == 0:
     raise ValueError(
-        "memory bank features must have shape (M>0, D), got "
-        f"{features.shape}"
+        f"memory bank features must have shape (M>0, D), got {features.shape}"
     )
   if weights is None:
     weights = jnp.ones((features.shape[0],), jnp.float32)
@@ -168,9 +169,7 @@ def _soft(dist, idx, weights, soft):
 
 
 def _outputs(scores, grid, image_size, sigma):
-  return jnp.max(scores, axis=-1), anomaly_maps(
-      scores, grid, image_size, sigma
-  )
+  return jnp.max(scores, axis=-1), anomaly_maps(scores, grid, image_size, sigma)
 
 
 @jax.jit

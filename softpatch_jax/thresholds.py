@@ -50,13 +50,19 @@ DEFAULT_FOLDS = 5
 MAX_F1_PIXELS = 20_000_000
 
 
-def validate(method: str, quantile: float = DEFAULT_QUANTILE,
-             pixel_quantile: Optional[float] = None, folds: int = DEFAULT_FOLDS,
-             value: Optional[float] = None, val_dir: str = "") -> None:
+def validate(
+    method: str,
+    quantile: float = DEFAULT_QUANTILE,
+    pixel_quantile: Optional[float] = None,
+    folds: int = DEFAULT_FOLDS,
+    value: Optional[float] = None,
+    val_dir: str = "",
+) -> None:
   """Checks threshold settings before any expensive work."""
   if method not in METHODS:
-    raise ValueError(f"config.threshold.method must be one of {METHODS}, got "
-                     f"{method!r}")
+    raise ValueError(
+        f"config.threshold.method must be one of {METHODS}, got {method!r}"
+    )
   for name, q in (("quantile", quantile), ("pixel_quantile", pixel_quantile)):
     if q is not None and not 0.0 < float(q) <= 1.0:
       raise ValueError(f"config.threshold.{name} must be in (0, 1], got {q}")
@@ -64,13 +70,16 @@ def validate(method: str, quantile: float = DEFAULT_QUANTILE,
     raise ValueError(f"config.threshold.folds must be >= 2, got {folds}")
   if method == "manual":
     if value is None:
-      raise ValueError("config.threshold.method='manual' needs "
-                       "config.threshold.value")
+      raise ValueError(
+          "config.threshold.method='manual' needs config.threshold.value"
+      )
     if not np.isfinite(float(value)):
       raise ValueError(f"config.threshold.value must be finite, got {value}")
   if method == "f1" and not val_dir:
-    raise ValueError("config.threshold.method='f1' needs "
-                     "config.threshold.val_dir (a labelled folder)")
+    raise ValueError(
+        "config.threshold.method='f1' needs "
+        "config.threshold.val_dir (a labelled folder)"
+    )
 
 
 def fold_split(n: int, n_folds: int, seed: int) -> List[np.ndarray]:
@@ -115,8 +124,10 @@ def f1_threshold(labels, scores) -> Tuple[float, float]:
     raise ValueError(f"labels {y.shape} and scores {s.shape} differ in shape")
   n_pos = int(y.sum())
   if n_pos == 0 or n_pos == y.size:
-    raise ValueError(f"F1-optimal threshold needs both normal and anomalous "
-                     f"examples, got {n_pos} anomalous of {y.size}")
+    raise ValueError(
+        "F1-optimal threshold needs both normal and anomalous "
+        f"examples, got {n_pos} anomalous of {y.size}"
+    )
   if not np.all(np.isfinite(s)):
     raise ValueError("scores contain NaN/inf; cannot derive a threshold")
   thr, f1 = metrics.f1_curve(y, s)
@@ -137,8 +148,9 @@ def pixel_f1_threshold(masks, maps) -> Tuple[float, float]:
   m = np.asarray(masks).ravel() > 0.5
   a = np.asarray(maps, np.float32).ravel()
   if m.size != a.size:
-    raise ValueError(f"masks ({np.shape(masks)}) and maps ({np.shape(maps)}) "
-                     "differ in size")
+    raise ValueError(
+        f"masks ({np.shape(masks)}) and maps ({np.shape(maps)}) differ in size"
+    )
   if a.size > MAX_F1_PIXELS:
     step = int(np.ceil(a.size / MAX_F1_PIXELS))
     m, a = m[::step], a[::step]
@@ -147,5 +159,9 @@ def pixel_f1_threshold(masks, maps) -> Tuple[float, float]:
 
 def summary(values) -> dict:
   v = np.asarray(values, np.float64)
-  return {"n": int(v.size), "min": float(v.min()), "median": float(
-      np.median(v)), "max": float(v.max())}
+  return {
+      "n": int(v.size),
+      "min": float(v.min()),
+      "median": float(np.median(v)),
+      "max": float(v.max()),
+  }

@@ -12,7 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def load_config(name):
   """Loads configs/<name>.py the way the command line does and returns it."""
   spec = importlib.util.spec_from_file_location(
-      name, os.path.join(ROOT, "configs", f"{name}.py"))
+      name, os.path.join(ROOT, "configs", f"{name}.py")
+  )
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod.get_config()
@@ -40,8 +41,9 @@ def fit_config(train_dir, folds=3, **overrides):
   return c
 
 
-def numpy_greedy_kcenter(x, n_select, start_idx, weight=None, *,
-                         dtype=np.float32):
+def numpy_greedy_kcenter(
+    x, n_select, start_idx, weight=None, *, dtype=np.float32
+):
   """Weighted greedy k-center in plain numpy (the kernels.kcenter contract).
 
   As documented at the top of kernels/kcenter.py: Euclidean distances from
@@ -62,8 +64,7 @@ def numpy_greedy_kcenter(x, n_select, start_idx, weight=None, *,
     (n_select,) int32 indices in selection order.
   """
   x = np.asarray(x, dtype)
-  w = (np.ones(len(x), dtype) if weight is None
-       else np.asarray(weight, dtype))
+  w = np.ones(len(x), dtype) if weight is None else np.asarray(weight, dtype)
 
   def dist_to(i):
     diff = x - x[i]
@@ -95,6 +96,7 @@ def sklearn_lof(x, k, *, fit_dtype=None):
     fit_dtype: dtype the points are cast to before fitting (None: as given).
   """
   from sklearn.neighbors import LocalOutlierFactor  # pylint: disable=g-import-not-at-top
+
   x = np.asarray(x) if fit_dtype is None else np.asarray(x, fit_dtype)
   out = []
   with warnings.catch_warnings():

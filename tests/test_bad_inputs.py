@@ -33,8 +33,9 @@ def fit_config(train_dir, **overrides):
 
 @pytest.fixture(scope="module")
 def bb():
-  return backbones.load("efficientnet_lite0", weights="imagenet",
-                        layers=("stage3", "stage5"))
+  return backbones.load(
+      "efficientnet_lite0", weights="imagenet", layers=("stage3", "stage5")
+  )
 
 
 @pytest.fixture(scope="module")
@@ -43,25 +44,43 @@ def model(bb):
   rng = np.random.default_rng(0)
   return model_io.FittedModel(
       bank_features=rng.normal(size=(300, D)).astype(np.float32),
-      bank_weights=np.ones((300,), np.float32), method="patchcore",
-      soft_weight=False, grid=(8, 8), image_size=(64, 64), blur_sigma=4.0,
-      backbone={"name": bb.name, "layers": list(bb.layers),
-                "weights": "imagenet", "seed": 0,
-                "weights_id": bb.weights_id},
-      preprocess={"resize": 64, "crop": 64, "mean": list(bb.mean),
-                  "std": list(bb.std), "grayscale_to_rgb": True},
-      features={"patchsize": 3, "pretrain_embed_dim": D,
-                "target_embed_dim": D},
-      thresholds={"image": 100.0, "pixel": 80.0, "method": "manual",
-                  "details": {}},
-      config={"data": {"batch_size": 4}})
+      bank_weights=np.ones((300,), np.float32),
+      method="patchcore",
+      soft_weight=False,
+      grid=(8, 8),
+      image_size=(64, 64),
+      blur_sigma=4.0,
+      backbone={
+          "name": bb.name,
+          "layers": list(bb.layers),
+          "weights": "imagenet",
+          "seed": 0,
+          "weights_id": bb.weights_id,
+      },
+      preprocess={
+          "resize": 64,
+          "crop": 64,
+          "mean": list(bb.mean),
+          "std": list(bb.std),
+          "grayscale_to_rgb": True,
+      },
+      features={"patchsize": 3, "pretrain_embed_dim": D, "target_embed_dim": D},
+      thresholds={
+          "image": 100.0,
+          "pixel": 80.0,
+          "method": "manual",
+          "details": {},
+      },
+      config={"data": {"batch_size": 4}},
+  )
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
   root = tmp_path_factory.mktemp("bad")
-  synthetic.make_mvtec_like(root / "d", n_train=5, n_test_good=2,
-                            n_test_defect=1, size=64, seed=2)
+  synthetic.make_mvtec_like(
+      root / "d", n_train=5, n_test_good=2, n_test_defect=1, size=64, seed=2
+  )
   return root / "d" / "synth"
 
 
@@ -80,8 +99,9 @@ def no_temp_files(path):
 
 
 def run_predict(model, bb, inputs, out, **kw):
-  return predict.predict(model, inputs, str(out), backbone=bb,
-                         progress=False, **kw)
+  return predict.predict(
+      model, inputs, str(out), backbone=bb, progress=False, **kw
+  )
 
 
 # ---- truncated / corrupt / zero-byte image files ---------------------------
@@ -91,8 +111,9 @@ def test_corrupt_or_empty_training_image_fails_clearly(images, tmp_path):
   train = good_dir(images, tmp_path)
   raw = (train / "000.png").read_bytes()
   (train / "truncated.png").write_bytes(raw[: len(raw) // 2])
-  c = fit_config(train, **{"threshold.method": "manual",
-                           "threshold.value": 1.0})
+  c = fit_config(
+      train, **{"threshold.method": "manual", "threshold.value": 1.0}
+  )
   with pytest.raises(ValueError, match="truncated.png"):
     fit.fit_and_save(c, str(tmp_path / "w1"))
   (train / "truncated.png").unlink()
@@ -103,8 +124,9 @@ def test_corrupt_or_empty_training_image_fails_clearly(images, tmp_path):
     assert os.listdir(tmp_path / w) == []  # no model, no temp files
 
 
-def test_corrupt_or_empty_input_image_is_an_error_row(model, bb, images,
-                                                      tmp_path):
+def test_corrupt_or_empty_input_image_is_an_error_row(
+    model, bb, images, tmp_path
+):
   inp = tmp_path / "in"
   inp.mkdir()
   good = (images / "test" / "good" / "000.png").read_bytes()
@@ -144,7 +166,8 @@ def test_image_modes_are_converted_not_rejected(model, bb, tmp_path):
   Image.fromarray(rgb).save(inp / "rgb.png")
   alpha = rng.integers(0, 256, (64, 64, 1), dtype=np.uint8)
   Image.fromarray(np.concatenate([rgb, alpha], -1), "RGBA").save(
-      inp / "rgba.png")
+      inp / "rgba.png"
+  )
   pal = Image.fromarray(rgb).quantize(16)
   pal.save(inp / "palette.png")
   pal.convert("RGB").save(inp / "palette_as_rgb.png")
@@ -168,7 +191,8 @@ def test_mask_size_mismatch(images, tmp_path):
   Image.new("L", (32, 32), 255).save(small)
   with pytest.raises(ValueError, match=r"mask.png has size 32x32.*64x64"):
     Preprocess(resize=64, crop=64).load_sample(
-        Sample(str(img), 1, "blob", str(small)))
+        Sample(str(img), 1, "blob", str(small))
+    )
   # Through fitting: an F1 threshold from a val folder with a bad mask.
   val = tmp_path / "val" / "test"
   (val / "good").mkdir(parents=True)
@@ -178,9 +202,12 @@ def test_mask_size_mismatch(images, tmp_path):
     (val / "good" / p.name).write_bytes(p.read_bytes())
   (val / "blob" / "000.png").write_bytes(img.read_bytes())
   Image.new("L", (32, 32), 255).save(
-      tmp_path / "val" / "ground_truth" / "blob" / "000_mask.png")
-  c = fit_config(images / "train" / "good", **{
-      "threshold.method": "f1", "threshold.val_dir": str(val)})
+      tmp_path / "val" / "ground_truth" / "blob" / "000_mask.png"
+  )
+  c = fit_config(
+      images / "train" / "good",
+      **{"threshold.method": "f1", "threshold.val_dir": str(val)},
+  )
   with pytest.raises(ValueError, match="000_mask.png has size 32x32"):
     fit.fit_and_save(c, str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w" / model_io.MODEL_FILENAME)
@@ -206,8 +233,14 @@ def test_category_without_train_good(tmp_path):
   (tmp_path / "cat" / "test" / "good").mkdir(parents=True)
   with pytest.raises(ValueError, match="train"):
     mvtec.load_category(str(tmp_path), "cat")
-  c = fit_config("", **{"data.dataset": "mvtec", "data.root": str(tmp_path),
-                        "data.categories": "cat"})
+  c = fit_config(
+      "",
+      **{
+          "data.dataset": "mvtec",
+          "data.root": str(tmp_path),
+          "data.categories": "cat",
+      },
+  )
   with pytest.raises(ValueError, match=r"cat.*train"):
     fit.fit_and_save(c, str(tmp_path / "w"))
 
@@ -215,12 +248,14 @@ def test_category_without_train_good(tmp_path):
 # ---- non-image files in a folder: skipped with a warning listing them -------
 
 
-def test_non_image_files_skipped_with_warning(model, bb, images, tmp_path,
-                                              caplog):
+def test_non_image_files_skipped_with_warning(
+    model, bb, images, tmp_path, caplog
+):
   train = good_dir(images, tmp_path, n=3)
   (train / "notes.txt").write_text("hello")
   (train / "labels.csv").write_text("a,b")
   from softpatch_jax.data import folder
+
   with caplog.at_level(logging.WARNING):
     tr, _ = folder.load_folder(str(train))
   assert len(tr) == 3
@@ -232,8 +267,12 @@ def test_non_image_files_skipped_with_warning(model, bb, images, tmp_path,
   assert "notes.txt" in caplog.text and "labels.csv" in caplog.text
   caplog.clear()
   with caplog.at_level(logging.WARNING):
-    res = run_predict(model, bb, f"{train / '000.png'},{train / 'notes.txt'}",
-                      tmp_path / "out2")
+    res = run_predict(
+        model,
+        bb,
+        f"{train / '000.png'},{train / 'notes.txt'}",
+        tmp_path / "out2",
+    )
   assert res["n_images"] == 1 and "notes.txt" in caplog.text
 
 
@@ -242,7 +281,9 @@ def test_non_image_files_skipped_with_warning(model, bb, images, tmp_path,
 
 def test_noise_ratio_needs_more_anomalies(images, tmp_path):
   train, test = mvtec.load_category(str(images.parent), "synth")
-  with pytest.raises(ValueError, match=r"needs 4 anomalous test images.*only 2 exist"):
+  with pytest.raises(
+      ValueError, match=r"needs 4 anomalous test images.*only 2 exist"
+  ):
     noise.inject(train, test, ratio=0.9, overlap=True, seed=0)
   c = fit_config(images / "train" / "good", **{"noise.ratio": 0.5})
   with pytest.raises(ValueError, match="only 0 exist"):
@@ -255,15 +296,23 @@ def test_noise_ratio_needs_more_anomalies(images, tmp_path):
 def test_lof_k_at_least_number_of_images_is_clamped(caplog):
   """Documented handling: k becomes N-1 with a warning (sklearn's rule)."""
   feats = np.random.default_rng(0).normal(size=(4, 16, 8)).astype(np.float32)
-  kw = dict(noise_fraction=0.1, coreset_fraction=0.5, num_starts=2,
-            projection_dim=8, grid=(4, 4), image_size=(8, 8), blur_sigma=1.0)
+  kw = dict(
+      noise_fraction=0.1,
+      coreset_fraction=0.5,
+      num_starts=2,
+      projection_dim=8,
+      grid=(4, 4),
+      image_size=(8, 8),
+      blur_sigma=1.0,
+  )
   key = jax.random.PRNGKey(0)
   with caplog.at_level(logging.WARNING):
     big, _ = engine.fit_bank(feats, "softpatch_lof", key, lof_k=10, **kw)
   assert "lof_k=10 >= number of training images (4); using k=3" in caplog.text
   ref, _ = engine.fit_bank(feats, "softpatch_lof", key, lof_k=3, **kw)
-  np.testing.assert_array_equal(np.asarray(big.weights),
-                                np.asarray(ref.weights))
+  np.testing.assert_array_equal(
+      np.asarray(big.weights), np.asarray(ref.weights)
+  )
 
 
 # ---- a coreset ratio outside (0, 1] -----------------------------------------
@@ -284,16 +333,19 @@ def test_coreset_ratio_outside_unit_interval(frac, tmp_path):
 
 def test_one_or_two_training_images(images, tmp_path):
   one = good_dir(images, tmp_path, n=1)
-  with pytest.raises(ValueError, match=r"needs at least 2 training images.*got 1"):
+  with pytest.raises(
+      ValueError, match=r"needs at least 2 training images.*got 1"
+  ):
     fit.fit_and_save(fit_config(one), str(tmp_path / "w1"))
   (tmp_path / "train").rename(tmp_path / "t1")
   two = good_dir(images, tmp_path, n=2)
-  with pytest.raises(ValueError, match="needs at least 3 training images.*"
-                     "got 2.*threshold.method=manual"):
+  with pytest.raises(
+      ValueError,
+      match="needs at least 3 training images.*got 2.*threshold.method=manual",
+  ):
     fit.fit_and_save(fit_config(two), str(tmp_path / "w2"))
   # Documented handling: with a manual threshold two images fit (LOF k=1).
-  c = fit_config(two, **{"threshold.method": "manual",
-                         "threshold.value": 5.0})
+  c = fit_config(two, **{"threshold.method": "manual", "threshold.value": 5.0})
   fit.fit_and_save(c, str(tmp_path / "w3"))
   m = model_io.load_model(str(tmp_path / "w3"))
   assert m.fit_info["n_train"] == 2 and m.image_threshold == 5.0
@@ -312,12 +364,12 @@ def nan_backbone(bb):
   return broken
 
 
-def test_nan_features_from_broken_checkpoint(model, bb, images, tmp_path,
-                                             monkeypatch):
+def test_nan_features_from_broken_checkpoint(
+    model, bb, images, tmp_path, monkeypatch
+):
   broken = nan_backbone(bb)
   with pytest.raises(ValueError, match="non-finite values"):
-    run_predict(model, broken, str(images / "test" / "good"),
-                tmp_path / "out")
+    run_predict(model, broken, str(images / "test" / "good"), tmp_path / "out")
   assert not os.path.exists(tmp_path / "out" / "predictions.csv")
   monkeypatch.setattr(engine, "build_backbone", lambda config: broken)
   c = fit_config(images / "train" / "good")
@@ -360,13 +412,16 @@ def test_interrupted_fit_then_rerun(images, tmp_path, monkeypatch):
   assert os.listdir(work) == []  # nothing half-written
   monkeypatch.undo()
   fit.fit_and_save(c, str(work))
-  assert sorted(os.listdir(work)) == [fit.SUMMARY_FILENAME,
-                                      model_io.MODEL_FILENAME]
+  assert sorted(os.listdir(work)) == [
+      fit.SUMMARY_FILENAME,
+      model_io.MODEL_FILENAME,
+  ]
   model_io.load_model(str(work))
 
 
-def test_interrupted_predict_then_rerun(model, bb, images, tmp_path,
-                                        monkeypatch):
+def test_interrupted_predict_then_rerun(
+    model, bb, images, tmp_path, monkeypatch
+):
   out = tmp_path / "out"
   inp = str(images / "test")
   first = run_predict(model, bb, inp, out, recursive=True)
@@ -391,16 +446,19 @@ def test_interrupted_predict_then_rerun(model, bb, images, tmp_path,
   monkeypatch.undo()
   again = run_predict(model, bb, inp, out, recursive=True)
   assert [r["score"] for r in again["rows"]] == [
-      r["score"] for r in first["rows"]]
+      r["score"] for r in first["rows"]
+  ]
   assert len(predict.read_predictions(out / "predictions.csv")) == len(
-      first["rows"])
+      first["rows"]
+  )
 
 
 # ---- a memory bank bigger than the memory budget ----------------------------
 
 
-def test_bank_over_memory_budget_is_scored_in_chunks(model, bb, images,
-                                                     tmp_path, monkeypatch):
+def test_bank_over_memory_budget_is_scored_in_chunks(
+    model, bb, images, tmp_path, monkeypatch
+):
   inp = str(images / "test" / "good")
   full = run_predict(model, bb, inp, tmp_path / "a", memory_budget_mb=0)
   seen = []
@@ -414,7 +472,11 @@ def test_bank_over_memory_budget_is_scored_in_chunks(model, bb, images,
   budget = 50 * D * 4 / 2**20  # 50 rows of a 300-row bank
   small = run_predict(model, bb, inp, tmp_path / "b", memory_budget_mb=budget)
   assert seen and max(seen) <= 50  # never more than the budget at once
-  np.testing.assert_allclose([r["score"] for r in small["rows"]],
-                             [r["score"] for r in full["rows"]], rtol=1e-6)
+  np.testing.assert_allclose(
+      [r["score"] for r in small["rows"]],
+      [r["score"] for r in full["rows"]],
+      rtol=1e-6,
+  )
   assert [r["decision"] for r in small["rows"]] == [
-      r["decision"] for r in full["rows"]]
+      r["decision"] for r in full["rows"]
+  ]

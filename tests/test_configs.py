@@ -15,7 +15,8 @@ CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 
 def _load(path):
   spec = importlib.util.spec_from_file_location(
-      os.path.basename(path)[:-3], path)
+      os.path.basename(path)[:-3], path
+  )
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod

@@ -223,17 +223,15 @@ def _predict_inputs(d):
   """Files of several sizes and modes, as the predict CLI would list them."""
   rng = np.random.default_rng(0)
   paths = []
-  for i, (mode, size) in enumerate(
-      [
-          ("RGB", (40, 30)),
-          ("L", (33, 47)),
-          ("RGBA", (64, 64)),
-          ("RGB", (31, 31)),
-          ("I;16", (50, 36)),
-          ("P", (45, 45)),
-          ("RGB", (29, 80)),
-      ]
-  ):
+  for i, (mode, size) in enumerate([
+      ("RGB", (40, 30)),
+      ("L", (33, 47)),
+      ("RGBA", (64, 64)),
+      ("RGB", (31, 31)),
+      ("I;16", (50, 36)),
+      ("P", (45, 45)),
+      ("RGB", (29, 80)),
+  ]):
     w, h = size
     if mode == "I;16":
       img = Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16))

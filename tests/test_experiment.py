@@ -53,8 +53,11 @@ def runs(tmp_path_factory):
 
 
 def _metric(result, method, key):
-  rows = [r for r in result["results"]
-          if r["method"] == method and r["category"] == "synth"]
+  rows = [
+      r
+      for r in result["results"]
+      if r["method"] == method and r["category"] == "synth"
+  ]
   assert len(rows) == 1
   return rows[0][key]
 
@@ -97,7 +100,7 @@ def test_patchcore_random_and_gaussian_run(tmp_path):
   c = _config(0, size=64)
   c.methods = "patchcore_random,softpatch_gaussian,softpatch_nearest"
   c.output.num_heatmaps = 0
-  # Also exercise augmentation of the injected copies (seed table 10).
+  # Also exercise augmentation of the injected copies.
   c.noise.augment = True
   c.noise.augment_blur = True
   c.noise.augment_noise = True
@@ -107,8 +110,9 @@ def test_patchcore_random_and_gaussian_run(tmp_path):
     assert _metric(result, m, "image_auroc") > 0.8, m
   for m in ("softpatch_gaussian", "softpatch_nearest"):
     # The other discriminators also single out the injected images.
-    assert (_metric(result, m, "noise_frac_injected")
-            > _metric(result, m, "noise_frac_clean")), m
+    assert _metric(result, m, "noise_frac_injected") > _metric(
+        result, m, "noise_frac_clean"
+    ), m
 
 
 def test_synthetic_data_follows_its_parameters(tmp_path):
@@ -130,5 +134,9 @@ def test_build_augment_follows_config():
   c.noise.augment_rotate = False
   c.noise.augment_blur = True
   aug = data.build_augment(c)
-  assert (aug.affine, aug.rotate, aug.noise, aug.blur) == (True, False, False,
-                                                          True)
+  assert (aug.affine, aug.rotate, aug.noise, aug.blur) == (
+      True,
+      False,
+      False,
+      True,
+  )

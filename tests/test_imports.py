@@ -92,8 +92,11 @@ GRAPH = {n: _imports(n, p) for n, p in MODULES.items()}
 
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_every_module_imports_on_its_own(name):
-  subprocess.run([sys.executable, "-c", f"import {name}"], check=True,
-                 cwd=os.path.dirname(ROOT))
+  subprocess.run(
+      [sys.executable, "-c", f"import {name}"],
+      check=True,
+      cwd=os.path.dirname(ROOT),
+  )
 
 
 def test_no_import_cycles():
@@ -119,8 +122,7 @@ def test_no_import_cycles():
 def test_core_never_imports_edge_or_middle():
   for name, (deps, _) in GRAPH.items():
     if _is_core(name):
-      bad = sorted(d for d in deps if not _is_core(d)
-                   and d != "softpatch_jax")
+      bad = sorted(d for d in deps if not _is_core(d) and d != "softpatch_jax")
       assert not bad, f"core module {name} imports {bad}"
 
 
@@ -130,8 +132,7 @@ def test_nothing_below_the_edge_imports_it():
       continue
     bad = sorted(deps & EDGE)
     assert not bad, f"{name} imports edge modules {bad}"
-  assert not any("softpatch_jax.main" in deps
-                 for n, (deps, _) in GRAPH.items())
+  assert not any("softpatch_jax.main" in deps for n, (deps, _) in GRAPH.items())
 
 
 def test_no_function_level_imports():
@@ -146,15 +147,21 @@ def test_one_scoring_call_site_of_the_nearest_neighbour_kernel():
       continue
     tree = ast.parse(path.read_text(encoding="utf-8"))
     for node in ast.walk(tree):
-      if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-          and node.func.attr == "knn"):
+      if (
+          isinstance(node, ast.Call)
+          and isinstance(node.func, ast.Attribute)
+          and node.func.attr == "knn"
+      ):
         calls.append(f"{name}:{node.lineno}")
-  assert len(calls) == 1 and calls[0].startswith("softpatch_jax.scoring:"), \
-      calls
+  assert len(calls) == 1 and calls[0].startswith(
+      "softpatch_jax.scoring:"
+  ), calls
 
 
 def test_library_files_are_short():
-  long = {n: len(p.read_text(encoding="utf-8").splitlines())
-          for n, p in MODULES.items()}
+  long = {
+      n: len(p.read_text(encoding="utf-8").splitlines())
+      for n, p in MODULES.items()
+  }
   long = {n: k for n, k in long.items() if k > MAX_LINES}
   assert not long, long

@@ -1,4 +1,5 @@
 """kernels.kcenter: every path against a plain numpy weighted greedy."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -21,13 +22,16 @@ def _data(seed, m, d, noise_frac, n_dup):
   return x, w, starts
 
 
-@pytest.mark.parametrize("seed,m,d,n_sel,noise,dup", [
-    (0, 500, 16, 60, None, 0),
-    (1, 777, 32, 100, 0.15, 20),
-    (2, 300, 8, 80, 0.5, 50),
-    (3, 40, 5, 40, 0.3, 5),     # selects past the clean points
-    (4, 1, 3, 3, None, 0),
-])
+@pytest.mark.parametrize(
+    "seed,m,d,n_sel,noise,dup",
+    [
+        (0, 500, 16, 60, None, 0),
+        (1, 777, 32, 100, 0.15, 20),
+        (2, 300, 8, 80, 0.5, 50),
+        (3, 40, 5, 40, 0.3, 5),  # selects past the clean points
+        (4, 1, 3, 3, None, 0),
+    ],
+)
 def test_xla_and_reference_match_numpy(seed, m, d, n_sel, noise, dup):
   x, w, starts = _data(seed, m, d, noise, dup)
   want = _testutil.numpy_greedy_kcenter(x, n_sel, starts, w)
@@ -39,18 +43,22 @@ def test_xla_and_reference_match_numpy(seed, m, d, n_sel, noise, dup):
     # Noise patches are never chosen while a clean point is still away
     # (n_clean - 1: duplicated clean points can reach distance 0 early).
     n_clean = int((w > 0).sum())
-    assert np.all(w[got[:min(n_sel, n_clean - 1)]] > 0) or n_clean == 0
+    assert np.all(w[got[: min(n_sel, n_clean - 1)]] > 0) or n_clean == 0
 
 
-@pytest.mark.parametrize("seed,m,d,n_sel,noise,dup", [
-    (5, 200, 8, 12, 0.2, 10),
-    (6, 70, 4, 9, None, 0),
-])
+@pytest.mark.parametrize(
+    "seed,m,d,n_sel,noise,dup",
+    [
+        (5, 200, 8, 12, 0.2, 10),
+        (6, 70, 4, 9, None, 0),
+    ],
+)
 def test_pallas_interpret_matches_numpy(seed, m, d, n_sel, noise, dup):
   x, w, starts = _data(seed, m, d, noise, dup)
   want = _testutil.numpy_greedy_kcenter(x, n_sel, starts, w)
-  got = np.asarray(kcenter.kcenter(x, n_sel, starts, w,
-                                   impl="pallas_interpret"))
+  got = np.asarray(
+      kcenter.kcenter(x, n_sel, starts, w, impl="pallas_interpret")
+  )
   np.testing.assert_array_equal(got, want)
 
 
@@ -59,7 +67,8 @@ def test_duplicates_are_not_reselected():
   x = np.concatenate([x, x[:30]])  # 30 exact copies
   sel = np.asarray(kcenter.kcenter(x, 90, starts))
   np.testing.assert_array_equal(
-      sel, _testutil.numpy_greedy_kcenter(x, 90, starts, None))
+      sel, _testutil.numpy_greedy_kcenter(x, 90, starts, None)
+  )
   # A copy of a picked point has distance 0: never picked while others remain.
   rows = {tuple(r) for r in x[sel]}
   assert len(rows) == len(sel)
@@ -68,8 +77,9 @@ def test_duplicates_are_not_reselected():
 def test_bf16_storage_runs_and_mostly_agrees():
   x, w, starts = _data(8, 600, 32, 0.1, 0)
   a = np.asarray(kcenter.kcenter(x, 50, starts, w, impl="xla"))
-  b = np.asarray(kcenter.kcenter(x, 50, starts, w, impl="xla",
-                                 storage_dtype=jnp.bfloat16))
+  b = np.asarray(
+      kcenter.kcenter(x, 50, starts, w, impl="xla", storage_dtype=jnp.bfloat16)
+  )
   assert len(set(b.tolist())) == 50 and np.all(w[b] > 0)
   assert len(set(a.tolist()) & set(b.tolist())) >= 25
 

@@ -1,4 +1,5 @@
 """kernels.knn: XLA and Pallas (interpret) paths against the jnp reference."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,8 +26,9 @@ def _check_against(ref, out, q, b):
   # Indices must agree except between neighbours tied to rounding.
   diff = oi != ri
   if diff.any():
-    exact = ((q[:, None, :].astype(np.float64) - b[oi].astype(np.float64))
-             ** 2).sum(-1)
+    exact = (
+        (q[:, None, :].astype(np.float64) - b[oi].astype(np.float64)) ** 2
+    ).sum(-1)
     np.testing.assert_allclose(exact[diff], rd[diff], rtol=1e-5, atol=1e-4)
 
 
@@ -34,7 +36,7 @@ CASES = [  # (M, N, D, k, block_q, block_n)
     (1, 1, 3, 1, None, None),
     (37, 53, 20, 1, 16, 16),
     (64, 40, 7, 3, 32, 8),
-    (9, 5, 4, 5, 8, 8),       # k == N
+    (9, 5, 4, 5, 8, 8),  # k == N
     (100, 130, 33, 4, None, 64),
     (50, 300, 16, 2, 24, 128),
 ]
@@ -53,9 +55,10 @@ def test_xla_matches_reference(seed, m, n, d, k, bq, bn):
   np.testing.assert_allclose(np.asarray(ref[0]), nd, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("m,n,d,k,bq,bn", [(13, 29, 6, 1, 8, 16),
-                                           (20, 9, 5, 3, 16, 8),
-                                           (5, 5, 3, 5, None, None)])
+@pytest.mark.parametrize(
+    "m,n,d,k,bq,bn",
+    [(13, 29, 6, 1, 8, 16), (20, 9, 5, 3, 16, 8), (5, 5, 3, 5, None, None)],
+)
 def test_pallas_interpret_matches_reference(m, n, d, k, bq, bn):
   rng = np.random.default_rng(m * n)
   q = rng.normal(size=(m, d)).astype(np.float32)
@@ -72,8 +75,9 @@ def test_duplicates_break_ties_to_lowest_index(impl):
   b = rng.integers(-2, 3, size=(23, 4)).astype(np.float32)
   b[17] = b[4]
   b[9] = b[4]
-  q = np.concatenate([b[[4, 9, 17]], rng.integers(-2, 3, size=(10, 4))]
-                     ).astype(np.float32)
+  q = np.concatenate([b[[4, 9, 17]], rng.integers(-2, 3, size=(10, 4))]).astype(
+      np.float32
+  )
   d, i = knn.knn(q, b, 3, block_q=8, block_n=8, impl=impl)
   nd, ni = _np_knn(q, b, 3)
   np.testing.assert_array_equal(np.asarray(d), nd)
@@ -86,18 +90,24 @@ def test_bf16_inputs_refined_distances():
   q = rng.normal(size=(200, 64)).astype(np.float32)
   b = rng.normal(size=(300, 64)).astype(np.float32)
   ref_d, ref_i = map(np.asarray, knn.knn_reference(q, b, 2))
-  d, i = map(np.asarray, knn.knn(q, b, 2, impl="xla",
-                                     compute_dtype=jnp.bfloat16))
+  d, i = map(
+      np.asarray, knn.knn(q, b, 2, impl="xla", compute_dtype=jnp.bfloat16)
+  )
   # Returned distances are exact f32 distances of the returned indices.
   exact = ((q[:, None, :].astype(np.float64) - b[i]) ** 2).sum(-1)
   np.testing.assert_allclose(d, exact, rtol=1e-4, atol=1e-3)
   assert (i[:, 0] == ref_i[:, 0]).mean() > 0.9
   assert np.all(d[:, 0] >= ref_d[:, 0] - 1e-3)
-  dp, ip = map(np.asarray, knn.knn(q[:20], b[:40], 2,
-                                       impl="pallas_interpret",
-                                       compute_dtype=jnp.bfloat16))
-  d2, i2 = map(np.asarray, knn.knn(q[:20], b[:40], 2, impl="xla",
-                                       compute_dtype=jnp.bfloat16))
+  dp, ip = map(
+      np.asarray,
+      knn.knn(
+          q[:20], b[:40], 2, impl="pallas_interpret", compute_dtype=jnp.bfloat16
+      ),
+  )
+  d2, i2 = map(
+      np.asarray,
+      knn.knn(q[:20], b[:40], 2, impl="xla", compute_dtype=jnp.bfloat16),
+  )
   np.testing.assert_array_equal(ip, i2)
 
 
@@ -126,4 +136,5 @@ def test_impl_can_be_forced_by_environment(monkeypatch):
     _dispatch.resolve_impl(None, "knn")
   monkeypatch.delenv("SOFTPATCH_JAX_IMPL")
   assert _dispatch.resolve_impl(None, "knn") == (
-      "xla" if jax.default_backend() == "cpu" else "pallas")
+      "xla" if jax.default_backend() == "cpu" else "pallas"
+  )

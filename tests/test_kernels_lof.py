@@ -1,4 +1,5 @@
 """kernels.lof against sklearn's LocalOutlierFactor and the jnp reference."""
+
 import warnings
 
 import jax
@@ -29,11 +30,11 @@ def _check(got, want):
 CASES = [  # (P, N, D, k, duplicate groups, max group size)
     (3, 30, 20, 5, 0, 0),
     (4, 57, 17, 6, 3, 3),
-    (2, 40, 24, 3, 2, 9),      # duplicate groups larger than k + 1
-    (3, 7, 18, 6, 0, 0),       # k == N - 1
-    (2, 6, 16, 10, 1, 2),      # k > N: clamped to N - 1
-    (2, 2, 16, 1, 0, 0),       # smallest valid N
-    (2, 25, 3, 4, 0, 0),       # low D: sklearn uses a k-d tree
+    (2, 40, 24, 3, 2, 9),  # duplicate groups larger than k + 1
+    (3, 7, 18, 6, 0, 0),  # k == N - 1
+    (2, 6, 16, 10, 1, 2),  # k > N: clamped to N - 1
+    (2, 2, 16, 1, 0, 0),  # smallest valid N
+    (2, 25, 3, 4, 0, 0),  # low D: sklearn uses a k-d tree
     (1, 120, 64, 6, 6, 4),
 ]
 
@@ -57,11 +58,14 @@ def test_xla_and_reference_match_sklearn(seed, p, n, d, k, groups, size):
     _check(lof.lof_reference(x, k), want)
 
 
-@pytest.mark.parametrize("p,n,d,k,groups,size", [
-    (2, 12, 16, 3, 1, 5),
-    (3, 9, 8, 8, 1, 2),
-    (1, 5, 4, 2, 0, 0),
-])
+@pytest.mark.parametrize(
+    "p,n,d,k,groups,size",
+    [
+        (2, 12, 16, 3, 1, 5),
+        (3, 9, 8, 8, 1, 2),
+        (1, 5, 4, 2, 0, 0),
+    ],
+)
 def test_pallas_interpret_matches_sklearn(p, n, d, k, groups, size):
   x, want = _case(n, p, n, d, k, groups, size)
   with warnings.catch_warnings():
@@ -85,8 +89,10 @@ def test_lattice_ties_follow_index_order():
   x = rng.integers(0, 3, size=(3, 20, 16)).astype(np.float32)
   want = np.asarray(lof.lof_reference(x, 5))
   _check(lof.lof(x, 5, impl="xla"), want)
-  _check(lof.lof(x[:1, :12], 5, impl="pallas_interpret"),
-         np.asarray(lof.lof_reference(x[:1, :12], 5)))
+  _check(
+      lof.lof(x[:1, :12], 5, impl="pallas_interpret"),
+      np.asarray(lof.lof_reference(x[:1, :12], 5)),
+  )
 
 
 def test_warning_and_errors():
@@ -110,8 +116,9 @@ def test_positions_split_over_threads_is_bit_identical(p, chunk):
   whole = np.asarray(lof._lof_xla(x, 4, chunk, 4))  # pylint: disable=protected-access
   split = np.asarray(lof._lof_xla_threaded(x, 4, chunk, 4))  # pylint: disable=protected-access
   np.testing.assert_array_equal(split, whole)
-  np.testing.assert_allclose(split, _testutil.sklearn_lof(x, 4), rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(
+      split, _testutil.sklearn_lof(x, 4), rtol=1e-5, atol=1e-5
+  )
 
 
 @pytest.mark.parametrize("p", [5, 40])

@@ -23,27 +23,46 @@ def random_model(seed=0, m=40, d=16, grid=(4, 4), soft=True, **kw):
   return model_io.FittedModel(
       bank_features=rng.normal(size=(m, d)).astype(np.float32),
       bank_weights=rng.uniform(0.5, 2.0, size=(m,)).astype(np.float32),
-      method="softpatch_lof", soft_weight=soft, grid=grid,
-      image_size=(4 * grid[0], 4 * grid[1]), blur_sigma=2.0,
-      backbone={"name": "efficientnet_lite0", "layers": ["stage3", "stage5"],
-                "weights": "imagenet", "seed": 0, "weights_id": "abc"},
-      preprocess={"resize": 64, "crop": 64, "mean": [0.5] * 3,
-                  "std": [0.5] * 3, "grayscale_to_rgb": True},
-      features={"patchsize": 3, "pretrain_embed_dim": d,
-                "target_embed_dim": d},
-      thresholds={"image": 1.5, "pixel": 1.25, "method": "manual",
-                  "details": {}},
+      method="softpatch_lof",
+      soft_weight=soft,
+      grid=grid,
+      image_size=(4 * grid[0], 4 * grid[1]),
+      blur_sigma=2.0,
+      backbone={
+          "name": "efficientnet_lite0",
+          "layers": ["stage3", "stage5"],
+          "weights": "imagenet",
+          "seed": 0,
+          "weights_id": "abc",
+      },
+      preprocess={
+          "resize": 64,
+          "crop": 64,
+          "mean": [0.5] * 3,
+          "std": [0.5] * 3,
+          "grayscale_to_rgb": True,
+      },
+      features={"patchsize": 3, "pretrain_embed_dim": d, "target_embed_dim": d},
+      thresholds={
+          "image": 1.5,
+          "pixel": 1.25,
+          "method": "manual",
+          "details": {},
+      },
       config={"seed": 0, "nested": {"a": [1, 2]}},
       heldout_image_scores=rng.uniform(size=(7,)).astype(np.float32),
-      heldout_pixel_max=rng.uniform(size=(7,)).astype(np.float32), **kw)
+      heldout_pixel_max=rng.uniform(size=(7,)).astype(np.float32),
+      **kw
+  )
 
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
   """A real model fitted on a tiny synthetic folder (EfficientNet-Lite0)."""
   tmp = tmp_path_factory.mktemp("fit")
-  synthetic.make_mvtec_like(tmp / "data", n_train=6, n_test_good=2,
-                            n_test_defect=2, size=64, seed=0)
+  synthetic.make_mvtec_like(
+      tmp / "data", n_train=6, n_test_good=2, n_test_defect=2, size=64, seed=0
+  )
   work = tmp / "work"
   fit.fit_and_save(fit_config(tmp / "data/synth/train/good"), str(work))
   return tmp, work / model_io.MODEL_FILENAME
@@ -55,8 +74,10 @@ def test_round_trip_scores_bit_exact(fitted):
   bb = predict.backbone_for(model)
   ex = predict.embedder_for(model, bb, batch_size=4)
   pre = predict.preprocess_for(model)
-  imgs = np.stack([pre.image_array(open_image(str(p))) for p in sorted(
-      (tmp / "data/synth/test/scratch").iterdir())])
+  imgs = np.stack([
+      pre.image_array(open_image(str(p)))
+      for p in sorted((tmp / "data/synth/test/scratch").iterdir())
+  ])
   feats = ex(imgs)
   s1, m1 = predict.score_features(model, feats)
   # Save the loaded model again and reload: every array and score identical.
@@ -84,14 +105,20 @@ def test_round_trip_random_model(tmp_path, seed):
   model = random_model(seed)
   path = model_io.save_model(str(tmp_path / model_io.MODEL_FILENAME), model)
   back = model_io.load_model(str(tmp_path))  # a directory works too
-  for name in ("bank_features", "bank_weights", "heldout_image_scores",
-               "heldout_pixel_max"):
+  for name in (
+      "bank_features",
+      "bank_weights",
+      "heldout_image_scores",
+      "heldout_pixel_max",
+  ):
     np.testing.assert_array_equal(getattr(model, name), getattr(back, name))
   assert back.config == model.config and back.grid == model.grid
-  feats = np.random.default_rng(seed).normal(size=(2, 16, 16)).astype(
-      np.float32)
-  for a, b in zip(predict.score_features(model, feats),
-                  predict.score_features(back, feats)):
+  feats = (
+      np.random.default_rng(seed).normal(size=(2, 16, 16)).astype(np.float32)
+  )
+  for a, b in zip(
+      predict.score_features(model, feats), predict.score_features(back, feats)
+  ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert os.listdir(tmp_path) == [os.path.basename(path)]  # no temp files
 
@@ -141,8 +168,9 @@ def test_backbone_mismatch_refused(fitted, tmp_path):
   shutil.copy(orig, other)
   with open(other, "ab") as f:
     f.write(b"\0")
-  other_bb = backbones.load("efficientnet_lite0", weights=str(other),
-                            layers=("stage3", "stage5"))
+  other_bb = backbones.load(
+      "efficientnet_lite0", weights=str(other), layers=("stage3", "stage5")
+  )
   with pytest.raises(ValueError, match="weights mismatch"):
     model_io.load_model(str(path), backbone=other_bb)
   with pytest.raises(ValueError, match="weights mismatch"):
@@ -152,12 +180,16 @@ def test_backbone_mismatch_refused(fitted, tmp_path):
 def test_backbone_random_seeds_differ():
   """Two 'random' seeds are two different weight identities."""
   model = random_model()
-  model.backbone = dict(model.backbone, weights="random", seed=0,
-                        weights_id="random:0")
+  model.backbone = dict(
+      model.backbone, weights="random", seed=0, weights_id="random:0"
+  )
 
   class Fake:
-    name, layers, weights_id = ("efficientnet_lite0", ("stage3", "stage5"),
-                                "random:1")
+    name, layers, weights_id = (
+        "efficientnet_lite0",
+        ("stage3", "stage5"),
+        "random:1",
+    )
 
   with pytest.raises(ValueError, match="'random:0'.*'random:1'"):
     model_io.check_backbone(model, Fake())
@@ -213,5 +245,6 @@ def test_save_is_atomic(tmp_path, monkeypatch):
   assert os.listdir(tmp_path) == ["m.softpatch"]
   # Re-running overwrites cleanly.
   model_io.save_model(path, random_model(1))
-  np.testing.assert_array_equal(model_io.load_model(path).bank_features,
-                                random_model(1).bank_features)
+  np.testing.assert_array_equal(
+      model_io.load_model(path).bank_features, random_model(1).bank_features
+  )

@@ -39,8 +39,10 @@ def experiment_config():
   c.backbone.layers = ("stage3", "stage5")
   c.noise.ratio = 0.25
   c.noise.overlap = True
-  c.methods = ("softpatch_lof,softpatch_nearest,softpatch_gaussian,"
-               "patchcore,patchcore_random")
+  c.methods = (
+      "softpatch_lof,softpatch_nearest,softpatch_gaussian,"
+      "patchcore,patchcore_random"
+  )
   c.output.num_heatmaps = 0
   return c
 
@@ -69,11 +71,16 @@ def runs(tmp_path_factory):
     engine.score_stream = orig
   root = out / "exp" / "synthetic_data" / "synth"
   summary = fit.fit_and_save(
-      _testutil.fit_config(root / "train" / "good", folds=3),
-      str(out / "model"))
-  pred = predict.predict(str(out / "model"), str(root / "test"),
-                         str(out / "pred"), recursive=True, progress=False,
-                         heatmaps=False)
+      _testutil.fit_config(root / "train" / "good", folds=3), str(out / "model")
+  )
+  pred = predict.predict(
+      str(out / "model"),
+      str(root / "test"),
+      str(out / "pred"),
+      recursive=True,
+      progress=False,
+      heatmaps=False,
+  )
   return root, result, captured, summary, pred
 
 
@@ -92,11 +99,15 @@ def test_experiment_scores_and_metrics_pinned(pinned, runs):
 def test_fit_predict_pinned(pinned, runs):
   root, _, _, summary, pred = runs
   want = pinned["fit_predict"]
-  assert [os.path.relpath(r["path"], root) for r in pred["rows"]] == \
-      want["paths"]
-  np.testing.assert_allclose([r["score"] for r in pred["rows"]],
-                             want["scores"], rtol=1e-6)
+  assert [os.path.relpath(r["path"], root) for r in pred["rows"]] == want[
+      "paths"
+  ]
+  np.testing.assert_allclose(
+      [r["score"] for r in pred["rows"]], want["scores"], rtol=1e-6
+  )
   assert summary["thresholds"]["image"] == pytest.approx(
-      want["image_threshold"], rel=1e-6)
+      want["image_threshold"], rel=1e-6
+  )
   assert summary["thresholds"]["pixel"] == pytest.approx(
-      want["pixel_threshold"], rel=1e-6)
+      want["pixel_threshold"], rel=1e-6
+  )

@@ -15,17 +15,27 @@ from softpatch_jax.data import synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The documented fit command, at test size.
-FIT_FLAGS = ["--config.data.resize=64", "--config.data.crop=64",
-             "--config.data.batch_size=4", "--config.data.num_workers=1",
-             "--config.threshold.folds=3"]
+FIT_FLAGS = [
+    "--config.data.resize=64",
+    "--config.data.crop=64",
+    "--config.data.batch_size=4",
+    "--config.data.num_workers=1",
+    "--config.threshold.folds=3",
+]
 
 from _testutil import fit_config  # pylint: disable=g-bad-import-order
 
 
 def run(args):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  res = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
+  res = subprocess.run(
+      [sys.executable, "-m", *args],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert res.returncode == 0, res.stderr[-3000:]
   return res
 
@@ -33,12 +43,18 @@ def run(args):
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("e2e")
-  synthetic.make_mvtec_like(tmp / "data", n_train=6, n_test_good=2,
-                            n_test_defect=2, size=64, seed=0)
+  synthetic.make_mvtec_like(
+      tmp / "data", n_train=6, n_test_good=2, n_test_defect=2, size=64, seed=0
+  )
   train_dir = tmp / "data" / "synth" / "train" / "good"
-  res = run(["softpatch_jax.main", "--config", "configs/fit_folder.py",
-             f"--config.data.train_dir={train_dir}", *FIT_FLAGS,
-             f"--workdir={tmp / 'out'}"])
+  res = run([
+      "softpatch_jax.main",
+      "--config",
+      "configs/fit_folder.py",
+      f"--config.data.train_dir={train_dir}",
+      *FIT_FLAGS,
+      f"--workdir={tmp / 'out'}",
+  ])
   assert "model saved to" in res.stdout
   return tmp, tmp / "out" / model_io.MODEL_FILENAME
 
@@ -47,9 +63,15 @@ def test_predict_cli_in_new_process(fitted):
   tmp, model_path = fitted
   test_dir = tmp / "data" / "synth" / "test"
   out = tmp / "pred"
-  res = run(["softpatch_jax.predict", f"--model={model_path}",
-             f"--input={test_dir}", "--recursive", f"--output={out}",
-             "--save_maps", "--save_masks"])
+  res = run([
+      "softpatch_jax.predict",
+      f"--model={model_path}",
+      f"--input={test_dir}",
+      "--recursive",
+      f"--output={out}",
+      "--save_maps",
+      "--save_masks",
+  ])
   assert "predict [" in res.stderr  # the progress bar
   rows = predict.read_predictions(out / "predictions.csv")
   assert len(rows) == 2 + 2 * 2
@@ -57,8 +79,9 @@ def test_predict_cli_in_new_process(fitted):
   for r in rows:
     assert r["decision"] in ("anomalous", "normal") and not r["error"]
     assert r["threshold"] == model.image_threshold
-    assert r["decision"] == ("anomalous" if r["score"] >= r["threshold"]
-                             else "normal")
+    assert r["decision"] == (
+        "anomalous" if r["score"] >= r["threshold"] else "normal"
+    )
     heat = Image.open(out / r["heatmap"])
     assert heat.size == (64, 64) and heat.mode == "RGB"
     amap = np.load(out / r["map"])
@@ -68,12 +91,17 @@ def test_predict_cli_in_new_process(fitted):
   good = [r["score"] for r in rows if "good" in r["path"]]
   bad = [r["score"] for r in rows if "good" not in r["path"]]
   assert min(bad) > max(good)
-  assert sorted(os.listdir(out)) == ["heatmaps", "maps", "masks",
-                                     "predictions.csv"]
+  assert sorted(os.listdir(out)) == [
+      "heatmaps",
+      "maps",
+      "masks",
+      "predictions.csv",
+  ]
 
   # The same model in this process gives the same scores bit for bit.
-  res2 = predict.predict(model, str(test_dir), str(tmp / "pred2"),
-                         recursive=True, progress=False)
+  res2 = predict.predict(
+      model, str(test_dir), str(tmp / "pred2"), recursive=True, progress=False
+  )
   assert [r["score"] for r in res2["rows"]] == [r["score"] for r in rows]
   assert [r["path"] for r in res2["rows"]] == [r["path"] for r in rows]
 
@@ -82,45 +110,71 @@ def test_fit_is_deterministic(fitted):
   """Same config and seed: a second fit (this process) is bit-identical."""
   tmp, model_path = fitted
   first = model_io.load_model(str(model_path))
-  fit.fit_and_save(fit_config(tmp / "data/synth/train/good"),
-                       str(tmp / "again"))
+  fit.fit_and_save(
+      fit_config(tmp / "data/synth/train/good"), str(tmp / "again")
+  )
   second = model_io.load_model(str(tmp / "again"))
   np.testing.assert_array_equal(first.bank_features, second.bank_features)
   np.testing.assert_array_equal(first.bank_weights, second.bank_weights)
-  np.testing.assert_array_equal(first.heldout_image_scores,
-                                second.heldout_image_scores)
+  np.testing.assert_array_equal(
+      first.heldout_image_scores, second.heldout_image_scores
+  )
   assert first.thresholds == second.thresholds
   files = [str(p) for p in sorted((tmp / "data/synth/test/blob").iterdir())]
-  a = predict.predict(first, files, str(tmp / "pa"), heatmaps=False,
-                      progress=False)
-  b = predict.predict(second, files, str(tmp / "pb"), heatmaps=False,
-                      progress=False)
+  a = predict.predict(
+      first, files, str(tmp / "pa"), heatmaps=False, progress=False
+  )
+  b = predict.predict(
+      second, files, str(tmp / "pb"), heatmaps=False, progress=False
+  )
   assert [r["score"] for r in a["rows"]] == [r["score"] for r in b["rows"]]
 
 
 def test_threshold_overrides(fitted, tmp_path):
   tmp, model_path = fitted
   model = model_io.load_model(str(model_path))
-  files = [str(tmp / "data/synth/test/good/000.png"),
-           str(tmp / "data/synth/test/scratch/000.png")]
-  res = predict.predict(model, files, str(tmp_path / "a"), threshold=0.0,
-                        progress=False, heatmaps=False)
+  files = [
+      str(tmp / "data/synth/test/good/000.png"),
+      str(tmp / "data/synth/test/scratch/000.png"),
+  ]
+  res = predict.predict(
+      model,
+      files,
+      str(tmp_path / "a"),
+      threshold=0.0,
+      progress=False,
+      heatmaps=False,
+  )
   assert all(r["decision"] == "anomalous" for r in res["rows"])
-  res = predict.predict(model, files, str(tmp_path / "b"), threshold=1e30,
-                        pixel_threshold=1e30, progress=False,
-                        heatmaps=False)
+  res = predict.predict(
+      model,
+      files,
+      str(tmp_path / "b"),
+      threshold=1e30,
+      pixel_threshold=1e30,
+      progress=False,
+      heatmaps=False,
+  )
   assert all(r["decision"] == "normal" for r in res["rows"])
   assert all(r["anomalous_pixel_fraction"] == 0.0 for r in res["rows"])
   # Re-derive from the stored held-out scores: quantile 1.0 = their max.
-  res = predict.predict(model, files, str(tmp_path / "c"), quantile=1.0,
-                        progress=False, heatmaps=False)
+  res = predict.predict(
+      model,
+      files,
+      str(tmp_path / "c"),
+      quantile=1.0,
+      progress=False,
+      heatmaps=False,
+  )
   assert res["image_threshold"] == pytest.approx(
-      float(model.heldout_image_scores.max()))
+      float(model.heldout_image_scores.max())
+  )
 
 
 def test_output_names_unique():
-  names = predict.output_names(["/d/a.png", "/d/a.jpg", "/d/sub/a.png",
-                                "/d/b.png"])
+  names = predict.output_names(
+      ["/d/a.png", "/d/a.jpg", "/d/sub/a.png", "/d/b.png"]
+  )
   assert len(set(names)) == 4
   assert names[2] == "sub__a" and names[3] == "b"
   assert predict.output_names(["/x/one.png"]) == ["one"]
@@ -133,7 +187,9 @@ def test_list_inputs(tmp_path):
   assert predict.list_inputs(str(tmp_path)) == [str(tmp_path / "a.png")]
   assert len(predict.list_inputs(str(tmp_path), recursive=True)) == 2
   assert predict.list_inputs(f"{tmp_path / 'a.png'},{tmp_path / 'sub'}") == [
-      str(tmp_path / "a.png"), str(tmp_path / "sub" / "b.png")]
+      str(tmp_path / "a.png"),
+      str(tmp_path / "sub" / "b.png"),
+  ]
   with pytest.raises(ValueError, match="does not exist"):
     predict.list_inputs(str(tmp_path / "nope.png"))
 
@@ -142,10 +198,20 @@ def test_cli_reports_bad_model_clearly(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   (tmp_path / "x.png").write_bytes(b"")
   res = subprocess.run(
-      [sys.executable, "-m", "softpatch_jax.predict",
-       f"--model={tmp_path / 'missing.softpatch'}", f"--input={tmp_path}",
-       f"--output={tmp_path / 'out'}"], cwd=ROOT, env=env,
-      capture_output=True, text=True, timeout=120)
+      [
+          sys.executable,
+          "-m",
+          "softpatch_jax.predict",
+          f"--model={tmp_path / 'missing.softpatch'}",
+          f"--input={tmp_path}",
+          f"--output={tmp_path / 'out'}",
+      ],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
   assert res.returncode == 1
   assert "error: model file does not exist" in res.stderr
   assert not os.path.exists(tmp_path / "out")

@@ -24,31 +24,53 @@ def test_patch_scores_match_bruteforce(seed):
   bank_f = rng.normal(size=(m, d)).astype(np.float32)
   bank_w = rng.uniform(0.5, 2.0, size=(m,)).astype(np.float32)
   for soft in (False, True):
-    bank = scoring.make_bank(bank_f, bank_w, soft_weight=soft, grid=(h, w),
-                             image_size=(4 * h, 4 * w), blur_sigma=1.0)
+    bank = scoring.make_bank(
+        bank_f,
+        bank_w,
+        soft_weight=soft,
+        grid=(h, w),
+        image_size=(4 * h, 4 * w),
+        blur_sigma=1.0,
+    )
     img, maps, scores = scoring.score(bank, jnp.asarray(feats))
-    d2 = ((feats.reshape(-1, 1, d).astype(np.float64)
-           - bank_f[None].astype(np.float64)) ** 2).sum(-1)
+    d2 = (
+        (
+            feats.reshape(-1, 1, d).astype(np.float64)
+            - bank_f[None].astype(np.float64)
+        )
+        ** 2
+    ).sum(-1)
     ref_idx = d2.argmin(1)
     ref = d2.min(1) * (bank_w[ref_idx] if soft else 1.0)
-    np.testing.assert_allclose(np.asarray(scores).ravel(), ref, rtol=1e-4,
-                               atol=1e-4)
-    np.testing.assert_array_equal(np.asarray(img),
-                                  np.asarray(scores).max(-1))
+    np.testing.assert_allclose(
+        np.asarray(scores).ravel(), ref, rtol=1e-4, atol=1e-4
+    )
+    np.testing.assert_array_equal(np.asarray(img), np.asarray(scores).max(-1))
     assert maps.shape == (b, 4 * h, 4 * w)
 
 
-@pytest.mark.parametrize("grid,size,sigma", [((28, 28), (224, 224), 4.0),
-                                             ((7, 5), (40, 33), 2.0),
-                                             ((16, 16), (128, 128), 4.0),
-                                             ((3, 3), (9, 9), 4.0)])
+@pytest.mark.parametrize(
+    "grid,size,sigma",
+    [
+        ((28, 28), (224, 224), 4.0),
+        ((7, 5), (40, 33), 2.0),
+        ((16, 16), (128, 128), 4.0),
+        ((3, 3), (9, 9), 4.0),
+    ],
+)
 def test_anomaly_maps_match_torch_and_scipy(grid, size, sigma):
   rng = np.random.default_rng(sum(grid) + sum(size))
   s = rng.uniform(0, 3, size=(2, grid[0] * grid[1])).astype(np.float32)
-  up = F.interpolate(torch.from_numpy(s.reshape(2, 1, *grid)), size=size,
-                     mode="bilinear", align_corners=False).numpy()[:, 0]
-  ref = np.stack([scipy.ndimage.gaussian_filter(u.astype(np.float64),
-                                                sigma=sigma) for u in up])
+  up = F.interpolate(
+      torch.from_numpy(s.reshape(2, 1, *grid)),
+      size=size,
+      mode="bilinear",
+      align_corners=False,
+  ).numpy()[:, 0]
+  ref = np.stack([
+      scipy.ndimage.gaussian_filter(u.astype(np.float64), sigma=sigma)
+      for u in up
+  ])
   out = np.asarray(scoring.anomaly_maps(jnp.asarray(s), grid, size, sigma))
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -72,8 +94,11 @@ def _random_bank(seed, m, d, soft=True, grid=(4, 4)):
   return scoring.make_bank(
       rng.normal(size=(m, d)).astype(np.float32),
       rng.uniform(0.5, 2.0, size=(m,)).astype(np.float32),
-      soft_weight=soft, grid=grid, image_size=(4 * grid[0], 4 * grid[1]),
-      blur_sigma=2.0)
+      soft_weight=soft,
+      grid=grid,
+      image_size=(4 * grid[0], 4 * grid[1]),
+      blur_sigma=2.0,
+  )
 
 
 @pytest.mark.parametrize("seed,soft", [(0, True), (1, False), (2, True)])
@@ -94,13 +119,16 @@ def test_chunked_scoring_equals_unchunked(seed, soft):
     img, maps, patch = scoring.score(bank, feats, max_bank_rows=rows)
     # Tiles smaller than the default ones: equal up to float rounding.
     # (A query equal to a bank row is 0 or ~1e-7 away, by cancellation.)
-    np.testing.assert_allclose(np.asarray(patch), np.asarray(ref_patch),
-                               rtol=1e-6, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(img), np.asarray(ref_img),
-                               rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(maps), np.asarray(ref_maps),
-                               rtol=1e-5, atol=1e-5)
-  assert scoring.chunk_plan(m, m) is None and scoring.chunk_plan(m, None) is None
+    np.testing.assert_allclose(
+        np.asarray(patch), np.asarray(ref_patch), rtol=1e-6, atol=1e-5
+    )
+    np.testing.assert_allclose(np.asarray(img), np.asarray(ref_img), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(maps), np.asarray(ref_maps), rtol=1e-5, atol=1e-5
+    )
+  assert (
+      scoring.chunk_plan(m, m) is None and scoring.chunk_plan(m, None) is None
+  )
 
 
 def test_chunked_scoring_whole_tiles_bit_exact():
@@ -118,8 +146,9 @@ def test_chunked_scoring_whole_tiles_bit_exact():
   chunked = scoring.score(bank, feats, max_bank_rows=rows)
   np.testing.assert_array_equal(np.asarray(full[0]), np.asarray(chunked[0]))
   np.testing.assert_array_equal(np.asarray(full[2]), np.asarray(chunked[2]))
-  np.testing.assert_allclose(np.asarray(full[1]), np.asarray(chunked[1]),
-                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(full[1]), np.asarray(chunked[1]), rtol=1e-6, atol=1e-6
+  )
 
 
 @pytest.mark.parametrize("rows", [None, 16])
@@ -129,10 +158,12 @@ def test_score_is_jittable(rows):
   feats = jnp.asarray(rng.normal(size=(2, 16, 6)).astype(np.float32))
   eager = scoring.score(bank, feats, max_bank_rows=rows)
   jitted = jax.jit(lambda b, f: scoring.score(b, f, max_bank_rows=rows))(
-      bank, feats)
+      bank, feats
+  )
   for a, b in zip(eager, jitted):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_rows_for_budget():

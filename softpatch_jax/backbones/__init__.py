@@ -21,6 +21,7 @@ On GPU, XLA may run float32 convolutions with TF32 by default; set
 ``jax.config.update('jax_default_matmul_precision', 'highest')`` for
 bit-closer agreement with torch.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,8 +35,15 @@ import jax.numpy as jnp
 from . import _convert, _weights, efficientnet_lite, resnet, torch_pickle
 from ._weights import WeightsUnavailableError
 
-__all__ = ["Backbone", "load", "list_backbones", "WeightsUnavailableError",
-           "resnet", "efficientnet_lite", "torch_pickle"]
+__all__ = [
+    "Backbone",
+    "load",
+    "list_backbones",
+    "WeightsUnavailableError",
+    "resnet",
+    "efficientnet_lite",
+    "torch_pickle",
+]
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -46,31 +54,52 @@ _LITE_STD = (128.0 / 255.0,) * 3
 
 @dataclasses.dataclass(frozen=True)
 class _Spec:
-    family: str
-    build: Callable[[Sequence[str]], Any]
-    torch_module_name: Callable[[str], str]
-    taps: tuple[str, ...]
-    default_layers: tuple[str, ...]
-    tap_strides: dict
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    input_size: int
+  family: str
+  build: Callable[[Sequence[str]], Any]
+  torch_module_name: Callable[[str], str]
+  taps: tuple[str, ...]
+  default_layers: tuple[str, ...]
+  tap_strides: dict
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  input_size: int
 
 
 def _resnet_spec(name):
-    return _Spec("resnet", lambda layers: resnet.build(name, layers), resnet.torch_module_name,
-                 resnet.TAPS, ("layer2", "layer3"),
-                 {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32},
-                 _IMAGENET_MEAN, _IMAGENET_STD, 224)
+  return _Spec(
+      "resnet",
+      lambda layers: resnet.build(name, layers),
+      resnet.torch_module_name,
+      resnet.TAPS,
+      ("layer2", "layer3"),
+      {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32},
+      _IMAGENET_MEAN,
+      _IMAGENET_STD,
+      224,
+  )
 
 
 def _lite_spec(name):
-    return _Spec("efficientnet_lite", lambda layers: efficientnet_lite.build(name, layers),
-                 efficientnet_lite.torch_module_name, efficientnet_lite.TAPS,
-                 ("stage3", "stage5"),
-                 {"stage1": 2, "stage2": 4, "stage3": 8, "stage4": 16, "stage5": 16,
-                  "stage6": 32, "stage7": 32, "features": 32},
-                 _LITE_MEAN, _LITE_STD, efficientnet_lite.input_size(name))
+  return _Spec(
+      "efficientnet_lite",
+      lambda layers: efficientnet_lite.build(name, layers),
+      efficientnet_lite.torch_module_name,
+      efficientnet_lite.TAPS,
+      ("stage3", "stage5"),
+      {
+          "stage1": 2,
+          "stage2": 4,
+          "stage3": 8,
+          "stage4": 16,
+          "stage5": 16,
+          "stage6": 32,
+          "stage7": 32,
+          "features": 32,
+      },
+      _LITE_MEAN,
+      _LITE_STD,
+      efficientnet_lite.input_size(name),
+  )
 
 
 _REGISTRY = {
@@ -83,96 +112,124 @@ _REGISTRY = {
 
 
 def list_backbones() -> list[str]:
-    return list(_REGISTRY)
+  return list(_REGISTRY)
 
 
 class Backbone:
-    """A Flax backbone with weights, bound to a tuple of taps.
+  """A Flax backbone with weights, bound to a tuple of taps.
 
-    Attributes: name, layers, default_layers, taps (all valid taps),
-    tap_strides, weights_id ('random:<seed>' or the weights file's sha256),
-    mean, std (per channel, in [0,1] pixel space), module, variables,
-    input_size (native resolution hint).
-    """
+  Attributes: name, layers, default_layers, taps (all valid taps),
+  tap_strides, weights_id ('random:<seed>' or the weights file's sha256),
+  mean, std (per channel, in [0,1] pixel space), module, variables,
+  input_size (native resolution hint).
+  """
 
-    def __init__(self, name: str, spec: _Spec, layers: tuple[str, ...], module,
-                 variables, weights_id: str):
-        self.name = name
-        self.layers = layers
-        self.default_layers = spec.default_layers
-        self.taps = spec.taps
-        self.tap_strides = dict(spec.tap_strides)
-        self.weights_id = weights_id
-        self.mean = spec.mean
-        self.std = spec.std
-        self.input_size = spec.input_size
-        self.module = module
-        self.variables = variables
-        self._apply = _jitted_apply(module)
+  def __init__(
+      self,
+      name: str,
+      spec: _Spec,
+      layers: tuple[str, ...],
+      module,
+      variables,
+      weights_id: str,
+  ):
+    self.name = name
+    self.layers = layers
+    self.default_layers = spec.default_layers
+    self.taps = spec.taps
+    self.tap_strides = dict(spec.tap_strides)
+    self.weights_id = weights_id
+    self.mean = spec.mean
+    self.std = spec.std
+    self.input_size = spec.input_size
+    self.module = module
+    self.variables = variables
+    self._apply = _jitted_apply(module)
 
-    def __call__(self, images) -> dict:
-        """images: (B, H, W, 3) float32, already normalised -> {tap: (B, h, w, C)}."""
-        shape = getattr(images, "shape", None)
-        if shape is None or len(shape) != 4 or shape[-1] != 3:
-            raise ValueError(f"{self.name}: expected images of shape (B, H, W, 3), got {shape}")
-        return self._apply(self.variables, jnp.asarray(images, jnp.float32))
+  def __call__(self, images) -> dict:
+    """images: (B, H, W, 3) float32, already normalised -> {tap: (B, h, w, C)}."""
+    shape = getattr(images, "shape", None)
+    if shape is None or len(shape) != 4 or shape[-1] != 3:
+      raise ValueError(
+          f"{self.name}: expected images of shape (B, H, W, 3), got {shape}"
+      )
+    return self._apply(self.variables, jnp.asarray(images, jnp.float32))
 
-    def __repr__(self):
-        return (f"Backbone(name={self.name!r}, layers={self.layers}, "
-                f"weights_id={self.weights_id[:20]!r})")
+  def __repr__(self):
+    return (
+        f"Backbone(name={self.name!r}, layers={self.layers}, "
+        f"weights_id={self.weights_id[:20]!r})"
+    )
 
 
 @functools.lru_cache(maxsize=32)
 def _jitted_apply(module):
-    # Equal modules (same architecture and taps) share one compiled function;
-    # variables are arguments, so new weights never trigger a recompile.
-    return jax.jit(module.apply)
+  # Equal modules (same architecture and taps) share one compiled function;
+  # variables are arguments, so new weights never trigger a recompile.
+  return jax.jit(module.apply)
 
 
 def _check_layers(name: str, spec: _Spec, layers) -> tuple[str, ...]:
-    if layers is None:
-        return spec.default_layers
-    if isinstance(layers, str):
-        layers = (layers,)
-    layers = tuple(layers)
-    bad = [t for t in layers if t not in spec.taps]
-    if bad or not layers:
-        raise ValueError(f"{name}: unknown tap(s) {bad or layers!r}; valid taps: {spec.taps}")
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"{name}: duplicate taps in {layers!r}")
-    return layers
+  if layers is None:
+    return spec.default_layers
+  if isinstance(layers, str):
+    layers = (layers,)
+  layers = tuple(layers)
+  bad = [t for t in layers if t not in spec.taps]
+  if bad or not layers:
+    raise ValueError(
+        f"{name}: unknown tap(s) {bad or layers!r}; valid taps: {spec.taps}"
+    )
+  if len(set(layers)) != len(layers):
+    raise ValueError(f"{name}: duplicate taps in {layers!r}")
+  return layers
 
 
 def _weights_file(name: str, spec: _Spec, weights: str, cache_dir) -> str:
-    if weights == "imagenet":
-        if spec.family == "resnet":
-            return _weights.fetch(resnet.IMAGENET_URLS[name], cache_dir)
-        return efficientnet_lite.imagenet_weights_path(name)
-    path = os.path.expanduser(os.fspath(weights))
-    if not os.path.isfile(path):
-        raise ValueError(f"{name}: weights {weights!r} is neither 'imagenet', 'random' "
-                         "nor an existing .pth file")
-    return path
+  if weights == "imagenet":
+    if spec.family == "resnet":
+      return _weights.fetch(resnet.IMAGENET_URLS[name], cache_dir)
+    return efficientnet_lite.imagenet_weights_path(name)
+  path = os.path.expanduser(os.fspath(weights))
+  if not os.path.isfile(path):
+    raise ValueError(
+        f"{name}: weights {weights!r} is neither 'imagenet', 'random' "
+        "nor an existing .pth file"
+    )
+  return path
 
 
-def load(name: str, weights: str | os.PathLike = "imagenet", layers: Sequence[str] | None = None,
-         seed: int = 0, cache_dir: str | os.PathLike | None = None) -> Backbone:
-    """Build backbone ``name`` with ``weights`` returning taps ``layers``."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown backbone {name!r}; available: {list_backbones()}")
-    spec = _REGISTRY[name]
-    layers = _check_layers(name, spec, layers)
-    module = spec.build(layers)
-    # Variables are built for every tap so one set serves any tap subset.
-    dummy = jnp.zeros((1, 32, 32, 3), jnp.float32)
-    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), dummy, layers=spec.taps))
-    if isinstance(weights, str) and weights == "random":
-        variables = _convert.random_variables(shapes, seed)
-        weights_id = f"random:{seed}"
-    else:
-        path = _weights_file(name, spec, weights, cache_dir)
-        state = torch_pickle.load_state_dict(path)
-        variables = _convert.torch_to_flax(shapes, state, spec.torch_module_name, path)
-        weights_id = _weights.sha256_file(path)
-    variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), variables)
-    return Backbone(name, spec, layers, module, variables, weights_id)
+def load(
+    name: str,
+    weights: str | os.PathLike = "imagenet",
+    layers: Sequence[str] | None = None,
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+) -> Backbone:
+  """Build backbone ``name`` with ``weights`` returning taps ``layers``."""
+  if name not in _REGISTRY:
+    raise ValueError(
+        f"unknown backbone {name!r}; available: {list_backbones()}"
+    )
+  spec = _REGISTRY[name]
+  layers = _check_layers(name, spec, layers)
+  module = spec.build(layers)
+  # Variables are built for every tap so one set serves any tap subset.
+  dummy = jnp.zeros((1, 32, 32, 3), jnp.float32)
+  shapes = jax.eval_shape(
+      lambda: module.init(jax.random.PRNGKey(0), dummy, layers=spec.taps)
+  )
+  if isinstance(weights, str) and weights == "random":
+    variables = _convert.random_variables(shapes, seed)
+    weights_id = f"random:{seed}"
+  else:
+    path = _weights_file(name, spec, weights, cache_dir)
+    state = torch_pickle.load_state_dict(path)
+    variables = _convert.torch_to_flax(
+        shapes, state, spec.torch_module_name, path
+    )
+    weights_id = _weights.sha256_file(path)
+  variables = jax.tree_util.tree_map(
+      lambda a: jnp.asarray(a, jnp.float32), variables
+  )
+  return Backbone(name, spec, layers, module, variables, weights_id)

@@ -12,6 +12,7 @@ Every expected leaf must be found with the right shape and every torch key
 must be used (``num_batches_tracked`` is ignored); otherwise one ValueError
 lists all missing / unexpected keys and shape mismatches.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Mapping
@@ -31,56 +32,67 @@ _IGNORED_SUFFIXES = ("num_batches_tracked",)
 
 
 def _to_flax_layout(arr: np.ndarray, leaf: str) -> np.ndarray:
-    if leaf != "kernel":
-        return arr
-    if arr.ndim == 4:   # conv OIHW -> HWIO (depthwise: (C,1,kh,kw) -> (kh,kw,1,C))
-        return arr.transpose(2, 3, 1, 0)
-    if arr.ndim == 2:   # linear (out, in) -> (in, out)
-        return arr.T
+  if leaf != "kernel":
     return arr
+  if arr.ndim == 4:  # conv OIHW -> HWIO (depthwise: (C,1,kh,kw) -> (kh,kw,1,C))
+    return arr.transpose(2, 3, 1, 0)
+  if arr.ndim == 2:  # linear (out, in) -> (in, out)
+    return arr.T
+  return arr
 
 
-def torch_to_flax(expected_shapes, state_dict: Mapping[str, np.ndarray],
-                  module_name_to_torch: Callable[[str], str],
-                  source: str = "state dict"):
-    """Build Flax variables matching ``expected_shapes`` from ``state_dict``.
+def torch_to_flax(
+    expected_shapes,
+    state_dict: Mapping[str, np.ndarray],
+    module_name_to_torch: Callable[[str], str],
+    source: str = "state dict",
+):
+  """Build Flax variables matching ``expected_shapes`` from ``state_dict``.
 
-    expected_shapes: pytree of objects with ``.shape`` (e.g. the output of
-    ``jax.eval_shape(module.init, ...)``). source: names the file in errors.
-    """
-    flat = traverse_util.flatten_dict(dict(expected_shapes))
-    used: set[str] = set()
-    missing, mismatched = [], []
-    out = {}
-    for path, spec in flat.items():
-        collection, *modules, leaf = path
-        key_leaf = _LEAF_TO_TORCH.get((collection, leaf))
-        if key_leaf is None:
-            raise ValueError(f"no torch equivalent for Flax variable {'/'.join(path)}")
-        key = ".".join([module_name_to_torch(m) for m in modules] + [key_leaf])
-        if key not in state_dict:
-            missing.append(key)
-            continue
-        used.add(key)
-        arr = _to_flax_layout(np.asarray(state_dict[key]), leaf)
-        if tuple(arr.shape) != tuple(spec.shape):
-            mismatched.append(
-                f"{key}: file {tuple(np.asarray(state_dict[key]).shape)} -> "
-                f"{tuple(arr.shape)}, model expects {tuple(spec.shape)}")
-            continue
-        out[path] = np.ascontiguousarray(arr, dtype=np.float32)
-    unexpected = sorted(k for k in state_dict
-                        if k not in used and not k.endswith(_IGNORED_SUFFIXES))
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
-        if mismatched:
-            parts.append(f"shape mismatches ({len(mismatched)}): {mismatched}")
-        raise ValueError(f"{source}: weights do not fit the model; " + "; ".join(parts))
-    return traverse_util.unflatten_dict(out)
+  expected_shapes: pytree of objects with ``.shape`` (e.g. the output of
+  ``jax.eval_shape(module.init, ...)``). source: names the file in errors.
+  """
+  flat = traverse_util.flatten_dict(dict(expected_shapes))
+  used: set[str] = set()
+  missing, mismatched = [], []
+  out = {}
+  for path, spec in flat.items():
+    collection, *modules, leaf = path
+    key_leaf = _LEAF_TO_TORCH.get((collection, leaf))
+    if key_leaf is None:
+      raise ValueError(
+          f"no torch equivalent for Flax variable {'/'.join(path)}"
+      )
+    key = ".".join([module_name_to_torch(m) for m in modules] + [key_leaf])
+    if key not in state_dict:
+      missing.append(key)
+      continue
+    used.add(key)
+    arr = _to_flax_layout(np.asarray(state_dict[key]), leaf)
+    if tuple(arr.shape) != tuple(spec.shape):
+      mismatched.append(
+          f"{key}: file {tuple(np.asarray(state_dict[key]).shape)} -> "
+          f"{tuple(arr.shape)}, model expects {tuple(spec.shape)}"
+      )
+      continue
+    out[path] = np.ascontiguousarray(arr, dtype=np.float32)
+  unexpected = sorted(
+      k
+      for k in state_dict
+      if k not in used and not k.endswith(_IGNORED_SUFFIXES)
+  )
+  if missing or unexpected or mismatched:
+    parts = []
+    if missing:
+      parts.append(f"missing keys ({len(missing)}): {missing}")
+    if unexpected:
+      parts.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
+    if mismatched:
+      parts.append(f"shape mismatches ({len(mismatched)}): {mismatched}")
+    raise ValueError(
+        f"{source}: weights do not fit the model; " + "; ".join(parts)
+    )
+  return traverse_util.unflatten_dict(out)
 
 
 # ------------------------------------------------------------ random weights
@@ -92,37 +104,43 @@ _TRUNC_STD = 0.87962566103423978
 
 @jax.jit
 def _truncated_chunk(key):
-    return jax.random.truncated_normal(key, -2.0, 2.0, (_CHUNK,), jax.numpy.float32)
+  return jax.random.truncated_normal(
+      key, -2.0, 2.0, (_CHUNK,), jax.numpy.float32
+  )
 
 
 def random_variables(expected_shapes, seed: int):
-    """Flax-default initialisation from ``jax.random.PRNGKey(seed)``, cheaply.
+  """Flax-default initialisation from ``jax.random.PRNGKey(seed)``, cheaply.
 
-    Same distributions as ``module.init`` with Flax's default initialisers
-    (kernels lecun_normal: truncated normal, std sqrt(1/fan_in); biases 0; BN
-    scale 1, running mean 0, running var 1), but drawn as one stream of
-    fixed-size chunks so only one small RNG kernel is ever compiled -- jitting
-    ``module.init`` compiles one RNG per parameter, which takes tens of
-    seconds on CPU for these networks.
-    """
-    flat = traverse_util.flatten_dict(dict(expected_shapes))
-    kernels = [p for p in flat if p[0] == "params" and p[-1] == "kernel"]
-    total = sum(int(np.prod(flat[p].shape)) for p in kernels)
-    key = jax.random.PRNGKey(seed)
-    stream = np.concatenate(
-        [np.asarray(_truncated_chunk(jax.random.fold_in(key, i)))
-         for i in range(-(-total // _CHUNK))] or [np.zeros(0, np.float32)])
-    out, pos = {}, 0
-    for path, spec in flat.items():
-        shape = tuple(spec.shape)
-        if path in kernels:
-            n = int(np.prod(shape))
-            fan_in = int(np.prod(shape[:-1]))  # HWI of HWIO, or `in` of a Dense
-            std = np.float32(np.sqrt(1.0 / fan_in) / _TRUNC_STD)
-            out[path] = stream[pos:pos + n].reshape(shape) * std
-            pos += n
-        elif path[-1] in ("scale", "var"):
-            out[path] = np.ones(shape, np.float32)
-        else:  # bias, mean
-            out[path] = np.zeros(shape, np.float32)
-    return traverse_util.unflatten_dict(out)
+  Same distributions as ``module.init`` with Flax's default initialisers
+  (kernels lecun_normal: truncated normal, std sqrt(1/fan_in); biases 0; BN
+  scale 1, running mean 0, running var 1), but drawn as one stream of
+  fixed-size chunks so only one small RNG kernel is ever compiled -- jitting
+  ``module.init`` compiles one RNG per parameter, which takes tens of
+  seconds on CPU for these networks.
+  """
+  flat = traverse_util.flatten_dict(dict(expected_shapes))
+  kernels = [p for p in flat if p[0] == "params" and p[-1] == "kernel"]
+  total = sum(int(np.prod(flat[p].shape)) for p in kernels)
+  key = jax.random.PRNGKey(seed)
+  stream = np.concatenate(
+      [
+          np.asarray(_truncated_chunk(jax.random.fold_in(key, i)))
+          for i in range(-(-total // _CHUNK))
+      ]
+      or [np.zeros(0, np.float32)]
+  )
+  out, pos = {}, 0
+  for path, spec in flat.items():
+    shape = tuple(spec.shape)
+    if path in kernels:
+      n = int(np.prod(shape))
+      fan_in = int(np.prod(shape[:-1]))  # HWI of HWIO, or `in` of a Dense
+      std = np.float32(np.sqrt(1.0 / fan_in) / _TRUNC_STD)
+      out[path] = stream[pos : pos + n].reshape(shape) * std
+      pos += n
+    elif path[-1] in ("scale", "var"):
+      out[path] = np.ones(shape, np.float32)
+    else:  # bias, mean
+      out[path] = np.zeros(shape, np.float32)
+  return traverse_util.unflatten_dict(out)

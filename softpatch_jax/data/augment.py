@@ -49,8 +49,7 @@ class Augment:
   def __post_init__(self):
     if not 0 <= self.max_translate < 0.5:
       raise ValueError(
-          "Augment.max_translate must be in [0, 0.5), got "
-          f"{self.max_translate}"
+          f"Augment.max_translate must be in [0, 0.5), got {self.max_translate}"
       )
     if not 0 <= self.max_scale < 1:
       raise ValueError(

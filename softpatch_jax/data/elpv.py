@@ -140,7 +140,7 @@ def load_category(
   if not normals or not defects:
     raise ValueError(
         f"ELPV '{category}' has {len(normals)} functional and {len(defects)} "
-        f"defective cells; need both"
+        "defective cells; need both"
     )
 
   perm = np.random.default_rng(seed).permutation(len(normals))

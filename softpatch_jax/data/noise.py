@@ -9,8 +9,8 @@ it.
 n = int(ratio * len(train)) anomalous images are drawn from the test set (or
 from `source`) with np.random.default_rng(seed), without replacement, and
 appended to train with injected=True. Their label stays 1 so a run can tell
-which training images are noise; the pipeline uses every train sample for
-fitting regardless of label. overlap=True keeps the drawn images in test as
+which training images are noise; fitting uses every train sample
+regardless of label. overlap=True keeps the drawn images in test as
 well; overlap=False removes them.
 """
 
