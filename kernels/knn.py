@@ -20,7 +20,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from softpatch_jax.kernels import _dispatch
 from softpatch_jax.kernels import knn_common

@@ -1,11 +1,10 @@
-"""The stages chained over image streams: embed, fit banks, score, evaluate.
+"""The fitting stages chained over image streams: embed, fit banks.
 
-This module sits between the pure core (features, methods, scoring, metrics)
-and the edge (experiment, fit, predict). It reads images through `data` and
-shows progress bars, but writes no files and prints nothing else. The
-sequence preprocess -> grid -> stream -> embed -> fit is written once here
-(`fit_methods`), and so is the embed -> check -> score -> collect loop
-(`score_stream`, `score_images`).
+This module sits between the pure core (features, methods, scoring) and the
+edge (experiment, fit, predict). It reads images through `data` and shows
+progress bars, but writes no files and prints nothing else. The sequence
+preprocess -> grid -> stream -> embed -> fit is written once here
+(`fit_methods`); `inference` scores image streams.
 """
 
 from __future__ import annotations
@@ -23,12 +22,11 @@ from softpatch_jax import backbones
 from softpatch_jax import data
 from softpatch_jax import features as features_lib
 from softpatch_jax import methods as methods_lib
-from softpatch_jax import metrics
 from softpatch_jax import scoring
 from softpatch_jax import validation
 from softpatch_jax.progress import Progress
 
-_BROKEN = "the backbone weights or the input images are broken"
+BROKEN_HINT = "the backbone weights or the input images are broken"
 
 
 # --------------------------------------------------------------------------
@@ -142,7 +140,7 @@ def extract_features(
       stream, total=_n_batches(len(samples), bs), desc=desc, unit="batches"
   ):
     f = np.asarray(embedder(batch.images))
-    validation.check_finite(f, f"features of {desc}", _BROKEN)
+    validation.check_finite(f, f"features of {desc}", BROKEN_HINT)
     chunks.append(f.astype(storage_dtype, copy=False))
   if not chunks:
     raise ValueError(f"no images to extract features from ({desc})")
@@ -258,168 +256,6 @@ def fit_methods(
         info.fit_s,
     )
   return Fitted(banks, infos, train_feats, grid, image_size, extract_s)
-
-
-# --------------------------------------------------------------------------
-# Scoring.
-
-
-def score_features(
-    banks: Dict[str, scoring.MemoryBank],
-    feats,
-    *,
-    max_bank_rows: Optional[int] = None,
-    pad_to: Optional[int] = None,
-) -> Dict[str, tuple]:
-  """Scores one batch of (B, P, D) features against several banks.
-
-  Returns {name: (image scores (B,), maps (B, H, W))} as numpy. With
-  `pad_to`, a short (last) batch is zero-padded to that size and the padding
-  dropped again, so every batch reuses one compiled program.
-  """
-  n = feats.shape[0]
-  feats = jnp.asarray(feats)
-  if pad_to is not None and n < pad_to:
-    feats = jnp.pad(feats, ((0, pad_to - n), (0, 0), (0, 0)))
-  out = {}
-  for name, bank in banks.items():
-    img, maps, _ = scoring.score(bank, feats, max_bank_rows=max_bank_rows)
-    out[name] = (np.asarray(img)[:n], np.asarray(maps)[:n])
-  return out
-
-
-def score_images(
-    banks,
-    embedder: Embedder,
-    images,
-    *,
-    max_bank_rows=None,
-    pad=True,
-    what="images",
-):
-  """Embeds one batch of images, checks the features and scores them."""
-  feats = embedder(images)
-  validation.check_finite(feats, f"features of {what}", _BROKEN)
-  return score_features(
-      banks,
-      feats,
-      max_bank_rows=max_bank_rows,
-      pad_to=embedder.batch_size if pad else None,
-  )
-
-
-@dataclasses.dataclass
-class Predictions:
-  image_scores: np.ndarray  # (N,)
-  maps: Optional[np.ndarray]  # (N, H, W) or None when not kept
-  labels: np.ndarray  # (N,)
-  masks: Optional[np.ndarray]  # (N, H, W) or None
-  indices: np.ndarray  # (N,) indices into the sample list
-
-
-def score_stream(
-    banks: Dict[str, scoring.MemoryBank],
-    embedder: Embedder,
-    stream,
-    *,
-    total=None,
-    keep_maps=True,
-    desc="test",
-    max_bank_rows=None,
-) -> Dict[str, Predictions]:
-  """Streams batches once and scores them against every bank."""
-  scores = {k: [] for k in banks}
-  maps = {k: [] for k in banks}
-  labels, masks, indices = [], [], []
-  for batch in Progress(stream, total=total, desc=desc, unit="batches"):
-    res = score_images(
-        banks, embedder, batch.images, max_bank_rows=max_bank_rows, what=desc
-    )
-    for k, (img, amap) in res.items():
-      scores[k].append(img)
-      if keep_maps:
-        maps[k].append(amap)
-    labels.append(np.asarray(batch.labels))
-    indices.append(np.asarray(batch.indices))
-    if batch.masks is not None:
-      masks.append(np.asarray(batch.masks, np.float32))
-  if not labels:
-    raise ValueError(f"no images to score ({desc})")
-  labels_a = np.concatenate(labels)
-  masks_a = (
-      np.concatenate(masks) if masks and len(masks) == len(labels) else None
-  )
-  return {
-      k: Predictions(
-          image_scores=np.concatenate(scores[k]),
-          maps=np.concatenate(maps[k]) if keep_maps else None,
-          labels=labels_a,
-          masks=masks_a,
-          indices=np.concatenate(indices),
-      )
-      for k in banks
-  }
-
-
-def predict_samples(
-    banks,
-    embedder,
-    samples,
-    pre,
-    *,
-    num_workers=2,
-    with_masks=False,
-    desc="test",
-    max_bank_rows=None,
-    keep_maps=True,
-) -> Dict[str, Predictions]:
-  """`score_stream` over decoded samples."""
-  stream = data.stream_batches(
-      samples,
-      pre,
-      batch_size=embedder.batch_size,
-      num_workers=num_workers,
-      with_masks=with_masks,
-  )
-  return score_stream(
-      banks,
-      embedder,
-      stream,
-      total=_n_batches(len(samples), embedder.batch_size),
-      keep_maps=keep_maps,
-      desc=desc,
-      max_bank_rows=max_bank_rows,
-  )
-
-
-def evaluate(pred: Predictions, pixel_metrics: bool = True) -> dict:
-  """Image AUROC / F1-max, and pixel AUROC / AUPRO when masks exist.
-
-  Metrics that cannot be computed (no masks, one class only) are None and
-  are written as "n/a", never as 0.
-  """
-  res = {
-      "image_auroc": None,
-      "image_f1_max": None,
-      "pixel_auroc": None,
-      "aupro": None,
-  }
-  labels = np.asarray(pred.labels)
-  known = labels >= 0
-  if known.any() and len(np.unique(labels[known])) == 2:
-    y, s = labels[known], pred.image_scores[known]
-    res["image_auroc"] = float(metrics.image_auroc(y, s))
-    res["image_f1_max"] = float(metrics.f1_max(y, s))
-  if (
-      pixel_metrics
-      and pred.masks is not None
-      and pred.maps is not None
-      and pred.masks.max() > 0
-      and pred.masks.min() < 1
-  ):
-    res["pixel_auroc"] = float(metrics.pixel_auroc(pred.masks, pred.maps))
-    res["aupro"] = float(metrics.aupro(pred.masks, pred.maps))
-  return res
 
 
 def image_noise_summary(

@@ -21,6 +21,7 @@ import numpy as np
 from softpatch_jax import coreset
 from softpatch_jax import data
 from softpatch_jax import engine
+from softpatch_jax import inference
 from softpatch_jax import io_utils
 from softpatch_jax import methods as methods_lib
 from softpatch_jax import viz
@@ -67,7 +68,7 @@ def run_category(
 
   t0 = time.perf_counter()
   has_masks = data.has_pixel_labels(test)
-  preds = engine.predict_samples(
+  preds = inference.predict_samples(
       fitted.banks,
       embedder,
       test,
@@ -82,7 +83,7 @@ def run_category(
   injected = np.array([bool(getattr(s, "injected", False)) for s in train])
   rows = []
   for name in names:
-    res = engine.evaluate(preds[name], pixel_metrics=has_masks)
+    res = inference.evaluate(preds[name], pixel_metrics=has_masks)
     info = fitted.infos[name]
     row = dict(
         category=category,

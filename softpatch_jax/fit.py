@@ -23,6 +23,7 @@ import numpy as np
 
 from softpatch_jax import data
 from softpatch_jax import engine
+from softpatch_jax import inference
 from softpatch_jax import io_utils
 from softpatch_jax import methods as methods_lib
 from softpatch_jax import model_io
@@ -135,7 +136,7 @@ def f1_thresholds(banks, val_dir, embedder, pre, num_workers, max_bank_rows):
         "anomalous"
     )
   with_masks = any(s.mask_path for s in samples if s.label == 1)
-  (pred,) = engine.predict_samples(
+  (pred,) = inference.predict_samples(
       banks,
       embedder,
       samples,

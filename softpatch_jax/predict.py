@@ -33,101 +33,34 @@ so it exists only for a complete run, and re-running overwrites cleanly.
 
 from __future__ import annotations
 
-import collections
-import csv
-import io
 import os
 import sys
-from typing import List, Optional, Sequence
+from typing import Optional
 
 from absl import app
 from absl import flags
 from absl import logging
 import numpy as np
-from PIL import Image
 
 from softpatch_jax import backbones
 from softpatch_jax import data
 from softpatch_jax import engine
 from softpatch_jax import io_utils
 from softpatch_jax import model_io
+from softpatch_jax import predict_files
 from softpatch_jax import scoring
 from softpatch_jax import thresholds as thresholds_lib
 from softpatch_jax import validation
-from softpatch_jax import viz
-from softpatch_jax.data import _files
 from softpatch_jax.progress import Progress
 
-CSV_FILENAME = "predictions.csv"
-CSV_FIELDS = [
-    "path",
-    "score",
-    "decision",
-    "threshold",
-    "anomalous_pixel_fraction",
-    "heatmap",
-    "map",
-    "mask",
-    "error",
-]
+CSV_FILENAME = predict_files.CSV_FILENAME
+list_inputs = predict_files.list_inputs
+output_names = predict_files.output_names
+read_predictions = predict_files.read_predictions
 
 
 # --------------------------------------------------------------------------
-# Inputs.
-
-
-def list_inputs(inputs, recursive: bool = False) -> List[str]:
-  """A directory, a comma-separated string, or a list -> image file paths.
-
-  Non-image files are skipped with one warning listing them; a listed file
-  that does not exist, or no image at all, is a ValueError.
-  """
-  if isinstance(inputs, str):
-    if os.path.isdir(inputs):
-      return _files.list_images(inputs, "input image", recursive=recursive)
-    inputs = [p.strip() for p in inputs.split(",") if p.strip()]
-  inputs = [os.fspath(p) for p in inputs]
-  if not inputs:
-    raise ValueError("no input given: pass a directory or image files")
-  paths, skipped = [], []
-  for p in inputs:
-    if os.path.isdir(p):
-      paths += _files.list_images(p, "input image", recursive=recursive)
-    elif not os.path.isfile(p):
-      raise ValueError(f"input file does not exist: {p}")
-    elif _files.is_image(p):
-      paths.append(p)
-    else:
-      skipped.append(p)
-  if skipped:
-    logging.warning(
-        "skipping %d non-image file(s) (accepted extensions %s): %s",
-        len(skipped),
-        ", ".join(_files.IMAGE_EXTENSIONS),
-        ", ".join(skipped),
-    )
-  if not paths:
-    raise ValueError(f"no image files among the inputs {inputs}")
-  return paths
-
-
-def output_names(paths: Sequence[str]) -> List[str]:
-  """Unique, flat output names for input paths (see module docstring)."""
-  absp = [os.path.abspath(p) for p in paths]
-  root = os.path.commonpath([os.path.dirname(p) for p in absp])
-  rel = [os.path.relpath(p, root) for p in absp]
-  names = [os.path.splitext(r)[0].replace(os.sep, "__") for r in rel]
-  counts = collections.Counter(names)
-  out, seen = [], set()
-  for r, n in zip(rel, names):
-    if counts[n] > 1:  # a.png and a.jpg: keep the extension
-      n = r.replace(os.sep, "__").replace(".", "_")
-    base, i = n, 1
-    while n in seen:
-      n, i = f"{base}_{i}", i + 1
-    seen.add(n)
-    out.append(n)
-  return out
+# The model's backbone, preprocessing and scores.
 
 
 def preprocess_for(model: model_io.FittedModel) -> data.Preprocess:
@@ -191,28 +124,6 @@ def score_features(model: model_io.FittedModel, feats, memory_budget_mb=None):
 # Prediction.
 
 
-def color_range(image_threshold, pixel_threshold):
-  """One colour scale for every heatmap: 0 .. 2 x the pixel threshold."""
-  ref = pixel_threshold if pixel_threshold is not None else image_threshold
-  if ref is None or not ref > 0:
-    return None
-  return 0.0, 2.0 * float(ref)
-
-
-def _png_bytes(arr) -> bytes:
-  buf = io.BytesIO()
-  Image.fromarray(arr).save(buf, format="PNG")
-  return buf.getvalue()
-
-
-def _fmt(v):
-  if v is None:
-    return ""
-  if isinstance(v, float):
-    return repr(v)  # full precision: the CSV round-trips the float32 score
-  return str(v)
-
-
 def predict(
     model,
     inputs,
@@ -246,7 +157,7 @@ def predict(
     batch_size = int((model.config.get("data") or {}).get("batch_size", 16))
   if int(batch_size) < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  paths = list_inputs(inputs, recursive=recursive)
+  paths = predict_files.list_inputs(inputs, recursive=recursive)
   output = io_utils.ensure_writable_dir(output)
   csv_path = os.path.join(output, CSV_FILENAME)
   # Only a complete run leaves a predictions.csv behind.
@@ -267,7 +178,7 @@ def predict(
     t_img = float(threshold)
   if pixel_threshold is not None:
     t_pix = float(pixel_threshold)
-  crange = color_range(t_img, t_pix)
+  crange = predict_files.color_range(t_img, t_pix)
 
   if backbone is None:
     backbone = backbone_for(model, weights=backbone_weights)
@@ -275,7 +186,7 @@ def predict(
     model_io.check_backbone(model, backbone)
   embedder = embedder_for(model, backbone, batch_size=batch_size)
   pre = preprocess_for(model)
-  names = output_names(paths)
+  names = predict_files.output_names(paths)
   rows = [None] * len(paths)
   n_batches = (len(paths) + batch_size - 1) // batch_size
   samples = [data.Sample(p, -1, "unknown") for p in paths]
@@ -310,7 +221,7 @@ def predict(
     img_scores, maps = np.asarray(img_scores), np.asarray(maps)
     for r, i in enumerate(batch.indices):
       i = int(i)
-      rows[i] = _write_one(
+      rows[i] = predict_files.write_one(
           output,
           names[i],
           paths[i],
@@ -326,7 +237,7 @@ def predict(
           save_masks,
       )
 
-  _write_csv(csv_path, rows)
+  predict_files.write_csv(csv_path, rows)
   n_err = sum(r["decision"] == "error" for r in rows)
   n_anom = sum(r["decision"] == "anomalous" for r in rows)
   print(
@@ -344,74 +255,6 @@ def predict(
       "image_threshold": t_img,
       "pixel_threshold": t_pix,
   }
-
-
-def _write_one(
-    output,
-    name,
-    path,
-    image,
-    score,
-    amap,
-    pre,
-    t_img,
-    t_pix,
-    crange,
-    heatmaps,
-    save_maps,
-    save_masks,
-) -> dict:
-  row = {"path": path, "score": score, "threshold": t_img}
-  row["decision"] = (
-      "n/a" if t_img is None else "anomalous" if score >= t_img else "normal"
-  )
-  mask = None
-  if t_pix is not None:
-    mask = amap >= t_pix
-    row["anomalous_pixel_fraction"] = float(mask.mean())
-  if heatmaps:
-    rgb = viz.to_uint8_image(image, pre.mean, pre.std)
-    if rgb.shape[-1] == 1:
-      rgb = np.repeat(rgb, 3, axis=-1)
-    lo, hi = (
-        crange if crange is not None else (float(amap.min()), float(amap.max()))
-    )
-    over = viz.overlay(rgb, amap, lo, hi)
-    if mask is not None and mask.any():
-      over = viz.mask_outline(over, mask)
-    rel = os.path.join("heatmaps", name + ".png")
-    io_utils.write_bytes(os.path.join(output, rel), _png_bytes(over))
-    row["heatmap"] = rel
-  if save_maps:
-    rel = os.path.join("maps", name + ".npy")
-    io_utils.save_npy(os.path.join(output, rel), amap.astype(np.float32))
-    row["map"] = rel
-  if save_masks and mask is not None:
-    rel = os.path.join("masks", name + ".png")
-    io_utils.write_bytes(
-        os.path.join(output, rel), _png_bytes(mask.astype(np.uint8) * 255)
-    )
-    row["mask"] = rel
-  return row
-
-
-def _write_csv(path, rows):
-  buf = io.StringIO()
-  w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
-  w.writeheader()
-  for r in rows:
-    w.writerow({k: _fmt(r.get(k)) for k in CSV_FIELDS})
-  io_utils.write_text(path, buf.getvalue())
-
-
-def read_predictions(path) -> List[dict]:
-  """Reads a predictions.csv back (scores as float, '' as None)."""
-  with open(path, newline="", encoding="utf-8") as f:
-    rows = list(csv.DictReader(f))
-  for r in rows:
-    for k in ("score", "threshold", "anomalous_pixel_fraction"):
-      r[k] = float(r[k]) if r.get(k) else None
-  return rows
 
 
 # --------------------------------------------------------------------------

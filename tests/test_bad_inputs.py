@@ -19,6 +19,7 @@ from softpatch_jax import fit
 from softpatch_jax import model_io
 from softpatch_jax import engine
 from softpatch_jax import predict
+from softpatch_jax import predict_files
 from softpatch_jax import scoring
 from softpatch_jax.data import Preprocess, Sample, mvtec, noise, synthetic
 
@@ -426,7 +427,7 @@ def test_interrupted_predict_then_rerun(
   inp = str(images / "test")
   first = run_predict(model, bb, inp, out, recursive=True)
   calls = []
-  real = predict._write_one
+  real = predict_files.write_one
 
   def dies_on_third(*a, **k):
     calls.append(1)
@@ -434,7 +435,7 @@ def test_interrupted_predict_then_rerun(
       raise KeyboardInterrupt
     return real(*a, **k)
 
-  monkeypatch.setattr(predict, "_write_one", dies_on_third)
+  monkeypatch.setattr(predict_files, "write_one", dies_on_third)
   with pytest.raises(KeyboardInterrupt):
     run_predict(model, bb, inp, out, recursive=True)
   # The previous CSV is gone (it would not match the new heatmaps); every

@@ -16,7 +16,7 @@ import pytest
 
 import _testutil  # pylint: disable=g-bad-import-order
 from softpatch_jax import defaults
-from softpatch_jax import engine
+from softpatch_jax import inference
 from softpatch_jax import experiment
 from softpatch_jax import fit
 from softpatch_jax import predict
@@ -57,18 +57,18 @@ def pinned():
 def runs(tmp_path_factory):
   out = tmp_path_factory.mktemp("pinned")
   captured = {}
-  orig = engine.score_stream
+  orig = inference.score_stream
 
   def capture(banks, *args, **kwargs):
     preds = orig(banks, *args, **kwargs)
     captured.update({n: p.image_scores for n, p in preds.items()})
     return preds
 
-  engine.score_stream = capture
+  inference.score_stream = capture
   try:
     result = experiment.run(experiment_config(), str(out / "exp"))
   finally:
-    engine.score_stream = orig
+    inference.score_stream = orig
   root = out / "exp" / "synthetic_data" / "synth"
   summary = fit.fit_and_save(
       _testutil.fit_config(root / "train" / "good", folds=3), str(out / "model")
