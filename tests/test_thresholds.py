@@ -1,24 +1,11 @@
-"""Thresholds: quantile, F1-optimal, folds, held-out scores, and the fit-time choices."""
+"""Thresholds: quantile, F1-optimal decision thresholds, folds."""
 
-import os
-
-import jax
 import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-import _testutil  # pylint: disable=g-bad-import-order
-from softpatch_jax import fit
 from softpatch_jax import metrics
-from softpatch_jax import model_io
-from softpatch_jax import engine
-from softpatch_jax import scoring
 from softpatch_jax import thresholds
-from softpatch_jax.data import synthetic
-
-
-def fit_config(train_dir, **overrides):
-  return _testutil.fit_config(train_dir, folds=None, **overrides)
 
 
 def _f1_case(seed, n_max=60):
@@ -111,98 +98,3 @@ def test_quantile_and_validate():
     thresholds.validate("manual")
   with pytest.raises(ValueError, match="val_dir"):
     thresholds.validate("f1")
-
-
-@pytest.mark.parametrize("method", ["softpatch_lof", "patchcore"])
-def test_heldout_scores_are_out_of_fold(method):
-  """Each image is scored by a bank that never saw it."""
-  rng = np.random.default_rng(0)
-  n, p, d = 9, 16, 12
-  feats = rng.normal(size=(n, p, d)).astype(np.float32)
-  kw = dict(
-      lof_k=3,
-      noise_fraction=0.1,
-      coreset_fraction=0.5,
-      num_starts=2,
-      projection_dim=8,
-      soft_weight=None,
-      grid=(4, 4),
-      image_size=(8, 8),
-      blur_sigma=1.0,
-  )
-  key = jax.random.PRNGKey(0)
-  folds = thresholds.fold_split(n, 3, 0)
-  img, pix = engine.heldout_scores(feats, method, key, kw, folds, batch_size=4)
-  assert len(folds) == 3 and img.shape == pix.shape == (n,)
-  assert np.all(img > 0)  # an in-bank image would match itself (score ~0)
-  # Recompute fold 0 by hand.
-  held = thresholds.fold_split(n, 3, 0)[0]
-  rest = np.setdiff1d(np.arange(n), held)
-  bank, _ = engine.fit_bank(
-      feats[rest], method, jax.random.fold_in(key, 1), **kw
-  )
-  s = np.asarray(scoring.score(bank, feats[held])[0])
-  np.testing.assert_allclose(img[held], s, rtol=1e-6)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-  root = tmp_path_factory.mktemp("thr")
-  synthetic.make_mvtec_like(
-      root / "d", n_train=5, n_test_good=3, n_test_defect=2, size=64, seed=1
-  )
-  return root / "d" / "synth"
-
-
-def test_manual_threshold(data, tmp_path):
-  c = fit_config(
-      data / "train" / "good",
-      **{
-          "threshold.method": "manual",
-          "threshold.value": 123.5,
-          "threshold.pixel_value": 100.0,
-      }
-  )
-  fit.fit_and_save(c, str(tmp_path))
-  m = model_io.load_model(str(tmp_path))
-  assert m.thresholds["method"] == "manual"
-  assert m.image_threshold == 123.5 and m.pixel_threshold == 100.0
-  assert m.heldout_image_scores is None
-
-
-def test_f1_threshold_from_labelled_folder(data, tmp_path):
-  c = fit_config(
-      data / "train" / "good",
-      **{"threshold.method": "f1", "threshold.val_dir": str(data / "test")}
-  )
-  fit.fit_and_save(c, str(tmp_path))
-  m = model_io.load_model(str(tmp_path))
-  det = m.thresholds["details"]
-  assert m.thresholds["method"] == "f1"
-  assert det["n_val"] == 3 + 2 * 2 and det["n_val_anomalous"] == 4
-  assert 0 < det["image_f1"] <= 1 and 0 < det["pixel_f1"] <= 1
-  assert m.pixel_threshold is not None
-  # The stored threshold reproduces the reported F1 on the folder.
-  from softpatch_jax import predict
-
-  res = predict.predict(
-      m,
-      str(data / "test"),
-      str(tmp_path / "p"),
-      recursive=True,
-      heatmaps=False,
-      progress=False,
-  )
-  y = np.array(["good" not in r["path"] for r in res["rows"]])
-  pred = np.array([r["decision"] == "anomalous" for r in res["rows"]])
-  assert f1_score(y, pred) == pytest.approx(det["image_f1"])
-
-
-def test_f1_threshold_needs_both_classes(data, tmp_path):
-  c = fit_config(
-      data / "train" / "good",
-      **{"threshold.method": "f1", "threshold.val_dir": str(data / "train")}
-  )
-  with pytest.raises(ValueError, match="needs normal images in good/"):
-    fit.fit_and_save(c, str(tmp_path))
-  assert not os.path.exists(tmp_path / model_io.MODEL_FILENAME)

@@ -1,0 +1,39 @@
+"""main: the mode dispatch and its one-line errors."""
+
+import subprocess
+import sys
+
+import pytest
+
+import _testutil  # pylint: disable=g-bad-import-order
+from softpatch_jax import experiment
+from softpatch_jax import fit
+from softpatch_jax import main
+
+
+def test_modes():
+  assert main.MODES == {"evaluate": experiment.run, "fit": fit.fit_and_save}
+  c = _testutil.load_config("synthetic")
+  c.mode = "train"
+  with pytest.raises(ValueError, match="config.mode must be one of"):
+    main.run(c, "unused")
+
+
+def test_bad_path_is_one_line_error(tmp_path):
+  res = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "softpatch_jax.main",
+          "--config",
+          str(_testutil.ROOT + "/configs/mvtec.py"),
+          f"--config.data.root={tmp_path}/missing",
+          f"--workdir={tmp_path}/w",
+      ],
+      capture_output=True,
+      text=True,
+      check=False,
+  )
+  assert res.returncode == 1
+  assert res.stderr.strip().startswith("error:"), res.stderr[-2000:]
+  assert "Traceback" not in res.stderr

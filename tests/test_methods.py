@@ -1,0 +1,159 @@
+"""methods: the registry, and build_bank against a plain numpy re-implementation
+(projection, LOF weights, noise threshold, weighted greedy), jit vs eager."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import _testutil  # pylint: disable=g-bad-import-order
+from softpatch_jax import coreset
+from softpatch_jax import denoise
+from softpatch_jax import methods
+
+
+def _feats(seed, n=8, p=9, d=12):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, p, d)).astype(np.float32)
+  x[-1] += 4.0 * rng.normal(size=(p, d)).astype(np.float32)  # a noisy image
+  return x
+
+
+def test_registry_and_parsing():
+  assert methods.get_method("softpatch") is methods.METHODS["softpatch_lof"]
+  m = methods.get_method("patchcore_random")
+  assert (m.discriminator, m.subsampler, m.soft_weight) == (
+      None,
+      "random",
+      False,
+  )
+  assert methods.parse_methods(" softpatch_lof, patchcore ") == [
+      "softpatch_lof",
+      "patchcore",
+  ]
+  with pytest.raises(ValueError, match="unknown method 'nope'"):
+    methods.parse_methods("softpatch_lof,nope")
+  with pytest.raises(ValueError, match="empty"):
+    methods.parse_methods("")
+  with pytest.raises(ValueError, match="unknown discriminator"):
+    methods.register_method(methods.Method("x", "median", "greedy", True))
+  with pytest.raises(ValueError, match="unknown subsampler"):
+    methods.register_method(methods.Method("x", None, "kmeans", True))
+
+
+def test_register_method_is_one_place():
+  m = methods.register_method(
+      methods.Method("test_nearest_random", "nearest", "random", True)
+  )
+  try:
+    bank, fit = methods.build_bank(
+        _feats(0), jax.random.PRNGKey(0), "test_nearest_random", grid=(3, 3)
+    )
+    assert bank.soft_weight and fit.noise is not None
+    assert methods.parse_methods("test_nearest_random") == [m.name]
+  finally:
+    del methods.METHODS["test_nearest_random"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_softpatch_bank_matches_numpy(seed):
+  feats = _feats(seed)
+  n, p, d = feats.shape
+  key = jax.random.PRNGKey(seed)
+  bank, fit = methods.build_bank(
+      feats,
+      key,
+      "softpatch_lof",
+      grid=(3, 3),
+      lof_k=3,
+      coreset_fraction=0.2,
+      num_starts=4,
+      projection_dim=5,
+      noise_fraction=0.15,
+  )
+  # The same steps in numpy, from the same key.
+  proj_key, coreset_key = jax.random.split(key)
+  w_proj = np.asarray(denoise.make_projection(proj_key, d, 5)[0], np.float64)
+  reduced = feats.reshape(n * p, d).astype(np.float64) @ w_proj
+  lof = _testutil.sklearn_lof(np.swapaxes(reduced.reshape(n, p, 5), 0, 1), 3)
+  weights = lof.T  # (N, P)
+  np.testing.assert_allclose(
+      np.asarray(fit.weights), weights, rtol=1e-3, atol=1e-3
+  )
+  t = np.quantile(np.asarray(fit.weights), 0.85)
+  noise = np.asarray(fit.weights) > t
+  np.testing.assert_array_equal(np.asarray(fit.noise), noise)
+  starts = np.asarray(coreset.start_indices(n * p, 4, coreset_key))
+  picks = _testutil.numpy_greedy_kcenter(
+      reduced.astype(np.float32),
+      int(n * p * 0.2),
+      starts,
+      (~noise).reshape(-1).astype(np.float32),
+  )
+  np.testing.assert_array_equal(np.asarray(fit.indices), picks)
+  assert not noise.reshape(-1)[picks].any()  # noise never enters the bank
+  np.testing.assert_array_equal(
+      np.asarray(bank.features), feats.reshape(n * p, d)[picks]
+  )
+  np.testing.assert_allclose(
+      np.asarray(bank.weights),
+      np.maximum(np.asarray(fit.weights), 0).reshape(-1)[picks],
+  )
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["softpatch_nearest", "patchcore", "patchcore_random", "patchcore_full"],
+)
+def test_build_bank_jit_equals_eager(name):
+  feats = jnp.asarray(_feats(3))
+  key = jax.random.PRNGKey(3)
+  kw = dict(grid=(3, 3), coreset_fraction=0.25, num_starts=3, projection_dim=6)
+  eager, efit = methods.build_bank(feats, key, name, **kw)
+  jitted, jfit = jax.jit(lambda f, k: methods.build_bank(f, k, name, **kw))(
+      feats, key
+  )
+  valid = np.asarray(jfit.valid)
+  np.testing.assert_array_equal(
+      np.asarray(jfit.indices)[valid],
+      np.asarray(efit.indices)[np.asarray(efit.valid)],
+  )
+  np.testing.assert_allclose(
+      np.asarray(jitted.features)[valid], np.asarray(eager.features), rtol=1e-6
+  )
+  assert jitted.soft_weight == eager.soft_weight
+
+
+def test_explicit_projection_and_starts():
+  feats = _feats(4)
+  key = jax.random.PRNGKey(4)
+  w = jax.random.normal(jax.random.PRNGKey(9), (12, 4))
+  a, afit = methods.build_bank(
+      feats,
+      key,
+      "patchcore",
+      grid=(3, 3),
+      projection=w,
+      starts=jnp.array([0, 5]),
+      coreset_fraction=0.2,
+  )
+  reduced = np.asarray(feats.reshape(-1, 12) @ np.asarray(w), np.float32)
+  ref = _testutil.numpy_greedy_kcenter(reduced, int(72 * 0.2), np.array([0, 5]))
+  np.testing.assert_array_equal(np.asarray(afit.indices), ref)
+  assert a.size == len(ref)
+
+
+def test_bad_inputs():
+  key = jax.random.PRNGKey(0)
+  with pytest.raises(ValueError, match=r"\(N, P, D\)"):
+    methods.build_bank(np.zeros((4, 5)), key, "patchcore")
+  with pytest.raises(ValueError, match="not square"):
+    methods.build_bank(_feats(0, p=6), key, "patchcore")
+  with pytest.raises(ValueError, match="grid"):
+    methods.build_bank(_feats(0), key, "patchcore", grid=(2, 2))
+  with pytest.raises(ValueError, match="at least 2 training images"):
+    methods.build_bank(_feats(0)[:1], key, "softpatch_lof", grid=(3, 3))
+  bad = _feats(0)
+  bad[0, 0, 0] = np.nan
+  with pytest.raises(ValueError, match="non-finite"):
+    methods.build_bank(bad, key, "patchcore", grid=(3, 3))
