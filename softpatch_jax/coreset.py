@@ -6,7 +6,7 @@ length depends only on static sizes, so each subsampler can be jitted,
 vmapped and sharded; `compact` drops the invalid entries on the host.
 
 ``greedy`` is PatchCore's approximate greedy coreset with SoftPatch's sampling
-weight (Jiang et al., NeurIPS 2022, Sec. 3.2): every point's distance starts as
+weight (Jiang et al., NeurIPS 2022): every point's distance starts as
 its mean distance to a few random start points and is multiplied by its weight
 (1 clean, 0 noise), so zero-weight points keep distance 0 and are never picked
 while any selectable point at positive distance remains. The O(M n) selection

@@ -1,6 +1,6 @@
 """Patch-level noise discrimination and denoising.
 
-SoftPatch (Jiang et al., NeurIPS 2022, Sec. 3.2) projects the training patch
+SoftPatch (Jiang et al., NeurIPS 2022) projects the training patch
 features to a small dimension, groups them by patch position across images,
 and scores every patch against the patches of the other images at the same
 position with a noise discriminator. The top ``noise_fraction`` of all weights

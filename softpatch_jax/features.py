@@ -1,7 +1,7 @@
 """Local patch features: patchify, bilinear resize, adaptive pooling, `embed`.
 
 PatchCore / SoftPatch locally aware patch features (Jiang et al., NeurIPS
-2022, Sec. 3.1; README "The method"). `embed` runs a backbone and turns its
+2022; README, "The research API"). `embed` runs a backbone and turns its
 taps into one feature per patch.
 
 All functions are pure and jittable (shapes and sizes are static Python ints).

@@ -5,8 +5,8 @@ training patches (None: no denoising, PatchCore), which subsampler picks the
 memory bank, and whether test distances are re-weighted by the bank's outlier
 weights. Adding a method touches one place: a `register_method` call here.
 
-`build_bank` is SoftPatch's training stage (Jiang et al., NeurIPS 2022,
-Sec. 3.2): project the patch features to a small dimension, weight every
+`build_bank` is SoftPatch's training stage (Jiang et al., NeurIPS 2022):
+project the patch features to a small dimension, weight every
 patch with the discriminator, drop the most outlying ``noise_fraction`` of
 patches, and select the bank with the weighted greedy coreset on the same
 projection.

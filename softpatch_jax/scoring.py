@@ -1,6 +1,6 @@
 """The memory bank and THE scoring function: kNN patch scores, image scores, maps.
 
-SoftPatch scoring (Jiang et al., NeurIPS 2022, Sec. 3.3; README "Scoring"):
+SoftPatch scoring (Jiang et al., NeurIPS 2022; README, "The research API"):
 every test patch feature is matched to its nearest memory-bank feature by
 *squared* L2 distance (what faiss ``IndexFlatL2`` returns, and so what the
 reference scores with). With soft weighting on, the distance is multiplied by

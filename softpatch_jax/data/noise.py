@@ -1,6 +1,6 @@
 """Noisy-training-set protocol.
 
-The noisy setting of SoftPatch (Jiang et al., NeurIPS 2022, Sec. 4): a
+The noisy setting of SoftPatch (Jiang et al., NeurIPS 2022): a
 fraction of the anomalous test images is added to the training set, which is
 then used as if it were all normal; in the "overlap" setting the added images
 also stay in the test set, in the "no overlap" setting they are removed from
