@@ -35,6 +35,7 @@ import numpy as np
 
 from softpatch_jax import io_utils
 from softpatch_jax import scoring
+from softpatch_jax import validation
 
 MAGIC = "softpatch-jax model"
 FORMAT_VERSION = 1
@@ -104,6 +105,18 @@ class FittedModel:
           blur_sigma=self.blur_sigma,
       )
     return self._bank
+
+  def host_bank(self) -> scoring.MemoryBank:
+    """The memory bank with its features left in host memory (numpy)."""
+    return scoring.make_bank(
+        self.bank_features,
+        self.bank_weights,
+        soft_weight=self.soft_weight,
+        grid=self.grid,
+        image_size=self.image_size,
+        blur_sigma=self.blur_sigma,
+        features_on_host=True,
+    )
 
   @property
   def image_threshold(self) -> Optional[float]:
@@ -286,9 +299,6 @@ def check_backbone(model: FittedModel, bb) -> None:
 
 def check_finite_bank(feats, weights, origin: str) -> None:
   for name, a in (("features", feats), ("weights", weights)):
-    bad = int(np.size(a) - np.count_nonzero(np.isfinite(np.asarray(a))))
-    if bad:
-      raise ValueError(
-          f"{origin}: memory bank {name} contain {bad} "
-          "non-finite values (NaN/inf); the model is broken"
-      )
+    validation.check_finite(
+        a, f"{origin}: memory bank {name}", "the model is broken"
+    )

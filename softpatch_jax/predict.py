@@ -116,7 +116,9 @@ def score_features(model: model_io.FittedModel, feats, memory_budget_mb=None):
         "memory_budget_mb"
     )
   rows = scoring.rows_for_budget(model.bank_features.shape[1], memory_budget_mb)
-  img, maps, _ = scoring.score(model.bank, feats, max_bank_rows=rows)
+  # A chunked scan keeps the bank on the host and moves one chunk at a time.
+  bank = model.bank if rows is None else model.host_bank()
+  img, maps, _ = scoring.score(bank, feats, max_bank_rows=rows)
   return img, maps
 
 

@@ -74,9 +74,16 @@ def make_bank(
     grid=(28, 28),
     image_size=(224, 224),
     blur_sigma=4.0,
+    features_on_host=False,
 ) -> MemoryBank:
-  """Builds a MemoryBank, checking shapes."""
-  features = jnp.asarray(features, jnp.float32)
+  """Builds a MemoryBank, checking shapes.
+
+  With `features_on_host`, the features stay a numpy array: a chunked
+  `score` then moves one chunk at a time to the device.
+  """
+  features = (np.asarray if features_on_host else jnp.asarray)(
+      features, np.float32
+  )
   if features.ndim != 2 or features.shape[0] == 0:
     raise ValueError(
         f"memory bank features must have shape (M>0, D), got {features.shape}"
@@ -263,8 +270,8 @@ def score(bank: MemoryBank, feats, *, max_bank_rows: Optional[int] = None):
   for start in range(0, m, rows):
     dist, idx = _nearest(bank.features[start : start + rows], q, tile)
     best_d, best_i = _merge(best_d, best_i, dist, idx, jnp.int32(start))
-  # Soft weights outside the compiled output stage, so the chunked and the
-  # unchunked scans of one bank share that program and its rounding.
+  # Nearest distances are bit-identical to one scan when chunks are whole
+  # tiles; the maps then agree to float rounding (a separate program).
   scores = _soft(best_d, best_i, bank.weights, bank.soft_weight).reshape(b, p)
   img, maps = _outputs_jit(
       scores, bank.grid, bank.image_size, float(bank.blur_sigma)
