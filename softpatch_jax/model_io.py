@@ -92,22 +92,7 @@ class FittedModel:
 
   # ---- derived objects ----------------------------------------------------
 
-  @property
-  def bank(self) -> scoring.MemoryBank:
-    """The memory bank as a device pytree (built once, on first use)."""
-    if self._bank is None:
-      self._bank = scoring.make_bank(
-          self.bank_features,
-          self.bank_weights,
-          soft_weight=self.soft_weight,
-          grid=self.grid,
-          image_size=self.image_size,
-          blur_sigma=self.blur_sigma,
-      )
-    return self._bank
-
-  def host_bank(self) -> scoring.MemoryBank:
-    """The memory bank with its features left in host memory (numpy)."""
+  def _make_bank(self, features_on_host):
     return scoring.make_bank(
         self.bank_features,
         self.bank_weights,
@@ -115,8 +100,19 @@ class FittedModel:
         grid=self.grid,
         image_size=self.image_size,
         blur_sigma=self.blur_sigma,
-        features_on_host=True,
+        features_on_host=features_on_host,
     )
+
+  @property
+  def bank(self) -> scoring.MemoryBank:
+    """The memory bank as a device pytree (built once, on first use)."""
+    if self._bank is None:
+      self._bank = self._make_bank(features_on_host=False)
+    return self._bank
+
+  def host_bank(self) -> scoring.MemoryBank:
+    """The memory bank with its features left in host memory (numpy)."""
+    return self._make_bank(features_on_host=True)
 
   @property
   def image_threshold(self) -> Optional[float]:

@@ -127,16 +127,3 @@ def test_synthetic_data_follows_its_parameters(tmp_path):
 def test_unknown_method_is_rejected():
   with pytest.raises(ValueError, match="unknown method"):
     methods.parse_methods("softpatch_lof,nope")
-
-
-def test_build_augment_follows_config():
-  c = _config(0)
-  c.noise.augment_rotate = False
-  c.noise.augment_blur = True
-  aug = data.build_augment(c)
-  assert (aug.affine, aug.rotate, aug.noise, aug.blur) == (
-      True,
-      False,
-      False,
-      True,
-  )

@@ -24,6 +24,7 @@ Registered here: mvtec, btad, folder, elpv and synthetic.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 from softpatch_jax.data import btad
@@ -115,34 +116,23 @@ def load_dataset(
 # Built-in data sets.
 
 
-@register_dataset("mvtec")
-class _MVTec:
-  """MVTec AD under `config.data.root`; categories are its sub-folders."""
+@dataclasses.dataclass(frozen=True)
+class _RootLayout:
+  """A layout under `config.data.root` whose categories are its sub-folders."""
 
-  @staticmethod
-  def categories(config, workdir):
+  module: Any  # mvtec or btad: list_categories(root), load_category(root, c)
+
+  def categories(self, config, workdir):
     del workdir  # unused
-    return mvtec.list_categories(config.data.root)
+    return self.module.list_categories(config.data.root)
 
-  @staticmethod
-  def load(config, category, workdir):
+  def load(self, config, category, workdir):
     del workdir  # unused
-    return mvtec.load_category(config.data.root, category)
+    return self.module.load_category(config.data.root, category)
 
 
-@register_dataset("btad")
-class _BTAD:
-  """BTAD under `config.data.root`; categories are its sub-folders."""
-
-  @staticmethod
-  def categories(config, workdir):
-    del workdir  # unused
-    return btad.list_categories(config.data.root)
-
-  @staticmethod
-  def load(config, category, workdir):
-    del workdir  # unused
-    return btad.load_category(config.data.root, category)
+register_dataset("mvtec")(_RootLayout(mvtec))  # MVTec AD
+register_dataset("btad")(_RootLayout(btad))  # BTAD (beanTech)
 
 
 @register_dataset("folder")
