@@ -225,9 +225,13 @@ def fit_methods(
     embedder: Embedder,
     pre: data.Preprocess,
     method_names: Sequence[str],
-    desc: str = "train features",
+    label: str = "fit",
 ) -> Fitted:
-  """Embeds the training samples once and fits every method on them."""
+  """Embeds the training samples once and fits every method on them.
+
+  `label` (a category name) prefixes the progress bar and the log lines.
+  """
+  desc = f"{label}: train features"
   image_size = (config.data.crop, config.data.crop)
   grid = embedder.grid(image_size)
   t0 = time.perf_counter()
@@ -248,7 +252,8 @@ def fit_methods(
     banks[name], infos[name] = fit_bank(train_feats, name, key, **options)
     info = infos[name]
     logging.info(
-        "%s: bank %d of %d patches, %d noise patches (%.1fs)",
+        "%s / %s: bank %d of %d patches, %d noise patches (%.1fs)",
+        label,
         name,
         info.bank_size,
         info.n_patches,

@@ -61,7 +61,7 @@ def run_category(
   """Fits every configured method on one category and evaluates it."""
   names = methods_lib.parse_methods(config.methods)
   fitted = engine.fit_methods(
-      config, train, embedder, pre, names, desc=f"{category}: train features"
+      config, train, embedder, pre, names, label=category
   )
   dim = fitted.train_feats.shape[-1]
   del fitted.train_feats
