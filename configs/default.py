@@ -9,15 +9,15 @@ which keeps them (overlap protocol, the seed paper's harder setting).
 Command:
   python -m softpatch_jax.main --config configs/default.py --workdir out/default
 
-Sizes, chosen to fit the 10-minute budget of a 2-core CPU:
+Sizes, chosen to keep a 2-core CPU run short:
   300 px cells resized to 224 px (no crop: defects at the border stay in),
   a 28x28 patch grid; 120 normal training cells per category (seeded subset)
   + 12 injected defective ones; 200 test cells per category (seeded,
   label-stratified subsample); coreset 10 %; LOF k=6; 15 % of patches
   dropped as noise.
 
-Expected runtime: about 3 minutes on a 2-core CPU (measured 2m44s-3m30s),
-plus the install.
+Expected runtime: 8 to 17 minutes on a 2-core, 24 GiB x86-64 CPU, plus the
+install (7.8 and 16.6 minutes measured in two runs).
 
 Expected result (image AUROC, measured; fold seeds 0 / 1 / 2 via
 --config.noise.seed=S):
