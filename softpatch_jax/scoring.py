@@ -58,13 +58,6 @@ class MemoryBank:
   def size(self) -> int:
     return int(self.features.shape[0])
 
-  def take(self, rows) -> "MemoryBank":
-    """The bank restricted to `rows` (an index array)."""
-    rows = jnp.asarray(rows, jnp.int32)
-    return self.replace(
-        features=self.features[rows], weights=self.weights[rows]
-    )
-
 
 def make_bank(
     features,
