@@ -40,17 +40,16 @@ from typing import Optional
 from absl import app
 from absl import flags
 from absl import logging
-import numpy as np
 
 from softpatch_jax import backbones
 from softpatch_jax import data
 from softpatch_jax import engine
+from softpatch_jax import inference
 from softpatch_jax import io_utils
 from softpatch_jax import model_io
 from softpatch_jax import predict_files
 from softpatch_jax import scoring
 from softpatch_jax import thresholds as thresholds_lib
-from softpatch_jax import validation
 from softpatch_jax.progress import Progress
 
 CSV_FILENAME = predict_files.CSV_FILENAME
@@ -105,21 +104,28 @@ def embedder_for(model: model_io.FittedModel, bb, batch_size: int = 16):
   )
 
 
-def score_features(model: model_io.FittedModel, feats, memory_budget_mb=None):
-  """(image scores (B,), maps (B, H, W)) of features against the model.
+def banks_for(model: model_io.FittedModel, memory_budget_mb=None):
+  """({method: bank}, max_bank_rows) for scoring with the model.
 
   `memory_budget_mb` defaults to the fitting config's
-  scoring.memory_budget_mb.
+  scoring.memory_budget_mb. A chunked scan keeps the bank in host memory
+  and moves one chunk at a time to the device.
   """
   if memory_budget_mb is None:
     memory_budget_mb = (model.config.get("scoring", {}) or {}).get(
         "memory_budget_mb"
     )
   rows = scoring.rows_for_budget(model.bank_features.shape[1], memory_budget_mb)
-  # A chunked scan keeps the bank on the host and moves one chunk at a time.
   bank = model.bank if rows is None else model.host_bank()
-  img, maps, _ = scoring.score(bank, feats, max_bank_rows=rows)
-  return img, maps
+  return {model.method: bank}, rows
+
+
+def score_features(model: model_io.FittedModel, feats, memory_budget_mb=None):
+  """(image scores (B,), maps (B, H, W)) of (B, P, D) features, as numpy."""
+  banks, rows = banks_for(model, memory_budget_mb)
+  return inference.score_features(banks, feats, max_bank_rows=rows)[
+      model.method
+  ]
 
 
 # --------------------------------------------------------------------------
@@ -187,6 +193,7 @@ def predict(
   else:
     model_io.check_backbone(model, backbone)
   embedder = embedder_for(model, backbone, batch_size=batch_size)
+  banks, bank_rows = banks_for(model, memory_budget_mb)
   pre = preprocess_for(model)
   names = predict_files.output_names(paths)
   rows = [None] * len(paths)
@@ -213,14 +220,14 @@ def predict(
       }
     if batch.images is None or not len(batch.images):
       continue
-    feats = embedder(batch.images)
-    validation.check_finite(
-        feats,
-        "features of input images",
-        "the backbone weights or the input images are broken",
-    )
-    img_scores, maps = score_features(model, feats, memory_budget_mb)
-    img_scores, maps = np.asarray(img_scores), np.asarray(maps)
+    img_scores, maps = inference.score_images(
+        banks,
+        embedder,
+        batch.images,
+        max_bank_rows=bank_rows,
+        pad=False,
+        what="input images",
+    )[model.method]
     for r, i in enumerate(batch.indices):
       i = int(i)
       rows[i] = predict_files.write_one(
