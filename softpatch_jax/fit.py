@@ -71,6 +71,11 @@ def validate_config(config) -> str:
     raise ValueError(
         f"config.denoise.lof_k must be >= 1, got {config.denoise.lof_k!r}"
     )
+  sigma = config.scoring.get("blur_sigma", None)
+  if not isinstance(sigma, (int, float)) or not 0 <= float(sigma) < 1e4:
+    raise ValueError(
+        f"config.scoring.blur_sigma must be a number >= 0, got {sigma!r}"
+    )
   budget = config.scoring.get("memory_budget_mb", None)
   if budget is not None and float(budget) < 0:
     raise ValueError(

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Dict, Optional
 
@@ -34,6 +35,7 @@ from flax import serialization
 import numpy as np
 
 from softpatch_jax import io_utils
+from softpatch_jax import methods
 from softpatch_jax import scoring
 from softpatch_jax import validation
 
@@ -133,8 +135,8 @@ def _jsonable(obj):
   return json.loads(json.dumps(obj, default=io_utils._json_default))  # pylint: disable=protected-access
 
 
-def to_bytes(model: FittedModel) -> bytes:
-  meta = {
+def _meta(model: FittedModel) -> dict:
+  return {
       "method": model.method,
       "soft_weight": bool(model.soft_weight),
       "grid": list(model.grid),
@@ -147,6 +149,10 @@ def to_bytes(model: FittedModel) -> bytes:
       "config": model.config,
       "fit_info": model.fit_info,
   }
+
+
+def to_bytes(model: FittedModel) -> bytes:
+  meta = _meta(model)
   arrays = {
       "bank_features": np.ascontiguousarray(model.bank_features, np.float32),
       "bank_weights": np.ascontiguousarray(model.bank_weights, np.float32),
@@ -172,6 +178,7 @@ def save_model(path: str, model: FittedModel) -> str:
   """Writes `model` to `path` atomically; returns the absolute path."""
   path = os.path.abspath(os.path.expanduser(path))
   check_finite_bank(model.bank_features, model.bank_weights, path)
+  check_meta(_jsonable(_meta(model)), path)
   io_utils.write_bytes(path, to_bytes(model))
   return path
 
@@ -205,6 +212,11 @@ def from_bytes(data: bytes, origin: str = "<bytes>") -> FittedModel:
         f"{origin} is not a SoftPatch model file (no {MAGIC!r} header)"
     )
   version = payload.get("format_version")
+  if type(version) is not int:  # pylint: disable=unidiomatic-typecheck
+    raise ValueError(
+        f"{origin}: format_version must be an integer, got {version!r} (a "
+        f"{type(version).__name__}); the file was not written by softpatch_jax"
+    )
   if version != FORMAT_VERSION:
     raise ValueError(
         f"{origin} has model format version {version!r}, but this version of "
@@ -214,6 +226,8 @@ def from_bytes(data: bytes, origin: str = "<bytes>") -> FittedModel:
   try:
     meta = json.loads(payload["meta"])
     arrays = payload["arrays"]
+    if not isinstance(meta, dict) or not isinstance(arrays, dict):
+      raise TypeError("meta and arrays must be mappings")
     feats = np.asarray(arrays["bank_features"])
     weights = np.asarray(arrays["bank_weights"])
   except (KeyError, TypeError, ValueError) as e:
@@ -229,6 +243,7 @@ def from_bytes(data: bytes, origin: str = "<bytes>") -> FittedModel:
         f"{weights.dtype}{weights.shape}"
     )
   check_finite_bank(feats, weights, origin)
+  check_meta(meta, origin)
   opt = lambda k: (np.asarray(arrays[k], np.float32) if k in arrays else None)
   return FittedModel(
       bank_features=feats,
@@ -294,7 +309,74 @@ def check_backbone(model: FittedModel, bb) -> None:
 
 
 def check_finite_bank(feats, weights, origin: str) -> None:
+  """Bank features and weights finite, weights >= 0 (scores stay >= 0)."""
   for name, a in (("features", feats), ("weights", weights)):
     validation.check_finite(
         a, f"{origin}: memory bank {name}", "the model is broken"
     )
+  n_neg = int(np.sum(np.asarray(weights) < 0))
+  if n_neg:
+    raise ValueError(
+        f"{origin}: memory bank weights must be >= 0, {n_neg} are negative; "
+        "the model is broken"
+    )
+
+
+def _number(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_meta(meta: dict, origin: str) -> None:
+  """One clear error for missing, mistyped or out-of-range model metadata."""
+
+  def bad(field, want, value):
+    raise ValueError(
+        f"{origin}: bad model metadata: {field} must be {want}, got {value!r}"
+    )
+
+  for field in (
+      "method",
+      "soft_weight",
+      "grid",
+      "image_size",
+      "blur_sigma",
+      "backbone",
+      "preprocess",
+      "features",
+      "thresholds",
+  ):
+    if field not in meta:
+      raise ValueError(f"{origin}: bad model metadata: {field!r} is missing")
+  if meta["method"] not in methods.METHODS:
+    bad("method", f"one of {sorted(methods.METHODS)}", meta["method"])
+  if not isinstance(meta["soft_weight"], bool):
+    bad("soft_weight", "true or false", meta["soft_weight"])
+  for field in ("grid", "image_size"):
+    v = meta[field]
+    if not (
+        isinstance(v, list)
+        and len(v) == 2
+        and all(type(g) is int and 0 < g <= 1 << 16 for g in v)
+    ):  # pylint: disable=unidiomatic-typecheck
+      bad(field, "two positive integers", v)
+  sigma = meta["blur_sigma"]
+  if not (_number(sigma) and math.isfinite(sigma) and sigma >= 0):
+    bad("blur_sigma", "a finite number >= 0", sigma)
+  for field in ("backbone", "preprocess", "features", "thresholds"):
+    if not isinstance(meta[field], dict):
+      bad(field, "a mapping", meta[field])
+  required = {
+      "backbone": ("name", "layers", "weights", "weights_id"),
+      "preprocess": ("resize", "crop", "mean", "std"),
+      "features": ("patchsize", "pretrain_embed_dim", "target_embed_dim"),
+  }
+  for field, keys in required.items():
+    missing = [k for k in keys if k not in meta[field]]
+    if missing:
+      raise ValueError(
+          f"{origin}: bad model metadata: {field} lacks {', '.join(missing)}"
+      )
+  for key in ("image", "pixel"):
+    t = meta["thresholds"].get(key)
+    if t is not None and not (_number(t) and math.isfinite(t)):
+      bad(f"thresholds.{key}", "a finite number or null", t)

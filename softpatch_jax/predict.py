@@ -33,6 +33,7 @@ so it exists only for a complete run, and re-running overwrites cleanly.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from typing import Optional
@@ -165,6 +166,16 @@ def predict(
     batch_size = int((model.config.get("data") or {}).get("batch_size", 16))
   if int(batch_size) < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  # `score >= nan` is always false: a NaN threshold would call every image
+  # normal. Checked before any file is touched.
+  for name, v in (
+      ("threshold", threshold),
+      ("pixel_threshold", pixel_threshold),
+  ):
+    if v is not None and not math.isfinite(float(v)):
+      raise ValueError(f"--{name} must be a finite number, got {v}")
+  if quantile is not None and not 0.0 < float(quantile) <= 1.0:
+    raise ValueError(f"--quantile must be in (0, 1], got {quantile}")
   paths = predict_files.list_inputs(inputs, recursive=recursive)
   output = io_utils.ensure_writable_dir(output)
   csv_path = os.path.join(output, CSV_FILENAME)
@@ -337,7 +348,7 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   f = flags.FLAGS
   try:
-    predict(
+    res = predict(
         f.model,
         f.input,
         f.output,
@@ -354,8 +365,16 @@ def main(argv):
         memory_budget_mb=f.memory_budget_mb,
         backbone_weights=f.backbone_weights,
     )
-  except ValueError as e:
+  except (ValueError, backbones.WeightsUnavailableError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+  if res["n_errors"] == res["n_images"]:
+    print(
+        f"error: none of the {res['n_images']} input image(s) could be read; "
+        f"the reasons are in {res['csv']}",
+        file=sys.stderr,
+        flush=True,
+    )
     sys.exit(1)
 
 
