@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 from flax import serialization
-import numpy as np
 import pytest
 
 import _testutil  # pylint: disable=g-bad-import-order
@@ -20,36 +19,17 @@ from softpatch_jax import model_io
 from softpatch_jax import predict
 
 
-def random_model(seed=0, m=20, d=8):
-  rng = np.random.default_rng(seed)
-  return model_io.FittedModel(
-      bank_features=rng.normal(size=(m, d)).astype(np.float32),
-      bank_weights=rng.uniform(0.5, 2.0, size=(m,)).astype(np.float32),
-      method="softpatch_lof",
-      soft_weight=True,
-      grid=(4, 4),
-      image_size=(16, 16),
-      blur_sigma=2.0,
+def random_model():
+  # A backbone that needs no weights file: the predict CLI can rebuild it.
+  return _testutil.random_model(
+      m=20,
+      d=8,
       backbone={
           "name": "efficientnet_lite0",
           "layers": ["stage3", "stage5"],
           "weights": "random",
           "seed": 0,
           "weights_id": "random:0",
-      },
-      preprocess={
-          "resize": 64,
-          "crop": 64,
-          "mean": [0.5] * 3,
-          "std": [0.5] * 3,
-          "grayscale_to_rgb": True,
-      },
-      features={"patchsize": 3, "pretrain_embed_dim": d, "target_embed_dim": d},
-      thresholds={
-          "image": 1.5,
-          "pixel": 1.25,
-          "method": "manual",
-          "details": {},
       },
   )
 

@@ -15,45 +15,10 @@ from softpatch_jax.data import open_image
 from softpatch_jax.data import synthetic
 
 
+import _testutil  # pylint: disable=g-bad-import-order
 from _testutil import fit_config  # pylint: disable=g-bad-import-order
 
-
-def random_model(seed=0, m=40, d=16, grid=(4, 4), soft=True, **kw):
-  rng = np.random.default_rng(seed)
-  return model_io.FittedModel(
-      bank_features=rng.normal(size=(m, d)).astype(np.float32),
-      bank_weights=rng.uniform(0.5, 2.0, size=(m,)).astype(np.float32),
-      method="softpatch_lof",
-      soft_weight=soft,
-      grid=grid,
-      image_size=(4 * grid[0], 4 * grid[1]),
-      blur_sigma=2.0,
-      backbone={
-          "name": "efficientnet_lite0",
-          "layers": ["stage3", "stage5"],
-          "weights": "imagenet",
-          "seed": 0,
-          "weights_id": "abc",
-      },
-      preprocess={
-          "resize": 64,
-          "crop": 64,
-          "mean": [0.5] * 3,
-          "std": [0.5] * 3,
-          "grayscale_to_rgb": True,
-      },
-      features={"patchsize": 3, "pretrain_embed_dim": d, "target_embed_dim": d},
-      thresholds={
-          "image": 1.5,
-          "pixel": 1.25,
-          "method": "manual",
-          "details": {},
-      },
-      config={"seed": 0, "nested": {"a": [1, 2]}},
-      heldout_image_scores=rng.uniform(size=(7,)).astype(np.float32),
-      heldout_pixel_max=rng.uniform(size=(7,)).astype(np.float32),
-      **kw
-  )
+random_model = _testutil.random_model
 
 
 @pytest.fixture(scope="module")
