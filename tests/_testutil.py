@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 
 from softpatch_jax import model_io
+from softpatch_jax.data import Sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -153,3 +154,26 @@ def random_model(seed=0, m=40, d=16, grid=(4, 4), soft=True, **kw):
       heldout_pixel_max=rng.uniform(size=(7,)).astype(np.float32),
       **kw,
   )
+
+
+def sample_lists(n_train=40, n_good=12, n_bad=30, cat="c"):
+  """(train, test) Sample lists with made-up paths; defects have masks."""
+  train = [
+      Sample(f"/d/train/{i:03d}.png", 0, "good", category=cat)
+      for i in range(n_train)
+  ]
+  test = [
+      Sample(f"/d/test/good/{i:03d}.png", 0, "good", category=cat)
+      for i in range(n_good)
+  ]
+  test += [
+      Sample(
+          f"/d/test/bad/{i:03d}.png",
+          1,
+          "bad",
+          f"/d/gt/bad/{i:03d}_mask.png",
+          category=cat,
+      )
+      for i in range(n_bad)
+  ]
+  return train, test

@@ -2,30 +2,12 @@
 
 import pytest
 
+import _testutil  # pylint: disable=g-bad-import-order
+
 from softpatch_jax.data import Sample
 from softpatch_jax.data import noise
 
-
-def _lists(n_train, n_good, n_bad, cat="c"):
-  train = [
-      Sample(f"/d/train/{i:03d}.png", 0, "good", category=cat)
-      for i in range(n_train)
-  ]
-  test = [
-      Sample(f"/d/test/good/{i:03d}.png", 0, "good", category=cat)
-      for i in range(n_good)
-  ]
-  test += [
-      Sample(
-          f"/d/test/bad/{i:03d}.png",
-          1,
-          "bad",
-          f"/d/gt/bad/{i:03d}_mask.png",
-          category=cat,
-      )
-      for i in range(n_bad)
-  ]
-  return train, test
+_lists = _testutil.sample_lists
 
 
 @pytest.mark.parametrize("seed", [0, 1, 5])

@@ -3,27 +3,14 @@
 import numpy as np
 import pytest
 
+import _testutil  # pylint: disable=g-bad-import-order
+
 from softpatch_jax import defaults
 from softpatch_jax import data
 from softpatch_jax.data import Augment
 from softpatch_jax.data import noise
-from softpatch_jax.data import Sample
 
-
-def _lists(n_train=40, n_good=12, n_bad=30, cat="c"):
-  train = [
-      Sample(f"/d/train/{i:03d}.png", 0, "good", category=cat)
-      for i in range(n_train)
-  ]
-  test = [
-      Sample(f"/d/test/good/{i:03d}.png", 0, "good", category=cat)
-      for i in range(n_good)
-  ]
-  test += [
-      Sample(f"/d/test/bad/{i:03d}.png", 1, "bad", category=cat)
-      for i in range(n_bad)
-  ]
-  return train, test
+_lists = _testutil.sample_lists
 
 
 def _noise_config(**noise_fields):
