@@ -111,7 +111,8 @@ def build_preprocess(config, bb: backbones.Backbone) -> data.Preprocess:
   )
 
 
-def _n_batches(n, bs):
+def n_batches(n, bs):
+  """Batches of size bs that hold n items."""
   return (n + bs - 1) // bs
 
 
@@ -137,7 +138,7 @@ def extract_features(
   )
   chunks = []
   for batch in Progress(
-      stream, total=_n_batches(len(samples), bs), desc=desc, unit="batches"
+      stream, total=n_batches(len(samples), bs), desc=desc, unit="batches"
   ):
     f = np.asarray(embedder(batch.images))
     validation.check_finite(f, f"features of {desc}", BROKEN_HINT)

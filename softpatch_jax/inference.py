@@ -143,7 +143,7 @@ def predict_samples(
       banks,
       embedder,
       stream,
-      total=-(-len(samples) // embedder.batch_size),
+      total=engine.n_batches(len(samples), embedder.batch_size),
       keep_maps=keep_maps,
       desc=desc,
       max_bank_rows=max_bank_rows,

@@ -208,7 +208,7 @@ def predict(
   pre = preprocess_for(model)
   names = predict_files.output_names(paths)
   rows = [None] * len(paths)
-  n_batches = (len(paths) + batch_size - 1) // batch_size
+  n_batches = engine.n_batches(len(paths), batch_size)
   samples = [data.Sample(p, -1, "unknown") for p in paths]
   stream = data.stream_batches(
       samples,
