@@ -224,7 +224,14 @@ def load(
     weights_id = f"random:{seed}"
   else:
     path = _weights_file(name, spec, weights, cache_dir)
-    state = torch_pickle.load_state_dict(path)
+    expected = _convert.expected_torch_shapes(shapes, spec.torch_module_name)
+    try:
+      # Misshaped tensors are refused before their data is read.
+      state = torch_pickle.load_state_dict(path, expected_shapes=expected)
+    except torch_pickle.ShapeMismatchError as e:
+      # Report missing and unexpected keys with them, as the converter does.
+      _convert.check_fit(shapes, e.shapes, spec.torch_module_name, path)
+      raise
     variables = _convert.torch_to_flax(
         shapes, state, spec.torch_module_name, path
     )

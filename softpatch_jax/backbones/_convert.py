@@ -10,7 +10,9 @@ Each Flax leaf is mapped to one torch key:
 
 Every expected leaf must be found with the right shape and every torch key
 must be used (``num_batches_tracked`` is ignored); otherwise one ValueError
-lists all missing / unexpected keys and shape mismatches.
+lists all missing / unexpected keys and shape mismatches. `check_fit` does
+that check from shapes alone, and `expected_torch_shapes` gives the torch
+shapes up front, so a loader can refuse a misshaped file before reading it.
 """
 
 from __future__ import annotations
@@ -31,32 +33,32 @@ _LEAF_TO_TORCH = {
 _IGNORED_SUFFIXES = ("num_batches_tracked",)
 
 
-def _to_flax_layout(arr: np.ndarray, leaf: str) -> np.ndarray:
+def _flax_axes(ndim: int, leaf: str) -> tuple[int, ...] | None:
+  """Axis order taking a torch array to Flax layout; None: unchanged."""
   if leaf != "kernel":
-    return arr
-  if arr.ndim == 4:  # conv OIHW -> HWIO (depthwise: (C,1,kh,kw) -> (kh,kw,1,C))
-    return arr.transpose(2, 3, 1, 0)
-  if arr.ndim == 2:  # linear (out, in) -> (in, out)
-    return arr.T
-  return arr
+    return None
+  if ndim == 4:  # conv OIHW -> HWIO (depthwise: (C,1,kh,kw) -> (kh,kw,1,C))
+    return (2, 3, 1, 0)
+  if ndim == 2:  # linear (out, in) -> (in, out)
+    return (1, 0)
+  return None
 
 
-def torch_to_flax(
-    expected_shapes,
-    state_dict: Mapping[str, np.ndarray],
-    module_name_to_torch: Callable[[str], str],
-    source: str = "state dict",
-):
-  """Build Flax variables matching ``expected_shapes`` from ``state_dict``.
+def _to_flax_layout(arr: np.ndarray, leaf: str) -> np.ndarray:
+  axes = _flax_axes(arr.ndim, leaf)
+  return arr if axes is None else arr.transpose(axes)
 
-  expected_shapes: pytree of objects with ``.shape`` (e.g. the output of
-  ``jax.eval_shape(module.init, ...)``). source: names the file in errors.
-  """
-  flat = traverse_util.flatten_dict(dict(expected_shapes))
-  used: set[str] = set()
-  missing, mismatched = [], []
+
+def _flax_shape(torch_shape, leaf: str) -> tuple[int, ...]:
+  axes = _flax_axes(len(torch_shape), leaf)
+  shape = tuple(torch_shape)
+  return shape if axes is None else tuple(shape[a] for a in axes)
+
+
+def _torch_keys(expected_shapes, module_name_to_torch) -> dict:
+  """{Flax leaf path: (torch key, Flax shape)} for every expected leaf."""
   out = {}
-  for path, spec in flat.items():
+  for path, spec in traverse_util.flatten_dict(dict(expected_shapes)).items():
     collection, *modules, leaf = path
     key_leaf = _LEAF_TO_TORCH.get((collection, leaf))
     if key_leaf is None:
@@ -64,21 +66,54 @@ def torch_to_flax(
           f"no torch equivalent for Flax variable {'/'.join(path)}"
       )
     key = ".".join([module_name_to_torch(m) for m in modules] + [key_leaf])
-    if key not in state_dict:
+    out[path] = key, tuple(spec.shape)
+  return out
+
+
+def expected_torch_shapes(
+    expected_shapes, module_name_to_torch: Callable[[str], str]
+) -> dict[str, tuple[int, ...]]:
+  """{torch key: torch shape} a state dict needs to fill ``expected_shapes``."""
+  out = {}
+  for path, (key, shape) in _torch_keys(
+      expected_shapes, module_name_to_torch
+  ).items():
+    axes = _flax_axes(len(shape), path[-1])
+    torch_shape = list(shape)
+    for i, a in enumerate(axes or ()):
+      torch_shape[a] = shape[i]
+    out[key] = tuple(torch_shape)
+  return out
+
+
+def check_fit(
+    expected_shapes,
+    file_shapes: Mapping[str, tuple[int, ...]],
+    module_name_to_torch: Callable[[str], str],
+    source: str = "state dict",
+) -> None:
+  """Raise one ValueError listing every missing, unexpected or misshaped key.
+
+  file_shapes: ``{torch key: shape}`` of the state dict's tensors.
+  """
+  used: set[str] = set()
+  missing, mismatched = [], []
+  for path, (key, shape) in _torch_keys(
+      expected_shapes, module_name_to_torch
+  ).items():
+    if key not in file_shapes:
       missing.append(key)
       continue
     used.add(key)
-    arr = _to_flax_layout(np.asarray(state_dict[key]), leaf)
-    if tuple(arr.shape) != tuple(spec.shape):
+    got = tuple(file_shapes[key])
+    if _flax_shape(got, path[-1]) != shape:
       mismatched.append(
-          f"{key}: file {tuple(np.asarray(state_dict[key]).shape)} -> "
-          f"{tuple(arr.shape)}, model expects {tuple(spec.shape)}"
+          f"{key}: file {got} -> {_flax_shape(got, path[-1])}, "
+          f"model expects {shape}"
       )
-      continue
-    out[path] = np.ascontiguousarray(arr, dtype=np.float32)
   unexpected = sorted(
       k
-      for k in state_dict
+      for k in file_shapes
       if k not in used and not k.endswith(_IGNORED_SUFFIXES)
   )
   if missing or unexpected or mismatched:
@@ -92,6 +127,34 @@ def torch_to_flax(
     raise ValueError(
         f"{source}: weights do not fit the model; " + "; ".join(parts)
     )
+
+
+def torch_to_flax(
+    expected_shapes,
+    state_dict: Mapping[str, np.ndarray],
+    module_name_to_torch: Callable[[str], str],
+    source: str = "state dict",
+):
+  """Build Flax variables matching ``expected_shapes`` from ``state_dict``.
+
+  expected_shapes: pytree of objects with ``.shape`` (e.g. the output of
+  ``jax.eval_shape(module.init, ...)``). source: names the file in errors.
+  """
+  check_fit(
+      expected_shapes,
+      {k: np.shape(v) for k, v in state_dict.items()},
+      module_name_to_torch,
+      source,
+  )
+  out = {
+      path: np.ascontiguousarray(
+          _to_flax_layout(np.asarray(state_dict[key]), path[-1]),
+          dtype=np.float32,
+      )
+      for path, (key, _) in _torch_keys(
+          expected_shapes, module_name_to_torch
+      ).items()
+  }
   return traverse_util.unflatten_dict(out)
 
 

@@ -4,11 +4,17 @@ Only the globals in `_WHITELIST` can be unpickled, each mapped to a numpy
 rebuild function here, so a malicious file cannot run code. Tensors are
 recorded as references into their storages and materialised as numpy arrays
 once the container (zip or legacy, see `torch_pickle`) has read the storages.
+
+`check_refs` bounds what materialising will allocate before any storage byte
+is read: a tensor may not reach past its storage nor (beyond a small slack
+for ``expand``-ed tensors) hold more elements than it, and all tensors
+together may not take much more memory than their storages.
 """
 
 from __future__ import annotations
 
 import collections
+import math
 import pickle
 from typing import Any, BinaryIO
 
@@ -51,6 +57,19 @@ _TORCH_DTYPES = {
 }
 
 
+# Tensor records beyond these limits are refused as corrupt.
+_MAX_RANK = 64
+_MAX_EXTENT = 1 << 48  # any size, stride or offset
+# torch saves expand()-ed tensors as-is (stride 0, more elements than their
+# storage); such a tensor may still materialise to at most this many bytes.
+EXPAND_SLACK_BYTES = 1 << 20
+# All tensors together may materialise to at most OUTPUT_RATIO times the
+# bytes of the storages they use plus OUTPUT_SLACK_BYTES (several views may
+# share one storage). Counted in storage element sizes: bfloat16 doubles.
+OUTPUT_RATIO = 2
+OUTPUT_SLACK_BYTES = 64 << 20
+
+
 class UnsafePickleError(ValueError):
   """The file references a global outside the whitelist."""
 
@@ -80,6 +99,10 @@ class Storage:
     self.numel = int(numel)
     self.data: np.ndarray | None = None  # 1-D, raw dtype (uint16 for bf16)
 
+  @property
+  def nbytes(self) -> int:
+    return self.numel * self.stype.itemsize
+
 
 class StorageView:
   """A window [offset, offset+numel) onto a root storage (legacy views)."""
@@ -90,7 +113,7 @@ class StorageView:
     self.numel = int(numel)
 
 
-class _TensorRef:
+class TensorRef:
   """A tensor to be materialised once every storage's bytes are known."""
 
   def __init__(self, storage, offset, size, stride, dtype=None):
@@ -104,7 +127,7 @@ class _TensorRef:
 def _rebuild_tensor(storage, storage_offset, size, stride, *unused):
   # _rebuild_tensor_v2(storage, offset, size, stride, requires_grad,
   # backward_hooks[, metadata]) and the older 4-argument _rebuild_tensor.
-  return _TensorRef(storage, storage_offset, size, stride)
+  return TensorRef(storage, storage_offset, size, stride)
 
 
 def _rebuild_tensor_v3(
@@ -117,7 +140,7 @@ def _rebuild_tensor_v3(
     dtype,
     *unused,
 ):
-  return _TensorRef(storage, storage_offset, size, stride, dtype)
+  return TensorRef(storage, storage_offset, size, stride, dtype)
 
 
 def _rebuild_parameter(data, *unused):
@@ -176,7 +199,95 @@ def parse_storage_pid(pid) -> tuple[_StorageType, str, int, Any]:
   ):
     raise CorruptFile(f"unsupported persistent id {pid!r}")
   view = pid[5] if len(pid) > 5 else None
-  return pid[1], str(pid[2]), int(pid[4]), view
+  numel = int(pid[4])
+  if numel < 0:
+    raise CorruptFile(f"storage {pid[2]!r}: negative element count {numel}")
+  return pid[1], str(pid[2]), numel, view
+
+
+# ---------------------------------------------------------------- checks
+
+
+def _iter_refs(obj, name: str):
+  """Yield (dotted name, TensorRef) for every tensor in nested containers."""
+  if isinstance(obj, TensorRef):
+    yield name or "<root>", obj
+  elif isinstance(obj, dict):
+    for k, v in obj.items():
+      yield from _iter_refs(v, f"{name}.{k}" if name else str(k))
+  elif isinstance(obj, (list, tuple)):
+    for i, v in enumerate(obj):
+      yield from _iter_refs(v, f"{name}.{i}" if name else str(i))
+
+
+def _itemsize(dtype) -> int:
+  if isinstance(dtype, str) and dtype == "bfloat16":
+    return 2
+  if isinstance(dtype, np.dtype):
+    return dtype.itemsize
+  raise CorruptFile(f"unsupported tensor dtype {dtype!r}")
+
+
+def _check_ref(name: str, ref: TensorRef) -> tuple[Storage, int]:
+  """Validate one tensor record; return (root storage, bytes to allocate)."""
+  st = ref.storage
+  root = st.root if isinstance(st, StorageView) else st
+  if not isinstance(root, Storage):
+    raise CorruptFile(f"tensor {name!r} refers to no storage")
+  if isinstance(st, StorageView) and (
+      st.offset < 0 or st.numel < 0 or st.offset + st.numel > root.numel
+  ):
+    raise CorruptFile(
+        f"tensor {name!r}: view [{st.offset}, {st.offset + st.numel}) of "
+        f"storage {root.key!r} exceeds its {root.numel} elements"
+    )
+  size, stride, offset = ref.size, ref.stride, ref.offset
+  if len(size) > _MAX_RANK or len(size) != len(stride):
+    raise CorruptFile(
+        f"tensor {name!r}: bad rank (size {size[:8]}, stride {stride[:8]})"
+    )
+  if any(not 0 <= v <= _MAX_EXTENT for v in size + stride + (offset,)):
+    raise CorruptFile(
+        f"tensor {name!r}: size {size} stride {stride} offset {offset} "
+        "out of range"
+    )
+  itemsize = _itemsize(root.stype.dtype if ref.dtype is None else ref.dtype)
+  avail = st.numel * root.stype.itemsize // itemsize
+  numel = math.prod(size)
+  if numel > avail and numel * itemsize > EXPAND_SLACK_BYTES:
+    raise CorruptFile(
+        f"tensor {name!r} of shape {size} has {numel} elements but its "
+        f"storage {root.key!r} holds only {avail}"
+    )
+  if numel:
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+    if last >= avail:
+      raise CorruptFile(
+          f"tensor {name!r} of shape {size} stride {stride} offset "
+          f"{offset} reaches element {last} of storage {root.key!r}, "
+          f"which holds {avail}"
+      )
+  return root, numel * itemsize
+
+
+def check_refs(obj) -> None:
+  """Refuse tensors that would allocate more than their storages justify.
+
+  Uses the storages' declared element counts only, so it runs before any
+  storage is read; the container checks those counts against the file.
+  """
+  roots: dict[int, int] = {}
+  total = 0
+  for name, ref in _iter_refs(obj, ""):
+    root, nbytes = _check_ref(name, ref)
+    roots[id(root)] = root.nbytes
+    total += nbytes
+  budget = OUTPUT_RATIO * sum(roots.values()) + OUTPUT_SLACK_BYTES
+  if total > budget:
+    raise CorruptFile(
+        f"tensors would take {total} bytes, more than the {budget} allowed "
+        f"for {sum(roots.values())} bytes of storage"
+    )
 
 
 # ---------------------------------------------------------------- materialise
@@ -194,7 +305,7 @@ def _storage_array(storage) -> tuple[np.ndarray, Any]:
   return storage.data, storage.stype.dtype
 
 
-def _materialise(ref: _TensorRef) -> np.ndarray:
+def _materialise(ref: TensorRef) -> np.ndarray:
   raw, marker = _storage_array(ref.storage)
   if ref.dtype is not None and ref.dtype != marker:
     # v3 tensors may reinterpret an untyped (byte) storage.
@@ -233,8 +344,8 @@ def _materialise(ref: _TensorRef) -> np.ndarray:
 
 
 def resolve(obj):
-  """Replace every _TensorRef in nested containers by its numpy array."""
-  if isinstance(obj, _TensorRef):
+  """Replace every TensorRef in nested containers by its numpy array."""
+  if isinstance(obj, TensorRef):
     return _materialise(obj)
   if isinstance(obj, dict):
     return {k: resolve(v) for k, v in obj.items()}
@@ -243,6 +354,3 @@ def resolve(obj):
   if isinstance(obj, tuple):
     return tuple(resolve(v) for v in obj)
   return obj
-
-
-# --------------------------------------------------------------- zip format
