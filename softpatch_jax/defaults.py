@@ -65,7 +65,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.train_dir = ""  # dataset=folder
   c.data.test_dir = ""  # dataset=folder (optional)
   c.data.resize = 256
+  # 0: whole-image mode, no crop; images keep their aspect ratio and the patch
+  # grid follows it (all training images must share one shape).
   c.data.crop = 224
+  # Bounds on one image (data/preprocess.py): pixels after resizing, and
+  # long side / short side.
+  c.data.max_pixels = 1 << 22
+  c.data.max_aspect_ratio = 20.0
   c.data.batch_size = 16
   c.data.num_workers = 4
   c.data.max_test = 0  # >0: seeded per-label subsample of the test set

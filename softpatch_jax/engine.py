@@ -24,6 +24,7 @@ from softpatch_jax import features as features_lib
 from softpatch_jax import methods as methods_lib
 from softpatch_jax import scoring
 from softpatch_jax import validation
+from softpatch_jax.data import _files
 from softpatch_jax.progress import Progress
 
 BROKEN_HINT = "the backbone weights or the input images are broken"
@@ -102,12 +103,66 @@ def build_embedder(config, bb: backbones.Backbone) -> Embedder:
   )
 
 
-def build_preprocess(config, bb: backbones.Backbone) -> data.Preprocess:
+def build_preprocess(
+    config, bb: backbones.Backbone, train: Sequence = ()
+) -> data.Preprocess:
+  """The preprocessing of `config.data` with the backbone's normalisation.
+
+  In whole-image mode (config.data.crop 0 or None) the network input size
+  follows the first training image's shape, so `train` must be given.
+  """
+  d = config.data
+  crop = d.crop or None
+  input_size = None
+  if crop is None:
+    if not train:
+      raise ValueError(
+          "whole-image mode (config.data.crop=0) takes its input size from "
+          "the training images, and there are none"
+      )
+    input_size = data.whole_image_size(train[0].path, d.resize or None)
   return data.Preprocess(
-      resize=config.data.resize,
-      crop=config.data.crop,
+      resize=d.resize or None,
+      crop=crop,
       mean=tuple(bb.mean),
       std=tuple(bb.std),
+      input_size=input_size,
+      max_pixels=int(d.get("max_pixels", data.geometry.MAX_PIXELS)),
+      max_aspect_ratio=float(
+          d.get("max_aspect_ratio", data.geometry.MAX_ASPECT_RATIO)
+      ),
+  )
+
+
+def preprocess_record(pre: data.Preprocess) -> dict:
+  """The preprocessing as stored in a saved model (JSON types)."""
+  return {
+      "resize": pre.resize,
+      "crop": pre.crop,
+      "mean": list(pre.mean),
+      "std": list(pre.std),
+      "grayscale_to_rgb": bool(pre.grayscale_to_rgb),
+      "input_size": list(pre.input_size) if pre.input_size else None,
+      "max_pixels": int(pre.max_pixels),
+      "max_aspect_ratio": float(pre.max_aspect_ratio),
+  }
+
+
+def preprocess_from_record(p) -> data.Preprocess:
+  """Inverse of `preprocess_record`; models saved before the size bounds
+  existed get the defaults."""
+  size = p.get("input_size")
+  return data.Preprocess(
+      resize=p["resize"],
+      crop=p["crop"],
+      mean=tuple(p["mean"]),
+      std=tuple(p["std"]),
+      grayscale_to_rgb=bool(p.get("grayscale_to_rgb", True)),
+      input_size=tuple(size) if size else None,
+      max_pixels=int(p.get("max_pixels", data.geometry.MAX_PIXELS)),
+      max_aspect_ratio=float(
+          p.get("max_aspect_ratio", data.geometry.MAX_ASPECT_RATIO)
+      ),
   )
 
 
@@ -125,8 +180,15 @@ def extract_features(
     augment=None,
     desc: str = "features",
     storage_dtype=np.float32,
+    errors: str = "raise",
+    what: str = "image",
 ) -> np.ndarray:
-  """Embeds every sample -> (N, P, D) numpy array, with a progress bar."""
+  """Embeds every sample -> (N, P, D) numpy array, with a progress bar.
+
+  errors 'collect': read on past unreadable images, then raise one ValueError
+  listing them all ('N <what>(s) cannot be read: ...'); 'raise': stop at the
+  first.
+  """
   bs = embedder.batch_size
   stream = data.stream_batches(
       samples,
@@ -135,14 +197,20 @@ def extract_features(
       num_workers=num_workers,
       with_masks=False,
       augment=augment,
+      errors=errors,
   )
-  chunks = []
+  chunks, failed = [], []
   for batch in Progress(
       stream, total=n_batches(len(samples), bs), desc=desc, unit="batches"
   ):
+    failed += [(samples[i].path, msg) for i, msg in batch.errors]
+    if failed or batch.images is None:
+      continue  # the run fails anyway: only look for more unreadable files
     f = np.asarray(embedder(batch.images))
     validation.check_finite(f, f"features of {desc}", BROKEN_HINT)
     chunks.append(f.astype(storage_dtype, copy=False))
+  if failed:
+    raise ValueError(_files.unreadable_message(failed, what))
   if not chunks:
     raise ValueError(f"no images to extract features from ({desc})")
   return np.concatenate(chunks, 0)
@@ -227,13 +295,15 @@ def fit_methods(
     pre: data.Preprocess,
     method_names: Sequence[str],
     label: str = "fit",
+    errors: str = "raise",
 ) -> Fitted:
   """Embeds the training samples once and fits every method on them.
 
-  `label` (a category name) prefixes the progress bar and the log lines.
+  `label` (a category name) prefixes the progress bar and the log lines;
+  `errors` as in `extract_features`.
   """
   desc = f"{label}: train features"
-  image_size = (config.data.crop, config.data.crop)
+  image_size = pre.input_size or (pre.crop, pre.crop)
   grid = embedder.grid(image_size)
   t0 = time.perf_counter()
   train_feats = extract_features(
@@ -243,6 +313,8 @@ def fit_methods(
       num_workers=config.data.num_workers,
       augment=data.build_augment(config),
       desc=desc,
+      errors=errors,
+      what="training image",
   )
   extract_s = time.perf_counter() - t0
   logging.info("%s %s (%.1fs)", desc, train_feats.shape, extract_s)

@@ -239,7 +239,6 @@ def run(config, workdir: str) -> dict:
   coreset.num_samples(1, config.coreset.fraction)  # (0, 1], before any work
   bb = engine.build_backbone(config)
   embedder = engine.build_embedder(config, bb)
-  pre = engine.build_preprocess(config, bb)
   rows = []
   noise_records = {}
   result = {}
@@ -249,6 +248,8 @@ def run(config, workdir: str) -> dict:
         test, config.data.get("max_test", 0), config.data.get("split_seed", 0)
     )
     train, test, noise_info = data.apply_noise(config, cat, train, test)
+    # Per category: in whole-image mode the input size follows its images.
+    pre = engine.build_preprocess(config, bb, train)
     if noise_info is not None:
       noise_records[cat] = noise_info
     logging.info(

@@ -167,153 +167,155 @@ def f1_thresholds(banks, val_dir, embedder, pre, num_workers, max_bank_rows):
 
 
 def fit_and_save(config, workdir: str) -> dict:
-  """Fits config.methods (one) on the training images and saves the model."""
+  """Fits config.methods (one) on the training images and saves the model.
+
+  One run at a time writes `workdir` (io_utils.folder_lock). Every unreadable
+  training image is listed in one ValueError, and then nothing is written.
+  """
   t_start = time.perf_counter()
   method = validate_config(config)
   ts = threshold_settings(config)
   workdir = io_utils.ensure_writable_dir(workdir)
-  cats = data.list_categories(config, workdir)
-  if len(cats) != 1:
-    raise ValueError(
-        f"fit mode fits one category at a time, got {cats}; set "
-        "--config.data.categories=<one>"
-    )
-  category = cats[0]
-  if config.data.dataset == "folder" and not config.data.train_dir:
-    raise ValueError("set --config.data.train_dir=DIR (the training images)")
-  train, test = data.load_dataset(config, category, workdir)
-  train, _, noise_info = data.apply_noise(config, category, train, test)
-  n = len(train)
-  check_train_size(n, method, ts["method"])
-  logging.info("fit: %d training images, method %s", n, method)
+  with io_utils.folder_lock(workdir, "workdir"):
+    io_utils.clean_stale_temps(workdir)
+    cats = data.list_categories(config, workdir)
+    if len(cats) != 1:
+      raise ValueError(
+          f"fit mode fits one category at a time, got {cats}; set "
+          "--config.data.categories=<one>"
+      )
+    category = cats[0]
+    if config.data.dataset == "folder" and not config.data.train_dir:
+      raise ValueError("set --config.data.train_dir=DIR (the training images)")
+    train, test = data.load_dataset(config, category, workdir)
+    train, _, noise_info = data.apply_noise(config, category, train, test)
+    n = len(train)
+    check_train_size(n, method, ts["method"])
+    logging.info("fit: %d training images, method %s", n, method)
 
-  bb = engine.build_backbone(config)
-  embedder = engine.build_embedder(config, bb)
-  pre = engine.build_preprocess(config, bb)
-  fitted = engine.fit_methods(config, train, embedder, pre, [method])
-  bank, info = fitted.banks[method], fitted.infos[method]
-  train_feats = fitted.train_feats
-  rows = engine.max_bank_rows(config, train_feats.shape[-1])
-
-  model = model_io.FittedModel(
-      bank_features=np.asarray(bank.features),
-      bank_weights=np.asarray(bank.weights),
-      method=method,
-      soft_weight=bank.soft_weight,
-      grid=bank.grid,
-      image_size=bank.image_size,
-      blur_sigma=bank.blur_sigma,
-      backbone={
-          "name": bb.name,
-          "layers": list(bb.layers),
-          "weights": str(config.backbone.get("weights", "imagenet")),
-          "seed": int(config.seed),
-          "weights_id": bb.weights_id,
-      },
-      preprocess={
-          "resize": pre.resize,
-          "crop": pre.crop,
-          "mean": list(pre.mean),
-          "std": list(pre.std),
-          "grayscale_to_rgb": bool(pre.grayscale_to_rgb),
-      },
-      features={
-          "patchsize": config.features.patchsize,
-          "pretrain_embed_dim": config.features.pretrain_embed_dim,
-          "target_embed_dim": config.features.target_embed_dim,
-      },
-      thresholds={},
-      config=config.to_dict(),
-  )
-
-  t0 = time.perf_counter()
-  details = {}
-  t_img = t_pix = None
-  if ts["method"] == "quantile":
-    folds = thresholds_lib.fold_split(n, ts["folds"], config.seed)
-    options = dict(
-        engine.bank_options(config),
-        grid=fitted.grid,
-        image_size=fitted.image_size,
+    bb = engine.build_backbone(config)
+    embedder = engine.build_embedder(config, bb)
+    pre = engine.build_preprocess(config, bb, train)
+    fitted = engine.fit_methods(
+        config, train, embedder, pre, [method], errors="collect"
     )
-    img, pix = engine.heldout_scores(
-        train_feats,
-        method,
-        jax.random.PRNGKey(config.seed),
-        options,
-        folds,
-        batch_size=config.data.batch_size,
-        max_bank_rows=rows,
+    bank, info = fitted.banks[method], fitted.infos[method]
+    train_feats = fitted.train_feats
+    rows = engine.max_bank_rows(config, train_feats.shape[-1])
+
+    model = model_io.FittedModel(
+        bank_features=np.asarray(bank.features),
+        bank_weights=np.asarray(bank.weights),
+        method=method,
+        soft_weight=bank.soft_weight,
+        grid=bank.grid,
+        image_size=bank.image_size,
+        blur_sigma=bank.blur_sigma,
+        backbone={
+            "name": bb.name,
+            "layers": list(bb.layers),
+            "weights": str(config.backbone.get("weights", "imagenet")),
+            "seed": int(config.seed),
+            "weights_id": bb.weights_id,
+        },
+        preprocess=engine.preprocess_record(pre),
+        features={
+            "patchsize": config.features.patchsize,
+            "pretrain_embed_dim": config.features.pretrain_embed_dim,
+            "target_embed_dim": config.features.target_embed_dim,
+        },
+        thresholds={},
+        config=config.to_dict(),
     )
-    pq = ts["pixel_quantile"]
-    pq = ts["quantile"] if pq is None else pq
-    t_img = thresholds_lib.quantile(img, ts["quantile"])
-    t_pix = thresholds_lib.quantile(pix, pq)
-    model.heldout_image_scores, model.heldout_pixel_max = img, pix
-    details = {
-        "folds": len(folds),
-        "quantile": ts["quantile"],
-        "pixel_quantile": pq,
-        "heldout_image_scores": thresholds_lib.summary(img),
+
+    t0 = time.perf_counter()
+    details = {}
+    t_img = t_pix = None
+    if ts["method"] == "quantile":
+      folds = thresholds_lib.fold_split(n, ts["folds"], config.seed)
+      options = dict(
+          engine.bank_options(config),
+          grid=fitted.grid,
+          image_size=fitted.image_size,
+      )
+      img, pix = engine.heldout_scores(
+          train_feats,
+          method,
+          jax.random.PRNGKey(config.seed),
+          options,
+          folds,
+          batch_size=config.data.batch_size,
+          max_bank_rows=rows,
+      )
+      pq = ts["pixel_quantile"]
+      pq = ts["quantile"] if pq is None else pq
+      t_img = thresholds_lib.quantile(img, ts["quantile"])
+      t_pix = thresholds_lib.quantile(pix, pq)
+      model.heldout_image_scores, model.heldout_pixel_max = img, pix
+      details = {
+          "folds": len(folds),
+          "quantile": ts["quantile"],
+          "pixel_quantile": pq,
+          "heldout_image_scores": thresholds_lib.summary(img),
+      }
+    elif ts["method"] == "manual":
+      t_img = float(ts["value"])
+      t_pix = None if ts["pixel_value"] is None else float(ts["pixel_value"])
+    else:
+      t_img, t_pix, details = f1_thresholds(
+          {method: bank},
+          ts["val_dir"],
+          embedder,
+          pre,
+          config.data.num_workers,
+          rows,
+      )
+    threshold_s = time.perf_counter() - t0
+    model.thresholds = {
+        "image": t_img,
+        "pixel": t_pix,
+        "method": ts["method"],
+        "details": details,
     }
-  elif ts["method"] == "manual":
-    t_img = float(ts["value"])
-    t_pix = None if ts["pixel_value"] is None else float(ts["pixel_value"])
-  else:
-    t_img, t_pix, details = f1_thresholds(
-        {method: bank},
-        ts["val_dir"],
-        embedder,
-        pre,
-        config.data.num_workers,
-        rows,
-    )
-  threshold_s = time.perf_counter() - t0
-  model.thresholds = {
-      "image": t_img,
-      "pixel": t_pix,
-      "method": ts["method"],
-      "details": details,
-  }
-  model.fit_info = {
-      "n_train": n,
-      "train_paths_sample": [s.path for s in train[:20]],
-      "bank_size": info.bank_size,
-      "n_patches": info.n_patches,
-      "n_noise_patches": info.n_noise_patches,
-      "noise_weight_threshold": info.threshold,
-      "noisiest_train_images": _noisiest(train, info.image_noise_fraction),
-      "noise": noise_info,
-      "extract_s": round(fitted.extract_s, 3),
-      "fit_s": round(info.fit_s, 3),
-      "threshold_s": round(threshold_s, 3),
-      "jax": {"version": jax.__version__, "backend": jax.default_backend()},
-  }
+    model.fit_info = {
+        "n_train": n,
+        "train_paths_sample": [s.path for s in train[:20]],
+        "bank_size": info.bank_size,
+        "n_patches": info.n_patches,
+        "n_noise_patches": info.n_noise_patches,
+        "noise_weight_threshold": info.threshold,
+        "noisiest_train_images": _noisiest(train, info.image_noise_fraction),
+        "noise": noise_info,
+        "extract_s": round(fitted.extract_s, 3),
+        "fit_s": round(info.fit_s, 3),
+        "threshold_s": round(threshold_s, 3),
+        "jax": {"version": jax.__version__, "backend": jax.default_backend()},
+    }
 
-  path = model_io.save_model(
-      os.path.join(workdir, model_io.MODEL_FILENAME), model
-  )
-  summary = {
-      "model": path,
-      "method": method,
-      "n_train": n,
-      "bank_size": info.bank_size,
-      "thresholds": model.thresholds,
-      "backbone": model.backbone,
-      "fit_info": model.fit_info,
-      "total_s": round(time.perf_counter() - t_start, 3),
-  }
-  io_utils.write_json(os.path.join(workdir, SUMMARY_FILENAME), summary)
-  pix_txt = "none" if t_pix is None else f"{t_pix:.6g}"
-  print(
-      f"model saved to {path}\n  {n} training images, bank of "
-      f"{info.bank_size} patches, image threshold {t_img:.6g} "
-      f"({ts['method']}), pixel threshold {pix_txt}\n"
-      f"predict with: python -m softpatch_jax.predict --model {path} "
-      "--input <DIR or files> --output <out dir>",
-      flush=True,
-  )
-  return summary
+    path = model_io.save_model(
+        os.path.join(workdir, model_io.MODEL_FILENAME), model
+    )
+    summary = {
+        "model": path,
+        "method": method,
+        "n_train": n,
+        "bank_size": info.bank_size,
+        "thresholds": model.thresholds,
+        "backbone": model.backbone,
+        "fit_info": model.fit_info,
+        "total_s": round(time.perf_counter() - t_start, 3),
+    }
+    io_utils.write_json(os.path.join(workdir, SUMMARY_FILENAME), summary)
+    pix_txt = "none" if t_pix is None else f"{t_pix:.6g}"
+    print(
+        f"model saved to {path}\n  {n} training images, bank of "
+        f"{info.bank_size} patches, image threshold {t_img:.6g} "
+        f"({ts['method']}), pixel threshold {pix_txt}\n"
+        f"predict with: python -m softpatch_jax.predict --model {path} "
+        "--input <DIR or files> --output <out dir>",
+        flush=True,
+    )
+    return summary
 
 
 def _noisiest(train, frac, k: int = 10):

@@ -1,20 +1,39 @@
-"""Atomic file writing: nothing is ever left half-written.
+"""Atomic file writing, and one run at a time per output folder.
 
 Every output goes to a temporary file in the destination folder and is moved
 into place with os.replace, which is atomic on POSIX and Windows. An
-interrupted run therefore leaves either the old file or the new one.
+interrupted run therefore leaves either the old file or the new one, plus at
+worst a temp file `.<name>.<pid>.<random>.tmp` that `clean_stale_temps` removes
+on the next run. `folder_lock` keeps two runs from writing one folder at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import datetime
 import io
 import json
 import os
+import re
+import shlex
+import socket
+import sys
 import tempfile
+import time
 
+from absl import logging
 import numpy as np
+
+LOCK_FILENAME = ".softpatch.lock"
+# A lock file that cannot be parsed is presumed abandoned after this long (a
+# live run writes its lock right after creating it).
+CORRUPT_LOCK_STALE_S = 10 * 60
+# Temp files named without a pid (older versions) are presumed abandoned after
+# this long.
+OLD_TEMP_STALE_S = 60 * 60
+_TEMP_WITH_PID = re.compile(r"^\..+\.(\d+)\.[a-z0-9_]{8}\.tmp$")
+_TEMP_WITHOUT_PID = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
 
 def ensure_writable_dir(path: str) -> str:
@@ -35,8 +54,12 @@ def atomic_open(path: str, mode: str = "w", **kwargs):
   """Opens a temp file beside `path`; renames it onto `path` on success."""
   directory = os.path.dirname(os.path.abspath(path)) or "."
   os.makedirs(directory, exist_ok=True)
+  # The writer's pid in the name lets a later run tell an abandoned temp file
+  # (its writer is gone) from one being written right now.
   fd, tmp = tempfile.mkstemp(
-      prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory
+      prefix=f".{os.path.basename(path)}.{os.getpid()}.",
+      suffix=".tmp",
+      dir=directory,
   )
   try:
     with os.fdopen(fd, mode, **kwargs) as f:
@@ -53,6 +76,210 @@ def atomic_open(path: str, mode: str = "w", **kwargs):
     with contextlib.suppress(OSError):
       os.remove(tmp)
     raise
+
+
+def pid_alive(pid: int) -> bool:
+  """Whether process `pid` runs on this machine (True when unsure)."""
+  if os.name == "nt":  # os.kill(pid, 0) would terminate it on Windows
+    return True
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except (OverflowError, ValueError):  # not a possible pid
+    return False
+  except OSError:  # PermissionError: alive, another user's process
+    return True
+  return True
+
+
+def clean_stale_temps(folder: str) -> int:
+  """Removes temp files of killed writers in `folder` and its sub-folders.
+
+  A temp file `.<name>.<pid>.<random>.tmp` (see atomic_open) is abandoned
+  when process <pid> no longer runs. Pids are checked on this machine only,
+  so call this while holding the folder's `folder_lock`: a run on another
+  machine writing here would hold it. A temp file without a pid
+  (`.<name>.<random>.tmp`, older versions) is abandoned once older than
+  OLD_TEMP_STALE_S. Sub-folders are looked at one level deep. The count
+  removed, if any, is logged.
+
+  Returns:
+    How many files were removed.
+  """
+  folder = os.path.abspath(folder)
+  dirs = [folder]
+  with contextlib.suppress(OSError):
+    dirs += sorted(
+        e.path
+        for e in os.scandir(folder)
+        if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")
+    )
+  now, removed = time.time(), 0
+  for d in dirs:
+    try:
+      entries = list(os.scandir(d))
+    except OSError:
+      continue
+    for e in entries:
+      m = _TEMP_WITH_PID.match(e.name)
+      try:
+        if not e.is_file(follow_symlinks=False):
+          continue
+        if m:
+          stale = not pid_alive(int(m.group(1)))
+        elif _TEMP_WITHOUT_PID.match(e.name):
+          stale = now - e.stat().st_mtime > OLD_TEMP_STALE_S
+        else:
+          continue
+        if stale:
+          os.remove(e.path)
+          removed += 1
+      except OSError:  # gone meanwhile, or not ours to remove
+        continue
+  if removed:
+    logging.info(
+        "removed %d temp file(s) left by killed runs in %s", removed, folder
+    )
+  return removed
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str, what: str = "folder"):
+  """Holds `folder` for one run, so that two runs never mix their files.
+
+  The lock is the file `<folder>/.softpatch.lock`, created atomically
+  (O_CREAT | O_EXCL) with JSON {pid, host, started, command}, and removed on
+  exit, exceptions included. While it exists another run refuses to start.
+
+  A lock whose run died (killed, machine crash) is stale, and is taken over
+  with a warning, when:
+    * its host is this machine and its pid no longer runs (should the pid
+      have been reused by another process since, delete the file by hand); or
+    * it cannot be read or parsed and is older than CORRUPT_LOCK_STALE_S
+      (a younger one is refused, with the hint to delete it if no run is
+      active).
+  A lock from another machine is never presumed stale, as its pid cannot be
+  checked from here; the refusal then names the file to delete once that run
+  is known to be gone.
+
+  Args:
+    folder: an existing folder.
+    what: what the folder is to the user ('output folder', 'workdir'), for
+      the refusal message.
+
+  Yields:
+    The lock file's path.
+
+  Raises:
+    ValueError: another run holds the folder.
+  """
+  folder = os.path.abspath(folder)
+  lock = os.path.join(folder, LOCK_FILENAME)
+  mine = _acquire(lock, folder, what)
+  try:
+    yield lock
+  finally:
+    # Only our own lock: never one that another run has since taken over.
+    if _read(lock) == mine:
+      with contextlib.suppress(OSError):
+        os.remove(lock)
+
+
+def _read(path):
+  """The text of `path`, or None when it is gone or unreadable."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return f.read()
+  except (OSError, UnicodeDecodeError):
+    return None
+
+
+def _holder(text):
+  """The lock record of a lock file's text, or None when it is corrupt."""
+  try:
+    rec = json.loads(text)
+    if isinstance(rec["pid"], int) and rec["pid"] > 0 and rec["host"]:
+      return rec
+  except (TypeError, ValueError, KeyError):
+    pass
+  return None
+
+
+def _acquire(lock, folder, what) -> str:
+  """Creates `lock` (taking over a stale one) and returns its text."""
+  text = json.dumps({
+      "pid": os.getpid(),
+      "host": socket.gethostname(),
+      "started": (
+          datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+      ),
+      "command": shlex.join(sys.argv),
+  })
+  for _ in range(20):
+    try:
+      fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      _remove_if_stale(lock, folder, what)
+      continue
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(text)
+    return text
+  raise ValueError(
+      f"{folder} is in use by other runs (its lock {lock} keeps changing); "
+      f"wait for them to finish, or choose another {what}"
+  )
+
+
+def _remove_if_stale(lock, folder, what) -> None:
+  """Removes `lock` when stale; raises ValueError while its run is alive."""
+  text = _read(lock)
+  try:
+    age = time.time() - os.path.getmtime(lock)
+  except OSError:
+    return  # released meanwhile: try again
+  rec = None if text is None else _holder(text)
+  if rec is None:
+    if age < 1.0:  # just created, its record not written yet
+      time.sleep(0.1)
+      return
+    if age < CORRUPT_LOCK_STALE_S:
+      raise ValueError(
+          f"{folder} has an unreadable lock file {lock} ({age / 60:.0f} "
+          "minute(s) old); if no run is using this folder, delete that file"
+      )
+    reason = f"unreadable, {age / 60:.0f} minutes old"
+  else:
+    host, pid = rec["host"], rec["pid"]
+    here = host == socket.gethostname()
+    if not here or pid_alive(pid):
+      hint = "" if here else f" (if that run is gone, delete {lock})"
+      raise ValueError(
+          f"{folder} is in use by another run (pid {pid} on host {host} "
+          f"since {rec.get('started', '?')}); wait for it to finish, or "
+          f"choose another {what}{hint}"
+      )
+    reason = f"pid {pid} no longer runs on this host"
+  # Renaming is atomic: of several runs taking over at once, one moves it.
+  aside = f"{lock}.{os.getpid()}.stale"
+  try:
+    os.rename(lock, aside)
+  except OSError:
+    return  # another run took it over first: look again
+  if _read(aside) != text:
+    # Another run replaced the stale lock with its own between our read and
+    # the rename: give it back, then look again.
+    if not os.path.exists(lock):
+      with contextlib.suppress(OSError):
+        os.rename(aside, lock)
+    with contextlib.suppress(OSError):
+      os.remove(aside)
+    return
+  with contextlib.suppress(OSError):
+    os.remove(aside)
+  logging.warning(
+      "taking over the stale lock %s (%s); it said: %s", lock, reason, text
+  )
 
 
 def write_bytes(path: str, data: bytes) -> None:

@@ -380,3 +380,17 @@ def check_meta(meta: dict, origin: str) -> None:
     t = meta["thresholds"].get(key)
     if t is not None and not (_number(t) and math.isfinite(t)):
       bad(f"thresholds.{key}", "a finite number or null", t)
+  pre = meta["preprocess"]
+  size = pre.get("input_size")
+  if size is not None and not (
+      isinstance(size, list)
+      and len(size) == 2
+      and all(type(g) is int and 0 < g <= 1 << 16 for g in size)
+  ):  # pylint: disable=unidiomatic-typecheck
+    bad("preprocess.input_size", "two positive integers or null", size)
+  for key in ("resize", "crop"):
+    v = pre[key]
+    if v is not None and not (type(v) is int and 0 < v <= 1 << 16):
+      bad(f"preprocess.{key}", "a positive integer or null", v)
+  if pre["crop"] is None and size is None:
+    bad("preprocess.input_size", "set when crop is null (whole image)", size)

@@ -21,6 +21,8 @@ Output (in --output):
   maps/<name>.npy      with --save_maps: the raw float32 (H, W) anomaly map.
   masks/<name>.png     with --save_masks: the binary mask (map >= pixel
                        threshold) as a 0/255 PNG.
+A model fitted in whole-image mode (--config.data.crop=0) writes heatmaps,
+maps and masks at each input file's own size, the heatmap drawn over the file.
 <name> is the path relative to the input folder (or to the common folder of
 the listed files), without extension, with '/' replaced by '__'.
 
@@ -65,14 +67,7 @@ read_predictions = predict_files.read_predictions
 
 def preprocess_for(model: model_io.FittedModel) -> data.Preprocess:
   """The preprocessing the model was fitted with."""
-  p = model.preprocess
-  return data.Preprocess(
-      resize=p["resize"],
-      crop=p["crop"],
-      mean=tuple(p["mean"]),
-      std=tuple(p["std"]),
-      grayscale_to_rgb=bool(p.get("grayscale_to_rgb", True)),
-  )
+  return engine.preprocess_from_record(model.preprocess)
 
 
 def backbone_for(model: model_io.FittedModel, weights: Optional[str] = None):
@@ -158,6 +153,9 @@ def predict(
   batch_size defaults to the fitting batch size: the backbone then runs the
   same compiled program as at fit time, so scores match bit for bit.
 
+  One run at a time writes `output` (io_utils.folder_lock): a second one is
+  refused with a ValueError naming the first.
+
   Returns {'rows': [...], 'csv': path, 'n_images', 'n_anomalous', 'n_errors'}.
   """
   if not isinstance(model, model_io.FittedModel):
@@ -178,103 +176,111 @@ def predict(
     raise ValueError(f"--quantile must be in (0, 1], got {quantile}")
   paths = predict_files.list_inputs(inputs, recursive=recursive)
   output = io_utils.ensure_writable_dir(output)
-  csv_path = os.path.join(output, CSV_FILENAME)
-  # Only a complete run leaves a predictions.csv behind.
-  if os.path.exists(csv_path):
-    os.remove(csv_path)
+  # One run per folder: two would mix their heatmaps, and the CSV of the last
+  # to finish would hide the other's rows.
+  with io_utils.folder_lock(output, "output folder"):
+    io_utils.clean_stale_temps(output)
+    csv_path = os.path.join(output, CSV_FILENAME)
+    # Only a complete run leaves a predictions.csv behind.
+    if os.path.exists(csv_path):
+      os.remove(csv_path)
 
-  t_img = model.image_threshold
-  t_pix = model.pixel_threshold
-  if quantile is not None:
-    if model.heldout_image_scores is None:
-      raise ValueError(
-          "--quantile needs a model fitted with the 'quantile' "
-          "threshold (it stores held-out training scores)"
-      )
-    t_img = thresholds_lib.quantile(model.heldout_image_scores, quantile)
-    t_pix = thresholds_lib.quantile(model.heldout_pixel_max, quantile)
-  if threshold is not None:
-    t_img = float(threshold)
-  if pixel_threshold is not None:
-    t_pix = float(pixel_threshold)
-  crange = predict_files.color_range(t_img, t_pix)
+    t_img = model.image_threshold
+    t_pix = model.pixel_threshold
+    if quantile is not None:
+      if model.heldout_image_scores is None:
+        raise ValueError(
+            "--quantile needs a model fitted with the 'quantile' "
+            "threshold (it stores held-out training scores)"
+        )
+      t_img = thresholds_lib.quantile(model.heldout_image_scores, quantile)
+      t_pix = thresholds_lib.quantile(model.heldout_pixel_max, quantile)
+    if threshold is not None:
+      t_img = float(threshold)
+    if pixel_threshold is not None:
+      t_pix = float(pixel_threshold)
+    crange = predict_files.color_range(t_img, t_pix)
 
-  if backbone is None:
-    backbone = backbone_for(model, weights=backbone_weights)
-  else:
-    model_io.check_backbone(model, backbone)
-  embedder = embedder_for(model, backbone, batch_size=batch_size)
-  banks, bank_rows = banks_for(model, memory_budget_mb)
-  pre = preprocess_for(model)
-  names = predict_files.output_names(paths)
-  rows = [None] * len(paths)
-  n_batches = engine.n_batches(len(paths), batch_size)
-  samples = [data.Sample(p, -1, "unknown") for p in paths]
-  stream = data.stream_batches(
-      samples,
-      pre,
-      batch_size=int(batch_size),
-      num_workers=int(num_workers),
-      with_masks=False,
-      errors="raise" if strict else "collect",
-  )
-  for batch in Progress(
-      stream, total=n_batches, desc="predict", unit="batches", enabled=progress
-  ):
-    for i, err in batch.errors:
-      logging.warning("cannot score %s: %s", paths[i], err)
-      rows[i] = {
-          "path": paths[i],
-          "decision": "error",
-          "threshold": t_img,
-          "error": err,
-      }
-    if batch.images is None or not len(batch.images):
-      continue
-    img_scores, maps = inference.score_images(
-        banks,
-        embedder,
-        batch.images,
-        max_bank_rows=bank_rows,
-        pad=False,
-        what="input images",
-    )[model.method]
-    for r, i in enumerate(batch.indices):
-      i = int(i)
-      rows[i] = predict_files.write_one(
-          output,
-          names[i],
-          paths[i],
-          batch.images[r],
-          float(img_scores[r]),
-          maps[r],
-          pre,
-          t_img,
-          t_pix,
-          crange,
-          heatmaps,
-          save_maps,
-          save_masks,
-      )
+    if backbone is None:
+      backbone = backbone_for(model, weights=backbone_weights)
+    else:
+      model_io.check_backbone(model, backbone)
+    embedder = embedder_for(model, backbone, batch_size=batch_size)
+    banks, bank_rows = banks_for(model, memory_budget_mb)
+    pre = preprocess_for(model)
+    names = predict_files.output_names(paths)
+    rows = [None] * len(paths)
+    n_batches = engine.n_batches(len(paths), batch_size)
+    samples = [data.Sample(p, -1, "unknown") for p in paths]
+    stream = data.stream_batches(
+        samples,
+        pre,
+        batch_size=int(batch_size),
+        num_workers=int(num_workers),
+        with_masks=False,
+        errors="raise" if strict else "collect",
+    )
+    for batch in Progress(
+        stream,
+        total=n_batches,
+        desc="predict",
+        unit="batches",
+        enabled=progress,
+    ):
+      for i, err in batch.errors:
+        logging.warning("cannot score %s: %s", paths[i], err)
+        rows[i] = {
+            "path": paths[i],
+            "decision": "error",
+            "threshold": t_img,
+            "error": err,
+        }
+      if batch.images is None or not len(batch.images):
+        continue
+      img_scores, maps = inference.score_images(
+          banks,
+          embedder,
+          batch.images,
+          max_bank_rows=bank_rows,
+          pad=False,
+          what="input images",
+      )[model.method]
+      for r, i in enumerate(batch.indices):
+        i = int(i)
+        rows[i] = predict_files.write_one(
+            output,
+            names[i],
+            paths[i],
+            batch.images[r],
+            float(img_scores[r]),
+            maps[r],
+            pre,
+            t_img,
+            t_pix,
+            crange,
+            heatmaps,
+            save_maps,
+            save_masks,
+        )
 
-  predict_files.write_csv(csv_path, rows)
-  n_err = sum(r["decision"] == "error" for r in rows)
-  n_anom = sum(r["decision"] == "anomalous" for r in rows)
-  print(
-      f"{len(rows)} images: {n_anom} anomalous, "
-      f"{len(rows) - n_anom - n_err} normal, {n_err} unreadable "
-      f"(threshold {t_img}); results in {csv_path}",
-      flush=True,
-  )
-  return {
-      "rows": rows,
-      "csv": csv_path,
-      "n_images": len(rows),
-      "n_anomalous": n_anom,
-      "n_errors": n_err,
-      "image_threshold": t_img,
-      "pixel_threshold": t_pix,
-  }
+    predict_files.write_csv(csv_path, rows)
+    n_err = sum(r["decision"] == "error" for r in rows)
+    n_anom = sum(r["decision"] == "anomalous" for r in rows)
+    print(
+        f"{len(rows)} images: {n_anom} anomalous, "
+        f"{len(rows) - n_anom - n_err} normal, {n_err} unreadable "
+        f"(threshold {t_img}); results in {csv_path}",
+        flush=True,
+    )
+    return {
+        "rows": rows,
+        "csv": csv_path,
+        "n_images": len(rows),
+        "n_anomalous": n_anom,
+        "n_errors": n_err,
+        "image_threshold": t_img,
+        "pixel_threshold": t_pix,
+    }
 
 
 # --------------------------------------------------------------------------

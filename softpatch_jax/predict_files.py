@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from softpatch_jax import io_utils
+from softpatch_jax import data
 from softpatch_jax import viz
 from softpatch_jax.data import _files
 
@@ -37,8 +38,10 @@ CSV_FIELDS = [
 def list_inputs(inputs, recursive: bool = False) -> List[str]:
   """A directory, a comma-separated string, or a list -> image file paths.
 
-  Non-image files are skipped with one warning listing them; a listed file
-  that does not exist, or no image at all, is a ValueError.
+  Non-image files are skipped with one warning listing them, and hidden
+  files in a directory with one log line (see `_files.list_images`); a listed
+  file that does not exist or is a symlink loop, or no image at all, is a
+  ValueError.
   """
   if isinstance(inputs, str):
     if os.path.isdir(inputs):
@@ -51,6 +54,8 @@ def list_inputs(inputs, recursive: bool = False) -> List[str]:
   for p in inputs:
     if os.path.isdir(p):
       paths += _files.list_images(p, "input image", recursive=recursive)
+    elif _files.is_symlink_loop(p):
+      raise ValueError(f"input file is a symlink loop: {p}")
     elif not os.path.isfile(p):
       raise ValueError(f"input file does not exist: {p}")
     elif _files.is_image(p):
@@ -129,12 +134,23 @@ def write_one(
   row["decision"] = (
       "n/a" if t_img is None else "anomalous" if score >= t_img else "normal"
   )
+  original = None
+  if pre.whole_image and (
+      heatmaps or save_maps or save_masks or t_pix is not None
+  ):
+    # Whole-image mode: the map covers the whole file, so it goes back to the
+    # file's own size, drawn over the file itself.
+    original = np.asarray(data.open_image(path).convert("RGB"))
+    amap = original_size_map(amap, original.shape[:2])
   mask = None
   if t_pix is not None:
     mask = amap >= t_pix
     row["anomalous_pixel_fraction"] = float(mask.mean())
   if heatmaps:
-    rgb = viz.to_uint8_image(image, pre.mean, pre.std)
+    if original is not None:
+      rgb = original
+    else:
+      rgb = viz.to_uint8_image(image, pre.mean, pre.std)
     if rgb.shape[-1] == 1:
       rgb = np.repeat(rgb, 3, axis=-1)
     lo, hi = (
@@ -157,6 +173,15 @@ def write_one(
     )
     row["mask"] = rel
   return row
+
+
+def original_size_map(amap, size) -> np.ndarray:
+  """Bilinear resize of a float (H, W) map to `size` (h, w)."""
+  h, w = (int(v) for v in size)
+  if amap.shape == (h, w):
+    return np.asarray(amap, np.float32)
+  img = Image.fromarray(np.asarray(amap, np.float32), mode="F")
+  return np.asarray(img.resize((w, h), Image.BILINEAR), np.float32)
 
 
 def write_csv(path, rows):

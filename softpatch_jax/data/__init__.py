@@ -10,6 +10,7 @@ ordered, bounded, multi-threaded decoding into Batches (stream.py);
 from softpatch_jax.data import btad
 from softpatch_jax.data import elpv
 from softpatch_jax.data import folder
+from softpatch_jax.data import geometry
 from softpatch_jax.data import mvtec
 from softpatch_jax.data import noise
 from softpatch_jax.data import synthetic
@@ -20,6 +21,7 @@ from softpatch_jax.data.preprocess import IMAGENET_STD
 from softpatch_jax.data.preprocess import open_image
 from softpatch_jax.data.preprocess import open_mask
 from softpatch_jax.data.preprocess import Preprocess
+from softpatch_jax.data.geometry import whole_image_size
 from softpatch_jax.data.protocol import apply_noise
 from softpatch_jax.data.protocol import build_augment
 from softpatch_jax.data.protocol import subsample_test
@@ -46,6 +48,7 @@ __all__ = [
     "build_augment",
     "elpv",
     "folder",
+    "geometry",
     "get_dataset",
     "has_pixel_labels",
     "list_categories",
@@ -59,4 +62,5 @@ __all__ = [
     "stream_batches",
     "subsample_test",
     "synthetic",
+    "whole_image_size",
 ]

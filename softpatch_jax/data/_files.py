@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import List, Optional, Sequence
 
@@ -14,6 +15,17 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 def is_image(name: str) -> bool:
   return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def is_symlink_loop(path: str) -> bool:
+  """Whether `path` is a symlink that resolves back to itself (ELOOP)."""
+  if not os.path.islink(path) or os.path.exists(path):
+    return False
+  try:
+    os.stat(path)
+  except OSError as e:
+    return e.errno == errno.ELOOP
+  return False
 
 
 def require_dir(path: str, what: str) -> str:
@@ -31,25 +43,35 @@ def list_images(
 ) -> List[str]:
   """Sorted image files in `directory` (relative-path order when recursive).
 
-  Files with other extensions are skipped with one warning listing them. An
+  Files with other extensions are skipped with one warning listing them.
+  Hidden files and folders (name starting with '.', such as macOS's '._x.png'
+  resource forks) are skipped too, with one log line giving their count. An
   empty result raises ValueError unless allow_empty. When recursive, folders
-  named in skip_dirs (and hidden folders) are not entered.
+  named in skip_dirs are not entered either.
   """
   require_dir(directory, what)
-  images, skipped = [], []
+  images, skipped, hidden = [], [], 0
   if recursive:
     for dirpath, dirnames, filenames in os.walk(directory):
       dirnames[:] = sorted(
           d for d in dirnames if d not in skip_dirs and not d.startswith(".")
       )
       for f in filenames:
+        if f.startswith("."):
+          hidden += 1
+          continue
         (images if is_image(f) else skipped).append(os.path.join(dirpath, f))
   else:
     for f in os.listdir(directory):
       full = os.path.join(directory, f)
       if os.path.isdir(full):
         continue
+      if f.startswith("."):
+        hidden += 1
+        continue
       (images if is_image(f) else skipped).append(full)
+  if hidden:
+    logging.info("skipped %d hidden file(s) in %s", hidden, directory)
   if skipped:
     logging.warning(
         "skipping %d non-image file(s) in %s (accepted extensions %s): %s",
@@ -64,6 +86,24 @@ def list_images(
         f"no {what} files ({', '.join(IMAGE_EXTENSIONS)}) in {directory}"
     )
   return images
+
+
+def unreadable_message(failed, what: str = "image", limit: int = 20) -> str:
+  """'N <what>(s) cannot be read:' and one '  path: reason' line per file.
+
+  `failed` holds (path, decoder message) pairs; a path given twice (an
+  augmented copy) is listed once. After `limit` lines: '  ... and K more'.
+  """
+  reasons = {}
+  for path, msg in failed:
+    # The decoder's message names the file, which starts the line already.
+    reasons.setdefault(
+        path, msg.replace(f": {path}", "").replace(f" {path}", "")
+    )
+  lines = [f"  {p}: {r}" for p, r in list(reasons.items())[:limit]]
+  if len(reasons) > limit:
+    lines.append(f"  ... and {len(reasons) - limit} more")
+  return f"{len(reasons)} {what}(s) cannot be read:\n" + "\n".join(lines)
 
 
 def subdirs(directory: str) -> List[str]:

@@ -22,6 +22,18 @@ Image modes are brought to 8-bit 'L' or 'RGB' before the geometry:
   * 'P' -> 'RGB' through its palette; 'CMYK', 'YCbCr', ... -> 'RGB'.
 Grayscale images become 3 identical channels when `grayscale_to_rgb` is True.
 
+Whole-image mode (crop None, `input_size` set): every image is resized to
+the one network input size (H, W), which keeps its aspect ratio when the image
+has the training images' shape (within `ASPECT_TOLERANCE`, else a ValueError);
+nothing is cropped, so the patch grid is rectangular for elongated parts.
+
+Bounds on untrusted images (`max_pixels`, `max_aspect_ratio`): a file whose
+network-input size after resizing would exceed `max_pixels`, or whose aspect
+ratio exceeds `max_aspect_ratio`, is refused with a ValueError naming it and
+its size before anything is resized: a 1x20000 PNG is 121 bytes but resizing
+its short side to 256 would allocate 256 x 5.12M pixels. A centre crop that
+keeps less than 80 % of an image's area is logged once per image size.
+
 Masks (any mode) become 8-bit 'L'; a colour mask uses the max over channels.
 A 0/1 mask (max == 1) is scaled to 0/255 and any other mask is binarised at
 128 first, so a clean 0/255 MVTec mask passes through unchanged. After the
@@ -36,10 +48,20 @@ import dataclasses
 import os
 from typing import Optional, Sequence, Tuple
 
+from absl import logging
 import numpy as np
 from PIL import Image
 
+from softpatch_jax.data import _files
+from softpatch_jax.data import geometry
 from softpatch_jax.data.augment import Augment
+from softpatch_jax.data.geometry import ASPECT_TOLERANCE
+from softpatch_jax.data.geometry import center_crop
+from softpatch_jax.data.geometry import CROP_WARN_KEPT
+from softpatch_jax.data.geometry import MAX_ASPECT_RATIO
+from softpatch_jax.data.geometry import MAX_PIXELS
+from softpatch_jax.data.geometry import resize_short
+from softpatch_jax.data.geometry import resized_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -54,6 +76,8 @@ def _decode(path, what: str, convert) -> Image.Image:
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
+    if _files.is_symlink_loop(path):
+      raise ValueError(f"{what} file is a symlink loop: {path}")
     raise ValueError(f"{what} file does not exist: {path}")
   if os.path.getsize(path) == 0:
     raise ValueError(f"{what} file is empty (0 bytes): {path}")
@@ -149,53 +173,18 @@ def open_mask(path) -> Image.Image:
   return _decode(path, "Mask", _binary_mask)
 
 
-def resized_size(size: Tuple[int, int], resize: int) -> Tuple[int, int]:
-  """(w, h) after torchvision Resize(int): short side -> resize, long cut."""
-  w, h = size
-  short, long_ = (w, h) if w <= h else (h, w)
-  new_short, new_long = resize, int(resize * long_ / short)
-  return (new_short, new_long) if w <= h else (new_long, new_short)
-
-
-def resize_short(
-    img: Image.Image, resize: Optional[int], resample=Image.BILINEAR
-) -> Image.Image:
-  if resize is None:
-    return img
-  new = resized_size(img.size, resize)
-  if new == img.size:
-    return img
-  return img.resize(new, resample)
-
-
-def center_crop(img: Image.Image, crop: Optional[int]) -> Image.Image:
-  if crop is None:
-    return img
-  w, h = img.size
-  if crop > w or crop > h:
-    left = (crop - w) // 2 if crop > w else 0
-    top = (crop - h) // 2 if crop > h else 0
-    right = (crop - w + 1) // 2 if crop > w else 0
-    bottom = (crop - h + 1) // 2 if crop > h else 0
-    padded = Image.new(img.mode, (w + left + right, h + top + bottom), 0)
-    padded.paste(img, (left, top))
-    img = padded
-    w, h = img.size
-    if (w, h) == (crop, crop):
-      return img
-  top = int(round((h - crop) / 2.0))
-  left = int(round((w - crop) / 2.0))
-  return img.crop((left, top, left + crop, top + crop))
-
-
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
   """Resize short side, centre crop, [0, 1] float32, (x - mean) / std; NHWC.
 
   resize / crop may be None to skip that step (then all images in a batch must
-  already share one size). With grayscale_to_rgb=False every image is returned
+  already share one size); crop 0 means None. With crop None and
+  `input_size` (H, W) set, every image is resized to that size: whole-image
+  mode (module docstring). With grayscale_to_rgb=False every image is returned
   as one luminance channel (colour images are converted with PIL's 'L'
   formula) and the mean/std are averaged over the channels given.
+  `max_pixels` and `max_aspect_ratio` bound what an image may cost
+  (`check_size`).
   """
 
   resize: Optional[int] = 256
@@ -203,8 +192,13 @@ class Preprocess:
   mean: Sequence[float] = IMAGENET_MEAN
   std: Sequence[float] = IMAGENET_STD
   grayscale_to_rgb: bool = True
+  input_size: Optional[Tuple[int, int]] = None
+  max_pixels: int = MAX_PIXELS
+  max_aspect_ratio: float = MAX_ASPECT_RATIO
 
   def __post_init__(self):
+    if isinstance(self.crop, (int, np.integer)) and self.crop == 0:
+      object.__setattr__(self, "crop", None)
     for name in ("resize", "crop"):
       v = getattr(self, name)
       if v is not None and (not isinstance(v, (int, np.integer)) or v < 1):
@@ -220,6 +214,83 @@ class Preprocess:
       )
     if any(s <= 0 for s in self.std):
       raise ValueError(f"Preprocess std must be positive, got {self.std}")
+    mp = self.max_pixels
+    if not isinstance(mp, (int, np.integer)) or mp < 1:
+      raise ValueError(f"max_pixels must be a positive int, got {mp!r}")
+    ar = self.max_aspect_ratio
+    if not isinstance(ar, (int, float)) or not 1.0 <= float(ar) < 1e6:
+      raise ValueError(f"max_aspect_ratio must be a number >= 1, got {ar!r}")
+    if self.input_size is not None:
+      size = self.input_size
+      if (
+          self.crop is not None
+          or len(size) != 2
+          or not all(isinstance(v, (int, np.integer)) and v > 0 for v in size)
+      ):
+        raise ValueError(
+            "Preprocess.input_size must be two positive ints (H, W), and "
+            f"only with crop None (whole-image mode); got {size!r} with crop "
+            f"{self.crop!r}"
+        )
+      object.__setattr__(self, "input_size", (int(size[0]), int(size[1])))
+      if size[0] * size[1] > mp:
+        raise ValueError(
+            f"input_size {size[0]}x{size[1]} has {size[0] * size[1]} pixels,"
+            f" beyond max_pixels={mp}"
+        )
+
+  @property
+  def whole_image(self) -> bool:
+    return self.crop is None and self.input_size is not None
+
+  def check_size(self, size, path) -> None:
+    """Refuses an image of `size` (w, h) before it is resized (see module).
+
+    Raises:
+      ValueError: naming `path` and its size.
+    """
+    w, h = (int(v) for v in size)
+    what = f"image {os.fspath(path)} ({w}x{h} pixels, width x height)"
+    aspect = max(w, h) / max(min(w, h), 1)
+    if aspect > self.max_aspect_ratio:
+      raise ValueError(
+          f"{what} has aspect ratio {aspect:.1f}, beyond the limit "
+          f"{self.max_aspect_ratio:g} (config.data.max_aspect_ratio)"
+      )
+    if self.whole_image:
+      hh, ww = self.input_size
+      if abs((w / h) / (ww / hh) - 1.0) > ASPECT_TOLERANCE:
+        raise ValueError(
+            f"{what} does not have the shape of the model input {ww}x{hh}: "
+            "whole-image mode (crop 0) resizes every image to that one "
+            "size, and this one would be distorted; give images of one "
+            "shape, or use a centre crop (config.data.crop)"
+        )
+      return
+    rw, rh = resized_size((w, h), self.resize) if self.resize else (w, h)
+    if rw * rh > self.max_pixels:
+      raise ValueError(
+          f"{what} would be resized to {rw}x{rh} = {rw * rh} pixels, beyond "
+          f"the limit {self.max_pixels} (config.data.max_pixels)"
+      )
+    if (
+        self.crop is not None
+        and (rw, rh, self.crop) not in geometry.CROP_WARNED
+    ):
+      kept = min(self.crop, rw) * min(self.crop, rh) / (rw * rh)
+      if kept < CROP_WARN_KEPT:
+        geometry.CROP_WARNED.add((rw, rh, self.crop))
+        logging.warning(
+            "the %dx%d centre crop of %s resized to %dx%d keeps %.0f%% of "
+            "its area: defects outside the crop are never seen. Set "
+            "config.data.crop=0 to inspect whole images.",
+            self.crop,
+            self.crop,
+            os.fspath(path),
+            rw,
+            rh,
+            100.0 * kept,
+        )
 
   @property
   def channels(self) -> int:
@@ -227,6 +298,11 @@ class Preprocess:
 
   def geometry(self, img: Image.Image) -> Image.Image:
     """Resize (bilinear) + centre crop, on a PIL image."""
+    if self.input_size is not None:
+      hh, ww = self.input_size
+      return (
+          img if img.size == (ww, hh) else img.resize((ww, hh), Image.BILINEAR)
+      )
     return center_crop(resize_short(img, self.resize), self.crop)
 
   def _stats(self):
@@ -270,6 +346,7 @@ class Preprocess:
     geometry.
     """
     img = open_image(sample.path)
+    self.check_size(img.size, sample.path)
     mask = None
     if with_mask:
       if sample.mask_path is not None:

@@ -1,0 +1,82 @@
+"""Image geometry: torchvision-style resize and centre crop, size bounds.
+
+Resize(int): the short side becomes `resize`, the long side
+int(resize * long / short). CenterCrop: top = int(round((h - crop) / 2.0)),
+left likewise; an image smaller than the crop is zero-padded first.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+from PIL import Image
+
+# Pixel bound of the network input (after resizing): 4.2M pixels is a
+# 2048 x 2048 image, 50 MB as float32 RGB, already slow on a CPU backbone.
+MAX_PIXELS = 1 << 22
+MAX_ASPECT_RATIO = 20.0
+# Whole-image mode: how far an image's aspect ratio may differ (relative) from
+# the network input's before resizing it would visibly distort it.
+ASPECT_TOLERANCE = 0.05
+# A centre crop that keeps less than this share of the image's area warns.
+CROP_WARN_KEPT = 0.8
+# (resized w, h, crop) already warned about, once per process.
+CROP_WARNED: set = set()
+
+
+def resized_size(size: Tuple[int, int], resize: int) -> Tuple[int, int]:
+  """(w, h) after torchvision Resize(int): short side -> resize, long cut."""
+  w, h = size
+  short, long_ = (w, h) if w <= h else (h, w)
+  new_short, new_long = resize, int(resize * long_ / short)
+  return (new_short, new_long) if w <= h else (new_long, new_short)
+
+
+def whole_image_size(path, resize: Optional[int]) -> Tuple[int, int]:
+  """The (H, W) network input of whole-image mode, from one image's header.
+
+  The short side becomes `resize` (None: the image's own size), the long
+  side keeps the aspect ratio, as Resize(int) does.
+  """
+  path = os.fspath(path)
+  try:
+    with Image.open(path) as img:  # reads the header only
+      size = img.size
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(
+        f"cannot read image size of {path}: {type(e).__name__}: {e}"
+    ) from e
+  w, h = resized_size(size, resize) if resize else size
+  return int(h), int(w)
+
+
+def resize_short(
+    img: Image.Image, resize: Optional[int], resample=Image.BILINEAR
+) -> Image.Image:
+  if resize is None:
+    return img
+  new = resized_size(img.size, resize)
+  if new == img.size:
+    return img
+  return img.resize(new, resample)
+
+
+def center_crop(img: Image.Image, crop: Optional[int]) -> Image.Image:
+  if crop is None:
+    return img
+  w, h = img.size
+  if crop > w or crop > h:
+    left = (crop - w) // 2 if crop > w else 0
+    top = (crop - h) // 2 if crop > h else 0
+    right = (crop - w + 1) // 2 if crop > w else 0
+    bottom = (crop - h + 1) // 2 if crop > h else 0
+    padded = Image.new(img.mode, (w + left + right, h + top + bottom), 0)
+    padded.paste(img, (left, top))
+    img = padded
+    w, h = img.size
+    if (w, h) == (crop, crop):
+      return img
+  top = int(round((h - crop) / 2.0))
+  left = int(round((w - crop) / 2.0))
+  return img.crop((left, top, left + crop, top + crop))
