@@ -51,16 +51,23 @@ def ensure_writable_dir(path: str) -> str:
 
 @contextlib.contextmanager
 def atomic_open(path: str, mode: str = "w", **kwargs):
-  """Opens a temp file beside `path`; renames it onto `path` on success."""
+  """Opens a temp file beside `path`; renames it onto `path` on success.
+
+  A failing write (unwritable folder, disk full) is one ValueError naming
+  `path` and the reason.
+  """
   directory = os.path.dirname(os.path.abspath(path)) or "."
-  os.makedirs(directory, exist_ok=True)
-  # The writer's pid in the name lets a later run tell an abandoned temp file
-  # (its writer is gone) from one being written right now.
-  fd, tmp = tempfile.mkstemp(
-      prefix=f".{os.path.basename(path)}.{os.getpid()}.",
-      suffix=".tmp",
-      dir=directory,
-  )
+  try:
+    os.makedirs(directory, exist_ok=True)
+    # The writer's pid in the name lets a later run tell an abandoned temp
+    # file (its writer is gone) from one being written right now.
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{os.path.basename(path)}.{os.getpid()}.",
+        suffix=".tmp",
+        dir=directory,
+    )
+  except OSError as e:  # unwritable, a file in the folder's place, disk full
+    raise ValueError(f"cannot write {path} ({e})") from e
   try:
     with os.fdopen(fd, mode, **kwargs) as f:
       yield f
@@ -72,9 +79,11 @@ def atomic_open(path: str, mode: str = "w", **kwargs):
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     with contextlib.suppress(OSError):
       os.remove(tmp)
+    if isinstance(e, OSError):
+      raise ValueError(f"cannot write {path} ({e})") from e
     raise
 
 

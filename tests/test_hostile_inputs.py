@@ -1,8 +1,14 @@
 """Hostile or careless inputs: one clear error, never a silent wrong answer.
 
-Covers so far: non-finite thresholds, negative bank weights, unknown methods,
-negative blur, mistyped model metadata, a string format version, and a
-predict run where no input can be read.
+Here: non-finite thresholds, negative bank weights, unknown methods, negative
+blur, mistyped model metadata, a string format version, a predict run where
+no input can be read, an unwritable heatmaps folder, images too thin or too
+large to resize (with a peak-memory bound), the crop warning, and
+whole-image mode on a 1250x500 part.
+
+The other hostile cases have their own files: crafted .pth weight files in
+test_hostile_weights.py; concurrent and killed runs, unreadable training
+images, hidden files and symlink loops in test_hostile_runs.py.
 """
 
 import json
@@ -23,11 +29,13 @@ from softpatch_jax import model_io
 from softpatch_jax import predict
 
 
-def random_model():
+def random_model(grid=(4, 4)):
   # A backbone that needs no weights file: the predict CLI can rebuild it.
+  # grid (8, 8) matches its 64 px input, for runs that embed images.
   return _testutil.random_model(
       m=20,
       d=8,
+      grid=grid,
       backbone={
           "name": "efficientnet_lite0",
           "layers": ["stage3", "stage5"],
@@ -352,3 +360,33 @@ def test_whole_image_metadata_needs_input_size(tmp_path):
       match="preprocess.input_size must be set when crop is null",
   ):
     model_io.load_model(path)
+
+
+def test_unwritable_heatmaps_folder_is_one_error(tmp_path):
+  model = random_model(grid=(8, 8))
+  model.image_size = (64, 64)  # the map at the input's size, for the heatmap
+  model = model_io.save_model(str(tmp_path / "m.softpatch"), model)
+  inputs = tmp_path / "in"
+  inputs.mkdir()
+  Image.new("RGB", (64, 64), (90, 90, 90)).save(inputs / "a.png")
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "heatmaps").write_text("a file where the folder belongs")
+  res = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "softpatch_jax.predict",
+          f"--model={model}",
+          f"--input={inputs}",
+          f"--output={out}",
+      ],
+      capture_output=True,
+      text=True,
+      check=False,
+  )
+  assert res.returncode == 1, res.stderr[-2000:]
+  last = res.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"error: cannot write {out / 'heatmaps' / 'a.png'} ")
+  assert "Traceback" not in res.stderr
+  assert sorted(os.listdir(out)) == ["heatmaps"]  # no CSV, no lock left
