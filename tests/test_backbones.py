@@ -1,11 +1,18 @@
 """backbones registry: load(), taps, random weights, input validation."""
 
+import os
+
+from absl import flags
 import jax
+from ml_collections import config_flags
 import numpy as np
 import pytest
 from flax import traverse_util
 
 from softpatch_jax import backbones
+from softpatch_jax import engine
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ALL = [
     "resnet18",
@@ -33,6 +40,81 @@ def test_unknown_name_lists_available():
 def test_unknown_tap_lists_valid(name, tap):
   with pytest.raises(ValueError, match=f"{tap}.*valid taps"):
     backbones.load(name, weights="random", layers=(tap,))
+
+
+@pytest.mark.parametrize(
+    "layers",
+    [
+        "layer1,layer2",
+        " layer1 , layer2 ",
+        ("layer1,layer2",),
+        ["layer1", "layer2"],
+    ],
+)
+def test_layers_as_comma_string(layers):
+  bb = backbones.load("resnet18", weights="random", layers=layers)
+  assert bb.layers == ("layer1", "layer2")
+  assert tuple(bb(np.zeros((1, 32, 32, 3), np.float32))) == bb.layers
+
+
+def test_analogue_hint_for_the_other_family():
+  with pytest.raises(ValueError) as e:
+    backbones.load(
+        "efficientnet_lite0", weights="random", layers="layer2,layer3"
+    )
+  msg = str(e.value)
+  assert msg.startswith(
+      "efficientnet_lite0: unknown tap(s) ('layer2', 'layer3'); valid taps:"
+  )
+  assert "layer2 -> stage3, layer3 -> stage5 (layers=stage3,stage5;" in msg
+  with pytest.raises(ValueError) as e:
+    backbones.load("resnet18", weights="random", layers=("stage3",))
+  msg = str(e.value)
+  assert "stage3 -> layer2 (layers=layer2;" in msg
+  assert (
+      "ResNet layer2,layer3 correspond to EfficientNet-Lite stage3,stage5"
+      in msg
+  )
+  # Names of neither family get no hint.
+  with pytest.raises(ValueError) as e:
+    backbones.load("resnet18", weights="random", layers="conv9")
+  assert "analogue" not in str(e.value)
+  with pytest.raises(ValueError, match="no tap named"):
+    backbones.load("resnet18", weights="random", layers=" , ")
+
+
+def _flag_config(*overrides):
+  """configs/mvtec.py parsed from a real command line, as main.py does."""
+  argv = [
+      "prog",
+      f"--config={os.path.join(ROOT, 'configs', 'mvtec.py')}",
+      "--config.backbone.weights=random",
+      *overrides,
+  ]
+  fv = flags.FlagValues()
+  # The overrides are read from sys_argv (sys.argv by default).
+  holder = config_flags.DEFINE_config_file(
+      "config", None, "config", flag_values=fv, lock_config=True, sys_argv=argv
+  )
+  fv(argv)
+  return holder.value
+
+
+def test_comma_layers_from_the_command_line():
+  c = _flag_config(
+      "--config.backbone.name=efficientnet_lite0",
+      "--config.backbone.layers=stage3,stage5",
+  )
+  # ml_collections hands a tuple-typed field the whole string as one item.
+  assert tuple(c.backbone.layers) == ("stage3,stage5",)
+  assert engine.build_backbone(c).layers == ("stage3", "stage5")
+  c = _flag_config("--config.backbone.name=resnet18")  # the config's tuple
+  assert engine.build_backbone(c).layers == ("layer2", "layer3")
+  c = _flag_config(
+      "--config.backbone.name=resnet18",
+      '--config.backbone.layers=("layer1", "layer3")',
+  )
+  assert engine.build_backbone(c).layers == ("layer1", "layer3")
 
 
 def test_bad_weights_argument():

@@ -133,6 +133,89 @@ def test_elpv_dispatch():
   )
 
 
+# ---------------------------------------------------------------- max_train
+
+
+def test_max_train_mvtec_keeps_the_first_images(mvtec_root):
+  full_train, full_test = mvtec.load_category(mvtec_root, "bb")
+  c = _config("mvtec", root=mvtec_root, max_train=2)
+  train, test = data.load_dataset(c, "bb", None)
+  assert train == full_train[:2] and test == full_test
+  assert [os.path.basename(s.path) for s in train] == ["000.png", "001.png"]
+  c.data.max_train = 3  # as many as there are
+  assert data.load_dataset(c, "bb", None) == (full_train, full_test)
+  c.data.max_train = 0
+  assert data.load_dataset(c, "bb", None) == (full_train, full_test)
+
+
+def test_max_train_btad_and_folder(tmp_path):
+  cat = tmp_path / "btad" / "01"
+  for sub in ["train/ok", "test/ok", "test/ko", "ground_truth/ko"]:
+    os.makedirs(cat / sub)
+  for name in ["c.bmp", "a.bmp", "b.bmp", "d.bmp"]:
+    Image.new("RGB", (8, 8)).save(cat / "train" / "ok" / name)
+  Image.new("RGB", (8, 8)).save(cat / "test" / "ko" / "x.bmp")
+  Image.new("L", (8, 8)).save(cat / "ground_truth" / "ko" / "x.png")
+  c = _config("btad", root=str(tmp_path / "btad"), max_train=3)
+  train, _ = data.load_dataset(c, "01", None)
+  assert [os.path.basename(s.path) for s in train] == [
+      "a.bmp",
+      "b.bmp",
+      "c.bmp",
+  ]
+
+  for rel in ["z.png", "sub/b.png", "a.png", "sub/a.png"]:
+    os.makedirs(os.path.dirname(tmp_path / "f" / rel), exist_ok=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "f" / rel)
+  c = _config("folder", train_dir=str(tmp_path / "f"), max_train=3)
+  train, _ = data.load_dataset(c, "folder", None)
+  full, _ = folder.load_folder(str(tmp_path / "f"))
+  assert train == full[:3]
+  assert [os.path.relpath(s.path, tmp_path / "f") for s in train] == [
+      "a.png",
+      os.path.join("sub", "a.png"),
+      os.path.join("sub", "b.png"),
+  ]
+
+
+def test_max_train_synthetic(tmp_path):
+  c = _synthetic_config(n_train=4)
+  c.data.max_train = 2
+  train, _ = data.load_dataset(c, "synth", str(tmp_path))
+  full, _ = mvtec.load_category(str(tmp_path / "synthetic_data"), "synth")
+  assert len(full) == 4 and train == full[:2]
+
+
+def test_max_train_elpv_keeps_its_seeded_subset():
+  pytest.importorskip("elpv_dataset")
+  c = _config("elpv", max_train=25, split_seed=1)
+  train, _ = data.load_dataset(c, "mono", None)
+  want, _ = data.elpv.load_category("mono", seed=1, max_train=25)
+  assert train == want and len(train) == 25
+  # A seeded subset of the whole training split, not its first 25 cells.
+  full, _ = data.elpv.load_category("mono", seed=1)
+  assert train != full[:25] and set(train) <= set(full)
+
+
+def test_max_train_is_applied_before_noise(mvtec_root):
+  c = _config("mvtec", root=mvtec_root, max_train=2)
+  c.noise.update(ratio=0.5, overlap=True, seed=0)
+  train, test = data.load_dataset(c, "aa", None)
+  tr, _, info = data.apply_noise(c, "aa", train, test)
+  assert len(train) == 2 and info["n_injected"] == 1 and len(tr) == 3
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, "3", True, [2]])
+def test_max_train_bad_values(mvtec_root, bad):
+  c = _config("mvtec", root=mvtec_root, max_train=bad)
+  with pytest.raises(ValueError) as e:
+    data.load_dataset(c, "aa", None)
+  assert str(e.value) == (
+      "config.data.max_train must be an int >= 0 (0 = every training "
+      f"image), got {bad!r}"
+  )
+
+
 @pytest.mark.parametrize(
     "given,expected",
     [

@@ -169,16 +169,74 @@ def _jitted_apply(module):
   return jax.jit(module.apply)
 
 
+# The taps of the other family and their analogue here, at the same stride
+# (the default pairs correspond: ResNet layer2,layer3 = Lite stage3,stage5).
+_ANALOGUES = {
+    "resnet": {
+        "stage2": "layer1",
+        "stage3": "layer2",
+        "stage4": "layer3",
+        "stage5": "layer3",
+        "stage6": "layer4",
+        "stage7": "layer4",
+        "features": "layer4",
+    },
+    "efficientnet_lite": {
+        "layer1": "stage2",
+        "layer2": "stage3",
+        "layer3": "stage5",
+        "layer4": "stage7",
+    },
+}
+_FAMILY_NAMES = {"resnet": "ResNet", "efficientnet_lite": "EfficientNet-Lite"}
+
+
+def _split_layers(name: str, layers) -> tuple[str, ...]:
+  """Tap names from a comma string or a sequence (whose items may be too).
+
+  A command line such as --config.backbone.layers=stage3,stage5 reaches a
+  tuple-typed config field as ('stage3,stage5',).
+  """
+  if isinstance(layers, str):
+    layers = (layers,)
+  out = []
+  for item in layers:
+    if not isinstance(item, str):
+      raise ValueError(f"{name}: tap names must be strings, got {item!r}")
+    out += [t.strip() for t in item.split(",") if t.strip()]
+  return tuple(out)
+
+
+def _analogue_hint(spec: _Spec, bad) -> str:
+  analogues = _ANALOGUES[spec.family]
+  foreign = [t for t in bad if t in analogues]
+  if not foreign:
+    return ""
+  other = next(f for f in _FAMILY_NAMES if f != spec.family)
+  mapped = dict.fromkeys(analogues[t] for t in foreign)
+  pairs = ", ".join(f"{t} -> {analogues[t]}" for t in foreign)
+  return (
+      f". {', '.join(foreign)}: {_FAMILY_NAMES[other]} tap name(s); the "
+      f"{_FAMILY_NAMES[spec.family]} analogue(s) at the same stride: {pairs} "
+      f"(layers={','.join(mapped)}; ResNet layer2,layer3 correspond to "
+      "EfficientNet-Lite stage3,stage5)"
+  )
+
+
 def _check_layers(name: str, spec: _Spec, layers) -> tuple[str, ...]:
   if layers is None:
     return spec.default_layers
-  if isinstance(layers, str):
-    layers = (layers,)
-  layers = tuple(layers)
-  bad = [t for t in layers if t not in spec.taps]
-  if bad or not layers:
+  given = layers
+  layers = _split_layers(name, layers)
+  if not layers:
     raise ValueError(
-        f"{name}: unknown tap(s) {bad or layers!r}; valid taps: {spec.taps}"
+        f"{name}: no tap named in {given!r}; valid taps: {spec.taps}"
+    )
+  bad = [t for t in layers if t not in spec.taps]
+  if bad:
+    raise ValueError(
+        f"{name}: unknown tap(s) {tuple(bad)!r}; valid taps: {spec.taps}"
+        + _analogue_hint(spec, bad)
     )
   if len(set(layers)) != len(layers):
     raise ValueError(f"{name}: duplicate taps in {layers!r}")
@@ -206,7 +264,11 @@ def load(
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
 ) -> Backbone:
-  """Build backbone ``name`` with ``weights`` returning taps ``layers``."""
+  """Build backbone ``name`` with ``weights`` returning taps ``layers``.
+
+  ``layers``: tap names, as a sequence or a comma string ("stage3,stage5");
+  None gives the backbone's default pair.
+  """
   if name not in _REGISTRY:
     raise ValueError(
         f"unknown backbone {name!r}; available: {list_backbones()}"

@@ -6,24 +6,93 @@ then used as if it were all normal; in the "overlap" setting the added images
 also stay in the test set, in the "no overlap" setting they are removed from
 it.
 
-n = int(ratio * len(train)) anomalous images are drawn from the test set (or
-from `source`) with np.random.default_rng(seed), without replacement, and
-appended to train with injected=True. Their label stays 1 so a run can tell
-which training images are noise; fitting uses every train sample
-regardless of label. overlap=True keeps the drawn images in test as
-well; overlap=False removes them.
+n = int(ratio * len(train)) images are drawn without replacement from the
+candidate pool (the anomalous test images in test-list order, or `source`)
+and appended to train with injected=True, in the order of the draw. Their
+label stays 1 so a run can tell which training images are noise; fitting
+uses every train sample regardless of label. overlap=True keeps the drawn
+images in test as well; overlap=False removes them (the rest keep their
+order).
+
+The draws (`draw`):
+  * 'reference': random.Random(seed).sample(range(len(pool)), n). The
+    official SoftPatch code draws with Python's random.sample over the
+    positions of the anomalous images of its test list (defect-type folders
+    sorted, the normal folder among them, files sorted within each folder,
+    which is the order of the MVTec and BTAD loaders here), so for the same
+    seed it injects the same images in the same order.
+  * 'stratified': as even across defect types as their sizes allow; the
+    candidates of each type (types in sorted order) are shuffled with
+    random.Random(seed) and taken round-robin, one per type per round.
+  * 'numpy': np.random.default_rng(seed).choice, sorted; the draw of earlier
+    versions, kept to reproduce their results.
+`chosen` replaces the draw with a given list of candidates, in its order
+(`select` builds it from paths or test-list positions).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import List, Optional, Sequence, Tuple
+import os
+import posixpath
+import random
+from typing import Collection, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from softpatch_jax.data.types import ANOMALOUS
+from softpatch_jax.data.types import NORMAL
 from softpatch_jax.data.types import Sample
+
+DRAWS = ("reference", "stratified", "numpy")
+
+
+def check_draw(draw: str) -> str:
+  """`draw` itself; ValueError listing the names when it is unknown."""
+  if draw not in DRAWS:
+    raise ValueError(
+        f"unknown noise draw {draw!r}; choose from {', '.join(DRAWS)}"
+    )
+  return draw
+
+
+def _stratified(pool: Sequence[Sample], n: int, rnd: random.Random):
+  """n pool positions, round-robin over the shuffled defect types."""
+  types = sorted({s.defect_type for s in pool})
+  groups = [
+      [i for i, s in enumerate(pool) if s.defect_type == t] for t in types
+  ]
+  order = []
+  # Each round of the outer loop uses every candidate once; further rounds
+  # (resample) reshuffle.
+  while len(order) < n:
+    for g in groups:
+      rnd.shuffle(g)
+    for r in range(max(len(g) for g in groups)):
+      order += [g[r] for g in groups if r < len(g)]
+  return order[:n]
+
+
+def _draw(pool, n, seed, draw, rng) -> Tuple[List[int], np.ndarray]:
+  """(pool positions, is-repeat flags); repeats only when n > len(pool)."""
+  size = len(pool)
+  repeat = np.arange(n) >= size
+  if draw == "numpy":
+    if n <= size:
+      picks = np.sort(rng.choice(size, size=n, replace=False)) if n else []
+    else:
+      extra = rng.choice(size, size=n - size, replace=True)
+      picks = np.concatenate([np.arange(size), np.sort(extra)])
+    return [int(k) for k in picks], repeat
+  rnd = random.Random(seed)
+  if draw == "stratified":
+    return _stratified(pool, n, rnd), repeat
+  # Every candidate once (what a draw of exactly len(pool) gives), then the
+  # rest with replacement.
+  picks = rnd.sample(range(size), min(n, size))
+  picks += rnd.choices(range(size), k=max(0, n - size))
+  return picks, repeat
 
 
 def inject(
@@ -35,6 +104,8 @@ def inject(
     augment: bool = False,
     source: Optional[Sequence[Sample]] = None,
     resample: bool = False,
+    draw: str = "reference",
+    chosen: Optional[Sequence[Sample]] = None,
 ) -> Tuple[List[Sample], List[Sample], dict]:
   """Returns (train + injected, test', info).
 
@@ -46,9 +117,15 @@ def inject(
             they are not identical copies (with overlap, a small jitter such
             as +-3 deg rotation and +-3 % translation; see augment.py).
             Without it, too small a pool is a ValueError.
+  draw:     'reference', 'stratified' or 'numpy' (module doc).
+  chosen:   the samples to inject, in this order, instead of a draw (then
+            n = len(chosen) and `draw` is recorded as 'list').
+  The augmentation seeds come from np.random.default_rng(seed) (after the
+  picks for the numpy draw, as in earlier versions), one per injected copy.
   info: {n_injected, injected_paths, overlap, ratio, seed, augment, resample,
-         n_resampled, pool_size}.
+         n_resampled, pool_size, draw}.
   """
+  check_draw(draw)
   ratio = float(ratio)
   if math.isnan(ratio) or not 0.0 <= ratio < 1.0:
     raise ValueError(f"noise ratio must be in [0, 1), got {ratio}")
@@ -60,10 +137,10 @@ def inject(
   pool_name = (
       "anomalous test images" if from_test else "candidate images in `source`"
   )
-  n = int(ratio * len(train))
+  n = int(ratio * len(train)) if chosen is None else len(chosen)
   rng = np.random.default_rng(seed)
 
-  if n > len(pool) and not resample:
+  if chosen is None and n > len(pool) and (not resample or not pool):
     cat = next((s.category for s in train if s.category), "")
     where = f" of category '{cat}'" if cat else ""
     raise ValueError(
@@ -74,32 +151,24 @@ def inject(
         "translation)."
     )
 
-  if n <= len(pool):
-    picks = (
-        np.sort(rng.choice(len(pool), size=n, replace=False))
-        if n
-        else np.zeros(0, int)
-    )
-    repeat = np.zeros(n, dtype=bool)
+  if chosen is None:
+    picks, repeat = _draw(pool, n, seed, draw, rng)
+    drawn = [pool[k] for k in picks]
   else:
-    extra = rng.choice(len(pool), size=n - len(pool), replace=True)
-    picks = np.concatenate([np.arange(len(pool)), np.sort(extra)])
-    repeat = np.arange(n) >= len(pool)
+    drawn, repeat = list(chosen), np.zeros(n, dtype=bool)
   # One augmentation seed per injected copy, drawn after the picks so the picks
   # do not depend on the augment flag.
   aug_seeds = rng.integers(0, 2**31 - 1, size=n)
 
   injected = []
-  for i, (k, rep) in enumerate(zip(picks, repeat)):
+  for i, (s, rep) in enumerate(zip(drawn, repeat)):
     aug_seed = int(aug_seeds[i]) if (augment or rep) else None
-    injected.append(
-        dataclasses.replace(pool[int(k)], injected=True, aug_seed=aug_seed)
-    )
+    injected.append(dataclasses.replace(s, injected=True, aug_seed=aug_seed))
 
   new_test = test
   if not overlap and n:
-    drawn = {pool[int(k)].path for k in picks}
-    new_test = [s for s in test if s.path not in drawn]
+    paths = {s.path for s in drawn}
+    new_test = [s for s in test if s.path not in paths]
     if any(s.label == ANOMALOUS for s in test) and not any(
         s.label == ANOMALOUS for s in new_test
     ):
@@ -119,5 +188,76 @@ def inject(
       resample=bool(resample),
       n_resampled=int(repeat.sum()),
       pool_size=len(pool),
+      draw=draw if chosen is None else "list",
   )
   return train + injected, new_test, info
+
+
+def _norm(path: str) -> str:
+  return posixpath.normpath(path.replace(os.sep, "/").replace("\\", "/"))
+
+
+def select(
+    entries: Sequence[Union[str, int]],
+    candidates: Sequence[Sample],
+    category: str,
+    other_categories: Collection[str] = (),
+) -> List[Sample]:
+  """The candidates named by `entries`, in the order given.
+
+  An int is a position in `candidates` (the test list, or the `source`
+  pool). A string names the one candidate whose path ends with it (compared
+  by whole path components, separators normalised), optionally prefixed
+  with the category ('bottle/broken_large/000.png' for
+  '.../bottle/test/broken_large/000.png'). A string prefixed with a name in
+  `other_categories` that matches nothing here is skipped: it belongs to
+  another category.
+
+  Raises:
+    ValueError: listing every entry that is out of range, matches no
+      candidate, matches several, names an image that is not anomalous, or
+      repeats an earlier entry.
+  """
+  paths = [_norm(s.path) for s in candidates]
+  out, bad, seen = [], [], {}
+  for entry in entries:
+    if isinstance(entry, (int, np.integer)) and not isinstance(entry, bool):
+      if not 0 <= int(entry) < len(candidates):
+        bad.append((entry, f"out of range (0..{len(candidates) - 1})"))
+        continue
+      hits = [int(entry)]
+    else:
+      e = _norm(str(entry)).lstrip("/")
+      head, _, rest = e.partition("/")
+      forms = [e] + ([rest] if head == category and rest else [])
+      hits = [
+          i
+          for i, p in enumerate(paths)
+          if any(p == f or p.endswith("/" + f) for f in forms)
+      ]
+      if not hits:
+        if rest and head != category and head in other_categories:
+          continue
+        bad.append((entry, f"matches no test image of category '{category}'"))
+        continue
+      if len(hits) > 1:
+        names = ", ".join(candidates[i].path for i in hits[:3])
+        more = ", ..." if len(hits) > 3 else ""
+        bad.append((entry, f"matches {len(hits)} test images ({names}{more})"))
+        continue
+    s = candidates[hits[0]]
+    if s.label != ANOMALOUS:
+      kind = "a normal" if s.label == NORMAL else "an unlabelled"
+      bad.append((entry, f"is {kind} test image ({s.path})"))
+    elif hits[0] in seen:
+      bad.append((entry, f"repeats entry {seen[hits[0]]!r} ({s.path})"))
+    else:
+      seen[hits[0]] = entry
+      out.append(s)
+  if bad:
+    lines = "\n".join(f"  {e!r}: {why}" for e, why in bad)
+    raise ValueError(
+        f"{len(bad)} listed image(s) do not name one anomalous test image of "
+        f"category '{category}':\n{lines}"
+    )
+  return out

@@ -10,14 +10,24 @@ applied to the injected copies.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+import os
+from typing import List, Optional, Sequence, Tuple, Union
 
+from absl import logging
 import numpy as np
 
+from softpatch_jax.backbones import torch_pickle
+from softpatch_jax.data import btad
 from softpatch_jax.data import elpv
+from softpatch_jax.data import mvtec
 from softpatch_jax.data import noise
+from softpatch_jax.data import registry
 from softpatch_jax.data.augment import Augment
 from softpatch_jax.data.types import Sample
+
+# Files holding test-list positions, as cached by the official SoftPatch code.
+_INDEX_FILES = (".pth", ".pt")
+_LIST_FILES = _INDEX_FILES + (".txt", ".lst")
 
 
 def apply_noise(
@@ -27,7 +37,8 @@ def apply_noise(
 
   Args:
     config: the run config; reads `config.noise` (ratio, overlap, seed,
-      augment, resample, source) and `config.data.dataset`.
+      augment, resample, source, draw, inject_list) and `config.data`
+      (dataset, max_test).
     category: the category the samples belong to (recorded in the info, and
       the cell type for `config.noise.source='uncertain'`).
     train: the clean training samples.
@@ -35,22 +46,31 @@ def apply_noise(
 
   Returns:
     (train, test, info): the samples after injection and the record of
-    `noise.inject` with the category added; `(train, test, None)` unchanged
-    when `config.noise.ratio` is 0.
+    `noise.inject` with `category` and `inject_list` (the setting) added;
+    `(train, test, None)` unchanged when `config.noise.ratio` is 0 and no
+    `inject_list` is set.
 
   Raises:
-    ValueError: `config.noise.source='uncertain'` with a data set other than
-      elpv, or any error of `noise.inject`.
+    ValueError: an unknown `config.noise.draw`; a bad `inject_list` (every
+      bad entry named); `config.noise.source='uncertain'` with a data set
+      other than elpv; or any error of `noise.inject`.
   """
   nc = config.noise
-  if not nc.ratio:
+  draw = noise.check_draw(nc.get("draw", "reference"))
+  setting = (nc.get("inject_list") or "").strip()
+  if not nc.ratio and not setting:
     return train, test, None
   source = None
   if nc.get("source", "test") == "uncertain":
     if config.data.dataset != "elpv":
       raise ValueError("config.noise.source='uncertain' needs the elpv dataset")
     source = elpv.uncertain_samples(category)
-  train, test, info = noise.inject(
+  chosen = None
+  if setting:
+    chosen = _listed(
+        config, category, setting, test if source is None else source
+    )
+  new_train, new_test, info = noise.inject(
       train,
       test,
       ratio=nc.ratio,
@@ -59,9 +79,104 @@ def apply_noise(
       augment=nc.augment,
       source=source,
       resample=nc.get("resample", False),
+      draw=draw,
+      chosen=chosen,
   )
-  info = dict(info, category=category)
-  return train, test, info
+  k = int(info["ratio"] * len(train))
+  if chosen is not None and len(chosen) != k:
+    logging.info(
+        "%s: config.noise.inject_list gives %d image(s) for this category, "
+        "not int(ratio %s * %d train images) = %d; injecting the list",
+        category,
+        len(chosen),
+        info["ratio"],
+        len(train),
+        k,
+    )
+  info = dict(info, category=category, inject_list=setting)
+  return new_train, new_test, info
+
+
+def read_inject_list(setting: str, category: str) -> List[Union[str, int]]:
+  """The entries of a `config.noise.inject_list` setting for `category`.
+
+  `{category}` in the setting is replaced by `category`. An existing file,
+  or a name ending in .pth/.pt/.txt/.lst, is read: a .pth/.pt file is the
+  official SoftPatch code's cached draw (a torch-saved list of test-list
+  positions, read without torch); any other file holds one path per line
+  (blank lines and '#' comments ignored). Otherwise the setting is a comma
+  list of paths.
+  """
+  text = setting.replace("{category}", category).strip()
+  path = os.path.expanduser(text)
+  is_file = os.path.isfile(path)
+  if not is_file and ("," in text or not text.lower().endswith(_LIST_FILES)):
+    return [e.strip() for e in text.split(",") if e.strip()]
+  if not is_file:
+    raise ValueError(f"config.noise.inject_list: file not found: {path}")
+  if path.lower().endswith(_INDEX_FILES):
+    return _read_positions(path)
+  entries = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      line = line.split(" #", 1)[0].strip()
+      if line and not line.startswith("#"):
+        entries.append(line)
+  return entries
+
+
+def _read_positions(path: str) -> List[int]:
+  """The list of ints in a torch-saved index file (ValueError otherwise)."""
+  obj = torch_pickle.load(path)
+  if isinstance(obj, np.ndarray) and obj.ndim == 1:
+    obj = obj.tolist() if np.issubdtype(obj.dtype, np.integer) else obj
+  if not isinstance(obj, (list, tuple)) or not all(
+      isinstance(i, int) and not isinstance(i, bool) for i in obj
+  ):
+    raise ValueError(
+        f"config.noise.inject_list: {path} does not hold a list of test-list "
+        f"positions (ints), but a {type(obj).__name__}"
+    )
+  return list(obj)
+
+
+def _other_categories(config, category: str) -> set:
+  """Category names other than `category` (entries of theirs are skipped)."""
+  names = set(mvtec.CATEGORIES) | set(btad.CATEGORIES) | set(elpv.CATEGORIES)
+  try:
+    names.update(registry.list_categories(config))
+    dataset = registry.get_dataset(config.data.dataset)
+    names.update(dataset.categories(config, None))
+  except (ValueError, OSError):
+    pass  # no discovery possible: the built-in and configured names remain
+  names.discard(category)
+  return names
+
+
+def _listed(config, category, setting, candidates) -> List[Sample]:
+  """The samples `setting` names for `category` (noise.select)."""
+  entries = read_inject_list(setting, category)
+  max_test = config.data.get("max_test", 0)
+  positions = any(not isinstance(e, str) for e in entries)
+  if positions and max_test:
+    raise ValueError(
+        f"config.noise.inject_list={setting!r} gives test-list positions, "
+        "which refer to the whole test set; set config.data.max_test=0 "
+        f"(it is {max_test})"
+    )
+  try:
+    return noise.select(
+        entries, candidates, category, _other_categories(config, category)
+    )
+  except ValueError as e:
+    hint = (
+        f" (config.data.max_test={max_test} may have left them out)"
+        if max_test
+        else ""
+    )
+    raise ValueError(
+        f"config.noise.inject_list={setting!r}: {e}{hint}"
+    ) from None
 
 
 def subsample_test(

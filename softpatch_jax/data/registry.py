@@ -25,6 +25,7 @@ Registered here: mvtec, btad, folder, elpv and synthetic.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 from softpatch_jax.data import btad
@@ -105,11 +106,39 @@ def list_categories(config, workdir: Optional[str] = None) -> List[str]:
   return list(dataset.categories(config, workdir))
 
 
+def _check_max_train(config) -> int:
+  """`config.data.max_train` checked: an int >= 0 (0, or None, = all)."""
+  value = config.data.get("max_train", 0)
+  if value is None:
+    return 0
+  if (
+      isinstance(value, bool)
+      or not isinstance(value, numbers.Integral)
+      or value < 0
+  ):
+    raise ValueError(
+        "config.data.max_train must be an int >= 0 (0 = every training "
+        f"image), got {value!r}"
+    )
+  return int(value)
+
+
 def load_dataset(
     config, category: str, workdir: Optional[str]
 ) -> Tuple[List[Sample], List[Sample]]:
-  """The (train, test) Sample lists of one category of `config.data`."""
-  return get_dataset(config.data.dataset).load(config, category, workdir)
+  """The (train, test) Sample lists of one category of `config.data`.
+
+  With `config.data.max_train` = N > 0 only the first N training images are
+  kept, in the loader's (sorted) order; elpv draws its own seeded subset of N
+  instead (elpv.load_category), which this leaves as it is. Applied here, so
+  before any noise injection: the injected count follows the capped set.
+  """
+  dataset = get_dataset(config.data.dataset)
+  cap = _check_max_train(config)
+  train, test = dataset.load(config, category, workdir)
+  if cap and len(train) > cap:
+    train = list(train)[:cap]
+  return train, test
 
 
 # ---------------------------------------------------------------------------
