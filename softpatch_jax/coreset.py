@@ -16,6 +16,10 @@ Differences from the reference implementation (README, "Deliberate
 differences"):
 - The weight is applied from the very first pick (the reference applies it
   only from the second pick on, so its first pick can be a noise patch).
+  ``greedy(..., unweighted_first=True)`` reproduces the official SoftPatch
+  code: the first pick is the argmax of the unweighted mean distance to the
+  starts (it may be a zero-weight point, and it is then kept as valid), and
+  the weighted loop continues from it.
 - ``num_starts`` defaults to 10, the intended value; the reference's SoftPatch
   sampler passes 128 into that slot by accident. Pass 128 to reproduce it.
 - ``num_samples`` returns at least 1 (the reference's ``int(M*fraction)`` can
@@ -39,6 +43,7 @@ import numpy as np
 
 from softpatch_jax import validation
 from softpatch_jax.kernels import kcenter as kcenter_lib
+from softpatch_jax.kernels import kcenter_common
 
 Selection = Tuple[jax.Array, jax.Array]  # (indices (n,) int32, valid (n,))
 
@@ -155,6 +160,7 @@ def greedy(
     sampling_weight: Optional[jax.Array] = None,
     num_starts: int = 10,
     starts: Optional[jax.Array] = None,
+    unweighted_first: bool = False,
 ) -> Selection:
   """Weighted approximate greedy k-center subsampling.
 
@@ -166,10 +172,15 @@ def greedy(
       (1 clean / 0 noise); zero-weight points are never selected.
     num_starts: number of random start points (clipped to M).
     starts: explicit (S,) start indices instead of drawing them from `key`.
+    unweighted_first: reproduce the official SoftPatch code's first pick:
+      the argmax of the mean distance to the starts without the weight, so
+      it may be a zero-weight point (it is then valid); the later picks are
+      weighted as usual. Exact for 0/1 weights; no effect without weights.
 
   Returns:
     (indices (n,) int32 in pick order, valid (n,) bool). Valid indices are
-    distinct and of positive weight; invalid entries repeat the first pick.
+    distinct and of positive weight (but for an `unweighted_first` first
+    pick); invalid entries repeat the first pick.
   """
   if proj.ndim != 2 or proj.shape[0] < 1:
     raise ValueError(
@@ -189,15 +200,30 @@ def greedy(
         "coreset.greedy: starts must be a non-empty 1-d index array, got "
         f"shape {tuple(starts.shape)}"
     )
+  x = jnp.asarray(proj, jnp.float32)
   n_selectable = m if w is None else jnp.sum(w > 0)
+  first = None
+  if unweighted_first and w is not None:
+    d0 = kcenter_common.initial_distance(x, starts, jnp.ones((m,), jnp.float32))
+    first = jnp.argmax(d0).astype(jnp.int32)
+    # The first pick joins the selectable points, whatever its weight.
+    w_sel = jnp.where(jnp.arange(m) == first, jnp.maximum(w, 1.0), w)
 
   def run_kcenter():
-    idx = kcenter_lib.kcenter(jnp.asarray(proj, jnp.float32), n, starts, w)
+    idx = kcenter_lib.kcenter(x, n, starts, w, first=first)
     valid = _first_occurrence(idx, m)
-    if w is not None:
+    if first is not None:
+      valid &= (w[idx] > 0) | (jnp.arange(n) == 0)
+    elif w is not None:
       valid &= w[idx] > 0
     return jnp.where(valid, idx, idx[0]), valid
 
+  if first is not None:
+    # Short-cut only when every point is requested, so the result never
+    # depends on whether the forced first pick is a zero-weight point.
+    if n >= m:
+      return _all_selectable(w_sel, m, n)
+    return _report(n, *run_kcenter())
   if not validation.is_concrete(n_selectable):
     return jax.lax.cond(
         n >= n_selectable,
@@ -215,7 +241,11 @@ def greedy(
           n_selectable,
       )
     return _all_selectable(w, m, n)
-  idx, valid = run_kcenter()
+  return _report(n, *run_kcenter())
+
+
+def _report(n: int, idx, valid) -> Selection:
+  """Warns (eagerly) when fewer than n of the picks are valid."""
   if not validation.is_concrete(valid):
     return idx, valid
   n_valid = int(np.asarray(valid).sum())

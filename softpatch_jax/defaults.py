@@ -39,6 +39,10 @@ def base_config() -> ml_collections.ConfigDict:
   # 10 is the intended value.
   c.coreset.num_starts = 10
   c.coreset.projection_dim = 128
+  # True reproduces the official SoftPatch code exactly: the coreset runs on
+  # a second random projection, and its first pick ignores the noise weight
+  # (so it can be a noise patch). Off: one projection, noise never kept.
+  c.coreset.reference_quirks = False
 
   c.scoring = ml_collections.ConfigDict()
   # None: the method's own choice (on for softpatch_*, off for patchcore*).
@@ -75,10 +79,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.batch_size = 16
   c.data.num_workers = 4
   c.data.max_test = 0  # >0: seeded per-label subsample of the test set
+  # >0: at most this many training images, capped before noise injection (so
+  # the injected count follows it): the first N in sorted order for mvtec,
+  # btad, folder and synthetic; for elpv a subset drawn with split_seed.
+  c.data.max_train = 0  # 0 = all
   # elpv only.
   c.data.split_seed = 0
   c.data.test_normal_fraction = 0.2
-  c.data.max_train = 0  # 0 = all
   # synthetic only.
   c.data.synthetic = ml_collections.ConfigDict()
   c.data.synthetic.n_train = 20
@@ -100,6 +107,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.noise.augment_blur = False  # Gaussian blur, sigma 0.5-1.5 px
   c.noise.resample = False
   c.noise.source = "test"  # 'test' | 'uncertain' (elpv)
+  # Which images are injected (data/noise.py): 'reference' =
+  # random.Random(seed).sample over the anomalous test images in test-list
+  # order, injected in draw order (the official code's draw when its global
+  # random state is seeded with `seed`); 'stratified' = round-robin over the
+  # defect types; 'numpy' = the sorted default_rng(seed) draw of earlier
+  # versions.
+  c.noise.draw = "reference"
+  # Replaces the draw (and the count, even at ratio 0) with listed images, in
+  # the order given: a comma list of test-relative paths
+  # ('broken_large/000.png', optionally prefixed 'bottle/' or 'bottle/test/';
+  # entries of other categories are skipped), or a file: one path per line
+  # ('#' comments), or the official code's cached noise_index .pth file of
+  # test-list positions (needs data.max_test=0). '{category}' in it is
+  # replaced by the category. Listed images leave the test set without
+  # overlap.
+  c.noise.inject_list = ""
 
   c.output = ml_collections.ConfigDict()
   c.output.num_heatmaps = 4

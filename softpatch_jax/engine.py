@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from softpatch_jax import backbones
+from softpatch_jax import coreset
 from softpatch_jax import data
 from softpatch_jax import features as features_lib
 from softpatch_jax import methods as methods_lib
@@ -92,7 +93,7 @@ def build_backbone(config) -> backbones.Backbone:
   return backbones.load(
       config.backbone.name,
       weights=config.backbone.get("weights", "imagenet"),
-      layers=tuple(layers) if layers else None,
+      layers=layers,  # a tuple or a comma string: backbones.load splits it
       seed=config.seed,
   )
 
@@ -234,6 +235,8 @@ class FitInfo:
   image_noise_fraction: Optional[np.ndarray] = None
   # (N, P) outlier weights; kept for analysis, not saved in the bank.
   weights: Optional[np.ndarray] = None
+  # (bank_size,) the training image each bank entry came from.
+  bank_images: Optional[np.ndarray] = None
   fit_s: float = 0.0
 
 
@@ -245,6 +248,7 @@ def bank_options(config) -> dict:
       coreset_fraction=config.coreset.fraction,
       num_starts=config.coreset.num_starts,
       projection_dim=config.coreset.projection_dim,
+      reference_quirks=bool(config.coreset.get("reference_quirks", False)),
       soft_weight=config.scoring.get("soft_weight", None),
       blur_sigma=config.scoring.blur_sigma,
   )
@@ -257,16 +261,31 @@ def max_bank_rows(config, dim: int) -> Optional[int]:
   )
 
 
-def fit_bank(train_feats, method, key, **options):
-  """`methods.build_bank` on concrete data, timed and summarised: (bank, info)."""
+def fit_bank(train_feats, method, key, *, label: str = "fit", **options):
+  """`methods.build_bank` on concrete data, timed and summarised: (bank, info).
+
+  Logs what it is about to do and when the noise weights are done (each
+  stage can take minutes); `label` prefixes those lines.
+  """
   t0 = time.perf_counter()
   method = methods_lib.get_method(method)
-  bank, fit = methods_lib.build_bank(train_feats, key, method, **options)
-  jax.block_until_ready(bank.features)
   n, p = np.shape(train_feats)[:2]
+  frac = options.get("coreset_fraction", methods_lib.CORESET_FRACTION)
+  what = methods_lib.describe_fit(method, n, p, frac)
+  logging.info("%s: %s: %s ...", label, method.name, what)
+
+  def progress(stage):
+    dt = time.perf_counter() - t0
+    logging.info("%s: %s: %s done in %.1fs", label, method.name, stage, dt)
+
+  bank, fit = methods_lib.build_bank(
+      train_feats, key, method, progress=progress, **options
+  )
+  jax.block_until_ready(bank.features)
   info = FitInfo(
       method=method.name, n_images=n, n_patches=n * p, bank_size=bank.size
   )
+  info.bank_images = np.asarray(coreset.compact((fit.indices, fit.valid))) // p
   if fit.noise is not None:
     info.threshold = float(fit.threshold)
     info.n_noise_patches = int(fit.noise.sum())
@@ -322,7 +341,9 @@ def fit_methods(
   options = dict(bank_options(config), grid=grid, image_size=image_size)
   banks, infos = {}, {}
   for name in method_names:
-    banks[name], infos[name] = fit_bank(train_feats, name, key, **options)
+    banks[name], infos[name] = fit_bank(
+        train_feats, name, key, label=label, **options
+    )
     info = infos[name]
     logging.info(
         "%s / %s: bank %d of %d patches, %d noise patches (%.1fs)",

@@ -4,7 +4,8 @@
 
 writes into the workdir (README, "The default job"): results.csv,
 results.json (per category and mean, timings, the injected-noise record),
-heatmaps/<category>.png and noise/<category>.json. Every file is written
+heatmaps/<category>.png, noise/<category>.json, and the per-category
+scores/<category>.csv and train/<category>.csv of `reports`. Every file is written
 atomically, so an interrupted run leaves either the previous result or none.
 """
 
@@ -24,6 +25,7 @@ from softpatch_jax import engine
 from softpatch_jax import inference
 from softpatch_jax import io_utils
 from softpatch_jax import methods as methods_lib
+from softpatch_jax import reports
 from softpatch_jax import viz
 
 RESULT_FIELDS = [
@@ -38,6 +40,10 @@ RESULT_FIELDS = [
     "n_test",
     "n_test_anomalous",
     "bank_size",
+    "bank_from_injected",
+    "bank_from_clean",
+    "image_auroc_excl_injected",
+    "pixel_auroc_excl_injected",
     "n_noise_patches",
     "noise_frac_injected",
     "noise_frac_clean",
@@ -45,7 +51,14 @@ RESULT_FIELDS = [
     "fit_s",
     "predict_s",
 ]
-_METRICS = ["image_auroc", "image_f1_max", "pixel_auroc", "aupro"]
+_METRICS = [
+    "image_auroc",
+    "image_f1_max",
+    "pixel_auroc",
+    "aupro",
+    "image_auroc_excl_injected",
+    "pixel_auroc_excl_injected",
+]
 
 
 def run_category(
@@ -102,6 +115,7 @@ def run_category(
     # How much of the injected images the discriminator flagged as noise,
     # against the clean ones: the denoising at work.
     row.update(engine.image_noise_summary(info, injected))
+    row.update(reports.method_fields(preds[name], info, train, test, has_masks))
     rows.append(row)
     logging.info(
         "%s / %s: %s",
@@ -125,6 +139,7 @@ def run_category(
     io_utils.write_json(
         os.path.join(workdir, "noise", f"{category}.json"), noise_info
     )
+  reports.write_category(workdir, category, test, train, preds, fitted.infos)
   return rows
 
 

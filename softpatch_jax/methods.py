@@ -9,14 +9,15 @@ weights. Adding a method touches one place: a `register_method` call here.
 project the patch features to a small dimension, weight every
 patch with the discriminator, drop the most outlying ``noise_fraction`` of
 patches, and select the bank with the weighted greedy coreset on the same
-projection.
+projection. ``reference_quirks=True`` reproduces the official SoftPatch code
+instead (a second projection for the coreset, an unweighted first pick).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import flax
 import jax
@@ -44,6 +45,8 @@ class Method:
 
 
 METHODS: Dict[str, Method] = {}
+# build_bank's default share of the patches kept in the bank.
+CORESET_FRACTION = 0.1
 # Short names accepted in configs.
 ALIASES = {"softpatch": "softpatch_lof"}
 
@@ -126,13 +129,41 @@ def _grid_for(p: int, grid) -> Tuple[int, int]:
   return side, side
 
 
+def _weights_stage(method: Method) -> str:
+  name = "LOF" if method.discriminator == "lof" else method.discriminator
+  return f"{name} weights"
+
+
+def describe_fit(
+    method, n: int, p: int, coreset_fraction: float = CORESET_FRACTION
+) -> str:
+  """What `build_bank` computes on n images of p patches, for progress logs."""
+  method = get_method(method)
+  what = f"a bank of all {n * p} patches"
+  if method.subsampler != "identity":
+    k = coreset.num_samples(n * p, coreset_fraction)
+    what = f"a {method.subsampler} coreset of {k} of {n * p} patches"
+  if method.denoises:
+    what = (
+        f"{_weights_stage(method)} over {p} positions x {n} images, then {what}"
+    )
+  return what
+
+
+def _as_projection(projection):
+  """(W, b) as given, or W alone with a zero bias."""
+  if isinstance(projection, (tuple, list)):
+    return projection
+  return (projection, jnp.zeros((projection.shape[1],), jnp.float32))
+
+
 def build_bank(
     feats,
     key: jax.Array,
     method,
     *,
     noise_fraction: float = 0.15,
-    coreset_fraction: float = 0.1,
+    coreset_fraction: float = CORESET_FRACTION,
     num_starts: int = 10,
     projection_dim: int = 128,
     lof_k: int = 6,
@@ -142,6 +173,9 @@ def build_bank(
     blur_sigma: float = 4.0,
     projection=None,
     starts=None,
+    reference_quirks: bool = False,
+    coreset_projection=None,
+    progress: Optional[Callable[[str], None]] = None,
 ) -> Tuple[scoring.MemoryBank, BankFit]:
   """Fits a memory bank on (N, P, D) training patch features.
 
@@ -160,6 +194,18 @@ def build_bank(
     projection: an explicit projection, (W (D, d), b (d,)) or W alone,
       instead of drawing one from `key`.
     starts: explicit coreset start indices instead of drawing them.
+    reference_quirks: reproduce two quirks of the official SoftPatch code:
+      the coreset runs on a second, independent random projection (drawn
+      from its own key, or `coreset_projection`), and the greedy
+      subsampler's first pick ignores the sampling weight, so it may be a
+      noise patch (`coreset.greedy`'s `unweighted_first`). Off: one
+      projection serves both stages and noise never enters the bank.
+      Methods without a discriminator are unchanged by it.
+    coreset_projection: the explicit projection the coreset runs on with
+      `reference_quirks`, in the forms of `projection`.
+    progress: called with the name of the finished stage ('LOF weights')
+      once the discriminator weights are computed (after waiting for them),
+      on concrete inputs only, never under jit; for progress lines.
 
   Returns:
     (MemoryBank, BankFit). Pure and jittable (with `method` and the sizes
@@ -181,12 +227,22 @@ def build_bank(
   flat = feats.reshape(n * p, d)
   proj_key, coreset_key = jax.random.split(key)
   # One projection serves the noise discriminator and the coreset (the
-  # reference accidentally draws a second one for the coreset).
+  # reference accidentally draws a second one for the coreset; see
+  # reference_quirks).
   if projection is None:
     projection = denoise.make_projection(proj_key, d, projection_dim)
-  elif not isinstance(projection, (tuple, list)):
-    projection = (projection, jnp.zeros((projection.shape[1],), jnp.float32))
-  reduced = denoise.project(flat, projection)
+  reduced = denoise.project(flat, _as_projection(projection))
+  coreset_input = reduced
+  if coreset_projection is not None and not reference_quirks:
+    raise ValueError("coreset_projection is used only with reference_quirks")
+  # Without a discriminator the reference has one projection only.
+  if reference_quirks and (method.denoises or coreset_projection is not None):
+    if coreset_projection is None:
+      # Its own key, so the default keys (and starts) stay as they are.
+      coreset_projection = denoise.make_projection(
+          jax.random.fold_in(proj_key, 1), d, projection_dim
+      )
+    coreset_input = denoise.project(flat, _as_projection(coreset_projection))
 
   fit = {}
   sampling_weight = None
@@ -206,15 +262,22 @@ def build_bank(
     sampling_weight = jnp.where(noise, 0.0, 1.0).reshape(-1)
     soft = soft.reshape(-1)
     fit = dict(weights=w, noise=noise, threshold=t)
+    if progress is not None and validation.is_concrete(w):
+      jax.block_until_ready(w)
+      progress(_weights_stage(method))
 
   n_select = coreset.num_samples(n * p, coreset_fraction)
+  extra = {}
+  if reference_quirks and method.subsampler == "greedy":
+    extra = dict(unweighted_first=True)
   idx, valid = coreset.get_subsampler(method.subsampler)(
-      reduced,
+      coreset_input,
       n_select,
       coreset_key,
       sampling_weight=sampling_weight,
       num_starts=num_starts,
       starts=starts,
+      **extra,
   )
   rows = idx
   if validation.is_concrete(valid):

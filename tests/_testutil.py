@@ -5,6 +5,7 @@ import os
 import warnings
 
 import numpy as np
+from PIL import Image
 
 from softpatch_jax import model_io
 from softpatch_jax.data import Sample
@@ -45,7 +46,7 @@ def fit_config(train_dir, folds=3, **overrides):
 
 
 def numpy_greedy_kcenter(
-    x, n_select, start_idx, weight=None, *, dtype=np.float32
+    x, n_select, start_idx, weight=None, *, dtype=np.float32, first=None
 ):
   """Weighted greedy k-center in plain numpy (the kernels.kcenter contract).
 
@@ -62,6 +63,8 @@ def numpy_greedy_kcenter(
     dtype: arithmetic precision. float32 (default) rounds like the kernels
       (the starts are summed one after the other), so selections can be
       compared exactly; float64 gives the exact-arithmetic answer.
+    first: None, or an index forced as the first pick (the loop then goes
+      on as usual from it).
 
   Returns:
     (n_select,) int32 indices in selection order.
@@ -79,11 +82,47 @@ def numpy_greedy_kcenter(
     acc = acc + dist_to(int(s))
   dist = acc / np.asarray(len(starts), x.dtype) * w
   sel = []
-  for _ in range(int(n_select)):
-    i = int(np.argmax(dist))
+  for t in range(int(n_select)):
+    i = int(np.argmax(dist)) if first is None or t > 0 else int(first)
     sel.append(i)
     dist = np.minimum(dist, dist_to(i) * w)
   return np.array(sel, np.int32)
+
+
+def numpy_reference_sampler(
+    x, n_select, start_idx, weight, *, dtype=np.float32
+):
+  """The official SoftPatch code's weighted coreset sampler, in plain numpy.
+
+  Every point starts at its mean distance to the starting points WITHOUT
+  the weight; then n_select times: pick the first argmax, and lower the
+  running minimum with distance * weight. So the first pick may be a
+  zero-weight point. Rounds like `numpy_greedy_kcenter` (starts summed one
+  after the other in `dtype`), so picks can be compared exactly.
+
+  Returns:
+    (picks (n_select,) int32, valid (n_select,) bool): valid marks the picks
+    that are new and (after the first) of positive weight.
+  """
+  x = np.asarray(x, dtype)
+  w = np.asarray(weight, dtype)
+
+  def dist_to(i):
+    diff = x - x[i]
+    return np.sqrt((diff * diff).sum(1))
+
+  starts = np.asarray(start_idx).ravel()
+  acc = np.zeros(len(x), dtype)
+  for s in starts:
+    acc = acc + dist_to(int(s))
+  dist = acc / np.asarray(len(starts), dtype)
+  picks, valid = [], []
+  for t in range(int(n_select)):
+    i = int(np.argmax(dist))
+    valid.append(i not in picks and (t == 0 or w[i] > 0))
+    picks.append(i)
+    dist = np.minimum(dist, dist_to(i) * w)
+  return np.array(picks, np.int32), np.array(valid, bool)
 
 
 def sklearn_lof(x, k, *, fit_dtype=None):
@@ -177,3 +216,27 @@ def sample_lists(n_train=40, n_good=12, n_bad=30, cat="c"):
       for i in range(n_bad)
   ]
   return train, test
+
+
+def write_mvtec_layout(root, category, defects, n_train=10, normal="good"):
+  """An MVTec-style category of tiny PNGs under root; returns its folder.
+
+  defects: {test sub-folder: number of images}; every folder other than
+  `normal` gets a mask per image under ground_truth/<folder>/<stem>_mask.png.
+  Files are named 000.png, 001.png, ...; train/<normal> gets n_train images.
+  """
+  cat = os.path.join(str(root), category)
+  folders = {
+      os.path.join("train", normal): n_train,
+      **{os.path.join("test", d): n for d, n in defects.items()},
+  }
+  for sub, n in folders.items():
+    os.makedirs(os.path.join(cat, sub), exist_ok=True)
+    dtype = os.path.basename(sub)
+    for i in range(n):
+      Image.new("L", (4, 4), i).save(os.path.join(cat, sub, f"{i:03d}.png"))
+      if sub.startswith("test") and dtype != normal:
+        gt = os.path.join(cat, "ground_truth", dtype)
+        os.makedirs(gt, exist_ok=True)
+        Image.new("L", (4, 4), 255).save(os.path.join(gt, f"{i:03d}_mask.png"))
+  return cat

@@ -180,3 +180,95 @@ def test_identity_with_weights_keeps_positive_in_order():
   np.testing.assert_array_equal(
       np.asarray(coreset.compact((idx, valid))), [1, 2, 4]
   )
+
+
+def _quirk_case(seed, m=60, d=5, n_dup=8):
+  """Points whose farthest-from-the-starts point has weight 0, duplicates."""
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((m, d)).astype(np.float32)
+  x[rng.choice(m, 6, replace=False)] *= 6.0  # far outliers
+  src = rng.choice(m, n_dup, replace=False)
+  dst = rng.choice(m, n_dup, replace=False)
+  x[dst] = x[src]  # exact duplicates: exact ties
+  w = (rng.random(m) > 0.3).astype(np.float32)
+  starts = rng.choice(m, 4, replace=False).astype(np.int32)
+  d0 = _testutil.numpy_reference_sampler(x, 1, starts, np.ones(m))[0][0]
+  w[d0] = 0.0  # the unweighted first pick is a noise point
+  return x, w, starts, int(d0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_unweighted_first_picks_the_far_noise_point(seed):
+  x, w, starts, far = _quirk_case(seed)
+  idx, valid = coreset.greedy(
+      x, 15, starts=starts, sampling_weight=w, unweighted_first=True
+  )
+  idx, valid = np.asarray(idx), np.asarray(valid)
+  assert idx[0] == far and valid[0] and w[far] == 0
+  assert np.all(w[idx[1:][valid[1:]]] > 0)  # only the first can be noise
+  # Without the flag the zero-weight point is never picked.
+  plain, pvalid = coreset.greedy(x, 15, starts=starts, sampling_weight=w)
+  assert far not in np.asarray(plain).tolist() and np.all(w[plain] > 0)
+  assert np.asarray(pvalid).all()
+
+
+@pytest.mark.parametrize(
+    "seed,m,n,n_dup", [(0, 60, 15, 8), (1, 80, 30, 20), (2, 25, 24, 10)]
+)
+def test_unweighted_first_matches_numpy_reference_sampler(seed, m, n, n_dup):
+  x, w, starts, _ = _quirk_case(seed, m=m, n_dup=n_dup)
+  want, want_valid = _testutil.numpy_reference_sampler(x, n, starts, w)
+  idx, valid = coreset.greedy(
+      x, n, starts=starts, sampling_weight=w, unweighted_first=True
+  )
+  idx, valid = np.asarray(idx), np.asarray(valid)
+  np.testing.assert_array_equal(valid, want_valid)
+  np.testing.assert_array_equal(idx[valid], want[want_valid])
+  assert np.all(idx[~valid] == idx[0])  # invalid entries repeat the first
+  # The same under jit (the first pick traced).
+  jidx, jvalid = jax.jit(
+      lambda a, ww: coreset.greedy(
+          a, n, starts=starts, sampling_weight=ww, unweighted_first=True
+      )
+  )(x, w)
+  np.testing.assert_array_equal(np.asarray(jidx), idx)
+  np.testing.assert_array_equal(np.asarray(jvalid), valid)
+
+
+def test_unweighted_first_tie_picks_the_noise_copy():
+  # The farthest point has an exact copy: the lower index (noise) wins the
+  # unweighted tie, and its clean copy then sits at distance 0.
+  rng = np.random.default_rng(5)
+  x = rng.standard_normal((30, 3)).astype(np.float32)
+  x[4] = x[20] = 9.0
+  w = np.ones(30, np.float32)
+  w[4] = 0.0
+  starts = np.array([0, 1, 2], np.int32)
+  got = _greedy(x, 8, starts=starts, sampling_weight=w, unweighted_first=True)
+  assert got[0] == 4 and 20 not in got.tolist()
+  want, want_valid = _testutil.numpy_reference_sampler(x, 8, starts, w)
+  np.testing.assert_array_equal(got, want[want_valid])
+  plain = _greedy(x, 8, starts=starts, sampling_weight=w)
+  assert plain[0] == 20 and 4 not in plain.tolist()
+
+
+def test_unweighted_first_short_cut_and_no_weights():
+  x, w, starts, far = _quirk_case(7, m=20, n_dup=0)
+  # Every point requested: all clean points plus the first pick.
+  got = _greedy(x, 20, starts=starts, sampling_weight=w, unweighted_first=True)
+  np.testing.assert_array_equal(
+      got, np.flatnonzero((w > 0) | (np.arange(20) == far))
+  )
+  # More than the clean points but not all: the loop runs, as the reference.
+  n = int((w > 0).sum()) + 1
+  idx, valid = coreset.greedy(
+      x, n, starts=starts, sampling_weight=w, unweighted_first=True
+  )
+  want, want_valid = _testutil.numpy_reference_sampler(x, n, starts, w)
+  np.testing.assert_array_equal(np.asarray(valid), want_valid)
+  np.testing.assert_array_equal(np.asarray(idx)[want_valid], want[want_valid])
+  # Without weights the flag changes nothing.
+  np.testing.assert_array_equal(
+      _greedy(x, 6, starts=starts, unweighted_first=True),
+      _greedy(x, 6, starts=starts),
+  )

@@ -92,6 +92,24 @@ def test_result_files(runs):
   assert saved["results"] == json.loads(json.dumps(result["results"]))
   assert saved["noise"]["synth"]["n_injected"] == 5
   assert os.path.getsize(os.path.join(workdir, "heatmaps", "synth.png")) > 0
+  # The per-category files that explain the result.
+  with open(os.path.join(workdir, "scores", "synth.csv")) as f:
+    scores = list(csv.DictReader(f))
+  assert len(scores) == _metric(result, "patchcore", "n_test")
+  assert sum(r["injected_into_train"] == "True" for r in scores) == 5
+  with open(os.path.join(workdir, "train", "synth.csv")) as f:
+    train = list(csv.DictReader(f))
+  bank = sum(int(r["bank_entries_softpatch_lof"]) for r in train)
+  assert bank == _metric(result, "softpatch_lof", "bank_size")
+  from_injected = sum(
+      int(r["bank_entries_softpatch_lof"])
+      for r in train
+      if r["injected"] == "True"
+  )
+  assert from_injected == _metric(result, "softpatch_lof", "bank_from_injected")
+  # SoftPatch keeps fewer injected patches than PatchCore.
+  assert from_injected < _metric(result, "patchcore", "bank_from_injected")
+  assert _metric(result, "softpatch_lof", "image_auroc_by_defect")
   # No temp files left behind.
   assert not [f for f in os.listdir(workdir) if f.endswith(".tmp")]
 

@@ -26,6 +26,7 @@ CORE_PACKAGES = ("softpatch_jax.backbones", "softpatch_jax.kernels")
 # The edge: files, flags, printing, PNGs. Nothing below imports them.
 EDGE = {
     "softpatch_jax.experiment",
+    "softpatch_jax.reports",
     "softpatch_jax.fit",
     "softpatch_jax.predict",
     "softpatch_jax.model_io",

@@ -1,5 +1,6 @@
 """kernels.kcenter: every path against a plain numpy weighted greedy."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -62,6 +63,55 @@ def test_pallas_interpret_matches_numpy(seed, m, d, n_sel, noise, dup):
   np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize(
+    "seed,m,d,n_sel,noise,dup",
+    [
+        (10, 200, 8, 30, 0.3, 20),
+        (11, 333, 16, 50, None, 0),
+        (12, 57, 3, 57, 0.5, 10),  # selects past the clean points
+        (13, 90, 5, 1, 0.2, 0),
+        (14, 1, 2, 2, None, 0),
+    ],
+)
+def test_forced_first_matches_numpy(seed, m, d, n_sel, noise, dup):
+  x, w, starts = _data(seed, m, d, noise, dup)
+  rng = np.random.default_rng(seed + 100)
+  firsts = rng.choice(m, size=min(m, 3), replace=False).tolist()
+  if w is not None and (w == 0).any():
+    firsts.append(int(np.flatnonzero(w == 0)[0]))  # a zero-weight point
+  for first in firsts:
+    want = _testutil.numpy_greedy_kcenter(x, n_sel, starts, w, first=first)
+    assert want[0] == first
+    for impl in ("xla", "reference", "pallas_interpret"):
+      got = np.asarray(
+          kcenter.kcenter(x, n_sel, starts, w, impl=impl, first=first)
+      )
+      np.testing.assert_array_equal(got, want, err_msg=f"{impl} {first}")
+    got = np.asarray(
+        kcenter.kcenter_reference(x, n_sel, starts, w, first=first)
+    )
+    np.testing.assert_array_equal(got, want)
+
+
+def test_forced_first_traced_and_default_unchanged():
+  x, w, starts = _data(15, 150, 6, 0.2, 10)
+  run = jax.jit(
+      lambda f: kcenter.kcenter(x, 20, starts, w, impl="xla", first=f)
+  )
+  for first in (0, 7, 149):
+    np.testing.assert_array_equal(
+        np.asarray(run(jnp.int32(first))),
+        _testutil.numpy_greedy_kcenter(x, 20, starts, w, first=first),
+    )
+  # first = the default first pick gives the default sequence.
+  default = np.asarray(kcenter.kcenter(x, 20, starts, w))
+  same = np.asarray(kcenter.kcenter(x, 20, starts, w, first=int(default[0])))
+  np.testing.assert_array_equal(same, default)
+  np.testing.assert_array_equal(
+      default, _testutil.numpy_greedy_kcenter(x, 20, starts, w)
+  )
+
+
 def test_duplicates_are_not_reselected():
   x, _, starts = _data(7, 100, 6, None, 0)
   x = np.concatenate([x, x[:30]])  # 30 exact copies
@@ -93,3 +143,12 @@ def test_errors():
   with pytest.raises(ValueError, match="rank 2"):
     kcenter.kcenter(x[None], 2, np.array([0]))
   assert kcenter.kcenter(x, 0, np.array([0])).shape == (0,)
+  assert kcenter.kcenter(x, 0, np.array([0]), first=3).shape == (0,)
+  with pytest.raises(ValueError, match="first=10"):
+    kcenter.kcenter(x, 2, np.array([0]), first=10)
+  with pytest.raises(ValueError, match="first=-1"):
+    kcenter.kcenter_reference(x, 2, np.array([0]), first=-1)
+  with pytest.raises(ValueError, match="scalar integer"):
+    kcenter.kcenter(x, 2, np.array([0]), first=np.array([1, 2]))
+  with pytest.raises(ValueError, match="scalar integer"):
+    kcenter.kcenter(x, 2, np.array([0]), first=1.0)

@@ -153,7 +153,211 @@ def test_bad_inputs():
     methods.build_bank(_feats(0), key, "patchcore", grid=(2, 2))
   with pytest.raises(ValueError, match="at least 2 training images"):
     methods.build_bank(_feats(0)[:1], key, "softpatch_lof", grid=(3, 3))
+  with pytest.raises(ValueError, match="only with reference_quirks"):
+    methods.build_bank(
+        _feats(0), key, "patchcore", coreset_projection=np.ones((12, 4))
+    )
   bad = _feats(0)
   bad[0, 0, 0] = np.nan
   with pytest.raises(ValueError, match="non-finite"):
     methods.build_bank(bad, key, "patchcore", grid=(3, 3))
+
+
+def _quirk_bank(feats, key, **kw):
+  return methods.build_bank(
+      feats,
+      key,
+      "softpatch_lof",
+      grid=(3, 3),
+      lof_k=3,
+      coreset_fraction=0.2,
+      noise_fraction=0.15,
+      **kw,
+  )
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_reference_quirks_bank_matches_numpy(seed):
+  feats = _feats(seed)
+  n, p, d = feats.shape
+  rng = np.random.default_rng(seed + 50)
+  w1 = rng.uniform(-0.3, 0.3, size=(d, 5)).astype(np.float32)
+  w2 = rng.uniform(-0.3, 0.3, size=(d, 5)).astype(np.float32)
+  starts = rng.choice(n * p, 4, replace=False).astype(np.int32)
+  kw = dict(projection=w1, coreset_projection=w2, starts=starts)
+  bank, fit = _quirk_bank(
+      feats, jax.random.PRNGKey(seed), reference_quirks=True, **kw
+  )
+  # Deterministic, and the key plays no part with everything explicit.
+  bank2, fit2 = _quirk_bank(
+      feats, jax.random.PRNGKey(seed + 1), reference_quirks=True, **kw
+  )
+  np.testing.assert_array_equal(
+      np.asarray(fit.indices), np.asarray(fit2.indices)
+  )
+  np.testing.assert_array_equal(
+      np.asarray(bank.features), np.asarray(bank2.features)
+  )
+  # The same steps in numpy: LOF on the first projection, greedy (the
+  # reference sampler) on the second.
+  flat = feats.reshape(n * p, d).astype(np.float64)
+  lof = _testutil.sklearn_lof(
+      np.swapaxes((flat @ w1).reshape(n, p, 5), 0, 1), 3
+  )
+  np.testing.assert_allclose(
+      np.asarray(fit.weights), lof.T, rtol=1e-3, atol=1e-3
+  )
+  noise = np.asarray(fit.weights) > np.quantile(np.asarray(fit.weights), 0.85)
+  np.testing.assert_array_equal(np.asarray(fit.noise), noise)
+  picks, valid = _testutil.numpy_reference_sampler(
+      (flat @ w2).astype(np.float32),
+      int(n * p * 0.2),
+      starts,
+      (~noise).reshape(-1).astype(np.float32),
+  )
+  np.testing.assert_array_equal(np.asarray(fit.valid), valid)
+  np.testing.assert_array_equal(np.asarray(fit.indices)[valid], picks[valid])
+  np.testing.assert_array_equal(
+      np.asarray(bank.features), feats.reshape(n * p, d)[picks[valid]]
+  )
+  np.testing.assert_allclose(
+      np.asarray(bank.weights),
+      np.maximum(np.asarray(fit.weights), 0).reshape(-1)[picks[valid]],
+  )
+  # The first pick is the noisy image's patch, kept in the bank as in the
+  # official code; without the quirks noise never enters the bank.
+  assert noise.reshape(-1)[picks[0]]
+  _, plain = _quirk_bank(
+      feats, jax.random.PRNGKey(seed), projection=w1, starts=starts
+  )
+  assert not noise.reshape(-1)[np.asarray(plain.indices)].any()
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["softpatch_lof", "softpatch_nearest", "patchcore", "patchcore_random"],
+)
+def test_reference_quirks_off_is_the_default_and_keys_are_own(name):
+  feats = _feats(5)
+  key = jax.random.PRNGKey(5)
+  kw = dict(grid=(3, 3), coreset_fraction=0.2, num_starts=3, projection_dim=6)
+  bank, fit = methods.build_bank(feats, key, name, **kw)
+  off, offfit = methods.build_bank(
+      feats, key, name, reference_quirks=False, **kw
+  )
+  np.testing.assert_array_equal(
+      np.asarray(fit.indices), np.asarray(offfit.indices)
+  )
+  np.testing.assert_array_equal(
+      np.asarray(bank.features), np.asarray(off.features)
+  )
+  # With the quirks on, the discriminator still sees the default projection
+  # (same key split), and the second projection comes from its own key.
+  # Methods without a discriminator are unchanged.
+  on, onfit = methods.build_bank(feats, key, name, reference_quirks=True, **kw)
+  if fit.weights is None:
+    np.testing.assert_array_equal(
+        np.asarray(onfit.indices), np.asarray(fit.indices)
+    )
+    return
+  np.testing.assert_array_equal(
+      np.asarray(onfit.weights), np.asarray(fit.weights)
+  )
+  proj_key = jax.random.split(key)[0]
+  second = denoise.make_projection(jax.random.fold_in(proj_key, 1), 12, 6)
+  again, againfit = methods.build_bank(
+      feats, key, name, reference_quirks=True, coreset_projection=second, **kw
+  )
+  np.testing.assert_array_equal(
+      np.asarray(onfit.indices), np.asarray(againfit.indices)
+  )
+  np.testing.assert_array_equal(
+      np.asarray(on.features), np.asarray(again.features)
+  )
+  assert not np.array_equal(np.asarray(onfit.indices), np.asarray(fit.indices))
+
+
+def test_reference_quirks_jit_equals_eager():
+  feats = jnp.asarray(_feats(6))
+  key = jax.random.PRNGKey(6)
+  kw = dict(grid=(3, 3), coreset_fraction=0.25, num_starts=3, lof_k=3)
+  kw.update(projection_dim=6, reference_quirks=True)
+  eager, efit = methods.build_bank(feats, key, "softpatch_lof", **kw)
+  jitted, jfit = jax.jit(
+      lambda f, k: methods.build_bank(f, k, "softpatch_lof", **kw)
+  )(feats, key)
+  valid = np.asarray(jfit.valid)
+  np.testing.assert_array_equal(
+      np.asarray(jfit.indices)[valid],
+      np.asarray(efit.indices)[np.asarray(efit.valid)],
+  )
+  np.testing.assert_allclose(
+      np.asarray(jitted.features)[valid], np.asarray(eager.features), rtol=1e-6
+  )
+
+
+def test_progress_callback_eager_only():
+  feats = _feats(7)
+  key = jax.random.PRNGKey(7)
+  kw = dict(grid=(3, 3), lof_k=3, projection_dim=6)
+  calls = []
+  bank, _ = methods.build_bank(
+      feats, key, "softpatch_lof", progress=calls.append, **kw
+  )
+  assert calls == ["LOF weights"]
+  ref, _ = methods.build_bank(feats, key, "softpatch_lof", **kw)
+  np.testing.assert_array_equal(
+      np.asarray(bank.features), np.asarray(ref.features)
+  )
+  methods.build_bank(feats, key, "patchcore", progress=calls.append, **kw)
+  jax.jit(
+      lambda f: methods.build_bank(
+          f, key, "softpatch_lof", progress=calls.append, **kw
+      )
+  )(feats)
+  assert calls == ["LOF weights"]  # no discriminator, or under jit: no call
+
+
+def test_describe_fit():
+  assert methods.describe_fit("softpatch", 10, 784, 0.1) == (
+      "LOF weights over 784 positions x 10 images, then a greedy coreset of "
+      "784 of 7840 patches"
+  )
+  assert methods.describe_fit("patchcore_full", 2, 9) == (
+      "a bank of all 18 patches"
+  )
+
+
+# Picks of the default build_bank, recorded before reference_quirks existed.
+_DEFAULT_PICKS = {
+    "softpatch_lof": [28, 55, 49, 12, 9, 59, 42, 48, 7, 61, 25, 45, 18, 24],
+    "softpatch_gaussian": [
+        22,
+        38,
+        7,
+        2,
+        59,
+        10,
+        29,
+        42,
+        12,
+        28,
+        55,
+        24,
+        48,
+        31,
+    ],
+    "patchcore": [67, 65, 64, 69, 70, 71, 66, 22, 27, 49, 68, 7, 24, 29],
+}
+
+
+@pytest.mark.parametrize("name", sorted(_DEFAULT_PICKS))
+@pytest.mark.parametrize("quirks", [None, False])
+def test_default_bank_unchanged(name, quirks):
+  kw = dict(grid=(3, 3), coreset_fraction=0.2, num_starts=3, projection_dim=6)
+  if quirks is not None:
+    kw["reference_quirks"] = quirks
+  _, fit = methods.build_bank(
+      _feats(11), jax.random.PRNGKey(11), name, lof_k=3, **kw
+  )
+  np.testing.assert_array_equal(np.asarray(fit.indices), _DEFAULT_PICKS[name])

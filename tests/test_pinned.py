@@ -39,6 +39,7 @@ def experiment_config():
   c.backbone.layers = ("stage3", "stage5")
   c.noise.ratio = 0.25
   c.noise.overlap = True
+  c.noise.draw = "numpy"  # the draw the numbers were pinned with
   c.methods = (
       "softpatch_lof,softpatch_nearest,softpatch_gaussian,"
       "patchcore,patchcore_random"
