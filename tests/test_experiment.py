@@ -145,3 +145,25 @@ def test_synthetic_data_follows_its_parameters(tmp_path):
 def test_unknown_method_is_rejected():
   with pytest.raises(ValueError, match="unknown method"):
     methods.parse_methods("softpatch_lof,nope")
+
+
+def test_inject_list_round_trips_through_results_json(tmp_path):
+  c = _config(0, size=64)
+  c.methods = "patchcore"
+  c.output.num_heatmaps = 0
+  listed = ["scratch/003.png", "synth/test/blob/001.png"]
+  c.noise.inject_list = ",".join(listed)
+  experiment.run(c, str(tmp_path))
+  with open(tmp_path / "results.json") as f:
+    noise = json.load(f)["noise"]["synth"]
+  assert noise["draw"] == "list"
+  assert noise["inject_list"] == ",".join(listed)
+  got = ["/".join(p.split(os.sep)[-2:]) for p in noise["injected_paths"]]
+  assert got == ["scratch/003.png", "blob/001.png"]  # in the given order
+  with open(tmp_path / "scores" / "synth.csv") as f:
+    seen = [
+        r["path"]
+        for r in csv.DictReader(f)
+        if r["injected_into_train"] == "True"
+    ]
+  assert sorted(seen) == sorted(noise["injected_paths"])
