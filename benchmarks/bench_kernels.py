@@ -11,7 +11,10 @@ multiplies positions / points / queries / bank rows. Baselines: sklearn
 LocalOutlierFactor looped over positions, a batched torch LOF written the
 way the reference computes it on GPU, a torch approximate greedy coreset in
 the reference's style (distance column concatenated and re-reduced each
-step), faiss-cpu IndexFlatL2.
+step), faiss-cpu IndexFlatL2. The "pruned" section times the exact pruned
+k-center (kernels.kcenter_pruned, numpy) against the dense XLA k-center on
+181,000 x 128 selecting 10 %, for a mixture of 200 Gaussians and for one
+Gaussian (no clusters: the worst case for pruning).
 Needs the `bench` extra (torch, scikit-learn, faiss-cpu). Prints each
 comparison as a ratio and writes all numbers to --out (JSON).
 """
@@ -31,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from softpatch_jax.kernels import kcenter
+from softpatch_jax.kernels import kcenter_pruned
 from softpatch_jax.kernels import knn
 from softpatch_jax.kernels import lof
 
@@ -277,6 +281,85 @@ def bench_knn(rng, scale, res, with_bf16):
   res["knn"] = out
 
 
+def clustered_points(rng, m, d, n_clusters=200, spread=0.5):
+  """A mixture of isotropic Gaussians: centres 3 N(0, I), std `spread`."""
+  centres = rng.normal(size=(n_clusters, d)) * 3.0
+  lab = rng.integers(0, n_clusters, m)
+  return (centres[lab] + rng.normal(size=(m, d)) * spread).astype(np.float32)
+
+
+def numpy_greedy_prefix(x, n, starts, w):
+  """The first n picks of the float32 numpy greedy (as tests/_testutil)."""
+
+  def dist_to(i):
+    return np.sqrt(((x - x[i]) * (x - x[i])).sum(1))
+
+  acc = np.zeros(len(x), np.float32)
+  for s in starts:
+    acc = acc + dist_to(int(s))
+  dist = acc / np.asarray(len(starts), np.float32) * w
+  picks = []
+  for _ in range(n):
+    picks.append(int(np.argmax(dist)))
+    dist = np.minimum(dist, dist_to(picks[-1]) * w)
+  return np.array(picks, np.int32)
+
+
+def bench_kcenter_pruned(rng, scale, res, datasets, spread, check):
+  """Exact pruned k-center (numpy) against the dense XLA path, same process.
+
+  Full size: 181,000 x 128 selecting 10 %. 'clustered' is a mixture of 200
+  Gaussians (clustered_points), 'gaussian' one Gaussian (the worst case
+  for pruning); a path ending in .npy loads (M, d) features (e.g. real
+  projected patch features), used whole. The first `check` pruned picks
+  are compared with the float32 numpy greedy; the XLA path rounds its
+  expanded-form distances differently, so its picks may part from both.
+  """
+  out = {"spread": spread}
+  for name in datasets:
+    m = max(1000, round(181_000 * scale))
+    if name.endswith(".npy"):
+      x = np.ascontiguousarray(np.load(name), np.float32)
+      m = len(x)
+    elif name == "gaussian":
+      x = rng.normal(size=(m, 128)).astype(np.float32)
+    else:
+      x = clustered_points(rng, m, 128, spread=spread)
+    n_sel = m // 10
+    w = (rng.random(m) >= 0.15).astype(np.float32)
+    starts = rng.choice(m, 10, replace=False).astype(np.int32)
+    xj, wj, sj = jnp.asarray(x), jnp.asarray(w), jnp.asarray(starts)
+    comp_f, _ = _aot(
+        _KCENTER_XLA,
+        x=xj,
+        start_idx=sj,
+        w=wj,
+        n_select=n_sel,
+        storage_dtype=None,
+    )
+    t_xla, sel_x = _timed(lambda: comp_f(x=xj, start_idx=sj, w=wj))
+    t_pr, sel_p = _timed(
+        lambda: kcenter_pruned.kcenter_pruned(x, n_sel, starts, w)
+    )
+    sel_x = np.asarray(sel_x)
+    k = min(check, n_sel)
+    differ = np.flatnonzero(sel_x != sel_p)
+    out[name] = {
+        "shape": list(x.shape),
+        "n_select": n_sel,
+        "xla_s": t_xla,
+        "pruned_s": t_pr,
+        "speedup_vs_xla": t_xla / t_pr,
+        "same_step_as_xla": float(np.mean(sel_x == sel_p)),
+        "first_difference_from_xla": int(differ[0]) if len(differ) else n_sel,
+        "checked_picks": k,
+        "checked_picks_equal_numpy": bool(
+            np.array_equal(sel_p[:k], numpy_greedy_prefix(x, k, starts, w))
+        ),
+    }
+  res["kcenter_pruned"] = out
+
+
 def _write_json(path, obj):
   d = os.path.dirname(os.path.abspath(path))
   os.makedirs(d, exist_ok=True)
@@ -290,7 +373,24 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--scale", type=float, default=1.0)
   ap.add_argument("--lof-k", type=int, default=6)
-  ap.add_argument("--only", choices=["lof", "coreset", "knn"], default=None)
+  ap.add_argument(
+      "--only", choices=["lof", "coreset", "knn", "pruned"], default=None
+  )
+  ap.add_argument(
+      "--pruned-data",
+      default="clustered,gaussian",
+      help=(
+          "comma-separated data sets of the pruned k-center section: "
+          "clustered, gaussian or the path of an (M, d) .npy feature file"
+      ),
+  )
+  ap.add_argument("--pruned-spread", type=float, default=0.5)
+  ap.add_argument(
+      "--pruned-check",
+      type=int,
+      default=100,
+      help="pruned picks checked against the numpy greedy",
+  )
   ap.add_argument("--no-bf16", action="store_true")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument(
@@ -317,7 +417,7 @@ def main():
   bw = memory_read_bandwidth()
   res["memory_read_bandwidth"] = bw
   print(f"memory read bandwidth: {bw['best_gbs']:.1f} GB/s")
-  sections = [args.only] if args.only else ["lof", "coreset", "knn"]
+  sections = [args.only] if args.only else ["lof", "coreset", "knn", "pruned"]
   for s in sections:
     if s == "lof":
       bench_lof(rng, args.scale, args.lof_k, res)
@@ -346,6 +446,26 @@ def main():
             f"step {100 * r['bf16_same_position_fraction']:.1f}%, set "
             f"overlap {100 * r['bf16_set_overlap']:.1f}%, first divergence "
             f"at step {r['bf16_first_divergence_step']}"
+        )
+    elif s == "pruned":
+      bench_kcenter_pruned(
+          rng,
+          args.scale,
+          res,
+          args.pruned_data.split(","),
+          args.pruned_spread,
+          args.pruned_check,
+      )
+      r = res["kcenter_pruned"]
+      for name in args.pruned_data.split(","):
+        p = r[name]
+        print(
+            f"k-center {name} {p['shape']} -> {p['n_select']}: pruned "
+            f"{p['pruned_s']:.2f}s | dense XLA {p['xla_s']:.2f}s "
+            f"({p['speedup_vs_xla']:.2f}x) | first "
+            f"{p['checked_picks']} picks equal the numpy greedy: "
+            f"{p['checked_picks_equal_numpy']} | same pick as XLA at "
+            f"{100 * p['same_step_as_xla']:.1f}% of steps"
         )
     else:
       bench_knn(rng, args.scale, res, not args.no_bf16)
