@@ -1,7 +1,10 @@
 """Helpers shared by the test files (not a test module itself)."""
 
+import functools
 import importlib.util
 import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -11,6 +14,26 @@ from softpatch_jax import model_io
 from softpatch_jax.data import Sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_predict_cli(model, inputs, output):
+  """The predict command in a new process -> CompletedProcess (not checked)."""
+  return subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "softpatch_jax.predict",
+          f"--model={model}",
+          f"--input={inputs}",
+          f"--output={output}",
+      ],
+      cwd=ROOT,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"),
+      capture_output=True,
+      text=True,
+      check=False,
+      timeout=300,
+  )
 
 
 def load_config(name):
@@ -45,6 +68,21 @@ def fit_config(train_dir, folds=3, **overrides):
   return c
 
 
+def _numpy_dist_to(x, i):
+  diff = x - x[i]
+  return np.sqrt((diff * diff).sum(1))
+
+
+def _numpy_start_distance(x, start_idx):
+  """Mean distance to the starts, summed one start after the other in x's
+  dtype (as the kernels do), without any weight."""
+  starts = np.asarray(start_idx).ravel()
+  acc = np.zeros(len(x), x.dtype)
+  for s in starts:
+    acc = acc + _numpy_dist_to(x, int(s))
+  return acc / np.asarray(len(starts), x.dtype)
+
+
 def numpy_greedy_kcenter(
     x, n_select, start_idx, weight=None, *, dtype=np.float32, first=None
 ):
@@ -71,16 +109,8 @@ def numpy_greedy_kcenter(
   """
   x = np.asarray(x, dtype)
   w = np.ones(len(x), dtype) if weight is None else np.asarray(weight, dtype)
-
-  def dist_to(i):
-    diff = x - x[i]
-    return np.sqrt((diff * diff).sum(1))
-
-  starts = np.asarray(start_idx).ravel()
-  acc = np.zeros(len(x), dtype)
-  for s in starts:
-    acc = acc + dist_to(int(s))
-  dist = acc / np.asarray(len(starts), x.dtype) * w
+  dist_to = functools.partial(_numpy_dist_to, x)
+  dist = _numpy_start_distance(x, start_idx) * w
   sel = []
   for t in range(int(n_select)):
     i = int(np.argmax(dist)) if first is None or t > 0 else int(first)
@@ -106,16 +136,8 @@ def numpy_reference_sampler(
   """
   x = np.asarray(x, dtype)
   w = np.asarray(weight, dtype)
-
-  def dist_to(i):
-    diff = x - x[i]
-    return np.sqrt((diff * diff).sum(1))
-
-  starts = np.asarray(start_idx).ravel()
-  acc = np.zeros(len(x), dtype)
-  for s in starts:
-    acc = acc + dist_to(int(s))
-  dist = acc / np.asarray(len(starts), dtype)
+  dist_to = functools.partial(_numpy_dist_to, x)
+  dist = _numpy_start_distance(x, start_idx)
   picks, valid = [], []
   for t in range(int(n_select)):
     i = int(np.argmax(dist))

@@ -171,22 +171,7 @@ def test_predict_exits_nonzero_when_nothing_is_readable(tmp_path):
   inputs.mkdir()
   (inputs / "a.png").write_bytes(b"not a png")
   (inputs / "b.png").write_bytes(b"")
-  res = subprocess.run(
-      [
-          sys.executable,
-          "-m",
-          "softpatch_jax.predict",
-          "--model",
-          model,
-          "--input",
-          str(inputs),
-          "--output",
-          str(tmp_path / "out"),
-      ],
-      capture_output=True,
-      text=True,
-      check=False,
-  )
+  res = _testutil.run_predict_cli(model, inputs, tmp_path / "out")
   assert res.returncode == 1, res.stderr[-2000:]
   assert "error: none of the 2 input image(s) could be read" in res.stderr
   rows = predict.read_predictions(tmp_path / "out" / "predictions.csv")
@@ -372,19 +357,7 @@ def test_unwritable_heatmaps_folder_is_one_error(tmp_path):
   out = tmp_path / "out"
   out.mkdir()
   (out / "heatmaps").write_text("a file where the folder belongs")
-  res = subprocess.run(
-      [
-          sys.executable,
-          "-m",
-          "softpatch_jax.predict",
-          f"--model={model}",
-          f"--input={inputs}",
-          f"--output={out}",
-      ],
-      capture_output=True,
-      text=True,
-      check=False,
-  )
+  res = _testutil.run_predict_cli(model, inputs, out)
   assert res.returncode == 1, res.stderr[-2000:]
   last = res.stderr.strip().splitlines()[-1]
   assert last.startswith(f"error: cannot write {out / 'heatmaps' / 'a.png'} ")

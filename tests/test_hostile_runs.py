@@ -26,8 +26,6 @@ from softpatch_jax import model_io
 from softpatch_jax import predict
 from softpatch_jax.data import _files
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def random_model():
   # A backbone that needs no weights file: the predict CLI can rebuild it.
@@ -96,22 +94,7 @@ def test_second_predict_into_a_folder_in_use_is_refused(tmp_path):
     with pytest.raises(ValueError) as e:
       predict.predict(model, str(inputs), str(out), progress=False)
     assert str(e.value) == expected
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "softpatch_jax.predict",
-            f"--model={model}",
-            f"--input={inputs}",
-            f"--output={out}",
-        ],
-        cwd=ROOT,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"),
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-    )
+    res = _testutil.run_predict_cli(model, inputs, out)
     assert res.returncode == 1, res.stderr[-2000:]
     assert res.stderr.strip().splitlines()[-1] == "error: " + expected
     # The first run's files, its lock included, are as they were.
