@@ -147,6 +147,10 @@ def test_adaptive_avg_pool1d_matches_torch(length, out):
         ),
         (3, dict(shapes=[(5, 5, 3)], pretrain=10, target=7)),
         (4, dict(shapes=[(8, 8, 40), (4, 4, 112)], pretrain=64, target=64)),
+        # Bins of 72 entries: too wide to fold, the staged path.
+        (5, dict(shapes=[(4, 4, 64), (2, 2, 32)], pretrain=8, target=8)),
+        # A bin straddles the two layers (2 * 24 -> 15).
+        (6, dict(shapes=[(5, 5, 4), (3, 3, 6)], pretrain=24, target=15)),
     ],
 )
 def test_patch_features_matches_torch_reference(seed, cfg):

@@ -4,8 +4,14 @@
 scores that the package computed on generated data before its stages were
 reshaped into pure functions (every method, the held-out threshold and the
 predict command). The reshaping was verified bit-identical on this 2-core
-x86-64 CPU; the scores are compared to a relative 1e-6 here so that another
-CPU's float rounding does not fail the test, the metrics exactly.
+x86-64 CPU. Since then the depthwise convolutions run as shifted
+multiply-adds and the two patch-feature poolings are folded into one
+(backbones/efficientnet_lite.py, features.py): the same arithmetic in
+another float32 summation order, which moved these scores by up to 2e-6
+relative and left every metric unchanged. The scores are compared to a
+relative 1e-5 (float rounding on any CPU), the thresholds likewise, and
+the metrics to 1e-7: pixel AUROC ranks 69,632 pixels, and a rounding-level
+change can swap two nearly tied ones (it moved 5e-9).
 """
 
 import json
@@ -90,11 +96,11 @@ def test_experiment_scores_and_metrics_pinned(pinned, runs):
   want = pinned["experiment"]
   assert sorted(captured) == sorted(want["image_scores"])
   for name, scores in want["image_scores"].items():
-    np.testing.assert_allclose(captured[name], scores, rtol=1e-6, err_msg=name)
+    np.testing.assert_allclose(captured[name], scores, rtol=1e-5, err_msg=name)
   rows = {r["method"]: r for r in result["results"] if r["category"] == "synth"}
   for name, metrics in want["metrics"].items():
     for key, value in metrics.items():
-      assert rows[name][key] == pytest.approx(value, rel=1e-12), (name, key)
+      assert rows[name][key] == pytest.approx(value, abs=1e-7), (name, key)
 
 
 def test_fit_predict_pinned(pinned, runs):
@@ -104,11 +110,11 @@ def test_fit_predict_pinned(pinned, runs):
       "paths"
   ]
   np.testing.assert_allclose(
-      [r["score"] for r in pred["rows"]], want["scores"], rtol=1e-6
+      [r["score"] for r in pred["rows"]], want["scores"], rtol=1e-5
   )
   assert summary["thresholds"]["image"] == pytest.approx(
-      want["image_threshold"], rel=1e-6
+      want["image_threshold"], rel=1e-5
   )
   assert summary["thresholds"]["pixel"] == pytest.approx(
-      want["pixel_threshold"], rel=1e-6
+      want["pixel_threshold"], rel=1e-5
   )
