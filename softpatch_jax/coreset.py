@@ -161,6 +161,7 @@ def greedy(
     num_starts: int = 10,
     starts: Optional[jax.Array] = None,
     unweighted_first: bool = False,
+    kcenter_fn: Optional[Callable[..., jax.Array]] = None,
 ) -> Selection:
   """Weighted approximate greedy k-center subsampling.
 
@@ -176,6 +177,8 @@ def greedy(
       the argmax of the mean distance to the starts without the weight, so
       it may be a zero-weight point (it is then valid); the later picks are
       weighted as usual. Exact for 0/1 weights; no effect without weights.
+    kcenter_fn: the selection loop, `kernels.kcenter.kcenter` by default;
+      `parallel.kcenter` bound to a mesh splits the points over devices.
 
   Returns:
     (indices (n,) int32 in pick order, valid (n,) bool). Valid indices are
@@ -210,7 +213,7 @@ def greedy(
     w_sel = jnp.where(jnp.arange(m) == first, jnp.maximum(w, 1.0), w)
 
   def run_kcenter():
-    idx = kcenter_lib.kcenter(x, n, starts, w, first=first)
+    idx = (kcenter_fn or kcenter_lib.kcenter)(x, n, starts, w, first=first)
     valid = _first_occurrence(idx, m)
     if first is not None:
       valid &= (w[idx] > 0) | (jnp.arange(n) == 0)

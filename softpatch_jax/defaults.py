@@ -15,6 +15,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.mode = "evaluate"
   # Comma-separated list (or a list) of methods.METHODS keys.
   c.methods = "softpatch_lof,patchcore"
+  # Multi-device runs (softpatch_jax/parallel.py): 'auto' splits every stage
+  # over the visible devices when there are two or more, 'on' always runs the
+  # sharded code (on one device too), 'off' never; the results are the same.
+  # devices: the first N devices (0: all). data.batch_size is then per device.
+  c.parallel = ml_collections.ConfigDict()
+  c.parallel.mode = "auto"
+  c.parallel.devices = 0
+  # Multi-host jobs (a TPU pod slice): jax.distributed.initialize() first.
+  c.distributed = False
 
   c.backbone = ml_collections.ConfigDict()
   c.backbone.name = "wide_resnet50_2"
@@ -32,6 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
   # we honour the flag's documented default of 6.
   c.denoise.lof_k = 6
   c.denoise.noise_fraction = 0.15
+  # How method softpatch_fusion combines the LOF, nearest and Gaussian
+  # scores: 'rank' | 'zscore' | 'vote' (denoise.fuse_scores).
+  c.denoise.fusion = "rank"
 
   c.coreset = ml_collections.ConfigDict()
   c.coreset.fraction = 0.1
@@ -43,6 +55,10 @@ def base_config() -> ml_collections.ConfigDict:
   # a second random projection, and its first pick ignores the noise weight
   # (so it can be a noise patch). Off: one projection, noise never kept.
   c.coreset.reference_quirks = False
+  # 'dense' (default) or 'pruned': an exact triangle-inequality pruned
+  # greedy on the host (kernels/kcenter_pruned.py), faster on CPU for large
+  # clustered banks (README, "Benchmarks"); one device only.
+  c.coreset.impl = "dense"
 
   c.scoring = ml_collections.ConfigDict()
   # None: the method's own choice (on for softpatch_*, off for patchcore*).
@@ -65,6 +81,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.dataset = "mvtec"  # mvtec | btad | folder | elpv | synthetic
   c.data.root = ""
+  # 'files': the folders under root. 'tfds': mvtec / btad from TFDS records in
+  # tfds_dir ('' = TFDS's default), built once from root, the manual download
+  # directory (data/tfds_source.py; needs the `tfds` extra).
+  c.data.source = "files"
+  c.data.tfds_dir = ""
   c.data.categories = ""  # comma-separated; empty = all found
   c.data.train_dir = ""  # dataset=folder
   c.data.test_dir = ""  # dataset=folder (optional)
@@ -124,6 +145,47 @@ def base_config() -> ml_collections.ConfigDict:
   # overlap.
   c.noise.inject_list = ""
 
+  # Baselines without a memory bank (methods 'padim', 'cflow') and the
+  # PaDiM image filter of 'padim_filter+<method>' (softpatch_jax/baselines).
+  c.baselines = ml_collections.ConfigDict()
+  c.baselines.padim = ml_collections.ConfigDict()
+  # Random channels of the concatenated layer1-3 maps (EfficientNet-Lite:
+  # stage2/3/5), per backbone; 100 and 550 are the PaDiM paper's.
+  c.baselines.padim.channels = ml_collections.ConfigDict(
+      dict(
+          resnet18=100,
+          wide_resnet50_2=550,
+          efficientnet_lite0=100,
+          efficientnet_lite1=100,
+          efficientnet_lite2=100,
+      )
+  )
+  c.baselines.padim.eps = 0.01  # covariance + eps * I
+  # PaDiM* (padim_filter+<method>): PaDiM on this backbone scores every
+  # training image and the top filter_fraction is dropped. Without the
+  # backbone's weights (no network, no local .pth given as filter_weights)
+  # the configured backbone is used instead, with a warning.
+  c.baselines.filter_fraction = 0.15
+  # Each fold's images are scored by the Gaussians of the others (1: in
+  # sample, which cannot tell images apart with fewer images than channels).
+  c.baselines.filter_folds = 5
+  c.baselines.filter_backbone = "resnet18"
+  c.baselines.filter_weights = "imagenet"
+  # CFLOW decoders (baselines/cflow.py): Adam on the NLL, epochs over all
+  # training positions in batches of batch_positions. Cost measured on a
+  # 2-core CPU, EfficientNet-Lite0 at 224 px, 132 ELPV cells (414k, 103k and
+  # 26k positions at the three scales): about 35 s per epoch, 125-140 s per
+  # category with these settings. Longer training helps: ELPV mono image
+  # AUROC 0.78 / 0.85 / 0.86 after 2 / 3 / 6 epochs (lr 1e-3 / 3e-3 / 1e-3).
+  c.baselines.cflow = ml_collections.ConfigDict()
+  c.baselines.cflow.epochs = 3
+  c.baselines.cflow.coupling_blocks = 8
+  c.baselines.cflow.learning_rate = 3e-3
+  c.baselines.cflow.condition_dim = 128
+  c.baselines.cflow.batch_positions = 1024
+  c.baselines.cflow.hidden_ratio = 2.0
+  c.baselines.cflow.clamp = 1.9
+
   c.output = ml_collections.ConfigDict()
   c.output.num_heatmaps = 4
   return c
@@ -147,4 +209,84 @@ def elpv_config() -> ml_collections.ConfigDict:
   c.noise.ratio = 0.1
   c.noise.overlap = True
   c.methods = "softpatch_lof,patchcore"
+  return c
+
+
+# --------------------------------------------------------------------------
+# Experiment configs (configs/experiments/, softpatch_jax/studies.py).
+
+MVTEC_CATEGORIES = (
+    "bottle,cable,capsule,carpet,grid,hazelnut,leather,metal_nut,pill,"
+    "screw,tile,toothbrush,transistor,wood,zipper"
+)
+# The paper's methods; padim_filter+patchcore is PaDiM*.
+PAPER_METHODS = (
+    "patchcore,padim,padim_filter+patchcore,cflow,softpatch_lof,"
+    "softpatch_nearest,softpatch_gaussian,softpatch_fusion"
+)
+
+
+def study_base(variant: str) -> ml_collections.ConfigDict:
+  """The pipeline config of an experiment on one data set.
+
+  'elpv' and 'synthetic' run offline and are sized for a 2-core CPU: ELPV
+  at 128 px (a 16x16 patch grid) with 40 normal training cells (a seeded
+  subset) and about 50 test cells (seeded, label-stratified) per category;
+  synthetic textures at 96 px with 30 training and 10 + 20 test images.
+  'mvtec' and 'btad' are the paper's setting (WideResNet-50-2, layer2 +
+  layer3, 256 -> 224 crop, every image) and need --config.base.data.root
+  and, without a network, --config.base.backbone.weights=<.pth>.
+  """
+  if variant == "elpv":
+    c = elpv_config()
+    c.data.resize = c.data.crop = 128
+    c.data.max_train = 40
+    c.data.max_test = 50
+  elif variant == "synthetic":
+    c = base_config()
+    c.data.dataset = "synthetic"
+    c.data.categories = "synth"
+    c.data.resize = c.data.crop = c.data.synthetic.size = 96
+    c.data.synthetic.n_train = 30
+    c.data.synthetic.n_test_good = 10
+    c.data.synthetic.n_test_defect = 20
+    c.backbone.name = "efficientnet_lite0"
+    c.backbone.layers = ("stage3", "stage5")
+  elif variant in ("mvtec", "btad"):
+    c = base_config()
+    c.data.dataset = variant
+    c.data.categories = MVTEC_CATEGORIES if variant == "mvtec" else "01,02,03"
+  else:
+    raise ValueError(
+        f"unknown experiment variant {variant!r}; choose from elpv, "
+        "synthetic, mvtec, btad"
+    )
+  c.data.num_workers = 2
+  c.output.num_heatmaps = 0  # per-cell heatmaps cost a test pass each
+  c.methods = PAPER_METHODS
+  return c
+
+
+def experiment_config(
+    base: ml_collections.ConfigDict,
+    axes: str,
+    title: str,
+    metrics: str = "image_auroc",
+) -> ml_collections.ConfigDict:
+  """An experiment config: `base` plus a study (softpatch_jax/studies.py).
+
+  Presets start empty; figures and the diagnosis of the noisiest cell are
+  on.
+  """
+  c = ml_collections.ConfigDict()
+  c.base = base
+  c.study = ml_collections.ConfigDict()
+  c.study.title = title
+  c.study.axes = axes
+  # Axes averaged in the tables; unset: 'seed' when that is an axis.
+  c.study.repeat = ml_collections.config_dict.placeholder(str)
+  c.study.metrics = metrics
+  c.study.presets = ml_collections.ConfigDict()
+  c.study.figures = True
+  c.study.diagnose = "auto"
   return c

@@ -8,8 +8,11 @@ are marked as noise and never enter the memory bank; ``max(w, 0)`` is kept for
 soft re-weighting of scores.
 
 Discriminators live in the `DISCRIMINATORS` registry ('lof', 'nearest',
-'gaussian'); each maps (P positions, N images, d) to (P, N) weights, larger
-meaning more likely noise. `register_discriminator` adds one.
+'gaussian', 'fusion'); each maps (P positions, N images, d) to (P, N)
+weights, larger meaning more likely noise. `register_discriminator` adds one.
+'fusion' combines the other three after normalising each (`fuse_scores`), in
+the spirit of the multi-discriminator SoftPatch+ follow-up (Jiang et al.,
+2024), whose code is not public.
 
 Differences from the reference implementation (README, "Deliberate
 differences"):
@@ -180,7 +183,9 @@ def patch_weights(
     projected: (N images, P positions, d) projected patch features.
     discriminator: a key of `DISCRIMINATORS`: 'lof' (Local Outlier Factor,
       option lof_k), 'nearest' (distance to the nearest other image's patch +
-      1) or 'gaussian' (Mahalanobis distance to the per-position Gaussian + 1).
+      1), 'gaussian' (Mahalanobis distance to the per-position Gaussian + 1)
+      or 'fusion' (all three combined; options fusion='rank' | 'zscore' |
+      'vote', noise_fraction).
     **options: passed to the discriminator (e.g. lof_k=6).
 
   Returns:
@@ -229,3 +234,120 @@ def denoise(
   """-> (noise_mask = w > t, soft weights max(w, 0), the threshold t)."""
   t = noise_threshold(weights, noise_fraction)
   return weights > t, jnp.maximum(weights, 0.0), t
+
+
+# --------------------------------------------------------------------------
+# Multi-discriminator fusion.
+
+FUSION_MODES = ("rank", "zscore", "vote")
+FUSED_DISCRIMINATORS = ("lof", "nearest", "gaussian")
+# 1.4826 * MAD estimates the standard deviation of a normal sample.
+_MAD_TO_STD = 1.4826
+
+
+def rank_normalize(s: jax.Array) -> jax.Array:
+  """Average ranks (ties share their mean rank) over all of `s`, / s.size.
+
+  The same as ``scipy.stats.rankdata(s, 'average') / s.size``; in (0, 1] and
+  unchanged by any strictly increasing map of `s`.
+  """
+  flat = jnp.ravel(s)
+  srt = jnp.sort(flat)
+  lo = jnp.searchsorted(srt, flat, side="left")
+  hi = jnp.searchsorted(srt, flat, side="right")
+  # Tied values hold sorted slots lo..hi-1, i.e. ranks lo+1..hi.
+  rank = (lo + hi + 1).astype(jnp.float32) / 2.0
+  return (rank / flat.size).reshape(s.shape)
+
+
+def robust_zscore(s: jax.Array) -> jax.Array:
+  """(s - median) / (1.4826 MAD) over all of `s`.
+
+  Unchanged by positive affine maps a*s + b (a > 0), not by other monotone
+  maps. Falls back to the standard deviation when the MAD is 0 (more than
+  half the values tied), and gives zeros when every value is the same.
+  """
+  s = jnp.asarray(s, jnp.float32)
+  med = jnp.median(s)
+  mad = _MAD_TO_STD * jnp.median(jnp.abs(s - med))
+  scale = jnp.where(mad > 0, mad, jnp.std(s))
+  return jnp.where(scale > 0, (s - med) / jnp.where(scale > 0, scale, 1.0), 0.0)
+
+
+def fuse_scores(
+    scores, mode: str = "rank", noise_fraction: float = 0.15
+) -> jax.Array:
+  """Combines discriminator scores of equal shape into one score in [0, 1].
+
+  Args:
+    scores: a sequence of arrays of one shape, larger = more likely noise.
+    mode: 'rank': the mean of the rank-normalised scores; 'zscore': the
+      standard normal CDF of the mean robust z-score; 'vote': each score
+      votes for the patches ranked in its top `noise_fraction`, and the
+      votes plus the mean normalised rank (which breaks ties) are scaled to
+      [0, 1].
+    noise_fraction: the share of patches each score votes for ('vote').
+
+  Returns:
+    The fused score. 'rank' and 'vote' are unchanged by a strictly
+    increasing map of any one score; 'zscore' only by a positive affine map.
+  """
+  if mode not in FUSION_MODES:
+    raise ValueError(
+        f"unknown fusion mode {mode!r}; choose from {list(FUSION_MODES)}"
+    )
+  scores = [jnp.asarray(s, jnp.float32) for s in scores]
+  if not scores or any(s.shape != scores[0].shape for s in scores):
+    raise ValueError(
+        "fuse_scores: need one or more scores of one shape, got shapes "
+        f"{[tuple(s.shape) for s in scores]}"
+    )
+  if mode == "zscore":
+    z = jnp.mean(jnp.stack([robust_zscore(s) for s in scores]), axis=0)
+    return jax.scipy.stats.norm.cdf(z)
+  ranks = jnp.stack([rank_normalize(s) for s in scores])
+  mean_rank = jnp.mean(ranks, axis=0)
+  if mode == "rank":
+    return mean_rank
+  votes = jnp.sum(ranks > 1.0 - float(noise_fraction), axis=0)
+  return (votes + mean_rank) / (len(scores) + 1.0)
+
+
+@register_discriminator("fusion")
+def fusion(
+    x: jax.Array,
+    *,
+    lof_k: int = 6,
+    fusion: str = "rank",  # pylint: disable=redefined-outer-name
+    noise_fraction: float = 0.15,
+    **unused,
+) -> jax.Array:
+  """1 + the fused LOF / nearest / Gaussian score (`fuse_scores`).
+
+  The three scores are normalised over all P * N patches, like the noise
+  threshold that follows. The weight lies in [1, 2]: 1 for the least
+  outlying patch, so the soft re-weighting of test scores stays on the scale
+  of the single discriminators, whose inliers score about 1.
+  """
+  del unused
+  if fusion not in FUSION_MODES:  # before the three discriminators run
+    raise ValueError(
+        f"unknown fusion mode {fusion!r} (config.denoise.fusion); choose "
+        f"from {list(FUSION_MODES)}"
+    )
+  scores = [
+      DISCRIMINATORS[name](x, lof_k=lof_k) for name in FUSED_DISCRIMINATORS
+  ]
+  return 1.0 + fuse_scores(scores, fusion, noise_fraction)
+
+
+def _fusion_with(mode: str):
+  def fn(x, **options):
+    return fusion(x, **dict(options, fusion=mode))
+
+  fn.__doc__ = f"'fusion' with fusion={mode!r} whatever the options say."
+  return fn
+
+
+for _mode in FUSION_MODES:
+  register_discriminator(f"fusion_{_mode}")(_fusion_with(_mode))

@@ -15,7 +15,6 @@ from typing import Dict, List, Optional, Sequence
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from softpatch_jax import backbones
@@ -23,6 +22,7 @@ from softpatch_jax import coreset
 from softpatch_jax import data
 from softpatch_jax import features as features_lib
 from softpatch_jax import methods as methods_lib
+from softpatch_jax import parallel
 from softpatch_jax import scoring
 from softpatch_jax import validation
 from softpatch_jax.data import _files
@@ -39,15 +39,16 @@ class Embedder:
   """`features.embed` bound to a backbone's weights, over fixed-size batches.
 
   Batches are padded to `batch_size` so that one compiled program serves
-  every batch, the last partial one included.
+  every batch, the last partial one included (per device with a `mesh`).
   """
 
-  def __init__(self, variables, spec: features_lib.EmbedSpec, batch_size=16):
+  def __init__(self, variables, spec, batch_size=16, mesh=None):
     if int(batch_size) < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     self.variables = variables
     self.spec = spec
-    self.batch_size = int(batch_size)
+    self.mesh = mesh
+    self.batch_size = int(batch_size) * getattr(mesh, "size", 1)
     self._grids = {}
 
   def grid(self, image_size) -> tuple:
@@ -69,9 +70,7 @@ class Embedder:
     if n < self.batch_size:
       pad = np.zeros((self.batch_size - n, *images.shape[1:]), images.dtype)
       images = np.concatenate([images, pad], 0)
-    return features_lib.embed_jit(
-        self.variables, jnp.asarray(images), self.spec
-    )[:n]
+    return parallel.embed(self.variables, images, self.spec, self.mesh)[:n]
 
 
 def embed_spec(
@@ -99,9 +98,9 @@ def build_backbone(config) -> backbones.Backbone:
 
 
 def build_embedder(config, bb: backbones.Backbone) -> Embedder:
-  return Embedder(
-      bb.variables, embed_spec(bb, config.features), config.data.batch_size
-  )
+  mesh = parallel.mesh_from_config(config)
+  spec = embed_spec(bb, config.features)
+  return Embedder(bb.variables, spec, config.data.batch_size, mesh)
 
 
 def build_preprocess(
@@ -200,7 +199,9 @@ def extract_features(
       augment=augment,
       errors=errors,
   )
-  chunks, failed = [], []
+  # One preallocated array, filled batch by batch: concatenating chunks
+  # would hold every feature twice at the peak.
+  out, filled, failed = None, 0, []
   for batch in Progress(
       stream, total=n_batches(len(samples), bs), desc=desc, unit="batches"
   ):
@@ -209,12 +210,15 @@ def extract_features(
       continue  # the run fails anyway: only look for more unreadable files
     f = np.asarray(embedder(batch.images))
     validation.check_finite(f, f"features of {desc}", BROKEN_HINT)
-    chunks.append(f.astype(storage_dtype, copy=False))
+    if out is None:
+      out = np.empty((len(samples), *f.shape[1:]), storage_dtype)
+    out[filled : filled + len(f)] = f
+    filled += len(f)
   if failed:
     raise ValueError(_files.unreadable_message(failed, what))
-  if not chunks:
+  if out is None:
     raise ValueError(f"no images to extract features from ({desc})")
-  return np.concatenate(chunks, 0)
+  return out[:filled]
 
 
 # --------------------------------------------------------------------------
@@ -238,17 +242,20 @@ class FitInfo:
   # (bank_size,) the training image each bank entry came from.
   bank_images: Optional[np.ndarray] = None
   fit_s: float = 0.0
+  train_images: Optional[np.ndarray] = None  # those kept by an image filter
 
 
 def bank_options(config) -> dict:
   """build_bank keyword arguments from a config (all but grid / image size)."""
   return dict(
       lof_k=config.denoise.lof_k,
+      fusion=config.denoise.get("fusion", "rank"),
       noise_fraction=config.denoise.noise_fraction,
       coreset_fraction=config.coreset.fraction,
       num_starts=config.coreset.num_starts,
       projection_dim=config.coreset.projection_dim,
       reference_quirks=bool(config.coreset.get("reference_quirks", False)),
+      coreset_impl=config.coreset.get("impl", "dense"),
       soft_weight=config.scoring.get("soft_weight", None),
       blur_sigma=config.scoring.blur_sigma,
   )
@@ -339,6 +346,7 @@ def fit_methods(
   logging.info("%s %s (%.1fs)", desc, train_feats.shape, extract_s)
   key = jax.random.PRNGKey(config.seed)
   options = dict(bank_options(config), grid=grid, image_size=image_size)
+  options["mesh"] = embedder.mesh
   banks, infos = {}, {}
   for name in method_names:
     banks[name], infos[name] = fit_bank(

@@ -27,6 +27,8 @@ from softpatch_jax import io_utils
 from softpatch_jax import methods as methods_lib
 from softpatch_jax import reports
 from softpatch_jax import viz
+from softpatch_jax.baselines import image_filter
+from softpatch_jax.baselines import pipeline
 
 RESULT_FIELDS = [
     "category",
@@ -47,6 +49,10 @@ RESULT_FIELDS = [
     "n_noise_patches",
     "noise_frac_injected",
     "noise_frac_clean",
+    "image_filter_backbone",
+    "n_filtered_out",
+    "filtered_out_injected",
+    "filter_s",
     "extract_s",
     "fit_s",
     "predict_s",
@@ -73,31 +79,60 @@ def run_category(
 ) -> List[dict]:
   """Fits every configured method on one category and evaluates it."""
   names = methods_lib.parse_methods(config.methods)
-  fitted = engine.fit_methods(
+  has_masks = data.has_pixel_labels(test)
+  # PaDiM* first: each 'padim_filter+<method>' fits on the images it keeps.
+  filt = image_filter.image_filter(
       config, train, embedder, pre, names, label=category
   )
-  dim = fitted.train_feats.shape[-1]
-  del fitted.train_feats
+  preds, infos, times = {}, {}, {}
+  bank_names = [n for n in names if not methods_lib.is_baseline(n)]
+  if bank_names:
+    plain = [n for n in bank_names if n not in filt.subsets]
+    fitted = engine.fit_methods(
+        config, train, embedder, pre, plain, label=category
+    )
+    image_filter.fit_filtered_banks(
+        config, fitted, bank_names, filt.subsets, label=category
+    )
+    dim = fitted.train_feats.shape[-1]
+    del fitted.train_feats
 
-  t0 = time.perf_counter()
-  has_masks = data.has_pixel_labels(test)
-  preds = inference.predict_samples(
-      fitted.banks,
-      embedder,
+    t0 = time.perf_counter()
+    preds = inference.predict_samples(
+        fitted.banks,
+        embedder,
+        test,
+        pre,
+        num_workers=config.data.num_workers,
+        with_masks=has_masks,
+        desc=f"{category}: test",
+        max_bank_rows=engine.max_bank_rows(config, dim),
+    )
+    infos.update(fitted.infos)
+    predict_s = time.perf_counter() - t0
+    times = dict.fromkeys(bank_names, (fitted.extract_s, predict_s))
+  # PaDiM and CFLOW: no memory bank, their own streams.
+  base = pipeline.run(
+      config,
+      train,
       test,
+      embedder,
       pre,
-      num_workers=config.data.num_workers,
+      names,
+      filt.subsets,
+      label=category,
       with_masks=has_masks,
-      desc=f"{category}: test",
-      max_bank_rows=engine.max_bank_rows(config, dim),
   )
-  predict_s = time.perf_counter() - t0
+  preds.update(base.preds)
+  infos.update(base.infos)
+  times.update(dict.fromkeys(base.preds, (base.extract_s, base.predict_s)))
+  preds = {n: preds[n] for n in names}
 
   injected = np.array([bool(getattr(s, "injected", False)) for s in train])
   rows = []
   for name in names:
     res = inference.evaluate(preds[name], pixel_metrics=has_masks)
-    info = fitted.infos[name]
+    info = infos[name]
     row = dict(
         category=category,
         method=name,
@@ -108,9 +143,10 @@ def run_category(
         n_test_anomalous=int(sum(s.label == 1 for s in test)),
         bank_size=info.bank_size,
         n_noise_patches=info.n_noise_patches,
-        extract_s=round(fitted.extract_s, 3),
+        extract_s=round(times[name][0], 3),
         fit_s=round(info.fit_s, 3),
-        predict_s=round(predict_s, 3),
+        predict_s=round(times[name][1], 3),
+        **(filt.fields if name in filt.subsets else {}),
     )
     # How much of the injected images the discriminator flagged as noise,
     # against the clean ones: the denoising at work.
@@ -139,7 +175,7 @@ def run_category(
     io_utils.write_json(
         os.path.join(workdir, "noise", f"{category}.json"), noise_info
     )
-  reports.write_category(workdir, category, test, train, preds, fitted.infos)
+  reports.write_category(workdir, category, test, train, preds, infos)
   return rows
 
 

@@ -28,12 +28,14 @@ def score_features(
     *,
     max_bank_rows: Optional[int] = None,
     pad_to: Optional[int] = None,
+    mesh=None,
 ) -> Dict[str, tuple]:
   """Scores one batch of (B, P, D) features against several banks.
 
   Returns {name: (image scores (B,), maps (B, H, W))} as numpy. With
   `pad_to`, a short (last) batch is zero-padded to that size and the padding
-  dropped again, so every batch reuses one compiled program.
+  dropped again, so every batch reuses one compiled program. With a device
+  `mesh`, each bank is split over its devices (`scoring.score`).
   """
   n = feats.shape[0]
   feats = jnp.asarray(feats)
@@ -41,7 +43,9 @@ def score_features(
     feats = jnp.pad(feats, ((0, pad_to - n), (0, 0), (0, 0)))
   out = {}
   for name, bank in banks.items():
-    img, maps, _ = scoring.score(bank, feats, max_bank_rows=max_bank_rows)
+    img, maps, _ = scoring.score(
+        bank, feats, max_bank_rows=max_bank_rows, mesh=mesh
+    )
     out[name] = (np.asarray(img)[:n], np.asarray(maps)[:n])
   return out
 
@@ -63,6 +67,7 @@ def score_images(
       feats,
       max_bank_rows=max_bank_rows,
       pad_to=embedder.batch_size if pad else None,
+      mesh=getattr(embedder, "mesh", None),
   )
 
 

@@ -5,14 +5,17 @@ r"""Command line: parses flags and runs the config's mode.
       --config.data.train_dir=DIR --workdir out/model
 
 config.mode 'evaluate' (default) runs `experiment.run`; 'fit' runs
-`fit.fit_and_save`.
+`fit.fit_and_save`. --config.distributed=True joins a multi-host job first
+(README, "Scaling out").
 """
 
 import sys
+import tempfile
 
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 
 from softpatch_jax import backbones
@@ -29,12 +32,25 @@ MODES = {"evaluate": experiment.run, "fit": fit.fit_and_save}
 
 
 def run(config, workdir: str):
-  """Runs config.mode ('evaluate' or 'fit') into `workdir`."""
+  """Runs config.mode ('evaluate' or 'fit') into `workdir`.
+
+  With config.distributed, every process of a multi-host job first joins
+  one global device list (`jax.distributed.initialize`, before any device
+  is used); all processes compute the same results, and process 0 writes
+  them (the others into a scratch folder that is then removed).
+  """
+  if config.get("distributed", False):
+    jax.distributed.initialize()
   mode = config.get("mode", "evaluate")
   if mode not in MODES:
     raise ValueError(
         f"config.mode must be one of {sorted(MODES)}, got {mode!r}"
     )
+  # Only a multi-host job asks for the process index: asking starts the
+  # backends, whose probe lines would precede a one-line error.
+  if config.get("distributed", False) and jax.process_index() > 0:
+    with tempfile.TemporaryDirectory() as scratch:
+      return MODES[mode](config, scratch)
   return MODES[mode](config, workdir)
 
 

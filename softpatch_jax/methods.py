@@ -16,17 +16,21 @@ instead (a second projection for the coreset, an unweighted first pick).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable, Dict, List, Optional, Tuple
 
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from softpatch_jax import coreset
 from softpatch_jax import denoise
+from softpatch_jax import parallel
 from softpatch_jax import scoring
 from softpatch_jax import validation
+from softpatch_jax.kernels import kcenter_pruned
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +53,36 @@ METHODS: Dict[str, Method] = {}
 CORESET_FRACTION = 0.1
 # Short names accepted in configs.
 ALIASES = {"softpatch": "softpatch_lof"}
+# Evaluate-mode baselines without a memory bank (softpatch_jax.baselines),
+# and the PaDiM image filter that 'padim_filter+<method>' runs before any
+# method. They are names only here; build_bank never fits them.
+BASELINES = ("padim", "cflow")
+IMAGE_FILTER = "padim_filter"
+
+
+def split_filter(name: str) -> Tuple[Optional[str], str]:
+  """'padim_filter+patchcore' -> ('padim_filter', 'patchcore');
+  'patchcore' -> (None, 'patchcore')."""
+  head, plus, rest = str(name).partition("+")
+  if plus and head == IMAGE_FILTER:
+    return head, rest
+  return None, str(name)
+
+
+def is_baseline(name: str) -> bool:
+  """True when the method after any image filter is a `BASELINES` one."""
+  return split_filter(name)[1] in BASELINES
+
+
+def _canonical(name) -> str:
+  if isinstance(name, Method):
+    return name.name
+  filt, base = split_filter(name)
+  if filt is not None and split_filter(base)[0] is not None:
+    raise ValueError(f"method {name!r}: one image filter per method")
+  if base not in BASELINES:
+    base = get_method(base).name
+  return base if filt is None else f"{filt}+{base}"
 
 
 def register_method(method: Method) -> Method:
@@ -69,6 +103,13 @@ def register_method(method: Method) -> Method:
 register_method(Method("softpatch_lof", "lof", "greedy", True))
 register_method(Method("softpatch_nearest", "nearest", "greedy", True))
 register_method(Method("softpatch_gaussian", "gaussian", "greedy", True))
+# LOF, nearest and Gaussian scores fused (config.denoise.fusion picks how),
+# and one method per fusion mode, so a run can compare them.
+register_method(Method("softpatch_fusion", "fusion", "greedy", True))
+for _mode in denoise.FUSION_MODES:
+  register_method(
+      Method(f"softpatch_fusion_{_mode}", f"fusion_{_mode}", "greedy", True)
+  )
 register_method(Method("patchcore", None, "greedy", False))
 register_method(Method("patchcore_random", None, "random", False))
 # The full memory bank, no subsampling: an upper reference for small data.
@@ -80,10 +121,18 @@ def get_method(name) -> Method:
   if isinstance(name, Method):
     return name
   key = ALIASES.get(name, name)
+  if key not in METHODS and (is_baseline(key) or split_filter(key)[0]):
+    raise ValueError(
+        f"method {name!r} runs in evaluate mode only: PaDiM, CFLOW and the "
+        "padim_filter image filter have no memory bank to fit, save or "
+        "load here; fit mode and saved models take one of "
+        f"{', '.join(sorted(METHODS))}"
+    )
   if key not in METHODS:
     raise ValueError(
         f"unknown method {name!r}; choose from "
-        f"{sorted(METHODS) + sorted(ALIASES)}"
+        f"{sorted(METHODS) + sorted(ALIASES) + list(BASELINES)}, or "
+        f"'{IMAGE_FILTER}+<method>'"
     )
   return METHODS[key]
 
@@ -92,7 +141,7 @@ def parse_methods(methods) -> List[str]:
   """A comma-separated string or a list of names -> canonical names."""
   if isinstance(methods, str):
     methods = [m.strip() for m in methods.split(",") if m.strip()]
-  names = [get_method(m).name for m in methods]
+  names = [_canonical(m) for m in methods]
   if not names:
     raise ValueError("config.methods is empty")
   return names
@@ -157,6 +206,32 @@ def _as_projection(projection):
   return (projection, jnp.zeros((projection.shape[1],), jnp.float32))
 
 
+def _pruned_kcenter(x, n_select, starts, w, first=None):
+  """`kernels.kcenter_pruned` on concrete arrays, as a `coreset.greedy` loop."""
+  if not validation.is_concrete(x) or not validation.is_concrete(w):
+    raise ValueError("coreset_impl='pruned' runs eagerly, not under jit")
+  host = lambda a: None if a is None else np.asarray(a)
+  first = None if first is None else int(first)
+  idx = kcenter_pruned.kcenter_pruned(
+      host(x), int(n_select), host(starts), host(w), first=first
+  )
+  return jnp.asarray(idx, jnp.int32)
+
+
+# Rows per projection chunk of host features: 64 MiB of 1024-d float32.
+_PROJECT_ROWS = 16384
+
+
+def _project(flat, projection):
+  """`denoise.project`; host arrays chunk by chunk (bit-identical rows)."""
+  if not isinstance(flat, np.ndarray) or len(flat) <= _PROJECT_ROWS:
+    return denoise.project(jnp.asarray(flat), projection)
+  return jnp.concatenate([
+      denoise.project(jnp.asarray(flat[i : i + _PROJECT_ROWS]), projection)
+      for i in range(0, len(flat), _PROJECT_ROWS)
+  ])
+
+
 def build_bank(
     feats,
     key: jax.Array,
@@ -167,6 +242,7 @@ def build_bank(
     num_starts: int = 10,
     projection_dim: int = 128,
     lof_k: int = 6,
+    fusion: str = "rank",
     soft_weight: Optional[bool] = None,
     grid=None,
     image_size=(224, 224),
@@ -176,6 +252,8 @@ def build_bank(
     reference_quirks: bool = False,
     coreset_projection=None,
     progress: Optional[Callable[[str], None]] = None,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    coreset_impl: str = "dense",
 ) -> Tuple[scoring.MemoryBank, BankFit]:
   """Fits a memory bank on (N, P, D) training patch features.
 
@@ -188,6 +266,8 @@ def build_bank(
     num_starts: random start points of the greedy coreset.
     projection_dim: dimension of the random projection.
     lof_k: neighbours of the LOF discriminator.
+    fusion: how the 'fusion' discriminator normalises and combines its
+      scores ('rank', 'zscore' or 'vote'; `denoise.fuse_scores`).
     soft_weight: overrides the method's re-weighting flag when not None.
     grid: (h, w) patch grid, h * w == P (default: square).
     image_size, blur_sigma: pixel-map geometry stored in the bank.
@@ -206,6 +286,15 @@ def build_bank(
     progress: called with the name of the finished stage ('LOF weights')
       once the discriminator weights are computed (after waiting for them),
       on concrete inputs only, never under jit; for progress lines.
+    mesh: a device mesh (`parallel.resolve_mesh`): the discriminator runs
+      split over patch positions and the greedy coreset over points
+      (`parallel`), with the single-device results. Eager only.
+    coreset_impl: 'dense' (every point's distance per pick; the XLA or
+      Pallas kernel) or 'pruned' (`kernels.kcenter_pruned`: a numpy host
+      loop that skips the points a new centre cannot reach; the picks of the
+      float32 numpy greedy, which the dense kernels match but for ulp-level
+      near-ties). 'pruned' is eager, single-device only, and pays off on CPU
+      from tens of thousands of patches (README, "Benchmarks").
 
   Returns:
     (MemoryBank, BankFit). Pure and jittable (with `method` and the sizes
@@ -214,7 +303,13 @@ def build_bank(
     called eagerly, invalid entries are dropped.
   """
   method = get_method(method)
-  feats = jnp.asarray(feats, jnp.float32)
+  # Host features stay on the host: only their projection and the selected
+  # rows become device arrays, so the (N, P, D) features are never copied
+  # (they are most of a fit's peak memory).
+  host = isinstance(feats, np.ndarray)
+  feats = (
+      np.asarray(feats, np.float32) if host else jnp.asarray(feats, jnp.float32)
+  )
   if feats.ndim != 3:
     raise ValueError(f"train features must be (N, P, D), got {feats.shape}")
   n, p, d = feats.shape
@@ -231,7 +326,7 @@ def build_bank(
   # reference_quirks).
   if projection is None:
     projection = denoise.make_projection(proj_key, d, projection_dim)
-  reduced = denoise.project(flat, _as_projection(projection))
+  reduced = _project(flat, _as_projection(projection))
   coreset_input = reduced
   if coreset_projection is not None and not reference_quirks:
     raise ValueError("coreset_projection is used only with reference_quirks")
@@ -242,7 +337,7 @@ def build_bank(
       coreset_projection = denoise.make_projection(
           jax.random.fold_in(proj_key, 1), d, projection_dim
       )
-    coreset_input = denoise.project(flat, _as_projection(coreset_projection))
+    coreset_input = _project(flat, _as_projection(coreset_projection))
 
   fit = {}
   sampling_weight = None
@@ -253,10 +348,15 @@ def build_bank(
           f"{method.name} needs at least 2 training images to compare "
           f"patches across images, got {n}"
       )
-    w = denoise.patch_weights(
+    weights_fn = denoise.patch_weights
+    if mesh is not None:
+      weights_fn = functools.partial(parallel.patch_weights, mesh=mesh)
+    w = weights_fn(
         reduced.reshape(n, p, reduced.shape[-1]),
         method.discriminator,
         lof_k=lof_k,
+        fusion=fusion,
+        noise_fraction=noise_fraction,
     )
     noise, soft, t = denoise.denoise(w, noise_fraction)
     sampling_weight = jnp.where(noise, 0.0, 1.0).reshape(-1)
@@ -270,6 +370,16 @@ def build_bank(
   extra = {}
   if reference_quirks and method.subsampler == "greedy":
     extra = dict(unweighted_first=True)
+  if mesh is not None and method.subsampler == "greedy":
+    extra["kcenter_fn"] = functools.partial(parallel.kcenter, mesh=mesh)
+  if coreset_impl not in ("dense", "pruned"):
+    raise ValueError(
+        f"coreset_impl must be 'dense' or 'pruned', got {coreset_impl!r}"
+    )
+  if coreset_impl == "pruned" and method.subsampler == "greedy":
+    if mesh is not None:
+      raise ValueError("coreset_impl='pruned' runs on one device; drop mesh")
+    extra["kcenter_fn"] = _pruned_kcenter
   idx, valid = coreset.get_subsampler(method.subsampler)(
       coreset_input,
       n_select,
@@ -282,6 +392,8 @@ def build_bank(
   rows = idx
   if validation.is_concrete(valid):
     rows = coreset.compact((idx, valid))
+  if host:
+    rows = np.asarray(rows)
   use_soft = method.soft_weight if soft_weight is None else bool(soft_weight)
   bank = scoring.make_bank(
       flat[rows],

@@ -8,7 +8,8 @@ For each category, beside results.csv / results.json (see `experiment`):
   train/<category>.csv   every training image: path, whether it was
                          injected, and per method the share of its patches
                          flagged as noise and how many memory-bank entries
-                         it contributed.
+                         it contributed (and, after an image filter,
+                         whether the method was fitted on it).
 
 and, per method, these fields in the results rows:
 
@@ -127,7 +128,13 @@ def train_rows(train: Sequence, infos: Dict[str, engine.FitInfo]) -> List[dict]:
         if info.bank_images is not None
         else None
     )
+    kept = None
+    if info.train_images is not None:
+      kept = np.zeros(len(train), bool)
+      kept[np.asarray(info.train_images)] = True
     for i, row in enumerate(rows):
+      if kept is not None:
+        row[f"fitted_on_{name}"] = bool(kept[i])
       if frac is not None:
         row[f"noise_fraction_{name}"] = float(frac[i])
       if counts is not None:

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from softpatch_jax import features
+from softpatch_jax import parallel
 from softpatch_jax.kernels import knn as knn_lib
 
 
@@ -159,8 +160,8 @@ def anomaly_maps(scores: jax.Array, grid, image_size, sigma=4.0) -> jax.Array:
 # Scoring.
 
 
-def _nearest(bank_feats, queries, block_n=None):
-  d, i = knn_lib.knn(queries, bank_feats, k=1, block_n=block_n)
+def _nearest(bank_feats, queries, block_n=None, block_q=None):
+  d, i = knn_lib.knn(queries, bank_feats, k=1, block_n=block_n, block_q=block_q)
   return d[:, 0], i[:, 0]
 
 
@@ -224,7 +225,13 @@ def chunk_plan(m: int, max_bank_rows: Optional[int]):
   return tile, tile
 
 
-def score(bank: MemoryBank, feats, *, max_bank_rows: Optional[int] = None):
+def score(
+    bank: MemoryBank,
+    feats,
+    *,
+    max_bank_rows: Optional[int] = None,
+    mesh: Optional[jax.sharding.Mesh] = None,
+):
   """Scores test patch features against a memory bank.
 
   Args:
@@ -232,6 +239,11 @@ def score(bank: MemoryBank, feats, *, max_bank_rows: Optional[int] = None):
     feats: (B, P, D) test patch features, P = grid[0] * grid[1].
     max_bank_rows: scan the bank in chunks of at most this many rows (None:
       one scan). Use `rows_for_budget` to turn a memory budget into rows.
+    mesh: a device mesh (`parallel.resolve_mesh`): the bank is split over
+      its devices, each scans its slice and a global merge keeps the nearest
+      row (`parallel.nearest`); the scores are those of one device, bit for
+      bit. Every device holds 1/n of the bank, so max_bank_rows is not used.
+      Eager only.
 
   Returns:
     (image scores (B,), pixel maps (B, H, W), patch scores (B, P)).
@@ -253,6 +265,17 @@ def score(bank: MemoryBank, feats, *, max_bank_rows: Optional[int] = None):
         f"features have {p} patches per image, but the bank's grid "
         f"{bank.grid} has {bank.grid[0] * bank.grid[1]}"
     )
+  if mesh is not None:
+    dist, idx = parallel.nearest(
+        bank.features, feats.reshape(b * p, d), mesh, _nearest
+    )
+    scores = _soft(
+        jnp.asarray(dist), jnp.asarray(idx), bank.weights, bank.soft_weight
+    ).reshape(b, p)
+    img, maps = _outputs_jit(
+        scores, bank.grid, bank.image_size, float(bank.blur_sigma)
+    )
+    return img, maps, scores
   plan = chunk_plan(m, max_bank_rows)
   if plan is None:
     return _score_whole(bank, feats)

@@ -21,6 +21,10 @@ CORE = {
     "softpatch_jax.metrics",
     "softpatch_jax.thresholds",
     "softpatch_jax.validation",
+    "softpatch_jax.parallel",
+    "softpatch_jax.baselines",
+    "softpatch_jax.baselines.padim",
+    "softpatch_jax.baselines.cflow",
 }
 CORE_PACKAGES = ("softpatch_jax.backbones", "softpatch_jax.kernels")
 # The edge: files, flags, printing, PNGs. Nothing below imports them.
@@ -31,6 +35,8 @@ EDGE = {
     "softpatch_jax.predict",
     "softpatch_jax.model_io",
     "softpatch_jax.main",
+    "softpatch_jax.experiments",
+    "softpatch_jax.figures",
 }
 MAX_LINES = 420
 

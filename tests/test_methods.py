@@ -56,7 +56,8 @@ def test_register_method_is_one_place():
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_softpatch_bank_matches_numpy(seed):
+@pytest.mark.parametrize("impl", ["dense", "pruned"])
+def test_softpatch_bank_matches_numpy(seed, impl):
   feats = _feats(seed)
   n, p, d = feats.shape
   key = jax.random.PRNGKey(seed)
@@ -70,6 +71,7 @@ def test_softpatch_bank_matches_numpy(seed):
       num_starts=4,
       projection_dim=5,
       noise_fraction=0.15,
+      coreset_impl=impl,
   )
   # The same steps in numpy, from the same key.
   proj_key, coreset_key = jax.random.split(key)
@@ -99,6 +101,28 @@ def test_softpatch_bank_matches_numpy(seed):
       np.asarray(bank.weights),
       np.maximum(np.asarray(fit.weights), 0).reshape(-1)[picks],
   )
+
+
+def test_pruned_coreset_host_and_device_inputs_and_errors():
+  feats = _feats(4)
+  key = jax.random.PRNGKey(4)
+  kw = dict(grid=(3, 3), coreset_fraction=0.3, num_starts=3, projection_dim=6)
+  dense, _ = methods.build_bank(feats, key, "patchcore", **kw)
+  for f in (feats, jnp.asarray(feats)):
+    pruned, _ = methods.build_bank(
+        f, key, "patchcore", coreset_impl="pruned", **kw
+    )
+    np.testing.assert_array_equal(
+        np.asarray(pruned.features), np.asarray(dense.features)
+    )
+  with pytest.raises(ValueError, match="coreset_impl must be"):
+    methods.build_bank(feats, key, "patchcore", coreset_impl="fast", **kw)
+  with pytest.raises(ValueError, match="not under jit"):
+    jax.jit(
+        lambda f: methods.build_bank(
+            f, key, "patchcore", coreset_impl="pruned", **kw
+        )[0].features
+    )(jnp.asarray(feats))
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,8 @@ __all__ = [
     "Backbone",
     "load",
     "list_backbones",
+    "analogue_taps",
+    "tap_module",
     "WeightsUnavailableError",
     "resnet",
     "efficientnet_lite",
@@ -241,6 +243,33 @@ def _check_layers(name: str, spec: _Spec, layers) -> tuple[str, ...]:
   if len(set(layers)) != len(layers):
     raise ValueError(f"{name}: duplicate taps in {layers!r}")
   return layers
+
+
+def _spec_of(name: str) -> _Spec:
+  if name not in _REGISTRY:
+    raise ValueError(
+        f"unknown backbone {name!r}; available: {list_backbones()}"
+    )
+  return _REGISTRY[name]
+
+
+def analogue_taps(name: str, resnet_taps: Sequence[str]) -> tuple[str, ...]:
+  """ResNet tap names -> backbone `name`'s taps at the same strides (ResNet:
+  unchanged; EfficientNet-Lite: layer1/2/3 -> stage2/3/5)."""
+  spec = _spec_of(name)
+  if spec.family == "resnet":
+    return tuple(resnet_taps)
+  return tuple(_ANALOGUES[spec.family][t] for t in resnet_taps)
+
+
+def tap_module(name: str, layers: Sequence[str]):
+  """The Flax module of backbone `name` returning the taps `layers`.
+
+  The variables of any ``load(name, ...)`` serve it: they cover every tap,
+  so a second set of taps needs no second weights file.
+  """
+  spec = _spec_of(name)
+  return spec.build(_check_layers(name, spec, layers))
 
 
 def _weights_file(name: str, spec: _Spec, weights: str, cache_dir) -> str:

@@ -4,7 +4,8 @@
 data sets that `config.data.dataset` names (registry.py); `stream_batches`:
 ordered, bounded, multi-threaded decoding into Batches (stream.py);
 `subsample_test` / `apply_noise` / `build_augment`: the evaluation protocol
-(protocol.py).
+(protocol.py); `tfds_builders` / `tfds_source`: MVTec AD and BTAD as TFDS
+data sets, and `config.data.source='tfds'`.
 """
 
 from softpatch_jax.data import btad
@@ -14,6 +15,8 @@ from softpatch_jax.data import geometry
 from softpatch_jax.data import mvtec
 from softpatch_jax.data import noise
 from softpatch_jax.data import synthetic
+from softpatch_jax.data import tfds_builders
+from softpatch_jax.data import tfds_source
 from softpatch_jax.data._files import IMAGE_EXTENSIONS
 from softpatch_jax.data.augment import Augment
 from softpatch_jax.data.preprocess import IMAGENET_MEAN
@@ -62,5 +65,7 @@ __all__ = [
     "stream_batches",
     "subsample_test",
     "synthetic",
+    "tfds_builders",
+    "tfds_source",
     "whole_image_size",
 ]

@@ -20,6 +20,10 @@ of one category. The module-level `list_categories` and `load_dataset`
 dispatch on `config.data.dataset` through the registry.
 
 Registered here: mvtec, btad, folder, elpv and synthetic.
+
+`config.data.source` says where the images come from: 'files' (the default)
+reads the registered loaders above; 'tfds' reads mvtec and btad from TFDS
+records instead (tfds_source.py), with the same samples.
 """
 
 from __future__ import annotations
@@ -33,12 +37,15 @@ from softpatch_jax.data import elpv
 from softpatch_jax.data import folder
 from softpatch_jax.data import mvtec
 from softpatch_jax.data import synthetic
+from softpatch_jax.data import tfds_source
 from softpatch_jax.data.types import Sample
 
 _T = TypeVar("_T")
 
 # name -> the registered object (anything with `categories` and `load`).
 _REGISTRY: Dict[str, Any] = {}
+# Values of config.data.source.
+SOURCES = ("files", "tfds")
 
 
 def register_dataset(name: str, *, replace: bool = False) -> Callable[[_T], _T]:
@@ -88,6 +95,18 @@ def get_dataset(name: str) -> Any:
     ) from None
 
 
+def _source(config) -> Any:
+  """The data set `config.data` names, read from `config.data.source`."""
+  source = config.data.get("source") or "files"
+  if source == "files":
+    return get_dataset(config.data.dataset)
+  if source == "tfds":
+    return tfds_source.dataset(config.data.dataset)
+  raise ValueError(
+      f"unknown config.data.source {source!r}; choose from {', '.join(SOURCES)}"
+  )
+
+
 def list_categories(config, workdir: Optional[str] = None) -> List[str]:
   """The categories to run: `config.data.categories`, else those found.
 
@@ -97,7 +116,7 @@ def list_categories(config, workdir: Optional[str] = None) -> List[str]:
   `config.data.dataset` is a ValueError either way, so a run fails on it
   before any work.
   """
-  dataset = get_dataset(config.data.dataset)
+  dataset = _source(config)
   cats = config.data.get("categories")
   if isinstance(cats, str):
     cats = [c.strip() for c in cats.split(",") if c.strip()]
@@ -133,7 +152,7 @@ def load_dataset(
   instead (elpv.load_category), which this leaves as it is. Applied here, so
   before any noise injection: the injected count follows the capped set.
   """
-  dataset = get_dataset(config.data.dataset)
+  dataset = _source(config)
   cap = _check_max_train(config)
   train, test = dataset.load(config, category, workdir)
   if cap and len(train) > cap:

@@ -1,0 +1,267 @@
+r"""A study of the paper as one resumable command: results, tables, figures.
+
+  python -m softpatch_jax.experiments \
+      --config configs/experiments/noise_sweep.py --workdir out/noise_sweep
+
+The config (`studies` describes it) holds a pipeline config `base` and a
+`study`; `--config.base.<field>=...` and `--config.study.<field>=...`
+override them. Each cell (one setting, one category) runs every method of
+`base.methods` with one shared feature extraction
+(`experiment.run_category`), and its rows are merged into results.csv at
+once, atomically and in cell order. A cell whose id and configuration hash
+are already in results.csv is skipped, so an interrupted run resumes where it
+stopped and ends with the same table; a cell whose configuration changed is
+run again and its rows replaced (a newer version with new config fields
+counts as a change). At the end (and on every resume) it writes:
+
+  results.csv   one row per cell x method: the axes, every metric, timings;
+  table.md      the paper's layout per setting and metric: categories x
+                methods with a mean row, mean +- std over the repeat axes,
+                and a methods x settings summary;
+  table.csv     the same numbers (setting, category, method, metric, mean,
+                std, n);
+  trend.png, embedding.png, weights.png   (`figures`; needs matplotlib);
+  cells/<cell>/ scores, train and noise records of every cell (`reports`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import time
+from typing import List
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+import numpy as np
+
+from softpatch_jax import backbones
+from softpatch_jax import data
+from softpatch_jax import engine
+from softpatch_jax import experiment
+from softpatch_jax import figures
+from softpatch_jax import io_utils
+from softpatch_jax import methods as methods_lib
+from softpatch_jax import studies
+
+RESULTS = "results.csv"
+_KEY_FIELDS = ["cell", "cell_index", "category", "method", "config_hash"]
+
+
+class _Embedders:
+  """The backbone and embedder of the last config, rebuilt when they change."""
+
+  def __init__(self):
+    self.key, self.value = None, None
+
+  def get(self, cfg):
+    key = json.dumps(
+        [
+            cfg.backbone.to_dict(),
+            cfg.features.to_dict(),
+            cfg.data.batch_size,
+            cfg.seed if cfg.backbone.weights == "random" else None,
+        ],
+        sort_keys=True,
+        default=str,
+    )
+    if key != self.key:
+      self.value = None  # free the old weights first
+      bb = engine.build_backbone(cfg)
+      self.key, self.value = key, (bb, engine.build_embedder(cfg, bb))
+    return self.value
+
+
+def _prepare(cell, embedders: _Embedders, workdir: str):
+  """The cell's data after the noise protocol, its embedder and preprocess."""
+  cfg, cat = cell.config, cell.category
+  train, test = data.load_dataset(cfg, cat, workdir)
+  test = data.subsample_test(
+      test, cfg.data.get("max_test", 0), cfg.data.get("split_seed", 0)
+  )
+  train, test, noise_info = data.apply_noise(cfg, cat, train, test)
+  bb, embedder = embedders.get(cfg)
+  pre = engine.build_preprocess(cfg, bb, train)
+  return train, test, noise_info, embedder, pre
+
+
+def run_cell(cell, embedders: _Embedders, workdir: str) -> List[dict]:
+  """Runs every method of one cell -> its result rows."""
+  train, test, noise_info, embedder, pre = _prepare(cell, embedders, workdir)
+  logging.info(
+      "cell %d %s: %d train (%d injected), %d test",
+      cell.index,
+      cell.id,
+      len(train),
+      sum(bool(getattr(s, "injected", False)) for s in train),
+      len(test),
+  )
+  cell_dir = os.path.join(workdir, "cells", cell.slug)
+  return experiment.run_category(
+      cell.config,
+      cell.category,
+      train,
+      test,
+      embedder,
+      pre,
+      cell_dir,
+      noise_info,
+  )
+
+
+def diagnose_cell(cell, embedders: _Embedders, workdir: str, key: str):
+  """Saves the data of the embedding and weight figures for one cell."""
+  train, _, _, embedder, pre = _prepare(cell, embedders, workdir)
+  figures.save_diagnosis(
+      os.path.join(workdir, figures.DIAGNOSIS),
+      cell.config,
+      train,
+      embedder,
+      pre,
+      key,
+  )
+
+
+def read_results(path: str) -> List[dict]:
+  """results.csv as dicts of strings ([] when it does not exist)."""
+  if not os.path.exists(path):
+    return []
+  try:
+    with open(path, newline="", encoding="utf-8") as f:
+      rows = list(csv.DictReader(f))
+  except (OSError, csv.Error, UnicodeDecodeError) as e:
+    raise ValueError(f"cannot read {path}: {e}") from None
+  if rows and not set(_KEY_FIELDS) <= set(rows[0]):
+    raise ValueError(
+        f"{path} is not an experiment results file (columns "
+        f"{sorted(rows[0])}); use another --workdir"
+    )
+  return rows
+
+
+def _write_results(path, rows, cells, axes):
+  """All rows, in cell order (then method order), whatever ran first."""
+  order = {c.id: c.index for c in cells}
+  rows = sorted(
+      rows, key=lambda r: (order.get(r["cell"], len(order)), r["_order"])
+  )
+  fields = _KEY_FIELDS[:2] + [a for a, _ in axes]
+  for r in rows:
+    fields += [k for k in r if k not in fields and not k.startswith("_")]
+  io_utils.write_csv(path, rows, fields)
+
+
+def _row(cell, config_hash, order, result):
+  scalars = {
+      k: v
+      for k, v in result.items()
+      if v is None or isinstance(v, (bool, int, float, str, np.generic))
+  }
+  return dict(
+      cell=cell.id,
+      cell_index=cell.index,
+      **dict(cell.values),
+      **scalars,
+      config_hash=config_hash,
+      _order=order,
+  )
+
+
+def run(config, workdir: str) -> dict:
+  """Runs the study's missing cells; writes results, tables and figures.
+
+  One run at a time writes `workdir` (io_utils.folder_lock).
+
+  Returns:
+    {'cells': the number of cells, 'ran': the cells computed now, 'table':
+    the markdown text}.
+  """
+  study = studies.study_of(config)
+  workdir = io_utils.ensure_writable_dir(workdir)
+  with io_utils.folder_lock(workdir, "workdir"):
+    io_utils.clean_stale_temps(workdir)
+    return _run_locked(config, study, workdir)
+
+
+def _run_locked(config, study, workdir):
+  cells = studies.make_cells(config, workdir)
+  for cfg in {id(c.config): c.config for c in cells}.values():
+    methods_lib.parse_methods(cfg.methods)  # before any work
+  axes = studies.parse_axes(study.get("axes", ""))
+  path = os.path.join(workdir, RESULTS)
+  rows = read_results(path)
+  for i, r in enumerate(rows):
+    r["_order"] = i
+  io_utils.write_json(os.path.join(workdir, "study.json"), config.to_dict())
+  done = {(r["cell"], r["config_hash"]) for r in rows}
+  diag = figures.diagnosis_cell(cells, study)
+  diag_path = os.path.join(workdir, figures.DIAGNOSIS)
+  embedders = _Embedders()
+  ran = 0
+  for cell in cells:
+    h = cell.config_hash()
+    if (cell.id, h) in done:
+      logging.info("cell %d %s: done before, skipped", cell.index, cell.id)
+    else:
+      t0 = time.perf_counter()
+      new = run_cell(cell, embedders, workdir)
+      ran += 1
+      rows = [r for r in rows if r["cell"] != cell.id]
+      rows += [_row(cell, h, j, r) for j, r in enumerate(new)]
+      _write_results(path, rows, cells, axes)
+      logging.info(
+          "cell %d/%d %s done in %.1fs",
+          cell.index + 1,
+          len(cells),
+          cell.id,
+          time.perf_counter() - t0,
+      )
+    key = f"{cell.id}|{h}"
+    if cell.index == diag and figures.diagnosis_key(diag_path) != key:
+      diagnose_cell(cell, embedders, workdir, key)
+  rows = read_results(path)
+  agg = studies.aggregate(config, cells, rows)
+  table = studies.format_tables(config, cells, agg)
+  io_utils.write_text(os.path.join(workdir, "table.md"), table)
+  io_utils.write_csv(
+      os.path.join(workdir, "table.csv"),
+      [dict(a, setting=studies.setting_text(a["setting"])) for a in agg],
+      ["setting", "category", "method", "metric", "mean", "std", "n"],
+  )
+  figures.write_all(workdir, study, agg, studies.methods_of(cells))
+  print(table, flush=True)
+  print(
+      f"{ran} of {len(cells)} cells run now; results in {path}, tables in "
+      "table.md and table.csv",
+      flush=True,
+  )
+  return {"cells": len(cells), "ran": ran, "table": table}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config = flags.FLAGS.config
+  if config is None:
+    raise app.UsageError("--config is required")
+  logging.set_verbosity(logging.INFO)
+  try:
+    run(config, flags.FLAGS.workdir)
+  except (ValueError, backbones.WeightsUnavailableError) as e:
+    # Bad input (a file, a value, a shape): one clear line, no traceback.
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  # Defined here rather than at import: softpatch_jax.main owns the same
+  # flag names in any process that imports both modules.
+  config_flags.DEFINE_config_file(
+      "config", None, "Path to an experiment config file.", lock_config=True
+  )
+  flags.DEFINE_string("workdir", "out", "Directory for results.")
+  app.run(main)
