@@ -33,8 +33,9 @@ overlap; seeds 0, 1, 2 (projection, coreset starts and the injected draw);
 8 methods: PatchCore, PaDiM, PaDiM*+PatchCore, CFLOW, SoftPatch-LOF /
 -nearest / -gaussian / -fusion. 24 cells.
 
-Expected runtime (elpv, measured): 30 min on a 2-core CPU shared with other
-jobs (load 4-9); 45-180 s per cell (the first cells compile).
+Expected runtime (elpv, measured): 21 min on a 2-core CPU shared with other
+jobs (load about 4; 30 min in an earlier run at load 4-9); 40-120 s per
+cell (the first cells compile).
 
 Expected result (elpv, measured; image AUROC, mean over mono + poly, mean
 +- std over seeds 0-2; docs/results/table.md has every category):
@@ -42,7 +43,7 @@ Expected result (elpv, measured; image AUROC, mean over mono + poly, mean
   PatchCore            0.891+-.011  0.853+-.014  0.791+-.013  0.717+-.030
   PaDiM                0.899+-.006  0.789+-.014  0.692+-.012  0.471+-.023
   PaDiM*+PatchCore     0.888+-.007  0.867+-.028  0.872+-.018  0.791+-.011
-  CFLOW                0.496+-.008  0.492+-.010  0.479+-.010  0.462+-.016
+  CFLOW                0.627+-.016  0.579+-.009  0.544+-.010  0.526+-.014
   SoftPatch-LOF        0.850+-.009  0.836+-.006  0.836+-.014  0.834+-.016
   SoftPatch-nearest    0.873+-.010  0.876+-.002  0.856+-.032  0.825+-.008
   SoftPatch-gaussian   0.876+-.003  0.875+-.013  0.850+-.011  0.827+-.009
@@ -52,9 +53,9 @@ SoftPatch 0.02-0.05, and the PaDiM* filter holds PatchCore at 0.87 up to
 20 %; without noise PatchCore and PaDiM are best and SoftPatch-LOF is 0.04
 behind. Without overlap (image_auroc_excl_injected) PaDiM leads or ties at
 every ratio (0.87-0.90), PaDiM*+PatchCore from 20 % on, and SoftPatch trails
-or ties PatchCore. CFLOW (2 epochs, 8 coupling blocks) averages chance:
-0.23-0.27 on mono, 0.69-0.74 on poly, a scoring problem on these cells
-rather than a trend.
+or ties PatchCore. CFLOW (3 epochs, 8 coupling blocks) is far behind at
+this size: 0.35-0.50 on mono, 0.70-0.75 on poly (more epochs did not help
+at 128 px; the defaults' docstring has 0.78-0.86 on mono at 224 px).
 
 Synthetic (measured: 10.4 min, 12 cells): image AUROC saturates (1.000 for
 SoftPatch and CFLOW at every ratio, PatchCore 0.974-0.979 and PaDiM

@@ -17,26 +17,26 @@ Commands:
       --config configs/experiments/timing.py:synthetic \
       --workdir out/timing_synth
 
-Expected runtime (measured, 2-core CPU shared with other jobs, load 2-4):
-elpv 5.7 min (6 cells), synthetic 3.0 min (3 cells).
+Expected runtime (measured, 2-core CPU shared with other jobs, load 1.5-2):
+elpv 4.1 min (6 cells), synthetic 2.0 min (3 cells).
 
 Expected result (measured, seconds per category, mean +- std over seeds
 0-2; the large stds are the first cell's compilation):
                       elpv (128 px, ~44 train / 50 test)   synthetic (96 px)
                       fit         predict   extract        fit
-  PatchCore           1.7+-1.4    9.4       1.9            2.5+-4.0
-  PaDiM               0.8+-0.1    5.1       0.7            1.0+-0.2
-  PaDiM*+PatchCore    1.1+-0.8    9.4       1.9            2.0+-3.2
-  CFLOW              12.5+-4.2    5.1       0.7           14.7+-16.1
-  SoftPatch-LOF       1.6+-0.9    9.4       1.9            1.9+-2.7
-  SoftPatch-nearest   1.2+-0.2    9.4       1.9            0.8+-0.3
-  SoftPatch-gaussian  3.2+-0.9    9.4       1.9            1.3+-0.1
-  SoftPatch-fusion    4.0+-0.1    9.4       1.9            2.7+-1.6
+  PatchCore           1.0+-0.9    5.6       1.4            1.4+-2.2
+  PaDiM               0.7+-0.0    3.4       0.5            0.6+-0.0
+  PaDiM*+PatchCore    0.8+-0.7    5.6       1.4            1.1+-1.6
+  CFLOW              10.7+-5.5    3.4       0.5            8.8+-9.0
+  SoftPatch-LOF       0.8+-0.5    5.6       1.4            0.8+-1.3
+  SoftPatch-nearest   0.7+-0.1    5.6       1.4            0.4+-0.1
+  SoftPatch-gaussian  1.2+-0.1    5.6       1.4            0.9+-0.3
+  SoftPatch-fusion    1.6+-0.3    5.6       1.4            1.4+-0.7
 predict_s and extract_s are shared: one test pass scores every memory bank
 (PatchCore, PaDiM*+PatchCore, SoftPatch), another serves PaDiM and CFLOW.
-Denoising costs about as much as the coreset here (SoftPatch-LOF /
--nearest fit as fast as PatchCore; the Gaussian and the fusion of all three
-add 2-3 s); CFLOW's training is the costliest fit. Image AUROC as in
+At this size denoising costs no more than the coreset (SoftPatch-LOF /
+-nearest fit as fast as PatchCore; the fusion of all three adds under a
+second), and CFLOW's training is the costliest fit by 10x. Image AUROC as in
 noise_sweep.py at 0.1.
 """
 
