@@ -75,18 +75,24 @@ def patchify(fmap: jax.Array, patchsize: int = 3, stride: int = 1) -> jax.Array:
 @functools.lru_cache(maxsize=64)
 def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
   """(out, in) interpolation matrix of torch's align_corners=False bilinear rule."""
+  i0, i1, w0, w1 = _bilinear_taps64(in_size, out_size)
+  m = np.zeros((out_size, in_size), np.float64)
+  np.add.at(m, (np.arange(out_size), i0), w0)
+  np.add.at(m, (np.arange(out_size), i1), w1)
+  return m.astype(np.float32)
+
+
+def _bilinear_taps64(in_size: int, out_size: int):
   scale = in_size / out_size
-  dst = np.arange(out_size, dtype=np.float64)
+  # torch clamps negative source coordinates to 0.
   src = np.maximum(
-      scale * (dst + 0.5) - 0.5, 0.0
-  )  # torch clamps negatives to 0
+      scale * (np.arange(out_size, dtype=np.float64) + 0.5) - 0.5, 0
+  )
   i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
   i1 = np.minimum(i0 + 1, in_size - 1)
   lam = src - i0
-  m = np.zeros((out_size, in_size), np.float64)
-  np.add.at(m, (np.arange(out_size), i0), 1.0 - lam)
-  np.add.at(m, (np.arange(out_size), i1), lam)
-  return m.astype(np.float32)
+  same = i0 == i1  # clamped at the last row: one source, weight 1
+  return i0, i1, np.where(same, 1.0, 1.0 - lam), np.where(same, 0.0, lam)
 
 
 @functools.lru_cache(maxsize=64)
@@ -96,16 +102,7 @@ def bilinear_taps(in_size: int, out_size: int):
   Returns (i0, i1, w0, w1): output row o = w0[o] * in[i0[o]] + w1[o] * in[i1[o]],
   the same rule and the same float32 weights as `bilinear_matrix`.
   """
-  scale = in_size / out_size
-  src = np.maximum(
-      scale * (np.arange(out_size, dtype=np.float64) + 0.5) - 0.5, 0
-  )
-  i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-  i1 = np.minimum(i0 + 1, in_size - 1)
-  lam = src - i0
-  w0, w1 = (1.0 - lam), lam
-  same = i0 == i1  # clamped at the last row: one source, weight 1
-  w0, w1 = np.where(same, 1.0, w0), np.where(same, 0.0, w1)
+  i0, i1, w0, w1 = _bilinear_taps64(in_size, out_size)
   return (
       i0.astype(np.int32),
       i1.astype(np.int32),
