@@ -41,7 +41,8 @@ Stages, timed the same way on both sides:
                    weighted greedy coreset, faiss index); project: the
                    bank's fit_s (projection, LOF, threshold, coreset).
   predict          every test image scored (official: predict() with faiss;
-                   project: inference.predict_samples) plus image AUROC and
+                   project: inference.predict_samples, with --knn_search:
+                   'auto' is the pruned host kNN on CPU) plus image AUROC and
                    pixel AUROC (official: its metrics module, which also
                    draws a PR curve; project: metrics.image_auroc and
                    metrics.pixel_auroc; the project's AUPRO is timed apart).
@@ -410,6 +411,7 @@ def project_config(spec: dict):
   c.coreset.num_starts = spec["num_starts"]
   c.coreset.reference_quirks = spec["reference_quirks"]
   c.coreset.impl = spec.get("coreset_impl", "dense")
+  c.scoring.search = spec.get("knn_search", "auto")
   c.data.dataset = "mvtec"
   c.data.root = spec["data_root"]
   c.data.categories = CATEGORY
@@ -648,6 +650,12 @@ def parse_args(argv=None):
       help="the project's greedy coreset path (config.coreset.impl)",
   )
   p.add_argument(
+      "--knn_search",
+      default="auto",
+      choices=("auto", "dense", "pruned"),
+      help="the project's test-time kNN (config.scoring.search)",
+  )
+  p.add_argument(
       "--sides",
       default="official,project",
       help="which children to run, in this order",
@@ -700,6 +708,7 @@ def main(argv=None):
       num_starts=args.num_starts,
       reference_quirks=args.reference_quirks,
       coreset_impl=args.coreset_impl,
+      knn_search=args.knn_search,
       faiss_num_workers=args.faiss_num_workers,
       repeats=args.repeats,
       result_official=os.path.join(tmp, "official.json"),
@@ -750,6 +759,7 @@ def main(argv=None):
               "num_starts",
               "reference_quirks",
               "coreset_impl",
+              "knn_search",
               "faiss_num_workers",
               "repeats",
           )

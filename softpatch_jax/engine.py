@@ -258,6 +258,7 @@ def bank_options(config) -> dict:
       coreset_impl=config.coreset.get("impl", "dense"),
       soft_weight=config.scoring.get("soft_weight", None),
       blur_sigma=config.scoring.blur_sigma,
+      search=config.scoring.get("search", "auto"),
   )
 
 

@@ -247,6 +247,7 @@ def build_bank(
     grid=None,
     image_size=(224, 224),
     blur_sigma: float = 4.0,
+    search: str = "auto",
     projection=None,
     starts=None,
     reference_quirks: bool = False,
@@ -271,6 +272,7 @@ def build_bank(
     soft_weight: overrides the method's re-weighting flag when not None.
     grid: (h, w) patch grid, h * w == P (default: square).
     image_size, blur_sigma: pixel-map geometry stored in the bank.
+    search: the bank's nearest-neighbour search (scoring.MemoryBank).
     projection: an explicit projection, (W (D, d), b (d,)) or W alone,
       instead of drawing one from `key`.
     starts: explicit coreset start indices instead of drawing them.
@@ -402,5 +404,6 @@ def build_bank(
       grid=grid,
       image_size=image_size,
       blur_sigma=blur_sigma,
+      search=search,
   )
   return bank, BankFit(indices=idx, valid=valid, **fit)

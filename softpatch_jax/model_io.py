@@ -103,6 +103,7 @@ class FittedModel:
         image_size=self.image_size,
         blur_sigma=self.blur_sigma,
         features_on_host=features_on_host,
+        search=(self.config.get("scoring", {}) or {}).get("search", "auto"),
     )
 
   @property

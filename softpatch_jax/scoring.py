@@ -10,7 +10,9 @@ its patches; the pixel map is the patch-score grid bilinearly upsampled
 ``gaussian_filter`` semantics: reflect padding, truncate 4).
 
 `score` is the one scoring path: evaluation, threshold fitting and the predict
-command all call it. With ``max_bank_rows`` it scans the bank in chunks, so a
+command all call it. Called eagerly on CPU, a large bank is searched by the
+exact pruned host search (`kernels/knn_pruned.py`, the bank's ``search``
+field); under `jax.jit`, with a mesh and on accelerators the dense kNN runs. With ``max_bank_rows`` it scans the bank in chunks, so a
 bank larger than a memory budget is never multiplied against the queries at
 once; the result is the same as one scan (bit for bit when the chunk is a whole
 number of kNN tiles, see `chunk_plan`).
@@ -28,7 +30,16 @@ import numpy as np
 
 from softpatch_jax import features
 from softpatch_jax import parallel
+from softpatch_jax import validation
 from softpatch_jax.kernels import knn as knn_lib
+from softpatch_jax.kernels import knn_pruned
+
+SEARCHES = ("auto", "dense", "pruned")
+# 'auto' picks the pruned host search from this size on: below it the dense
+# product is short anyway, and the bound needs features much wider than its
+# projection (knn_pruned.PROJ_DIM) to save work.
+PRUNED_MIN_ROWS = 4096
+PRUNED_MIN_DIM = 512
 
 
 @flax.struct.dataclass
@@ -44,6 +55,10 @@ class MemoryBank:
     grid: (h, w) patch grid of one image.
     image_size: (H, W) of the network input, the size of the pixel maps.
     blur_sigma: sigma of the Gaussian applied to the pixel maps.
+    search: nearest-neighbour search of eager calls: 'dense' (the blocked
+      XLA / Pallas kNN), 'pruned' (the exact host search of
+      kernels/knn_pruned.py: the same nearest rows, to float rounding) or
+      'auto' (pruned on CPU for banks of >= 4096 rows of >= 512 dims).
   """
 
   features: jax.Array
@@ -54,6 +69,7 @@ class MemoryBank:
       pytree_node=False, default=(224, 224)
   )
   blur_sigma: float = flax.struct.field(pytree_node=False, default=4.0)
+  search: str = flax.struct.field(pytree_node=False, default="auto")
 
   @property
   def size(self) -> int:
@@ -69,6 +85,7 @@ def make_bank(
     image_size=(224, 224),
     blur_sigma=4.0,
     features_on_host=False,
+    search="auto",
 ) -> MemoryBank:
   """Builds a MemoryBank, checking shapes.
 
@@ -92,6 +109,8 @@ def make_bank(
     )
   if blur_sigma is None or not float(blur_sigma) >= 0:
     raise ValueError(f"blur_sigma must be >= 0, got {blur_sigma!r}")
+  if search not in SEARCHES:
+    raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
   return MemoryBank(
       features=features,
       weights=weights,
@@ -99,6 +118,7 @@ def make_bank(
       grid=tuple(int(g) for g in grid),
       image_size=tuple(int(s) for s in image_size),
       blur_sigma=float(blur_sigma),
+      search=str(search),
   )
 
 
@@ -196,6 +216,23 @@ def _outputs_jit(scores, grid, image_size, sigma):
   return _outputs(scores, grid, image_size, sigma)
 
 
+def _host_search(bank: MemoryBank, feats, plan) -> bool:
+  """True where `score` runs the pruned host search (MemoryBank.search)."""
+  if bank.search == "dense" or not (
+      validation.is_concrete(feats) and validation.is_concrete(bank.features)
+  ):
+    return False  # traced (under jit): the dense kNN, the same nearest rows
+  if bank.search == "pruned":
+    return True
+  m, d = bank.features.shape
+  return (
+      plan is None
+      and jax.default_backend() == "cpu"
+      and m >= PRUNED_MIN_ROWS
+      and d >= PRUNED_MIN_DIM
+  )
+
+
 def rows_for_budget(dim: int, memory_budget_mb: Optional[float]):
   """Bank rows of `dim` float32 features that fit a budget; None: no limit."""
   if memory_budget_mb is None or float(memory_budget_mb) <= 0:
@@ -243,7 +280,7 @@ def score(
       its devices, each scans its slice and a global merge keeps the nearest
       row (`parallel.nearest`); the scores are those of one device, bit for
       bit. Every device holds 1/n of the bank, so max_bank_rows is not used.
-      Eager only.
+      Eager only; the dense kNN whatever `bank.search` says.
 
   Returns:
     (image scores (B,), pixel maps (B, H, W), patch scores (B, P)).
@@ -277,6 +314,16 @@ def score(
     )
     return img, maps, scores
   plan = chunk_plan(m, max_bank_rows)
+  if _host_search(bank, feats, plan):
+    index = knn_pruned.cached_index(bank.features)
+    dist, idx = knn_pruned.nearest(index, np.asarray(feats).reshape(b * p, d))
+    weights = np.asarray(bank.weights)
+    scores = jnp.asarray(_soft(dist, idx, weights, bank.soft_weight))
+    scores = scores.reshape(b, p)
+    img, maps = _outputs_jit(
+        scores, bank.grid, bank.image_size, float(bank.blur_sigma)
+    )
+    return img, maps, scores
   if plan is None:
     return _score_whole(bank, feats)
   rows, tile = plan

@@ -10,6 +10,7 @@ noise injection and its augmentation included.
 import os
 import subprocess
 import sys
+import tempfile
 
 import ml_collections
 import numpy as np
@@ -355,8 +356,20 @@ def test_tfds_finds_the_builders_by_name(built):
   assert tfds.builder_cls("mvtec_ad") is tfds_builders.BUILDERS["mvtec_ad"]
 
 
+def test_builders_leave_no_temporary_folders(tmp_path, monkeypatch):
+  """TFDS makes a temporary folder per unprepared builder; ours go away."""
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+  os.makedirs(tempfile.tempdir)
+  for cat in ("bottle", "grid"):
+    b = tfds_builders.builder("mvtec", cat, str(tmp_path / "none"))
+    assert not tfds_builders.is_prepared(b)
+  assert not os.listdir(tempfile.tempdir)
+  assert tempfile.tempdir == str(tmp_path / "tmp")
+
+
 _WITHOUT_TFDS = r"""
 import sys
+import tempfile
 class Block:
   def find_spec(self, name, path=None, target=None):
     if name.split(".")[0] == "tensorflow_datasets":

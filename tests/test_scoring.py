@@ -171,3 +171,41 @@ def test_rows_for_budget():
   assert scoring.rows_for_budget(1024, 0) is None
   assert scoring.rows_for_budget(1024, 4.0) == 1024
   assert scoring.rows_for_budget(1024, 1e-9) == 1
+
+
+@pytest.mark.parametrize("seed,soft", [(0, True), (1, False)])
+def test_pruned_search_equals_dense(seed, soft, monkeypatch):
+  """MemoryBank.search: the pruned host search scores like the dense kNN;
+  'auto' takes it on CPU from PRUNED_MIN_ROWS rows, never under jit."""
+  rng = np.random.default_rng(seed)
+  m, d = int(rng.integers(300, 900)), int(rng.integers(20, 60))
+  dense = _random_bank(seed, m, d, soft).replace(search="dense")
+  feats = rng.normal(size=(3, 16, d)).astype(np.float32)
+  feats[0, :4] = np.asarray(dense.features)[:4]  # distance 0: ties to noise
+  ref = scoring.score(dense, feats)
+  calls = []
+  real = scoring.knn_pruned.nearest
+  monkeypatch.setattr(
+      scoring.knn_pruned,
+      "nearest",
+      lambda *a, **k: calls.append(1) or real(*a, **k),
+  )
+  monkeypatch.setattr(scoring, "PRUNED_MIN_ROWS", m)
+  monkeypatch.setattr(scoring, "PRUNED_MIN_DIM", d)
+  for search, used in (("pruned", True), ("auto", True), ("dense", False)):
+    calls.clear()
+    got = scoring.score(dense.replace(search=search), feats)
+    assert bool(calls) == used, search
+    for a, b in zip(got, ref):
+      np.testing.assert_allclose(
+          np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4
+      )
+  calls.clear()
+  auto = dense.replace(search="auto")
+  jax.jit(scoring.score)(auto, jnp.asarray(feats))
+  scoring.score(auto, feats, max_bank_rows=m // 2)  # chunked: dense
+  monkeypatch.setattr(scoring, "PRUNED_MIN_ROWS", m + 1)
+  scoring.score(auto, feats)
+  assert not calls
+  with pytest.raises(ValueError, match="search must be one of"):
+    scoring.make_bank(np.ones((3, 2), np.float32), search="faiss")

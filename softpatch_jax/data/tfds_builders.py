@@ -36,6 +36,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import tempfile
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -330,7 +331,16 @@ def builder(dataset: str, category: str, data_dir: Optional[str] = None):
         f"no TFDS config '{name}/{category}': the categories are "
         f"{', '.join(categories)}"
     )
-  return BUILDERS[name](config=category, data_dir=data_dir or None)
+  # Before the data is prepared, TFDS's constructor makes an empty temporary
+  # folder for metadata it would fetch online and never removes it: one per
+  # call. Give it a scratch folder that goes away.
+  saved = tempfile.tempdir
+  with tempfile.TemporaryDirectory(prefix="softpatch_tfds_") as scratch:
+    tempfile.tempdir = scratch
+    try:
+      return BUILDERS[name](config=category, data_dir=data_dir or None)
+    finally:
+      tempfile.tempdir = saved
 
 
 def is_prepared(b) -> bool:

@@ -1,0 +1,149 @@
+"""kernels.knn_pruned: the nearest row of a float64 brute force, to rounding."""
+
+import gc
+
+import numpy as np
+import pytest
+
+from softpatch_jax.kernels import knn
+from softpatch_jax.kernels import knn_pruned
+
+
+def _points(rng, kind, m, d):
+  if kind == "gauss":
+    return rng.normal(size=(m, d))
+  if kind == "clustered":
+    k = int(rng.integers(1, 12))
+    centres = rng.normal(size=(k, d)) * rng.uniform(2, 20)
+    spread = rng.uniform(0.01, 1.0, size=(k, 1))
+    lab = rng.integers(0, k, m)
+    return centres[lab] + rng.normal(size=(m, d)) * spread[lab]
+  if kind == "duplicates":
+    x = rng.normal(size=(max(1, m // 4), d))
+    return x[rng.integers(0, len(x), m)]
+  if kind == "grid":  # small integers: many exactly equal distances
+    return rng.integers(0, 3, size=(m, d)).astype(np.float64)
+  if kind == "offset":  # far from the origin, small spread: cancellation
+    return 1000.0 + rng.normal(size=(m, d)) * 0.1
+  if kind == "lowrank":  # the projection holds everything: residuals ~0
+    return rng.normal(size=(m, 3)) @ rng.normal(size=(3, d))
+  raise ValueError(kind)
+
+
+def _brute(q, b):
+  q = q.astype(np.float64)
+  b = b.astype(np.float64)
+  return ((q[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+
+
+def _check(q, b, dist, idx):
+  full = _brute(q, b)
+  best = full.min(1)
+  # float32 rounding of ||q||^2 - 2 q.b + ||b||^2 (the dense expression).
+  tol = 1e-5 * ((q.astype(np.float64) ** 2).sum(1) + (b**2).sum(1).max()) + 1e-6
+  rows = np.arange(len(q))
+  assert idx.dtype == np.int32 and dist.dtype == np.float32
+  np.testing.assert_array_less(full[rows, idx], best + 2 * tol + 1e-12)
+  np.testing.assert_array_less(np.abs(dist - best), 2 * tol + 1e-12)
+  # Where the nearest row is clear by more than rounding, it is that row.
+  second = np.partition(full, 1, axis=1)[:, 1] if b.shape[0] > 1 else best + 1
+  clear = second - best > 4 * tol
+  np.testing.assert_array_equal(idx[clear], full.argmin(1)[clear])
+  # Exact duplicates of the winning row: the lowest index wins.
+  first = {}
+  for i, row in enumerate(map(bytes, b)):
+    first.setdefault(row, i)
+  assert all(first[bytes(b[i])] == i for i in idx)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize(
+    "kind", ["gauss", "clustered", "duplicates", "grid", "offset", "lowrank"]
+)
+def test_matches_float64_bruteforce(seed, kind):
+  rng = np.random.default_rng(seed + 100 * len(kind))
+  m = int(rng.integers(1, 900))
+  d = int(rng.integers(1, 80))
+  b = _points(rng, kind, m, d).astype(np.float32)
+  n = int(rng.integers(1, 300))
+  # Queries: fresh points of the same kind, and some bank rows themselves.
+  q = _points(rng, kind, n, d).astype(np.float32)
+  q[: n // 4] = b[rng.integers(0, m, n // 4)]
+  index = knn_pruned.build_index(
+      b,
+      proj_dim=int(rng.integers(1, 12)),
+      leaf=int(rng.integers(1, 64)),
+  )
+  dist, idx = knn_pruned.nearest(index, q, block_q=int(rng.integers(1, 128)))
+  _check(q, b, dist, idx)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_matches_dense_knn(seed):
+  rng = np.random.default_rng(seed)
+  m, d, n = int(rng.integers(200, 2000)), int(rng.integers(16, 200)), 257
+  b = _points(rng, "clustered", m, d).astype(np.float32)
+  q = _points(rng, "clustered", n, d).astype(np.float32)
+  dist, idx = knn_pruned.nearest(knn_pruned.build_index(b, proj_dim=8), q)
+  ref_d, ref_i = knn.knn(q, b, k=1)
+  np.testing.assert_array_equal(idx, np.asarray(ref_i)[:, 0])
+  np.testing.assert_allclose(
+      dist, np.asarray(ref_d)[:, 0], rtol=1e-4, atol=1e-4
+  )
+
+
+def test_prunes_most_tiles_on_clustered_banks(monkeypatch):
+  """Exactness is not bought by computing everything."""
+  rng = np.random.default_rng(0)
+  b = _points(rng, "clustered", 4000, 256).astype(np.float32)
+  q = b[rng.integers(0, 4000, 500)] + 0.01
+  index = knn_pruned.build_index(b, proj_dim=16, leaf=64)
+  pairs = []
+  real = knn_pruned._exact  # pylint: disable=protected-access
+
+  def counting(index, tile, q, qq, rows, best_d, best_i):
+    pairs.append(len(rows))
+    return real(index, tile, q, qq, rows, best_d, best_i)
+
+  monkeypatch.setattr(knn_pruned, "_exact", counting)
+  dist, idx = knn_pruned.nearest(index, q)
+  _check(q, b, dist, idx)
+  assert sum(pairs) < 0.25 * len(q) * index.num_tiles
+
+
+def test_edges():
+  b = np.arange(12, dtype=np.float32).reshape(4, 3)
+  index = knn_pruned.build_index(b)
+  d, i = knn_pruned.nearest(index, np.zeros((0, 3), np.float32))
+  assert d.shape == (0,) and i.shape == (0,)
+  d, i = knn_pruned.nearest(index, b[::-1])
+  np.testing.assert_array_equal(i, [3, 2, 1, 0])
+  np.testing.assert_array_equal(d, 0.0)
+  one = knn_pruned.build_index(np.ones((1, 5), np.float32))
+  d, i = knn_pruned.nearest(one, np.zeros((2, 5), np.float32))
+  np.testing.assert_array_equal(i, [0, 0])
+  np.testing.assert_allclose(d, 5.0)
+
+
+def test_errors():
+  with pytest.raises(ValueError, match=r"shape \(M>0, D\)"):
+    knn_pruned.build_index(np.zeros((0, 4), np.float32))
+  with pytest.raises(ValueError, match="non-finite"):
+    knn_pruned.build_index(np.full((3, 2), np.nan, np.float32))
+  with pytest.raises(ValueError, match="proj_dim=0"):
+    knn_pruned.build_index(np.ones((3, 2), np.float32), proj_dim=0)
+  index = knn_pruned.build_index(np.ones((3, 2), np.float32))
+  with pytest.raises(ValueError, match=r"shape \(N, 2\), got \(4, 3\)"):
+    knn_pruned.nearest(index, np.ones((4, 3), np.float32))
+
+
+def test_cached_index_follows_the_array():
+  b = np.random.default_rng(0).normal(size=(50, 6)).astype(np.float32)
+  first = knn_pruned.cached_index(b)
+  assert knn_pruned.cached_index(b) is first
+  other = b.copy()
+  assert knn_pruned.cached_index(other) is not first
+  before = len(knn_pruned._CACHE)  # pylint: disable=protected-access
+  del other
+  gc.collect()
+  assert len(knn_pruned._CACHE) == before - 1  # pylint: disable=protected-access
