@@ -11,10 +11,12 @@ multiplies positions / points / queries / bank rows. Baselines: sklearn
 LocalOutlierFactor looped over positions, a batched torch LOF written the
 way the reference computes it on GPU, a torch approximate greedy coreset in
 the reference's style (distance column concatenated and re-reduced each
-step), faiss-cpu IndexFlatL2. The "pruned" section times the exact pruned
-k-center (kernels.kcenter_pruned, numpy) against the dense XLA k-center on
-181,000 x 128 selecting 10 %, for a mixture of 200 Gaussians and for one
-Gaussian (no clusters: the worst case for pruning).
+step), faiss-cpu IndexFlatL2 (the kNN section also times the exact pruned
+host kNN, kernels.knn_pruned, on that noise and on 200 clusters). The
+"pruned" section times the exact pruned k-center (kernels.kcenter_pruned,
+numpy) against the dense XLA k-center on 181,000 x 128 selecting 10 %, for
+a mixture of 200 Gaussians and for one Gaussian (no clusters: the worst
+case for pruning).
 Needs the `bench` extra (torch, scikit-learn, faiss-cpu). Prints each
 comparison as a ratio and writes all numbers to --out (JSON).
 """
@@ -36,6 +38,7 @@ import numpy as np
 from softpatch_jax.kernels import kcenter
 from softpatch_jax.kernels import kcenter_pruned
 from softpatch_jax.kernels import knn
+from softpatch_jax.kernels import knn_pruned
 from softpatch_jax.kernels import lof
 
 # The jitted internals of the public ops, AOT-compiled so that timings
@@ -278,6 +281,30 @@ def bench_knn(rng, scale, res, with_bf16):
             np.mean(np.asarray(ib)[:, 0] == i[:sub, 0])
         ),
     })
+  # The exact pruned host search (kernels.knn_pruned, what scoring runs on
+  # CPU): on this isotropic noise (its worst case, where it falls back to
+  # the dense search) and on a mixture of 200 Gaussians, each against faiss.
+  t_build, index = _timed(lambda: knn_pruned.build_index(b))
+  t_pg, (pd_, pi_) = _timed(lambda: knn_pruned.nearest(index, q), repeat=2)
+  bc = clustered_points(rng, nb, 1024)
+  qc = clustered_points(rng, mq, 1024)
+  index_c = knn_pruned.build_index(bc)
+  t_pc, (_, pic) = _timed(lambda: knn_pruned.nearest(index_c, qc), repeat=2)
+  index = faiss.IndexFlatL2(1024)
+  index.add(bc)
+  t_fc, (_, fic) = _timed(lambda: list(index.search(qc, 1)), repeat=2)
+  out.update({
+      "pruned_build_s": t_build,
+      "pruned_gauss_s": t_pg,
+      "pruned_gauss_over_faiss": t_pg / t_faiss,
+      "pruned_gauss_index_agreement_vs_faiss": float(np.mean(pi_ == fi[:, 0])),
+      "pruned_clustered_s": t_pc,
+      "faiss_clustered_s": t_fc,
+      "pruned_clustered_over_faiss": t_pc / t_fc,
+      "pruned_clustered_index_agreement_vs_faiss": float(
+          np.mean(pic == fic[:, 0])
+      ),
+  })
   res["knn"] = out
 
 
@@ -476,6 +503,13 @@ def main():
           f"(ours/faiss {r['ratio_ours_over_faiss']:.2f}, target <= 1.2) | "
           "nn index "
           f"agreement {100 * r['index_agreement_vs_faiss']:.3f}%"
+      )
+      print(
+          f"  pruned host kNN: {r['pruned_gauss_over_faiss']:.2f}x faiss's time"
+          " on that noise (agreement"
+          f" {100 * r['pruned_gauss_index_agreement_vs_faiss']:.3f}%),"
+          f" {r['pruned_clustered_over_faiss']:.2f}x on 200 clusters (agreement"
+          f" {100 * r['pruned_clustered_index_agreement_vs_faiss']:.3f}%)"
       )
       if "bf16_s" in r:
         print(

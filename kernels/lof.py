@@ -114,28 +114,36 @@ def _chunk_neighbours(xc, k, margin):
   return _lex_k_smallest(d, cand, k)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "chunk", "margin"))
-def _lof_xla(x, k, chunk, margin):
-  p, n, dim = x.shape
-  pp = _dispatch.round_up(p, chunk)
-  xs = jnp.pad(x, ((0, pp - p), (0, 0), (0, 0))).reshape(
-      pp // chunk, chunk, n, dim
-  )
+@functools.partial(jax.jit, static_argnames=("k", "chunk", "margin", "count"))
+def _lof_xla(x, k, chunk, margin, start=0, count=None):
+  """LOF of the positions [start, start + count) of x (default: all).
 
-  def one_chunk(xc):
-    nd, nbr = _chunk_neighbours(xc, k, margin)
+  Each chunk gathers its positions from x itself, so no padded or sliced
+  copy of x is made (x is most of this op's memory). Positions past the end
+  repeat the last one and are dropped; positions never interact, so the
+  result does not depend on the split.
+  """
+  p, n, _ = x.shape
+  count = p if count is None else count
+  nc = -(-count // chunk)
+
+  def one_chunk(i):
+    pos = jnp.minimum(start + i * chunk + jnp.arange(chunk), p - 1)
+    nd, nbr = _chunk_neighbours(jnp.take(x, pos, axis=0), k, margin)
     return lof_from_neighbours(nd, nbr)
 
-  return jax.lax.map(one_chunk, xs).reshape(pp, n)[:p]
+  out = jax.lax.map(one_chunk, jnp.arange(nc, dtype=jnp.int32))
+  return out.reshape(nc * chunk, n)[:count]
 
 
 def _lof_xla_threaded(x, k, chunk, margin):
   """The XLA path with the positions split over host threads.
 
   XLA:CPU runs the top-k and the gathers of one program on one core; the
-  positions are independent, so contiguous slices of them run as separate
-  executions in parallel (XLA releases the GIL). Each slice is a multiple of
-  `chunk`, so the result is bit-identical to one call.
+  positions are independent, so contiguous ranges of them run as separate
+  executions in parallel (XLA releases the GIL). Every range has the same
+  length (the last one runs past the end), so they share one compiled
+  program, and the result is bit-identical to one call.
 
   Under a transformation (``jax.jit``, ``vmap``, ...) ``x`` is a tracer,
   which host threads cannot execute: the positions then stay in one traced
@@ -150,13 +158,11 @@ def _lof_xla_threaded(x, k, chunk, margin):
   ):
     return _lof_xla(x, k, chunk, margin)
   step = _dispatch.round_up(-(-p // workers), chunk)
-  # Equal slices (the last one zero-padded) share one compiled program.
-  xp = jnp.pad(x, ((0, step * workers - p), (0, 0), (0, 0)))
   with concurrent.futures.ThreadPoolExecutor(workers) as ex:
     outs = list(
         ex.map(
-            lambda a: _lof_xla(xp[a : a + step], k, chunk, margin),
-            range(0, step * workers, step),
+            lambda a: _lof_xla(x, k, chunk, margin, a, step),
+            range(0, p, step),
         )
     )
   return jnp.concatenate(outs, axis=0)[:p]

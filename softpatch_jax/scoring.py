@@ -12,10 +12,11 @@ its patches; the pixel map is the patch-score grid bilinearly upsampled
 `score` is the one scoring path: evaluation, threshold fitting and the predict
 command all call it. Called eagerly on CPU, a large bank is searched by the
 exact pruned host search (`kernels/knn_pruned.py`, the bank's ``search``
-field); under `jax.jit`, with a mesh and on accelerators the dense kNN runs. With ``max_bank_rows`` it scans the bank in chunks, so a
-bank larger than a memory budget is never multiplied against the queries at
-once; the result is the same as one scan (bit for bit when the chunk is a whole
-number of kNN tiles, see `chunk_plan`).
+field); under `jax.jit`, with a mesh and on accelerators the dense kNN runs.
+With ``max_bank_rows`` it scans the bank in chunks, so a bank larger than a
+memory budget is never multiplied against the queries at once; the result is
+the same as one scan (bit for bit when the chunk is a whole number of kNN
+tiles, see `chunk_plan`).
 """
 
 from __future__ import annotations

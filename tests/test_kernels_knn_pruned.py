@@ -143,7 +143,31 @@ def test_cached_index_follows_the_array():
   assert knn_pruned.cached_index(b) is first
   other = b.copy()
   assert knn_pruned.cached_index(other) is not first
-  before = len(knn_pruned._CACHE)  # pylint: disable=protected-access
+  cache = knn_pruned._CACHE  # pylint: disable=protected-access
+  before = len(cache)
   del other
   gc.collect()
-  assert len(knn_pruned._CACHE) == before - 1  # pylint: disable=protected-access
+  assert len(cache) == before - 1
+
+
+def test_unstructured_features_fall_back_to_the_dense_search(monkeypatch):
+  """Isotropic noise defeats the bound: later blocks skip it, same answer."""
+  rng = np.random.default_rng(3)
+  b = rng.normal(size=(600, 96)).astype(np.float32)
+  q = rng.normal(size=(200, 96)).astype(np.float32)
+  index = knn_pruned.build_index(b, proj_dim=4, leaf=32)
+  modes = []
+  real = knn_pruned._search  # pylint: disable=protected-access
+
+  def recording(index, q, prune):
+    modes.append(prune)
+    return real(index, q, prune)
+
+  monkeypatch.setattr(knn_pruned, "_search", recording)
+  monkeypatch.setattr(knn_pruned, "_RETRY", 4)
+  dist, idx = knn_pruned.nearest(index, q, block_q=40)  # 5 blocks
+  _check(q, b, dist, idx)
+  # Pruned first; dense after; the bound retried at the 4th block.
+  assert modes == [True, False, False, True, False]
+  # pylint: disable-next=protected-access
+  assert index.stats["survivors"] > knn_pruned._DENSE_ABOVE
