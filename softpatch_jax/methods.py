@@ -226,8 +226,12 @@ def _project(flat, projection):
   """`denoise.project`; host arrays chunk by chunk (bit-identical rows)."""
   if not isinstance(flat, np.ndarray) or len(flat) <= _PROJECT_ROWS:
     return denoise.project(jnp.asarray(flat), projection)
+  # Each chunk is finished before the next is sent: with asynchronous
+  # dispatch every chunk's device copy would otherwise be alive at once.
   return jnp.concatenate([
-      denoise.project(jnp.asarray(flat[i : i + _PROJECT_ROWS]), projection)
+      jax.block_until_ready(
+          denoise.project(jnp.asarray(flat[i : i + _PROJECT_ROWS]), projection)
+      )
       for i in range(0, len(flat), _PROJECT_ROWS)
   ])
 
