@@ -286,8 +286,9 @@ def bench_knn(rng, scale, res, with_bf16):
   # the dense search) and on a mixture of 200 Gaussians, each against faiss.
   t_build, index = _timed(lambda: knn_pruned.build_index(b))
   t_pg, (pd_, pi_) = _timed(lambda: knn_pruned.nearest(index, q), repeat=2)
-  bc = clustered_points(rng, nb, 1024)
-  qc = clustered_points(rng, mq, 1024)
+  # Bank and queries from one mixture (the same 200 centres).
+  both = clustered_points(rng, nb + mq, 1024)
+  bc, qc = both[:nb], both[nb:]
   index_c = knn_pruned.build_index(bc)
   t_pc, (_, pic) = _timed(lambda: knn_pruned.nearest(index_c, qc), repeat=2)
   index = faiss.IndexFlatL2(1024)
