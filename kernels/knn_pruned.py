@@ -75,7 +75,6 @@ class Index:
     tile_norms: (L, T) ||b||^2 of the uncentred rows, +inf for padding.
     tile_index: (L, T) original bank index of each row, -1 for padding.
     max_norm: the largest ||b||^2 (centred or not), for the margins.
-    size: bank rows.
     stats: how well the last searches pruned (`nearest` reads it).
   """
 
@@ -86,7 +85,6 @@ class Index:
   tile_norms: np.ndarray
   tile_index: np.ndarray
   max_norm: float
-  size: int
   # Survivor fraction of the last pruned search and calls since (`nearest`).
   stats: dict = dataclasses.field(default_factory=dict, compare=False)
 
@@ -144,7 +142,7 @@ def build_index(bank, *, proj_dim: int = PROJ_DIM, leaf: int = LEAF) -> Index:
     raise ValueError(
         f"knn_pruned: proj_dim={proj_dim} and leaf={leaf} must be >= 1"
     )
-  m, d = bank.shape
+  d = bank.shape[1]
   keep = _unique_rows(bank)
   x = bank[keep]
   mean = x.mean(0, dtype=np.float64).astype(np.float32)
@@ -180,7 +178,6 @@ def build_index(bank, *, proj_dim: int = PROJ_DIM, leaf: int = LEAF) -> Index:
       tile_norms=norms,
       tile_index=index,
       max_norm=float(max(un.max(), cn.max())),
-      size=m,
   )
 
 

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import socket
 import sys
 import tempfile
@@ -85,6 +86,24 @@ def atomic_open(path: str, mode: str = "w", **kwargs):
     if isinstance(e, OSError):
       raise ValueError(f"cannot write {path} ({e})") from e
     raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str):
+  """Yields a hidden temporary folder beside `path` to fill; on success it
+  replaces `path` (removed first if present), on error it is removed, so
+  `path` holds the old folder, the complete new one, or nothing."""
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
+  try:
+    yield tmp
+    if os.path.exists(path):
+      shutil.rmtree(path)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
 
 
 def pid_alive(pid: int) -> bool:

@@ -68,6 +68,29 @@ def fit_config(train_dir, folds=3, **overrides):
   return c
 
 
+def points(rng, kind, m, d):
+  """(m, d) float64 test points of one kind, each hard for pruned searches
+  in its own way (the exact pruned k-center and kNN tests share them)."""
+  if kind == "gauss":
+    return rng.normal(size=(m, d))
+  if kind == "clustered":
+    k = int(rng.integers(1, 12))
+    centres = rng.normal(size=(k, d)) * rng.uniform(2, 20)
+    spread = rng.uniform(0.01, 1.0, size=(k, 1))
+    lab = rng.integers(0, k, m)
+    return centres[lab] + rng.normal(size=(m, d)) * spread[lab]
+  if kind == "duplicates":
+    x = rng.normal(size=(max(1, m // 4), d))
+    return x[rng.integers(0, len(x), m)]
+  if kind == "grid":  # small integers: many exactly equal distances
+    return rng.integers(0, 3, size=(m, d)).astype(np.float64)
+  if kind == "offset":  # far from the origin, small spread: cancellation
+    return 1000.0 + rng.normal(size=(m, d)) * 0.1
+  if kind == "lowrank":  # a principal projection holds everything
+    return rng.normal(size=(m, 3)) @ rng.normal(size=(3, d))
+  raise ValueError(kind)
+
+
 def _numpy_dist_to(x, i):
   diff = x - x[i]
   return np.sqrt((diff * diff).sum(1))

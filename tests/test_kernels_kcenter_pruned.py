@@ -8,25 +8,6 @@ from softpatch_jax.kernels import kcenter
 from softpatch_jax.kernels import kcenter_pruned
 
 
-def _points(rng, kind, m, d):
-  if kind == "gauss":
-    return rng.normal(size=(m, d))
-  if kind == "clustered":
-    k = int(rng.integers(1, 12))
-    centres = rng.normal(size=(k, d)) * rng.uniform(2, 20)
-    spread = rng.uniform(0.01, 1.0, size=(k, 1))
-    lab = rng.integers(0, k, m)
-    return centres[lab] + rng.normal(size=(m, d)) * spread[lab]
-  if kind == "duplicates":
-    x = rng.normal(size=(max(1, m // 4), d))
-    return x[rng.integers(0, len(x), m)]
-  if kind == "grid":  # small integers: many exactly equal distances
-    return rng.integers(0, 3, size=(m, d)).astype(np.float64)
-  if kind == "offset":  # far from the origin, small spread
-    return 1000.0 + rng.normal(size=(m, d)) * 0.1
-  raise ValueError(kind)
-
-
 def _weights(rng, kind, m):
   if kind is None:
     return None
@@ -43,7 +24,7 @@ def _case(seed, kind, wkind, max_m=2500):
   rng = np.random.default_rng(seed)
   m = int(rng.integers(1, max_m))
   d = int(rng.integers(1, 65))
-  x = _points(rng, kind, m, d).astype(np.float32)
+  x = _testutil.points(rng, kind, m, d).astype(np.float32)
   w = _weights(rng, wkind, m)
   starts = rng.choice(m, size=int(rng.integers(1, min(m, 6) + 1)))
   n_sel = int(rng.integers(0, min(m, 400) + 1))

@@ -5,29 +5,9 @@ import gc
 import numpy as np
 import pytest
 
+import _testutil  # pylint: disable=g-bad-import-order
 from softpatch_jax.kernels import knn
 from softpatch_jax.kernels import knn_pruned
-
-
-def _points(rng, kind, m, d):
-  if kind == "gauss":
-    return rng.normal(size=(m, d))
-  if kind == "clustered":
-    k = int(rng.integers(1, 12))
-    centres = rng.normal(size=(k, d)) * rng.uniform(2, 20)
-    spread = rng.uniform(0.01, 1.0, size=(k, 1))
-    lab = rng.integers(0, k, m)
-    return centres[lab] + rng.normal(size=(m, d)) * spread[lab]
-  if kind == "duplicates":
-    x = rng.normal(size=(max(1, m // 4), d))
-    return x[rng.integers(0, len(x), m)]
-  if kind == "grid":  # small integers: many exactly equal distances
-    return rng.integers(0, 3, size=(m, d)).astype(np.float64)
-  if kind == "offset":  # far from the origin, small spread: cancellation
-    return 1000.0 + rng.normal(size=(m, d)) * 0.1
-  if kind == "lowrank":  # the projection holds everything: residuals ~0
-    return rng.normal(size=(m, 3)) @ rng.normal(size=(3, d))
-  raise ValueError(kind)
 
 
 def _brute(q, b):
@@ -64,10 +44,11 @@ def test_matches_float64_bruteforce(seed, kind):
   rng = np.random.default_rng(seed + 100 * len(kind))
   m = int(rng.integers(1, 900))
   d = int(rng.integers(1, 80))
-  b = _points(rng, kind, m, d).astype(np.float32)
   n = int(rng.integers(1, 300))
-  # Queries: fresh points of the same kind, and some bank rows themselves.
-  q = _points(rng, kind, n, d).astype(np.float32)
+  # Queries: fresh points of the same draw (same clusters), and some bank
+  # rows themselves.
+  pts = _testutil.points(rng, kind, m + n, d).astype(np.float32)
+  b, q = pts[:m], pts[m:]
   q[: n // 4] = b[rng.integers(0, m, n // 4)]
   index = knn_pruned.build_index(
       b,
@@ -82,20 +63,29 @@ def test_matches_float64_bruteforce(seed, kind):
 def test_matches_dense_knn(seed):
   rng = np.random.default_rng(seed)
   m, d, n = int(rng.integers(200, 2000)), int(rng.integers(16, 200)), 257
-  b = _points(rng, "clustered", m, d).astype(np.float32)
-  q = _points(rng, "clustered", n, d).astype(np.float32)
+  pts = _testutil.points(rng, "clustered", m + n, d).astype(np.float32)
+  b, q = pts[:m], pts[m:]
   dist, idx = knn_pruned.nearest(knn_pruned.build_index(b, proj_dim=8), q)
   ref_d, ref_i = knn.knn(q, b, k=1)
-  np.testing.assert_array_equal(idx, np.asarray(ref_i)[:, 0])
-  np.testing.assert_allclose(
-      dist, np.asarray(ref_d)[:, 0], rtol=1e-4, atol=1e-4
+  _check(q, b, dist, idx)
+  # The same row as the dense search wherever the nearest is clear by more
+  # than rounding (both round ||q||^2 - 2 q.b + ||b||^2 in float32).
+  full = _brute(q, b)
+  two = np.partition(full, 1, axis=1)[:, :2]
+  scale = (q.astype(np.float64) ** 2).sum(1) + (b**2).sum(1).max()
+  clear = two[:, 1] - two[:, 0] > 4e-5 * scale
+  assert clear.sum() > 50
+  np.testing.assert_array_equal(idx[clear], np.asarray(ref_i)[clear, 0])
+  # Cancellation error scales with the norms (queries sit next to rows).
+  np.testing.assert_array_less(
+      np.abs(dist - np.asarray(ref_d)[:, 0]), 1e-5 * scale + 1e-6
   )
 
 
 def test_prunes_most_tiles_on_clustered_banks(monkeypatch):
   """Exactness is not bought by computing everything."""
   rng = np.random.default_rng(0)
-  b = _points(rng, "clustered", 4000, 256).astype(np.float32)
+  b = _testutil.points(rng, "clustered", 4000, 256).astype(np.float32)
   q = b[rng.integers(0, 4000, 500)] + 0.01
   index = knn_pruned.build_index(b, proj_dim=16, leaf=64)
   pairs = []

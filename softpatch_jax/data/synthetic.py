@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import Sequence
 
 import numpy as np
@@ -238,8 +236,7 @@ def ensure_generated(
         return root
   except (OSError, ValueError):
     pass
-  tmp = tempfile.mkdtemp(prefix=".synthetic_data.", dir=workdir)
-  try:
+  with io_utils.atomic_dir(root) as tmp:
     make_mvtec_like(
         tmp,
         categories=tuple(params["categories"]),
@@ -250,10 +247,4 @@ def ensure_generated(
         seed=seed,
     )
     io_utils.write_json(os.path.join(tmp, "params.json"), params)
-    if os.path.exists(root):
-      shutil.rmtree(root)
-    os.replace(tmp, root)
-  finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp, ignore_errors=True)
   return root

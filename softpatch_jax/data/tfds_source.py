@@ -33,13 +33,12 @@ import dataclasses
 import io
 import os
 import posixpath
-import shutil
-import tempfile
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from absl import logging
 from PIL import Image
 
+from softpatch_jax import io_utils
 from softpatch_jax.data import tfds_builders
 from softpatch_jax.data._files import subdirs
 from softpatch_jax.data.types import Sample
@@ -101,18 +100,9 @@ def export(
   written into a hidden folder beside the target and renamed into place, so
   the folder holds one complete export or none.
   """
-  os.makedirs(root, exist_ok=True)
-  target = os.path.join(root, category)
-  tmp = tempfile.mkdtemp(prefix=f".{category}.", dir=root)
-  try:
+  with io_utils.atomic_dir(os.path.join(root, category)) as tmp:
     seen: Dict[str, str] = {}
     kept = {k: _write_split(v, tmp, seen) for k, v in splits.items()}
-    if os.path.exists(target):
-      shutil.rmtree(target)
-    os.replace(tmp, target)
-  finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp, ignore_errors=True)
   return kept
 
 
