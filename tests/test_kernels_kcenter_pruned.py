@@ -96,14 +96,20 @@ def test_many_small_cases_match_numpy(seed):
   )
 
 
-@pytest.mark.parametrize("flat_fraction", [1.0, 0.0])  # pooled / flat only
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+  # Small hot sets and blocks, so these small inputs go through many hot
+  # sets, catch-ups and blocked products (the defaults suit ~1e5 points).
+  monkeypatch.setattr(kcenter_pruned, "_HOT_MIN", 8)
+  monkeypatch.setattr(kcenter_pruned, "_HOT_FRACTION", 0.05)
+  monkeypatch.setattr(kcenter_pruned, "_CENTRES", 7)
+  monkeypatch.setattr(kcenter_pruned, "_PRODUCT", 300)
+
+
 @pytest.mark.parametrize("seed", range(6))
-def test_dist_equals_the_dense_update_after_every_pick(
-    monkeypatch, flat_fraction, seed
-):
-  # Low dimensions make the triangle and projection bounds nearly tight, so
-  # a bound that skips a point it should not shows up in dist at once.
-  monkeypatch.setattr(kcenter_pruned, "_FLAT_FRACTION", flat_fraction)
+def test_dist_is_exact_on_the_hot_set_after_every_pick(monkeypatch, seed):
+  # Low dimensions make the projection bounds nearly tight, so a bound
+  # that skips a pair it should not shows up in dist at once.
   rng = np.random.default_rng(seed)
   m, d = 1500, [1, 2, 5][seed % 3]
   x = (rng.normal(size=(40, d)) * 10)[rng.integers(0, 40, m)]
@@ -116,21 +122,32 @@ def test_dist_equals_the_dense_update_after_every_pick(
     return np.sqrt(((x - x[i]) * (x - x[i])).sum(1))
 
   ref = sum(dist_to(s) for s in starts) / np.float32(3) * w
-  add = kcenter_pruned._Greedy._add_centre  # pylint: disable=protected-access
+  update = kcenter_pruned._Greedy._hot_update  # pylint: disable=protected-access
+  seen = set()
 
-  def checked(state, t, i):
+  def checked(state, i, hot, y1, a_half):
     nonlocal ref
-    add(state, t, i)
+    update(state, i, hot, y1, a_half)
     ref = np.minimum(ref, dist_to(i) * w)
-    np.testing.assert_array_equal(state.dist, ref, err_msg=f"pick {t}")
+    np.testing.assert_array_equal(state.dist[hot], ref[hot])
+    assert np.all(state.dist >= ref)  # cold points: upper bounds ...
+    cold = np.ones(m, bool)
+    cold[hot] = False
+    assert np.all(state.dist[cold] < state.hot_theta)  # ... below theta
+    np.testing.assert_array_equal(a_half, state.a_half[hot])
+    seen.add(len(hot))
 
-  monkeypatch.setattr(kcenter_pruned._Greedy, "_add_centre", checked)
-  kcenter_pruned.kcenter_pruned(x, 600, starts, w)
+  monkeypatch.setattr(kcenter_pruned._Greedy, "_hot_update", checked)
+  got = kcenter_pruned.kcenter_pruned(x, 600, starts, w)
+  np.testing.assert_array_equal(
+      got, _testutil.numpy_greedy_kcenter(x, 600, starts, w)
+  )
+  assert len(seen) > 5  # many hot sets, each brought up to date
 
 
 def test_selects_every_point_of_a_clustered_set():
-  # n = M: the run goes through regrouping, pool compaction and the end
-  # where every remaining distance is 0 (picks then repeat index 0).
+  # n = M: the run ends where every remaining distance is 0 (the hot set
+  # is then every point and picks repeat index 0).
   x, _, starts, w = _case(7, "clustered", "binary", max_m=1200)
   m = len(x)
   for n_sel in (m, m + 5):
@@ -140,17 +157,18 @@ def test_selects_every_point_of_a_clustered_set():
     )
 
 
-def test_a_full_pool_is_rebuilt():
-  rng = np.random.default_rng(0)
-  x = (rng.normal(size=(40, 8)) * 10)[rng.integers(0, 40, 2000)]
-  x = (x + rng.normal(size=(2000, 8))).astype(np.float32)
-  w = (1.0 - rng.random(2000)).astype(np.float32)
-  dist = kcenter_pruned.initial_distance(x, [0, 1], w)
-  state = kcenter_pruned._Greedy(x, w, dist, 1000)  # pylint: disable=protected-access
-  state.pool = state.pool[: len(x) + 1]  # overflows after a few picks
+@pytest.mark.parametrize("hot_min", [2048, 1])
+def test_default_and_tiny_hot_sets(monkeypatch, hot_min):
+  monkeypatch.setattr(kcenter_pruned, "_HOT_MIN", hot_min)
+  monkeypatch.setattr(kcenter_pruned, "_HOT_FRACTION", 1 / 8)
+  monkeypatch.setattr(kcenter_pruned, "_CENTRES", 2048)
+  monkeypatch.setattr(kcenter_pruned, "_PRODUCT", 1 << 18)
+  rng = np.random.default_rng(11)
+  x = _testutil.points(rng, "clustered", 3000, 24).astype(np.float32)
+  w = _weights(rng, "binary", 3000)
   np.testing.assert_array_equal(
-      state.run(1000, None),
-      _testutil.numpy_greedy_kcenter(x, 1000, [0, 1], w),
+      kcenter_pruned.kcenter_pruned(x, 700, [5, 9], w),
+      _testutil.numpy_greedy_kcenter(x, 700, [5, 9], w),
   )
 
 
