@@ -412,6 +412,7 @@ def project_config(spec: dict):
   c.coreset.reference_quirks = spec["reference_quirks"]
   c.coreset.impl = spec.get("coreset_impl", "dense")
   c.scoring.search = spec.get("knn_search", "auto")
+  c.data.feature_store = spec.get("feature_store", "memory")
   c.data.dataset = "mvtec"
   c.data.root = spec["data_root"]
   c.data.categories = CATEGORY
@@ -650,6 +651,15 @@ def parse_args(argv=None):
       help="the project's greedy coreset path (config.coreset.impl)",
   )
   p.add_argument(
+      "--feature_store",
+      default="memory",
+      choices=("memory", "disk"),
+      help=(
+          "where the project's fit keeps train features "
+          "(config.data.feature_store)"
+      ),
+  )
+  p.add_argument(
       "--knn_search",
       default="auto",
       choices=("auto", "dense", "pruned"),
@@ -709,6 +719,7 @@ def main(argv=None):
       reference_quirks=args.reference_quirks,
       coreset_impl=args.coreset_impl,
       knn_search=args.knn_search,
+      feature_store=args.feature_store,
       faiss_num_workers=args.faiss_num_workers,
       repeats=args.repeats,
       result_official=os.path.join(tmp, "official.json"),
@@ -760,6 +771,7 @@ def main(argv=None):
               "reference_quirks",
               "coreset_impl",
               "knn_search",
+              "feature_store",
               "faiss_num_workers",
               "repeats",
           )

@@ -104,6 +104,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.max_pixels = 1 << 22
   c.data.max_aspect_ratio = 20.0
   c.data.batch_size = 16
+  # Where a fit keeps its train features: 'memory', or 'disk' (an unlinked
+  # temporary file in TMPDIR, read back in chunks; same results, about
+  # N x P x D x 4 bytes less resident memory; softpatch_jax/feature_store.py).
+  c.data.feature_store = "memory"
   c.data.num_workers = 4
   c.data.max_test = 0  # >0: seeded per-label subsample of the test set
   # >0: at most this many training images, capped before noise injection (so

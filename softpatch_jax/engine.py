@@ -20,6 +20,7 @@ import numpy as np
 from softpatch_jax import backbones
 from softpatch_jax import coreset
 from softpatch_jax import data
+from softpatch_jax import feature_store
 from softpatch_jax import features as features_lib
 from softpatch_jax import methods as methods_lib
 from softpatch_jax import parallel
@@ -182,12 +183,13 @@ def extract_features(
     storage_dtype=np.float32,
     errors: str = "raise",
     what: str = "image",
+    store: str = "memory",
 ) -> np.ndarray:
   """Embeds every sample -> (N, P, D) numpy array, with a progress bar.
 
   errors 'collect': read on past unreadable images, then raise one ValueError
   listing them all ('N <what>(s) cannot be read: ...'); 'raise': stop at the
-  first.
+  first. store: 'memory' or 'disk' (see `feature_store`).
   """
   bs = embedder.batch_size
   stream = data.stream_batches(
@@ -199,9 +201,9 @@ def extract_features(
       augment=augment,
       errors=errors,
   )
-  # One preallocated array, filled batch by batch: concatenating chunks
-  # would hold every feature twice at the peak.
-  out, filled, failed = None, 0, []
+  # One preallocated array (or file), filled batch by batch: concatenating
+  # chunks would hold every feature twice at the peak.
+  out, failed = feature_store.Writer(len(samples), storage_dtype, store), []
   for batch in Progress(
       stream, total=n_batches(len(samples), bs), desc=desc, unit="batches"
   ):
@@ -210,15 +212,12 @@ def extract_features(
       continue  # the run fails anyway: only look for more unreadable files
     f = np.asarray(embedder(batch.images))
     validation.check_finite(f, f"features of {desc}", BROKEN_HINT)
-    if out is None:
-      out = np.empty((len(samples), *f.shape[1:]), storage_dtype)
-    out[filled : filled + len(f)] = f
-    filled += len(f)
+    out.write(f)
   if failed:
     raise ValueError(_files.unreadable_message(failed, what))
-  if out is None:
+  if not out.filled:
     raise ValueError(f"no images to extract features from ({desc})")
-  return out[:filled]
+  return out.finish()
 
 
 # --------------------------------------------------------------------------
@@ -342,6 +341,7 @@ def fit_methods(
       desc=desc,
       errors=errors,
       what="training image",
+      store=config.data.get("feature_store", "memory"),
   )
   extract_s = time.perf_counter() - t0
   logging.info("%s %s (%.1fs)", desc, train_feats.shape, extract_s)

@@ -23,6 +23,7 @@ import numpy as np
 
 from softpatch_jax import data
 from softpatch_jax import engine
+from softpatch_jax import feature_store
 from softpatch_jax import inference
 from softpatch_jax import io_utils
 from softpatch_jax import methods as methods_lib
@@ -75,6 +76,12 @@ def validate_config(config) -> str:
   if not isinstance(sigma, (int, float)) or not 0 <= float(sigma) < 1e4:
     raise ValueError(
         f"config.scoring.blur_sigma must be a number >= 0, got {sigma!r}"
+    )
+  store = config.data.get("feature_store", "memory")
+  if store not in feature_store.STORES:
+    raise ValueError(
+        f"config.data.feature_store must be one of {feature_store.STORES}, "
+        f"got {store!r}"
     )
   budget = config.scoring.get("memory_budget_mb", None)
   if budget is not None and float(budget) < 0:

@@ -27,6 +27,7 @@ import numpy as np
 
 from softpatch_jax import coreset
 from softpatch_jax import denoise
+from softpatch_jax import feature_store
 from softpatch_jax import parallel
 from softpatch_jax import scoring
 from softpatch_jax import validation
@@ -228,12 +229,12 @@ def _project(flat, projection):
     return denoise.project(jnp.asarray(flat), projection)
   # Each chunk is finished before the next is sent: with asynchronous
   # dispatch every chunk's device copy would otherwise be alive at once.
-  return jnp.concatenate([
-      jax.block_until_ready(
-          denoise.project(jnp.asarray(flat[i : i + _PROJECT_ROWS]), projection)
-      )
-      for i in range(0, len(flat), _PROJECT_ROWS)
-  ])
+  chunks = []
+  for i in range(0, len(flat), _PROJECT_ROWS):
+    chunk = jnp.asarray(flat[i : i + _PROJECT_ROWS])
+    chunks.append(jax.block_until_ready(denoise.project(chunk, projection)))
+    feature_store.release(flat)  # a file-mapped array: its pages go back
+  return jnp.concatenate(chunks)
 
 
 def build_bank(
@@ -401,8 +402,10 @@ def build_bank(
   if host:
     rows = np.asarray(rows)
   use_soft = method.soft_weight if soft_weight is None else bool(soft_weight)
+  bank_rows = flat[rows]
+  feature_store.release(flat)
   bank = scoring.make_bank(
-      flat[rows],
+      bank_rows,
       soft[rows],
       soft_weight=use_soft,
       grid=grid,

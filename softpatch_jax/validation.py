@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from softpatch_jax import feature_store
+
 
 def is_concrete(x) -> bool:
   """True for numpy arrays, Python numbers and committed jax arrays."""
@@ -36,6 +38,7 @@ def check_finite(x, what: str, hint: str = "") -> None:
   for s in range(0, rows.size, _CHUNK):
     part = rows[s : s + _CHUNK]
     bad += int(part.size - np.count_nonzero(np.isfinite(part)))
+    feature_store.release(x)  # a file-mapped array: its pages go back
   if bad:
     raise ValueError(
         f"{what}: {bad} non-finite values (NaN/inf) out of {a.size}"

@@ -63,6 +63,15 @@ def test_fit_methods_on_generated_images(bb, tmp_path):
   assert fitted.banks["softpatch_lof"].size == int(0.1 * 6 * 36)
   assert fitted.banks["softpatch_lof"].soft_weight
   assert not fitted.banks["patchcore"].soft_weight
+  # The same fit with the features in a temporary file: identical banks.
+  c.data.feature_store = "disk"
+  spilled = engine.fit_methods(c, train, emb, pre, ["softpatch_lof"])
+  assert isinstance(spilled.train_feats, np.memmap)
+  np.testing.assert_array_equal(spilled.train_feats, fitted.train_feats)
+  np.testing.assert_array_equal(
+      np.asarray(spilled.banks["softpatch_lof"].features),
+      np.asarray(fitted.banks["softpatch_lof"].features),
+  )
 
 
 @pytest.mark.parametrize("method", ["softpatch_lof", "patchcore"])

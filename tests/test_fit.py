@@ -28,6 +28,12 @@ def test_validate_config_and_settings(tmp_path):
   with pytest.raises(ValueError, match="fit mode saves one model"):
     fit.validate_config(c)
   c.methods = "patchcore"
+  c.data.feature_store = "disk"
+  assert fit.validate_config(c) == "patchcore"
+  c.data.feature_store = "ssd"
+  with pytest.raises(ValueError, match="data.feature_store must be one of"):
+    fit.validate_config(c)
+  c.data.feature_store = "memory"
   c.denoise.noise_fraction = 1.0
   with pytest.raises(ValueError, match="noise_fraction"):
     fit.validate_config(c)

@@ -21,6 +21,7 @@ CORE = {
     "softpatch_jax.metrics",
     "softpatch_jax.thresholds",
     "softpatch_jax.validation",
+    "softpatch_jax.feature_store",  # where train features live; read by the core
     "softpatch_jax.parallel",
     "softpatch_jax.baselines",
     "softpatch_jax.baselines.padim",
