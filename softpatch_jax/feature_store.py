@@ -80,13 +80,41 @@ class Writer:
     return out
 
 
+def _mapping(a):
+  """The mmap behind a (a np.memmap or a view of one), else None."""
+  while a is not None and getattr(a, "_mmap", None) is None:
+    a = getattr(a, "base", None)
+  return None if a is None else a._mmap  # pylint: disable=protected-access
+
+
 def release(a) -> None:
   """Drops the resident pages of a file-mapped array; no-op for RAM arrays.
 
   The data stays in the file (and usually the page cache): the next access
   maps it again.
   """
-  while a is not None and getattr(a, "_mmap", None) is None:
-    a = getattr(a, "base", None)
-  if a is not None and hasattr(mmap, "MADV_DONTNEED"):
-    a._mmap.madvise(mmap.MADV_DONTNEED)  # pylint: disable=protected-access
+  mapping = _mapping(a)
+  if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+    mapping.madvise(mmap.MADV_DONTNEED)
+
+
+_TAKE_ROWS = 512  # rows per gather chunk of a file-mapped array
+
+
+def take(a, rows) -> np.ndarray:
+  """a[rows] (rows: 1-d ints) into RAM, handing pages back as it goes.
+
+  A page fault on a file mapping can map a large block of cached pages
+  around it, so scattered rows would make most of the file resident: the
+  rows are read in sorted chunks, each from one stretch of the file.
+  """
+  if _mapping(a) is None:
+    return a[rows]
+  rows = np.asarray(rows)
+  order = np.argsort(rows, kind="stable")
+  out = np.empty((len(rows), *a.shape[1:]), a.dtype)
+  for s in range(0, len(rows), _TAKE_ROWS):
+    part = order[s : s + _TAKE_ROWS]
+    out[part] = a[rows[part]]
+    release(a)
+  return out

@@ -402,10 +402,8 @@ def build_bank(
   if host:
     rows = np.asarray(rows)
   use_soft = method.soft_weight if soft_weight is None else bool(soft_weight)
-  bank_rows = flat[rows]
-  feature_store.release(flat)
   bank = scoring.make_bank(
-      bank_rows,
+      feature_store.take(flat, rows) if host else flat[rows],
       soft[rows],
       soft_weight=use_soft,
       grid=grid,

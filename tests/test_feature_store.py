@@ -38,6 +38,22 @@ def test_writer_returns_the_rows_written(seed, store, tmp_path, monkeypatch):
     np.testing.assert_array_equal(got, x)  # pages come back on access
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_take_gathers_rows_in_their_order(seed, monkeypatch):
+  monkeypatch.setattr(feature_store, "_TAKE_ROWS", 5)
+  rng = np.random.default_rng(seed)
+  x, batches = _batches(rng, 50, (3, 4), 7)
+  w = feature_store.Writer(50, np.float32, "disk")
+  for b in batches:
+    w.write(b)
+  flat = np.asarray(w.finish()).reshape(150, 4)  # a view, as build_bank has
+  rows = rng.integers(0, 150, size=int(rng.integers(0, 40)))  # repeats too
+  got = feature_store.take(flat, rows)
+  np.testing.assert_array_equal(got, x.reshape(150, 4)[rows])
+  assert not isinstance(got, np.memmap) and got.flags.writeable
+  np.testing.assert_array_equal(feature_store.take(x, [3, 1]), x[[3, 1]])
+
+
 def _rss_mb():
   with open("/proc/self/status", encoding="ascii") as f:
     for line in f:
