@@ -46,6 +46,7 @@ import math
 
 import numpy as np
 
+from softpatch_jax.kernels import _blas
 from softpatch_jax.kernels import kcenter
 
 _U32 = 2.0**-24  # float32 unit roundoff
@@ -330,4 +331,5 @@ def kcenter_pruned(
   bounded = np.all(np.abs(x) < 1e15) and np.all((w >= 0) & (w < np.inf))
   if not bounded or not np.all(np.isfinite(dist)) or x.shape[1] > 100_000:
     return _dense(x, n_select, dist, w, first)
-  return _Greedy(x, w, dist).run(n_select, first)
+  with _blas.one_thread():  # many ~1 MB products: see kernels/_blas.py
+    return _Greedy(x, w, dist).run(n_select, first)

@@ -55,9 +55,10 @@ def base_config() -> ml_collections.ConfigDict:
   # a second random projection, and its first pick ignores the noise weight
   # (so it can be a noise patch). Off: one projection, noise never kept.
   c.coreset.reference_quirks = False
-  # 'dense' (default) or 'pruned': an exact triangle-inequality pruned
-  # greedy on the host (kernels/kcenter_pruned.py), faster on CPU for large
-  # clustered banks (README, "Benchmarks"); one device only.
+  # 'dense' (default) or 'pruned': an exact greedy on the host that updates
+  # only the points that can become the next pick (kernels/kcenter_pruned.py;
+  # same picks), faster on CPU from tens of thousands of patches (README,
+  # "Benchmarks"); one device only.
   c.coreset.impl = "dense"
 
   c.scoring = ml_collections.ConfigDict()

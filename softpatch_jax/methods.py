@@ -298,9 +298,9 @@ def build_bank(
       (`parallel`), with the single-device results. Eager only.
     coreset_impl: 'dense' (every point's distance per pick; the XLA or
       Pallas kernel) or 'pruned' (`kernels.kcenter_pruned`: a numpy host
-      loop that skips the points a new centre cannot reach; the picks of the
-      float32 numpy greedy, which the dense kernels match but for ulp-level
-      near-ties). 'pruned' is eager, single-device only, and pays off on CPU
+      loop that updates only the points that can become the next pick and
+      skips the distances a bound clears; the picks of the float32 numpy
+      greedy, which the dense kernels match but for ulp-level near-ties). 'pruned' is eager, single-device only, and pays off on CPU
       from tens of thousands of patches (README, "Benchmarks").
 
   Returns:
