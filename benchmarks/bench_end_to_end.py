@@ -410,7 +410,7 @@ def project_config(spec: dict):
   c.coreset.fraction = spec["coreset_fraction"]
   c.coreset.num_starts = spec["num_starts"]
   c.coreset.reference_quirks = spec["reference_quirks"]
-  c.coreset.impl = spec.get("coreset_impl", "dense")
+  c.coreset.impl = spec.get("coreset_impl", "auto")
   c.scoring.search = spec.get("knn_search", "auto")
   c.data.feature_store = spec.get("feature_store", "memory")
   c.data.dataset = "mvtec"
@@ -646,8 +646,8 @@ def parse_args(argv=None):
   p.add_argument("--reference_quirks", action="store_true")
   p.add_argument(
       "--coreset_impl",
-      default="dense",
-      choices=("dense", "pruned"),
+      default="auto",
+      choices=("auto", "dense", "pruned"),
       help="the project's greedy coreset path (config.coreset.impl)",
   )
   p.add_argument(

@@ -68,6 +68,31 @@ def get_subsampler(name: str) -> Callable[..., Selection]:
   return SUBSAMPLERS[name]
 
 
+IMPLS = ("auto", "dense", "pruned")
+# 'auto' runs the pruned host greedy from this many points on: below it the
+# dense kernel's fixed cost per pick is lower.
+PRUNED_MIN_POINTS = 16384
+
+
+def resolve_impl(impl: str, x, mesh=None) -> str:
+  """'dense' or 'pruned' for the greedy over points x (config.coreset.impl).
+
+  'auto' is 'pruned' (`kernels.kcenter_pruned`, a numpy host loop with the
+  float32 numpy greedy's picks) when x is concrete, on CPU, on one device
+  and has >= PRUNED_MIN_POINTS rows; 'dense' (the XLA or Pallas kernel)
+  under jit, on accelerators and with a mesh.
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"coreset_impl must be one of {IMPLS}, got {impl!r}")
+  if impl == "pruned" and mesh is not None:
+    raise ValueError("coreset_impl='pruned' runs on one device; drop mesh")
+  if impl != "auto":
+    return impl
+  host = validation.is_concrete(x) and jax.default_backend() == "cpu"
+  big = x.shape[0] >= PRUNED_MIN_POINTS
+  return "pruned" if host and big and mesh is None else "dense"
+
+
 def num_samples(m: int, fraction: float) -> int:
   """Points kept for a fraction: max(1, int(m * fraction)), as the reference."""
   if not isinstance(

@@ -55,11 +55,12 @@ def base_config() -> ml_collections.ConfigDict:
   # a second random projection, and its first pick ignores the noise weight
   # (so it can be a noise patch). Off: one projection, noise never kept.
   c.coreset.reference_quirks = False
-  # 'dense' (default) or 'pruned': an exact greedy on the host that updates
-  # only the points that can become the next pick (kernels/kcenter_pruned.py;
-  # same picks), faster on CPU from tens of thousands of patches (README,
-  # "Benchmarks"); one device only.
-  c.coreset.impl = "dense"
+  # 'auto' (default), 'dense' or 'pruned'. pruned: an exact greedy on the host
+  # that updates only the points that can become the next pick
+  # (kernels/kcenter_pruned.py; the float32 numpy greedy's picks), one device
+  # only; auto runs it for eager CPU fits of >= 16384 patches, where it is
+  # 3-20x faster (README, "Benchmarks"), and the dense kernel elsewhere.
+  c.coreset.impl = "auto"
 
   c.scoring = ml_collections.ConfigDict()
   # None: the method's own choice (on for softpatch_*, off for patchcore*).

@@ -254,7 +254,7 @@ def bank_options(config) -> dict:
       num_starts=config.coreset.num_starts,
       projection_dim=config.coreset.projection_dim,
       reference_quirks=bool(config.coreset.get("reference_quirks", False)),
-      coreset_impl=config.coreset.get("impl", "dense"),
+      coreset_impl=config.coreset.get("impl", "auto"),
       soft_weight=config.scoring.get("soft_weight", None),
       blur_sigma=config.scoring.blur_sigma,
       search=config.scoring.get("search", "auto"),

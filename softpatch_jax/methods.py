@@ -259,7 +259,7 @@ def build_bank(
     coreset_projection=None,
     progress: Optional[Callable[[str], None]] = None,
     mesh: Optional[jax.sharding.Mesh] = None,
-    coreset_impl: str = "dense",
+    coreset_impl: str = "auto",
 ) -> Tuple[scoring.MemoryBank, BankFit]:
   """Fits a memory bank on (N, P, D) training patch features.
 
@@ -297,11 +297,12 @@ def build_bank(
       split over patch positions and the greedy coreset over points
       (`parallel`), with the single-device results. Eager only.
     coreset_impl: 'dense' (every point's distance per pick; the XLA or
-      Pallas kernel) or 'pruned' (`kernels.kcenter_pruned`: a numpy host
+      Pallas kernel), 'pruned' (`kernels.kcenter_pruned`: a numpy host
       loop that updates only the points that can become the next pick and
       skips the distances a bound clears; the picks of the float32 numpy
-      greedy, which the dense kernels match but for ulp-level near-ties). 'pruned' is eager, single-device only, and pays off on CPU
-      from tens of thousands of patches (README, "Benchmarks").
+      greedy, which the dense kernels match but for ulp-level near-ties;
+      eager and single-device only) or 'auto' (`coreset.resolve_impl`:
+      pruned for eager CPU fits of >= 16384 patches, else dense).
 
   Returns:
     (MemoryBank, BankFit). Pure and jittable (with `method` and the sizes
@@ -379,13 +380,8 @@ def build_bank(
     extra = dict(unweighted_first=True)
   if mesh is not None and method.subsampler == "greedy":
     extra["kcenter_fn"] = functools.partial(parallel.kcenter, mesh=mesh)
-  if coreset_impl not in ("dense", "pruned"):
-    raise ValueError(
-        f"coreset_impl must be 'dense' or 'pruned', got {coreset_impl!r}"
-    )
-  if coreset_impl == "pruned" and method.subsampler == "greedy":
-    if mesh is not None:
-      raise ValueError("coreset_impl='pruned' runs on one device; drop mesh")
+  impl = coreset.resolve_impl(coreset_impl, coreset_input, mesh)
+  if impl == "pruned" and method.subsampler == "greedy":
     extra["kcenter_fn"] = _pruned_kcenter
   idx, valid = coreset.get_subsampler(method.subsampler)(
       coreset_input,

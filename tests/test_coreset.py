@@ -272,3 +272,23 @@ def test_unweighted_first_short_cut_and_no_weights():
       _greedy(x, 6, starts=starts, unweighted_first=True),
       _greedy(x, 6, starts=starts),
   )
+
+
+def test_resolve_impl(monkeypatch):
+  big = np.zeros((coreset.PRUNED_MIN_POINTS, 4), np.float32)
+  small = big[:-1]
+  on_cpu = jax.default_backend() == "cpu"
+  assert coreset.resolve_impl("auto", big) == ("pruned" if on_cpu else "dense")
+  assert coreset.resolve_impl("auto", small) == "dense"
+  assert coreset.resolve_impl("auto", big, mesh=object()) == "dense"
+  assert coreset.resolve_impl("dense", big) == "dense"
+  assert coreset.resolve_impl("pruned", small) == "pruned"
+  traced = []
+  jax.jit(lambda x: traced.append(coreset.resolve_impl("auto", x)) or x)(big)
+  assert traced == ["dense"]
+  monkeypatch.setattr(coreset.jax, "default_backend", lambda: "gpu")
+  assert coreset.resolve_impl("auto", big) == "dense"
+  with pytest.raises(ValueError, match="coreset_impl must be one of"):
+    coreset.resolve_impl("fast", big)
+  with pytest.raises(ValueError, match="one device"):
+    coreset.resolve_impl("pruned", big, mesh=object())

@@ -1,6 +1,8 @@
 """methods: the registry, and build_bank against a plain numpy re-implementation
 (projection, LOF weights, noise threshold, weighted greedy), jit vs eager."""
 
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,6 +119,21 @@ def test_pruned_coreset_host_and_device_inputs_and_errors():
     )
   with pytest.raises(ValueError, match="coreset_impl must be"):
     methods.build_bank(feats, key, "patchcore", coreset_impl="fast", **kw)
+  # 'auto' goes pruned from PRUNED_MIN_POINTS on, and dense under jit.
+  orig = methods._pruned_kcenter  # pylint: disable=protected-access
+  with mock.patch.object(coreset, "PRUNED_MIN_POINTS", 1):
+    with mock.patch.object(
+        methods, "_pruned_kcenter", side_effect=orig
+    ) as pruned_fn:
+      auto, _ = methods.build_bank(feats, key, "patchcore", **kw)
+      assert pruned_fn.call_count == 1
+      jax.jit(
+          lambda f: methods.build_bank(f, key, "patchcore", **kw)[0].features
+      )(jnp.asarray(feats))
+      assert pruned_fn.call_count == 1
+  np.testing.assert_array_equal(
+      np.asarray(auto.features), np.asarray(dense.features)
+  )
   with pytest.raises(ValueError, match="not under jit"):
     jax.jit(
         lambda f: methods.build_bank(
