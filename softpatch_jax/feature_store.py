@@ -36,7 +36,14 @@ class Writer:
     if self.store == "memory":
       self.array = np.empty((self.n, *self.row_shape), self.dtype)
       return
-    fd, path = tempfile.mkstemp(prefix="softpatch_features_")
+    try:
+      fd, path = tempfile.mkstemp(prefix="softpatch_features_")
+    except OSError as e:
+      raise OSError(
+          "cannot create a temporary file for the train features in "
+          f"{tempfile.gettempdir()}: {e}. Point TMPDIR at a writable folder, "
+          "or set data.feature_store='memory'"
+      ) from e
     self.file = os.fdopen(fd, "w+b")
     os.unlink(path)  # gone when the last mapping closes, even after a crash
     self.folder = os.path.dirname(path)

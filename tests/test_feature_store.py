@@ -90,6 +90,14 @@ def test_errors(monkeypatch):
   with pytest.raises(ValueError, match="no feature batch"):
     feature_store.Writer(3, np.float32, "disk").finish()
 
+  def no_room(**unused):
+    raise PermissionError(errno.EACCES, "Permission denied")
+
+  monkeypatch.setattr(feature_store.tempfile, "mkstemp", no_room)
+  with pytest.raises(OSError, match="temporary file.*TMPDIR"):
+    feature_store.Writer(3, np.float32, "disk").write(np.zeros((1, 4)))
+  monkeypatch.undo()
+
   w = feature_store.Writer(3, np.float32, "disk")
   w.write(np.zeros((1, 4), np.float32))
 
