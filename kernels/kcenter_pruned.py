@@ -76,24 +76,34 @@ def _validate(x, n_select, start_idx, sampling_weight, first):
   return np.ascontiguousarray(x), n_select, start_idx % m, np.asarray(w), first
 
 
-def exact_distance(x, c, rows=None):
-  """float32 d(x[rows], c) with the numpy reference's arithmetic.
+def _blocked_distance(x, rows, subtrahend):
+  """float32 ||x[rows] - subtrahend(s, e)|| over blocks s:e of rows.
 
-  Difference, square, numpy's sum over each row, sqrt: the same values bit
-  for bit as np.sqrt(((x - c) ** 2).sum(1)) on all of x (numpy sums each
-  row on its own), computed in cache-sized blocks without a copy of x.
+  Difference, square, numpy's sum over each row, sqrt: numpy sums each row
+  on its own, so every value is the reference's bit for bit whatever the
+  block; the blocks keep the temporaries cache-sized.
   """
   k = x.shape[0] if rows is None else len(rows)
   out = np.empty((k,), np.float32)
   for s in range(0, k, _BLOCK):
+    e = min(s + _BLOCK, k)
     if rows is None:
-      b = x[s : s + _BLOCK] - c
+      b = x[s:e] - subtrahend(s, e)
     else:
-      b = x[rows[s : s + _BLOCK]]
-      np.subtract(b, c, out=b)
+      b = x[rows[s:e]]  # a copy: subtract in place
+      np.subtract(b, subtrahend(s, e), out=b)
     np.multiply(b, b, out=b)
-    np.sqrt(np.add.reduce(b, axis=1), out=out[s : s + len(b)])
+    np.sqrt(np.add.reduce(b, axis=1), out=out[s:e])
   return out
+
+
+def exact_distance(x, c, rows=None):
+  """float32 d(x[rows], c) with the numpy reference's arithmetic.
+
+  The same values bit for bit as np.sqrt(((x - c) ** 2).sum(1)) on all of
+  x, computed in blocks without a copy of x.
+  """
+  return _blocked_distance(x, rows, lambda s, e: c)
 
 
 def initial_distance(x, start_idx, w):
@@ -116,13 +126,7 @@ def _dense(x, n_select, dist, w, first):
 
 def _pair_distance(x, rows, cols):
   """float32 d(x[rows], x[cols]) pair by pair, as exact_distance rounds."""
-  out = np.empty((len(rows),), np.float32)
-  for s in range(0, len(rows), _BLOCK):
-    b = x[rows[s : s + _BLOCK]]
-    np.subtract(b, x[cols[s : s + _BLOCK]], out=b)
-    np.multiply(b, b, out=b)
-    np.sqrt(np.add.reduce(b, axis=1), out=out[s : s + len(b)])
-  return out
+  return _blocked_distance(x, rows, lambda s, e: x[cols[s:e]])
 
 
 def _down32(v):
@@ -153,7 +157,7 @@ class _Greedy:
     # dist[x] is exact for the centres before fresh_at[x] (an upper bound
     # on the reference's dist); the hot set and its threshold.
     self.fresh_at = np.zeros((m,), np.int64)
-    self.hot, self.hot_theta = np.arange(m), 0.0
+    self.hot_theta = 0.0  # the current hot set's threshold
 
   def _project(self, x):
     """y = (x - mean) V on the principal axes, with its error terms.
@@ -250,7 +254,7 @@ class _Greedy:
     hot = np.arange(self.m)
     if theta > 0:
       hot = np.flatnonzero(self.dist >= theta)
-    self.hot, self.hot_theta = hot, theta
+    self.hot_theta = theta
     return theta, hot
 
   def _hot_update(self, i, hot, y1, a_half):
