@@ -399,7 +399,7 @@ def build_bank(
     rows = np.asarray(rows)
   use_soft = method.soft_weight if soft_weight is None else bool(soft_weight)
   bank = scoring.make_bank(
-      feature_store.take(flat, rows) if host else flat[rows],
+      feature_store.take(flat, rows),
       soft[rows],
       soft_weight=use_soft,
       grid=grid,
