@@ -40,6 +40,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from softpatch_jax import backbones
+from softpatch_jax import compile_cache
 from softpatch_jax import data
 from softpatch_jax import engine
 from softpatch_jax import experiment
@@ -249,6 +250,7 @@ def main(argv):
   if config is None:
     raise app.UsageError("--config is required")
   logging.set_verbosity(logging.INFO)
+  compile_cache.enable(flags.FLAGS.compilation_cache)
   try:
     run(config, flags.FLAGS.workdir)
   except (ValueError, backbones.WeightsUnavailableError) as e:
@@ -264,4 +266,5 @@ if __name__ == "__main__":
       "config", None, "Path to an experiment config file.", lock_config=True
   )
   flags.DEFINE_string("workdir", "out", "Directory for results.")
+  compile_cache.define_flag()
   app.run(main)

@@ -19,6 +19,7 @@ import jax
 from ml_collections import config_flags
 
 from softpatch_jax import backbones
+from softpatch_jax import compile_cache
 from softpatch_jax import experiment
 from softpatch_jax import fit
 
@@ -26,6 +27,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to an ml_collections config file.", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", "out", "Directory for results.")
+_CACHE = compile_cache.define_flag()
 flags.mark_flags_as_required(["config"])
 
 MODES = {"evaluate": experiment.run, "fit": fit.fit_and_save}
@@ -58,6 +60,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
+  compile_cache.enable(_CACHE.value)
   try:
     run(_CONFIG.value, _WORKDIR.value)
   except (ValueError, backbones.WeightsUnavailableError) as e:

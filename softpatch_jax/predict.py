@@ -45,6 +45,7 @@ from absl import flags
 from absl import logging
 
 from softpatch_jax import backbones
+from softpatch_jax import compile_cache
 from softpatch_jax import data
 from softpatch_jax import engine
 from softpatch_jax import inference
@@ -344,6 +345,7 @@ def _define_flags():
       "Stop at the first unreadable image "
       "instead of recording it as an error row.",
   )
+  compile_cache.define_flag()
   flags.mark_flags_as_required(["model", "input", "output"])
   return flags.FLAGS
 
@@ -353,6 +355,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
   f = flags.FLAGS
+  compile_cache.enable(f.compilation_cache)
   try:
     res = predict(
         f.model,

@@ -38,6 +38,7 @@ EDGE = {
     "softpatch_jax.main",
     "softpatch_jax.experiments",
     "softpatch_jax.figures",
+    "softpatch_jax.compile_cache",
 }
 MAX_LINES = 420
 
