@@ -227,11 +227,8 @@ _project_chunk = jax.jit(denoise.project)
 
 
 def _project(flat, projection):
-  """`denoise.project`; host arrays chunk by chunk (bit-identical rows).
-
-  Every chunk has `_PROJECT_ROWS` rows (the last one zero-padded, its extra
-  rows dropped), so the chunks share one compiled program.
-  """
+  """`denoise.project`; host arrays in chunks of one shape (the last one
+  zero-padded, its extra rows dropped), so they share one program."""
   if not isinstance(flat, np.ndarray) or len(flat) <= _PROJECT_ROWS:
     return denoise.project(jnp.asarray(flat), projection)
   # Each chunk is finished before the next is sent: with asynchronous
