@@ -242,6 +242,7 @@ def kcenter(
       n_select,
       start_idx,
       w,
+      backend=_dispatch.pallas_backend(),
       interpret=(path == "pallas_interpret"),
       storage_dtype=sdt,
   )

@@ -10,8 +10,11 @@ Three implementations share these semantics:
   * the XLA path: queries tiled with ``lax.map``, the bank tiled with
     ``lax.scan`` carrying a running top-k; only (block_q, block_n) tiles of
     the distance matrix ever exist.
-  * the Pallas kernel (``knn_pallas.py``): a (query-tile, bank-tile) grid
-    with the running top-k held in the revisited output block.
+  * the Pallas kernels (``knn_pallas.py``), one design per backend: on
+    Triton a grid over query tiles, each looping over bank tiles and
+    feature chunks with a running top-k; on Mosaic TPU a (query tile, bank
+    tile, feature chunk) grid with the running top-k in the revisited
+    output block.
 """
 
 from __future__ import annotations
@@ -148,8 +151,10 @@ def knn(
     bank: (N, D) float array, N >= k.
     k: neighbours per query (small: 1..~32).
     block_q, block_n: tile sizes (defaults chosen per path).
-    impl: None (XLA on CPU, Pallas on GPU/TPU), 'xla', 'pallas',
-      'pallas_interpret' or 'reference'.
+    impl: None (``_dispatch.DEFAULT_IMPL``), 'xla', 'pallas' (the Pallas
+      design of the current backend), 'pallas_interpret' (that design in
+      the Pallas interpreter; on a CPU the Triton one unless
+      SOFTPATCH_JAX_PALLAS_BACKEND=mosaic_tpu) or 'reference'.
     compute_dtype: None/float32, or jnp.bfloat16 to feed the distance matmul
       bf16 inputs with f32 accumulation (norms from the rounded inputs). The
       returned distances are then recomputed in f32 for the selected
@@ -183,6 +188,7 @@ def knn(
       k,
       block_q=block_q,
       block_n=block_n,
+      backend=_dispatch.pallas_backend(),
       interpret=(path == "pallas_interpret"),
       compute_dtype=cdt,
   )

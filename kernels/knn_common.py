@@ -32,9 +32,18 @@ def validate(queries, bank, k: int, op: str = "knn"):
 
 
 def sq_dists(q, qq, b, bb):
-  """(m, n) clamped squared distances; same expression on every path."""
+  """(m, n) clamped squared distances; same expression on every path.
+
+  Precision HIGHEST: true f32 products on GPUs and TPUs too (not TF32 /
+  bf16 passes), as in the Pallas kernels, so every path finds the same
+  neighbours.
+  """
   dots = jax.lax.dot_general(
-      q, b, (((1,), (1,)), ((), ())), preferred_element_type=_F32
+      q,
+      b,
+      (((1,), (1,)), ((), ())),
+      precision=jax.lax.Precision.HIGHEST,
+      preferred_element_type=_F32,
   )
   return jnp.maximum(qq[:, None] - 2.0 * dots + bb[None, :], 0.0)
 
@@ -64,7 +73,14 @@ def refine(q, b, d, idx, k):
   rows = b[idx]  # (m, k, D)
   diff = (
       jnp.sum(q * q, 1)[:, None]
-      - 2.0 * jnp.einsum("md,mkd->mk", q, rows, preferred_element_type=_F32)
+      - 2.0
+      * jnp.einsum(
+          "md,mkd->mk",
+          q,
+          rows,
+          precision=jax.lax.Precision.HIGHEST,
+          preferred_element_type=_F32,
+      )
       + jnp.sum(rows * rows, -1)
   )
   return lex_smallest(jnp.maximum(diff, 0.0), idx, k)

@@ -1,105 +1,322 @@
-"""Pallas kernel for blocked squared-L2 kNN.
+"""Pallas kernels for blocked squared-L2 kNN, one design per backend.
 
-Grid = (query tiles, bank tiles); the bank axis is the inner, sequential
-one. The (block_q, kp) output tiles stay resident across it and hold the
-running top-k, so no distance tile outlives one grid step. The merge is
-k rounds of "take the minimum, lowest index among equals", written with
-plain min/where so that it lowers on every Pallas backend.
+Both designs compute, for a tile of queries, (query, bank) distance tiles
+``||q||^2 - 2 q.b + ||b||^2`` (clamped at 0; README, "Kernels") and merge
+each tile into a running top-k that is k rounds of "take the minimum, the
+lowest bank index among equals", written with min/where only (no sort, no
+top_k, no concatenate) so that it lowers on Triton and on Mosaic TPU. No
+distance tile outlives its merge; the full M x N matrix never exists.
+
+* ``triton`` (GPUs): the grid is the query tiles only, since Triton runs
+  grid programs in parallel, in any order. Each program loops over the
+  bank tiles, and inside that over chunks of the feature dimension, with
+  ``lax.fori_loop``, so that only (block_q + block_n) x block_d operand
+  tiles pass through shared memory. The running top-k is a loop-carried
+  (block_q, kp) value written once at the end.
+* ``mosaic_tpu`` (TPUs): grid = (query tiles "parallel", bank tiles
+  "arbitrary", feature chunks "arbitrary"). The dot accumulates in a VMEM
+  scratch tile over the feature chunks; after the last chunk the tile is
+  merged into the running top-k held in the (block_q, 128) output blocks,
+  which stay resident while the sequential bank axis revisits them.
+
+Rows are padded outside the kernels: padded bank rows get a +inf norm, so
+their distance is +inf and they never beat a real row; the feature
+dimension is padded with zeros, which adds nothing to any dot product.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plt
 
 from softpatch_jax.kernels import _dispatch
 from softpatch_jax.kernels import knn_common
 
 _F32 = jnp.float32
 _BIG = jnp.iinfo(jnp.int32).max
+_HIGHEST = jax.lax.Precision.HIGHEST
+_DOT_DIMS = (((1,), (1,)), ((), ()))
+
+# Triton launch parameters; `plan` budgets shared memory for them.
+TRITON_NUM_WARPS = 4
+TRITON_NUM_STAGES = 3
+# Triton's dot needs every dimension >= 16.
+_TRITON_MIN = 16
+# Mosaic TPU: feature chunks up to this many lanes per grid step.
+_TPU_MAX_BLOCK_D = 1024
+_LANES = 128
+# Merge rounds up to this k are unrolled.
+_UNROLL_K = 8
 
 
-def _next_pow2(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
+class Plan(NamedTuple):
+  """Block sizes of one kNN kernel launch and their on-chip memory bytes."""
+
+  backend: str
+  block_q: int  # query rows per tile (per grid program on Triton)
+  block_n: int  # bank rows per tile
+  block_d: int  # feature columns per chunk of the dot
+  kp: int  # width of the running top-k / output block
+  nbytes: int  # static on-chip memory estimate (see `plan`)
 
 
-def _knn_kernel(q_ref, qq_ref, b_ref, bb_ref, d_ref, i_ref, *, k, kp, block_n):
-  j = pl.program_id(1)
+def _triton_block_d(d: int) -> int:
+  # 32 unless 16 pads the feature dimension less (e.g. d = 7 or 40).
+  return min((32, 16), key=lambda c: (_dispatch.round_up(d, c), -c))
 
-  @pl.when(j == 0)
-  def _init():
-    d_ref[...] = jnp.full(d_ref.shape, jnp.inf, _F32)
-    i_ref[...] = jnp.full(i_ref.shape, _BIG, jnp.int32)
 
-  dots = jax.lax.dot_general(
-      q_ref[...],
-      b_ref[...],
-      (((1,), (1,)), ((), ())),
-      preferred_element_type=_F32,
-  )
-  d = jnp.maximum(qq_ref[...] - 2.0 * dots + bb_ref[...], 0.0)
-  col = j * block_n + jax.lax.broadcasted_iota(jnp.int32, d.shape, 1)
-  run_d = d_ref[...]
-  run_i = i_ref[...]
-  out_d, out_i = [], []
-  for _ in range(k):
-    m = jnp.minimum(
+def plan(
+    m: int,
+    n: int,
+    d: int,
+    k: int,
+    backend: str | None = None,
+    *,
+    block_q: int | None = None,
+    block_n: int | None = None,
+    block_d: int | None = None,
+    itemsize: int = 4,
+) -> Plan:
+  """Block sizes for an (m, d) x (n, d) top-k search on `backend`.
+
+  Defaults: Triton 64 x 128 tiles with 32-column feature chunks (powers of
+  two, >= 16 for the dot); Mosaic TPU 256 x 512 tiles with up to 1024-lane
+  feature chunks and a 128-lane top-k block. Both shrink to small inputs.
+  The query and bank tile sizes depend on (m, n) only, never on d, so that
+  ``parallel._knn_blocks`` (no d) can mirror them. Explicit sizes are
+  rounded up to what the backend accepts (Triton: powers of two >= 16;
+  Mosaic TPU: block_q a multiple of 8, block_n and block_d of 128).
+
+  ``nbytes`` is a conservative static estimate of on-chip memory:
+    * triton: shared memory per program: the dot operand tiles
+      ``(block_q + block_n) * block_d * itemsize`` times ``num_stages``
+      (software-pipelined loads), plus one f32 (block_q, block_n) tile for
+      the layout conversion of the dot result before the row reductions,
+      plus the two (block_q, kp) running top-k values.
+    * mosaic_tpu: VMEM: 2x (double buffering) each input block (the norm
+      blocks padded to the (8, 128) tile: (block_q, 1) takes 128 lanes,
+      (1, block_n) 8 sublanes) and each (block_q, kp) output block, the f32
+      (block_q, block_n) accumulator scratch, and four live f32
+      (block_q, block_n) intermediates (dot result, distances, column
+      indices, masks).
+  """
+  backend = _dispatch.pallas_backend(backend)
+  m, n, d, k = max(int(m), 1), max(int(n), 1), max(int(d), 1), int(k)
+  if backend == "triton":
+    pow2 = lambda v: _dispatch.next_pow2(max(int(v), _TRITON_MIN))
+    bq = pow2(block_q or min(64, m))
+    bn = pow2(block_n or min(128, n))
+    bd = pow2(block_d or _triton_block_d(d))
+    kp = _dispatch.next_pow2(k)
+    nbytes = (
+        TRITON_NUM_STAGES * (bq + bn) * bd * itemsize
+        + bq * bn * 4
+        + 2 * bq * kp * 4
+    )
+  elif backend == "mosaic_tpu":
+    bq = _dispatch.round_up(block_q or min(256, m), 8)
+    bn = _dispatch.round_up(block_n or min(512, n), _LANES)
+    if block_d:
+      bd = _dispatch.round_up(block_d, _LANES)
+    else:
+      chunks = -(-_dispatch.round_up(d, _LANES) // _TPU_MAX_BLOCK_D)
+      bd = _dispatch.round_up(-(-d // chunks), _LANES)
+    kp = _dispatch.round_up(k, _LANES)
+    tile = bq * bn * 4
+    nbytes = (
+        2 * (bq + bn) * bd * itemsize  # query and bank blocks
+        + 2 * bq * _LANES * 4  # (block_q, 1) query norms
+        + 2 * 8 * bn * 4  # (1, block_n) bank norms
+        + 2 * 2 * bq * kp * 4  # two (block_q, kp) outputs
+        + tile  # accumulator scratch
+        + 4 * tile  # live intermediates
+    )
+  else:
+    raise ValueError(
+        f"kernels.knn: backend={backend!r} is not one of "
+        f"{_dispatch.PALLAS_BACKENDS}"
+    )
+  return Plan(backend, bq, bn, bd, kp, int(nbytes))
+
+
+def _merge_topk(run_d, run_i, d, col, k):
+  """k smallest of a running top-k and a distance tile, ties -> lower index.
+
+  run_d/run_i: (rows, kp) ascending, padded with (+inf, BIG); d/col: a
+  (rows, cols) tile and its bank indices. Each round takes the minimum of
+  both, then the lowest index holding it, and removes that entry (distance
+  +inf, index BIG) so that it cannot be picked twice. Returns (rows, kp).
+  Small k is unrolled; a larger one loops, to keep the kernel code small.
+  """
+  slot = jax.lax.broadcasted_iota(jnp.int32, run_d.shape, 1)
+
+  def one_round(r, carry):
+    run_d, run_i, d, col, out_d, out_i = carry
+    best = jnp.minimum(
         jnp.min(run_d, axis=1, keepdims=True), jnp.min(d, axis=1, keepdims=True)
     )
     sel = jnp.minimum(
-        jnp.min(jnp.where(run_d == m, run_i, _BIG), axis=1, keepdims=True),
-        jnp.min(jnp.where(d == m, col, _BIG), axis=1, keepdims=True),
+        jnp.min(jnp.where(run_d == best, run_i, _BIG), axis=1, keepdims=True),
+        jnp.min(jnp.where(d == best, col, _BIG), axis=1, keepdims=True),
     )
-    out_d.append(m)
-    out_i.append(sel)
-    run_d = jnp.where(run_i == sel, jnp.inf, run_d)
-    d = jnp.where(col == sel, jnp.inf, d)
-  for _ in range(kp - k):
-    out_d.append(jnp.full_like(out_d[0], jnp.inf))
-    out_i.append(jnp.full_like(out_i[0], _BIG))
-  d_ref[...] = jnp.concatenate(out_d, axis=1)
-  i_ref[...] = jnp.concatenate(out_i, axis=1)
+    out_d = jnp.where(slot == r, best, out_d)
+    out_i = jnp.where(slot == r, sel, out_i)
+    taken = run_i == sel
+    run_d = jnp.where(taken, jnp.inf, run_d)
+    run_i = jnp.where(taken, _BIG, run_i)
+    taken = col == sel
+    d = jnp.where(taken, jnp.inf, d)
+    col = jnp.where(taken, _BIG, col)
+    return run_d, run_i, d, col, out_d, out_i
+
+  carry = (
+      run_d,
+      run_i,
+      d,
+      col,
+      jnp.full(run_d.shape, jnp.inf, _F32),
+      jnp.full(run_i.shape, _BIG, jnp.int32),
+  )
+  if k <= _UNROLL_K:
+    for r in range(k):
+      carry = one_round(r, carry)
+  else:
+    carry = jax.lax.fori_loop(0, k, one_round, carry)
+  return carry[4], carry[5]
+
+
+def _triton_kernel(
+    q_ref, qq_ref, b_ref, bb_ref, d_ref, i_ref, *, k, block_n, block_d
+):
+  block_q, dp = q_ref.shape
+  n_tiles = b_ref.shape[0] // block_n
+  d_chunks = dp // block_d
+  qq = qq_ref[...]  # (block_q, 1)
+
+  def bank_tile(j, carry):
+    start = pl.multiple_of(j * block_n, block_n)
+
+    def d_chunk(c, acc):
+      cs = pl.multiple_of(c * block_d, block_d)
+      qc = q_ref[:, pl.ds(cs, block_d)]
+      bc = b_ref[pl.ds(start, block_n), pl.ds(cs, block_d)]
+      return acc + jax.lax.dot_general(
+          qc, bc, _DOT_DIMS, precision=_HIGHEST, preferred_element_type=_F32
+      )
+
+    dots = jax.lax.fori_loop(
+        0, d_chunks, d_chunk, jnp.zeros((block_q, block_n), _F32)
+    )
+    bb = bb_ref[:, pl.ds(start, block_n)]  # (1, block_n)
+    dist = jnp.maximum(qq - 2.0 * dots + bb, 0.0)
+    col = start + jax.lax.broadcasted_iota(jnp.int32, dist.shape, 1)
+    return _merge_topk(*carry, dist, col, k)
+
+  init = (
+      jnp.full(d_ref.shape, jnp.inf, _F32),
+      jnp.full(i_ref.shape, _BIG, jnp.int32),
+  )
+  best_d, best_i = jax.lax.fori_loop(0, n_tiles, bank_tile, init)
+  d_ref[...] = best_d
+  i_ref[...] = best_i
+
+
+def _tpu_kernel(
+    q_ref, qq_ref, b_ref, bb_ref, d_ref, i_ref, acc_ref, *, k, block_n
+):
+  j, c = pl.program_id(1), pl.program_id(2)
+
+  @pl.when((j == 0) & (c == 0))
+  def _init_topk():
+    d_ref[...] = jnp.full(d_ref.shape, jnp.inf, _F32)
+    i_ref[...] = jnp.full(i_ref.shape, _BIG, jnp.int32)
+
+  @pl.when(c == 0)
+  def _init_acc():
+    acc_ref[...] = jnp.zeros(acc_ref.shape, _F32)
+
+  acc_ref[...] += jax.lax.dot_general(
+      q_ref[...],
+      b_ref[...],
+      _DOT_DIMS,
+      precision=_HIGHEST,
+      preferred_element_type=_F32,
+  )
+
+  @pl.when(c == pl.num_programs(2) - 1)
+  def _merge():
+    dist = jnp.maximum(qq_ref[...] - 2.0 * acc_ref[...] + bb_ref[...], 0.0)
+    col = j * block_n + jax.lax.broadcasted_iota(jnp.int32, dist.shape, 1)
+    d_ref[...], i_ref[...] = _merge_topk(d_ref[...], i_ref[...], dist, col, k)
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("k", "block_q", "block_n", "interpret", "compute_dtype"),
+    static_argnames=("k", "p", "interpret", "compute_dtype"),
 )
-def _knn_pallas(queries, bank, k, block_q, block_n, interpret, compute_dtype):
+def _knn_pallas(queries, bank, k, p, interpret, compute_dtype):
   m, dim = queries.shape
   n = bank.shape[0]
   q, b, qc, bc, qq, bb = knn_common.prep(queries, bank, compute_dtype)
-  mp = _dispatch.round_up(m, block_q)
-  np_ = _dispatch.round_up(n, block_n)
-  dp = _dispatch.round_up(dim, 128) if not interpret else dim
+  bq, bn, bd, kp = p.block_q, p.block_n, p.block_d, p.kp
+  mp = _dispatch.round_up(m, bq)
+  np_ = _dispatch.round_up(n, bn)
+  dp = _dispatch.round_up(dim, bd)
   qc = jnp.pad(qc, ((0, mp - m), (0, dp - dim)))
   bc = jnp.pad(bc, ((0, np_ - n), (0, dp - dim)))
   qq = jnp.pad(qq, (0, mp - m))[:, None]
   bb = jnp.pad(bb, (0, np_ - n), constant_values=jnp.inf)[None, :]
-  kp = _next_pow2(k)
-  kernel = functools.partial(_knn_kernel, k=k, kp=kp, block_n=block_n)
-  d, i = pl.pallas_call(
-      kernel,
-      grid=(mp // block_q, np_ // block_n),
-      in_specs=[
-          pl.BlockSpec((block_q, dp), lambda a, c: (a, 0)),
-          pl.BlockSpec((block_q, 1), lambda a, c: (a, 0)),
-          pl.BlockSpec((block_n, dp), lambda a, c: (c, 0)),
-          pl.BlockSpec((1, block_n), lambda a, c: (0, c)),
-      ],
-      out_specs=[
-          pl.BlockSpec((block_q, kp), lambda a, c: (a, 0)),
-          pl.BlockSpec((block_q, kp), lambda a, c: (a, 0)),
-      ],
-      out_shape=[
-          jax.ShapeDtypeStruct((mp, kp), _F32),
-          jax.ShapeDtypeStruct((mp, kp), jnp.int32),
-      ],
-      interpret=interpret,
-  )(qc, qq, bc, bb)
+  out_shape = [
+      jax.ShapeDtypeStruct((mp, kp), _F32),
+      jax.ShapeDtypeStruct((mp, kp), jnp.int32),
+  ]
+  if p.backend == "triton":
+    kernel = functools.partial(_triton_kernel, k=k, block_n=bn, block_d=bd)
+    params = plt.CompilerParams(
+        num_warps=TRITON_NUM_WARPS, num_stages=TRITON_NUM_STAGES
+    )
+    out_spec = pl.BlockSpec((bq, kp), lambda i: (i, 0))
+    d, i = pl.pallas_call(
+        kernel,
+        grid=(mp // bq,),
+        in_specs=[
+            pl.BlockSpec((bq, dp), lambda i: (i, 0)),
+            pl.BlockSpec((bq, 1), lambda i: (i, 0)),
+            pl.BlockSpec((np_, dp), lambda i: (0, 0)),  # sliced in-kernel
+            pl.BlockSpec((1, np_), lambda i: (0, 0)),
+        ],
+        out_specs=[out_spec, out_spec],
+        out_shape=out_shape,
+        compiler_params=None if interpret else params,
+        interpret=interpret,
+    )(qc, qq, bc, bb)
+  else:
+    kernel = functools.partial(_tpu_kernel, k=k, block_n=bn)
+    params = pltpu.CompilerParams(
+        dimension_semantics=("parallel", "arbitrary", "arbitrary")
+    )
+    out_spec = pl.BlockSpec((bq, kp), lambda i, j, c: (i, 0))
+    d, i = pl.pallas_call(
+        kernel,
+        grid=(mp // bq, np_ // bn, dp // bd),
+        in_specs=[
+            pl.BlockSpec((bq, bd), lambda i, j, c: (i, c)),
+            pl.BlockSpec((bq, 1), lambda i, j, c: (i, 0)),
+            pl.BlockSpec((bn, bd), lambda i, j, c: (j, c)),
+            pl.BlockSpec((1, bn), lambda i, j, c: (0, j)),
+        ],
+        out_specs=[out_spec, out_spec],
+        out_shape=out_shape,
+        scratch_shapes=[pltpu.VMEM((bq, bn), _F32)],
+        compiler_params=None if interpret else params,
+        interpret=interpret,
+    )(qc, qq, bc, bb)
   d, i = d[:m, :k], i[:m, :k]
   if qc.dtype != _F32:
     d, i = knn_common.refine(q, b, d, i, k)
@@ -113,23 +330,46 @@ def knn_pallas(
     *,
     block_q=None,
     block_n=None,
-    interpret=False,
+    block_d=None,
+    backend: str | None = None,
+    interpret: bool = False,
     compute_dtype=None,
 ):
-  """Pallas kNN; same contract as ``kernels.knn``."""
+  """Pallas kNN; same contract as ``kernels.knn``.
+
+  Args:
+    queries, bank, k, compute_dtype: as ``kernels.knn``.
+    block_q, block_n, block_d: tile sizes; None picks ``plan``'s, explicit
+      ones are rounded up to what the backend accepts (see ``plan``).
+    backend: 'triton' or 'mosaic_tpu' (``_dispatch.PALLAS_BACKENDS``);
+      None: the design for the current jax backend.
+    interpret: run that design in the Pallas interpreter (any machine).
+  """
   queries, bank = knn_common.validate(queries, bank, k, "knn_pallas")
-  m, n = queries.shape[0], bank.shape[0]
-  if block_q is None:
-    block_q = min(128, _next_pow2(max(m, 16)))
-  if block_n is None:
-    block_n = min(512, _next_pow2(max(n, 16)))
-  block_n = max(int(block_n), _next_pow2(k))
-  return _knn_pallas(
-      queries,
-      bank,
+  backend = _dispatch.pallas_backend(backend)
+  m, dim = queries.shape
+  n = bank.shape[0]
+  if m == 0:
+    return jnp.zeros((0, k), _F32), jnp.zeros((0, k), jnp.int32)
+  cdt = None if compute_dtype is None else jnp.dtype(compute_dtype)
+  if cdt is not None and cdt == jnp.dtype(_F32):
+    cdt = None
+  p = plan(
+      m,
+      n,
+      dim,
       int(k),
-      int(block_q),
-      int(block_n),
-      bool(interpret),
-      compute_dtype,
+      backend,
+      block_q=block_q,
+      block_n=block_n,
+      block_d=block_d,
+      itemsize=4 if cdt is None else cdt.itemsize,
   )
+  if not interpret:
+    _dispatch.check_budget(
+        "knn",
+        backend,
+        p.nbytes,
+        f"(block_q={p.block_q}, block_n={p.block_n}, block_d={p.block_d})",
+    )
+  return _knn_pallas(queries, bank, int(k), p, bool(interpret), cdt)

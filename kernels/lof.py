@@ -18,8 +18,8 @@ are too); that matters because lrd then saturates at 1e10.
 Paths: ``lof_reference`` (plain jnp, (P, N, N, D) differences, tests only),
 the XLA path (positions in chunks; a Gram-matrix pass proposes k + margin
 candidates per point, whose distances are then recomputed exactly from
-differences), and the Pallas kernel in ``lof_pallas.py`` (one position per
-grid step).
+differences), and the Pallas kernel in ``lof_pallas.py`` (k nearest others
+per tile of points in the kernel, the LOF arithmetic on them in jnp).
 """
 
 from __future__ import annotations
@@ -195,4 +195,9 @@ def lof(
     return _lof_reference(x, keff)
   if path == "xla":
     return _lof_xla_threaded(x, keff, int(min(chunk, x.shape[0])), int(margin))
-  return lof_pallas.lof_pallas(x, keff, interpret=(path == "pallas_interpret"))
+  return lof_pallas.lof_pallas(
+      x,
+      keff,
+      backend=_dispatch.pallas_backend(),
+      interpret=(path == "pallas_interpret"),
+  )

@@ -30,6 +30,7 @@ differences"):
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Dict, Tuple
 
 from absl import logging
@@ -38,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from softpatch_jax import validation
+from softpatch_jax.kernels import _dispatch
 from softpatch_jax.kernels import lof as lof_lib
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -83,6 +85,37 @@ def project(feats: jax.Array, proj: Tuple[jax.Array, jax.Array]) -> jax.Array:
         f"{w.shape[0]} (shape {tuple(feats.shape)})"
     )
   return jnp.matmul(feats, w, precision=_HIGHEST) + b
+
+
+@functools.cache
+def _project_chunk():
+  # One program for every chunk; a GPU's autotuning of this one-off matmul
+  # (seconds per shape while compiling) is skipped.
+  gpu = _dispatch.platform() == "gpu"
+  opts = {"xla_gpu_autotune_level": 0} if gpu else None
+  return jax.jit(project, compiler_options=opts)
+
+
+def project_chunked(flat, proj, rows: int, release=None) -> jax.Array:
+  """`project` of (M, D) features; a host array in chunks of `rows` rows.
+
+  Every chunk has the same shape (the last one zero-padded, its extra rows
+  dropped), so all share one compiled program, and each is finished before
+  the next is sent: with asynchronous dispatch every chunk's device copy
+  would otherwise be alive at once. `release(flat)` runs after each chunk
+  (a file-mapped array hands its pages back).
+  """
+  if not isinstance(flat, np.ndarray) or len(flat) <= rows:
+    return project(jnp.asarray(flat), proj)
+  chunks = []
+  for i in range(0, len(flat), rows):
+    chunk = flat[i : i + rows]
+    n = len(chunk)
+    chunk = np.pad(chunk, ((0, rows - n), (0, 0)))
+    chunks.append(jax.block_until_ready(_project_chunk()(chunk, proj))[:n])
+    if release is not None:
+      release(flat)
+  return jnp.concatenate(chunks)
 
 
 def _positions_chunk(n: int, per_pos: int) -> int:

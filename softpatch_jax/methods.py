@@ -221,28 +221,13 @@ def _pruned_kcenter(x, n_select, starts, w, first=None):
 
 # Rows per projection chunk of host features: 64 MiB of 1024-d float32.
 _PROJECT_ROWS = 16384
-# One compiled program for every chunk: on a GPU each new matmul shape is
-# autotuned while it compiles (seconds per shape).
-_project_chunk = jax.jit(denoise.project)
 
 
 def _project(flat, projection):
-  """`denoise.project`; host arrays in chunks of one shape (the last one
-  zero-padded, its extra rows dropped), so they share one program."""
-  if not isinstance(flat, np.ndarray) or len(flat) <= _PROJECT_ROWS:
-    return denoise.project(jnp.asarray(flat), projection)
-  # Each chunk is finished before the next is sent: with asynchronous
-  # dispatch every chunk's device copy would otherwise be alive at once.
-  chunks = []
-  for i in range(0, len(flat), _PROJECT_ROWS):
-    chunk = flat[i : i + _PROJECT_ROWS]
-    rows = len(chunk)
-    if rows < _PROJECT_ROWS:
-      chunk = np.pad(chunk, ((0, _PROJECT_ROWS - rows), (0, 0)))
-    out = _project_chunk(jnp.asarray(chunk), projection)
-    chunks.append(jax.block_until_ready(out)[:rows])
-    feature_store.release(flat)  # a file-mapped array: its pages go back
-  return jnp.concatenate(chunks)
+  """`denoise.project`; host arrays chunk by chunk, their pages released."""
+  return denoise.project_chunked(
+      flat, projection, _PROJECT_ROWS, feature_store.release
+  )
 
 
 def build_bank(

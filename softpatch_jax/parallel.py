@@ -273,14 +273,16 @@ def _global_pick(value, index, row):
 
 
 @functools.lru_cache(maxsize=32)
-def _kcenter_fn(mesh, rows, dim, n_select, forced, block_m, interpret):
+def _kcenter_fn(mesh, rows, dim, n_select, forced, kernel):
+  # pylint: disable=protected-access
+  block_m, interpret, backend = kernel  # Pallas step (block_m > 0) or not
   if block_m:
-    step = kcenter_pallas._make_step(  # pylint: disable=protected-access
-        rows // block_m, block_m, dim, interpret
-    )
+    plan = kcenter_pallas.plan(rows, dim, backend, block_m=block_m)
+    step = kcenter_pallas._make_step(rows // block_m, plan, backend, interpret)
 
   def body(x, w, start_rows, first, first_row):
-    xt, offset = x.T, jax.lax.axis_index(AXIS) * rows
+    offset = jax.lax.axis_index(AXIS) * rows
+    xt = kcenter_pallas._transposed(x, plan, rows) if block_m else None
 
     def local_max(dist):
       i = jnp.argmax(dist).astype(jnp.int32)  # first occurrence
@@ -289,10 +291,9 @@ def _kcenter_fn(mesh, rows, dim, n_select, forced, block_m, interpret):
     def update(dist, c):
       if not block_m:  # the reference path's difference form
         return local_max(jnp.minimum(dist, kcenter_common.dist_to(x, c) * w))
-      # The single-device Pallas step on this device's blocks.
-      dist, bmax, bidx = step(c[:, None], xt, w[None, :], dist[None, :])
-      li = jnp.min(jnp.where(bmax == jnp.max(bmax), bidx, _BIG))
-      return dist[0], jnp.max(bmax), li, xt[:, li]
+      col = kcenter_pallas._column(c, plan)  # the one-device Pallas step
+      dist, top, li = step(col, xt, w[None, :], dist[None, :])
+      return dist[0], top, li, x[li]
 
     def pick(dist, value, i, row):
       return dist, _global_pick(value, offset + i, row)
@@ -353,14 +354,12 @@ def kcenter(
   first = None if first is None else int(_host(first, "kcenter"))
   path = _dispatch.resolve_impl(impl, "kcenter")
   interpret = path == "pallas_interpret"
-  block_m = 0
-  if path.startswith("pallas") and first is None:
-    # The block the single-device kernel uses for M points.
-    block_m = min(128 if interpret else 2048, _dispatch.round_up(m, 128))
+  block_m, backend = 0, _dispatch.pallas_backend()
+  if path.startswith("pallas") and first is None:  # one device's points
+    block_m = kcenter_pallas.plan(-(-m // mesh.size), dim, backend).block_m
   rows = _dispatch.round_up(-(-m // mesh.size), block_m or 8)
-  fn = _kcenter_fn(
-      mesh, rows, dim, int(n_select), first is not None, block_m, interpret
-  )
+  kernel = (block_m, interpret, backend)
+  fn = _kcenter_fn(mesh, rows, dim, int(n_select), first is not None, kernel)
   i0 = 0 if first is None else first
   sel = fn(
       _put(x, mesh, P(AXIS), rows * mesh.size),
@@ -380,9 +379,10 @@ def _knn_blocks(n_queries: int, n_bank: int):
   """(query tile, bank tile, path) of the single-device kNN scan."""
   path = _dispatch.resolve_impl(None, "knn")
   if path.startswith("pallas"):
-    # kernels/knn_pallas.py: powers of two up to 128 x 512.
-    pow2 = lambda v: 1 << (max(int(v), 16) - 1).bit_length()
-    return min(128, pow2(n_queries)), min(512, pow2(n_bank)), path
+    # The kernel's plan; its tiles do not depend on d (1 stands in).
+    backend = _dispatch.pallas_backend()
+    p = knn_lib.knn_pallas.plan(n_queries, n_bank, 1, 1, backend)
+    return p.block_q, p.block_n, path
   return (*knn_lib.default_blocks(n_queries, n_bank, 1), path)
 
 

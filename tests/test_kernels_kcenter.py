@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 import _testutil  # pylint: disable=g-bad-import-order
+from softpatch_jax.kernels import _dispatch
 from softpatch_jax.kernels import kcenter
+from softpatch_jax.kernels import kcenter_pallas
 
 
 def _data(seed, m, d, noise_frac, n_dup):
@@ -152,3 +154,127 @@ def test_errors():
     kcenter.kcenter(x, 2, np.array([0]), first=np.array([1, 2]))
   with pytest.raises(ValueError, match="scalar integer"):
     kcenter.kcenter(x, 2, np.array([0]), first=1.0)
+
+
+# --------------------------------------------------------------------------
+# The Pallas kernel, both designs, in the Pallas interpreter.
+
+BACKENDS = ("triton", "mosaic_tpu")
+
+
+def _pallas(x, n_sel, starts, w, backend, **kw):
+  m = len(x)
+  w = np.ones(m, np.float32) if w is None else w
+  return np.asarray(
+      kcenter_pallas.kcenter_pallas(
+          jnp.asarray(x, jnp.float32),
+          n_sel,
+          jnp.asarray(starts, jnp.int32),
+          jnp.asarray(w, jnp.float32),
+          backend=backend,
+          interpret=True,
+          **kw,
+      )
+  )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "seed,kind,m,d,n_sel,noise,block_m",
+    [
+        (20, "gauss", 300, 16, 25, None, 128),  # 3 blocks, last one partial
+        (21, "clustered", 260, 13, 30, 0.2, 128),  # D not a multiple of 8
+        (22, "duplicates", 200, 8, 60, 0.3, 128),  # past the distinct rows
+        (23, "grid", 150, 5, 40, None, None),  # many exactly equal distances
+        (24, "offset", 129, 3, 20, 0.5, 128),  # one point in the last block
+        (25, "gauss", 40, 4, 40, 0.6, None),  # past the clean points
+        (26, "gauss", 1, 2, 3, None, None),  # one point
+        (27, "grid", 2, 1, 2, None, None),
+    ],
+)
+def test_pallas_designs_match_numpy(
+    backend, seed, kind, m, d, n_sel, noise, block_m
+):
+  rng = np.random.default_rng(seed)
+  x = _testutil.points(rng, kind, m, d).astype(np.float32)
+  w = None
+  if noise is not None:
+    w = (rng.random(m) >= noise).astype(np.float32)
+  starts = rng.choice(m, size=min(m, 4), replace=False)
+  if block_m is not None and backend == "triton":
+    block_m = 128  # a power of two either way
+  got = _pallas(x, n_sel, starts, w, backend, block_m=block_m)
+  assert got.dtype == np.int32
+  np.testing.assert_array_equal(
+      got, _testutil.numpy_greedy_kcenter(x, n_sel, starts, w)
+  )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pallas_ties_pick_lowest_index_across_blocks(backend):
+  # Equal maxima in different blocks, and all-zero weights but one point:
+  # the lowest global index wins, padding points never do.
+  x = np.zeros((300, 4), np.float32)
+  x[[5, 140, 290], [0, 1, 2]] = 1.0  # three points at the same distance
+  w = np.ones(300, np.float32)
+  starts = np.array([0, 1])
+  got = _pallas(x, 4, starts, w, backend, block_m=128)
+  np.testing.assert_array_equal(
+      got, _testutil.numpy_greedy_kcenter(x, 4, starts, w)
+  )
+  assert got.tolist()[:3] == [5, 140, 290]
+  w0 = np.zeros(300, np.float32)
+  w0[299] = 1.0
+  got = _pallas(x, 3, starts, w0, backend, block_m=128)
+  np.testing.assert_array_equal(
+      got, _testutil.numpy_greedy_kcenter(x, 3, starts, w0)
+  )
+  assert np.all(got < 300)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pallas_bf16_storage_is_the_greedy_on_rounded_points(backend):
+  x, w, starts = _data(30, 250, 24, 0.2, 10)
+  got = _pallas(x, 20, starts, w, backend, storage_dtype=jnp.bfloat16)
+  rounded = np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32))
+  np.testing.assert_array_equal(
+      got, _testutil.numpy_greedy_kcenter(rounded, 20, starts, w)
+  )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wrapper_runs_the_chosen_design(backend, monkeypatch):
+  monkeypatch.setenv("SOFTPATCH_JAX_PALLAS_BACKEND", backend)
+  x, w, starts = _data(31, 150, 6, 0.1, 5)
+  got = kcenter.kcenter(x, 15, starts, w, impl="pallas_interpret")
+  np.testing.assert_array_equal(
+      np.asarray(got), _testutil.numpy_greedy_kcenter(x, 15, starts, w)
+  )
+
+
+def test_plan_blocks_and_budget():
+  for m, d in ((103488, 128), (181104, 128), (1000, 24), (5, 3)):
+    p = kcenter_pallas.plan(m, d, "triton")
+    assert p.block_m & (p.block_m - 1) == 0 and p.block_m <= 1024
+    assert p.d_pad % p.d_chunk == 0 and p.d_pad >= d
+    assert 0 < p.nbytes <= _dispatch.GPU_SMEM_BYTES
+    p = kcenter_pallas.plan(m, d, "mosaic_tpu")
+    assert p.block_m % 128 == 0 and p.d_pad % 8 == 0
+    assert 0 < p.nbytes <= _dispatch.TPU_VMEM_BYTES
+  # A huge D shrinks the default block until it fits.
+  p = kcenter_pallas.plan(10**6, 4096, "mosaic_tpu")
+  assert p.block_m < 2048 and p.nbytes <= _dispatch.TPU_VMEM_BYTES
+  with pytest.raises(ValueError, match="power of two"):
+    kcenter_pallas.plan(1000, 8, "triton", block_m=384)
+  with pytest.raises(ValueError, match="multiple of 128"):
+    kcenter_pallas.plan(1000, 8, "mosaic_tpu", block_m=64)
+  x = jnp.zeros((100, 8), jnp.float32)  # 8 x 65536 f32 rows, 2 stages
+  with pytest.raises(ValueError, match="kernels.kcenter.*shared memory"):
+    kcenter_pallas.kcenter_pallas(
+        x,
+        2,
+        jnp.zeros((1,), jnp.int32),
+        x[:, 0],
+        backend="triton",
+        block_m=65536,
+    )

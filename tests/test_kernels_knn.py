@@ -5,8 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from unittest import mock
+
+from softpatch_jax import parallel
 from softpatch_jax.kernels import _dispatch
 from softpatch_jax.kernels import knn
+from softpatch_jax.kernels import knn_pallas
+
+BACKENDS = _dispatch.PALLAS_BACKENDS
 
 
 def _np_knn(q, b, k):
@@ -66,6 +72,145 @@ def test_pallas_interpret_matches_reference(m, n, d, k, bq, bn):
   ref = knn.knn_reference(q, b, k)
   out = knn.knn(q, b, k, block_q=bq, block_n=bn, impl="pallas_interpret")
   _check_against(ref, out, q, b)
+
+
+# (M, N, D, k, block_q, block_n, block_d): sizes off the block multiples,
+# several bank tiles and feature chunks, k == N, tiny inputs.
+DESIGN_CASES = [
+    (1, 1, 3, 1, None, None, None),
+    (37, 53, 20, 1, 16, 16, 16),  # 2 feature chunks (Triton)
+    (20, 9, 5, 3, 16, 16, None),
+    (9, 5, 4, 5, None, None, None),  # k == N
+    (70, 300, 40, 7, 16, 16, 32),  # D = 40 padded to 64 (Triton)
+    (33, 150, 200, 2, 8, None, 128),  # 2 feature chunks (TPU), 2 bank tiles
+]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("m,n,d,k,bq,bn,bd", DESIGN_CASES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pallas_designs_match_reference(backend, m, n, d, k, bq, bn, bd, seed):
+  rng = np.random.default_rng(seed)
+  q = rng.normal(size=(m, d)).astype(np.float32)
+  b = rng.normal(size=(n, d)).astype(np.float32)
+  out = knn_pallas.knn_pallas(
+      q,
+      b,
+      k,
+      block_q=bq,
+      block_n=bn,
+      block_d=bd,
+      backend=backend,
+      interpret=True,
+  )
+  _check_against(knn.knn_reference(q, b, k), out, q, b)
+
+
+@pytest.mark.parametrize("n,k", [(45, 20), (18, 18)])  # k > block_n; k == N
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pallas_k_larger_than_bank_tile(backend, n, k):
+  # The interpreter does not enforce Mosaic's (8, 128) tiling, so a
+  # 16-row bank tile exercises the TPU design's merge across tiles too.
+  rng = np.random.default_rng(7)
+  q = rng.normal(size=(11, 24)).astype(np.float32)
+  b = rng.normal(size=(n, 24)).astype(np.float32)
+  kp = 32 if backend == "triton" else 128
+  p = knn_pallas.Plan(backend, 16, 16, 16, kp, 1)
+  out = knn_pallas._knn_pallas(q, b, k, p, True, None)
+  _check_against(knn.knn_reference(q, b, k), out, q, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pallas_designs_exact_ties(backend):
+  # Small integers: every distance is exact in f32, so ties are real;
+  # duplicates straddle bank tiles and whole rows of distances tie.
+  rng = np.random.default_rng(11)
+  b = rng.integers(-1, 2, size=(40, 5)).astype(np.float32)
+  b[30:] = 0.0
+  b[[3, 19, 20, 37]] = b[5]
+  q = np.concatenate(
+      [b[[5, 3, 30]], np.zeros((2, 5)), rng.integers(-1, 2, size=(12, 5))]
+  ).astype(np.float32)
+  for k in (1, 4, 9):
+    d, i = knn_pallas.knn_pallas(
+        q, b, k, block_q=16, block_n=16, backend=backend, interpret=True
+    )
+    nd, ni = _np_knn(q, b, k)
+    np.testing.assert_array_equal(np.asarray(d), nd)
+    np.testing.assert_array_equal(np.asarray(i), ni)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pallas_designs_bf16_refined(backend):
+  rng = np.random.default_rng(5)
+  q = rng.normal(size=(20, 64)).astype(np.float32)
+  b = rng.normal(size=(40, 64)).astype(np.float32)
+  d, i = map(
+      np.asarray,
+      knn_pallas.knn_pallas(
+          q, b, 2, backend=backend, interpret=True, compute_dtype=jnp.bfloat16
+      ),
+  )
+  _, i2 = knn.knn(q, b, 2, impl="xla", compute_dtype=jnp.bfloat16)
+  np.testing.assert_array_equal(i, np.asarray(i2))
+  exact = ((q[:, None, :].astype(np.float64) - b[i]) ** 2).sum(-1)
+  np.testing.assert_allclose(d, exact, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "m,n,d,k", [(1, 1, 1, 1), (333, 777, 128, 5), (87808, 18110, 1024, 1)]
+)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_plan_blocks_are_legal_and_fit(backend, m, n, d, k):
+  p = knn_pallas.plan(m, n, d, k, backend)
+  if backend == "triton":
+    for size in (p.block_q, p.block_n, p.block_d):
+      assert size >= 16 and size & (size - 1) == 0, p
+    assert p.kp == _dispatch.next_pow2(k)
+    assert 0 < p.nbytes <= _dispatch.GPU_SMEM_BYTES
+  else:
+    assert p.block_q % 8 == 0 and p.block_n % 128 == 0, p
+    assert p.block_d % 128 == 0 and p.kp % 128 == 0, p
+    assert 0 < p.nbytes <= _dispatch.TPU_VMEM_BYTES
+  # The tiles are independent of d (parallel._knn_blocks relies on it).
+  other = knn_pallas.plan(m, n, 7, k, backend)
+  assert (other.block_q, other.block_n) == (p.block_q, p.block_n)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_over_budget_blocks_are_refused(backend):
+  q = np.ones((4, 8), np.float32)
+  with pytest.raises(ValueError, match="kernels.knn: block configuration"):
+    knn_pallas.knn_pallas(
+        q, q, 1, block_q=2048, block_n=2048, block_d=1024, backend=backend
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parallel_knn_blocks_mirror_the_plan(backend, monkeypatch):
+  monkeypatch.setenv("SOFTPATCH_JAX_IMPL", "pallas_interpret")
+  monkeypatch.setenv("SOFTPATCH_JAX_PALLAS_BACKEND", backend)
+  for q, n in ((5, 3), (784, 132), (87808, 18110)):
+    p = knn_pallas.plan(q, n, 1024, 1, backend)
+    assert parallel._knn_blocks(q, n) == (
+        p.block_q,
+        p.block_n,
+        "pallas_interpret",
+    )
+
+
+def test_pallas_interpret_follows_the_backend_override(monkeypatch):
+  monkeypatch.setenv("SOFTPATCH_JAX_PALLAS_BACKEND", "mosaic_tpu")
+  rng = np.random.default_rng(2)
+  q = rng.normal(size=(6, 5)).astype(np.float32)
+  b = rng.normal(size=(9, 5)).astype(np.float32)
+  with mock.patch.object(
+      knn.knn_pallas, "knn_pallas", wraps=knn_pallas.knn_pallas
+  ) as spy:
+    out = knn.knn(q, b, 2, impl="pallas_interpret")
+  assert spy.call_args.kwargs["backend"] == "mosaic_tpu"
+  assert spy.call_args.kwargs["interpret"] is True
+  _check_against(knn.knn_reference(q, b, 2), out, q, b)
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas_interpret", "reference"])

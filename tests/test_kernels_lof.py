@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 import _testutil  # pylint: disable=g-bad-import-order
+from softpatch_jax.kernels import _dispatch
 from softpatch_jax.kernels import lof
+from softpatch_jax.kernels import lof_pallas
 
 
 def _with_duplicates(rng, x, n_groups, max_size):
@@ -58,19 +60,112 @@ def test_xla_and_reference_match_sklearn(seed, p, n, d, k, groups, size):
     _check(lof.lof_reference(x, k), want)
 
 
-@pytest.mark.parametrize(
-    "p,n,d,k,groups,size",
-    [
-        (2, 12, 16, 3, 1, 5),
-        (3, 9, 8, 8, 1, 2),
-        (1, 5, 4, 2, 0, 0),
-    ],
-)
-def test_pallas_interpret_matches_sklearn(p, n, d, k, groups, size):
-  x, want = _case(n, p, n, d, k, groups, size)
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    _check(lof.lof(x, k, impl="pallas_interpret"), want)
+BACKENDS = ["triton", "mosaic_tpu"]
+
+PALLAS_CASES = [  # (P, N, D, k, duplicate groups, max size, block_r)
+    (2, 12, 16, 3, 1, 5, None),
+    (3, 9, 8, 8, 1, 2, None),  # k == N - 1
+    (1, 5, 4, 2, 0, 0, None),
+    (2, 2, 16, 1, 0, 0, None),  # smallest valid N
+    (2, 21, 13, 4, 2, 6, 8),  # tiles of 8 rows, the last one partial
+    (1, 40, 24, 6, 3, 9, 16),  # duplicate groups larger than k + 1
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p,n,d,k,groups,size,block_r", PALLAS_CASES)
+def test_pallas_designs_match_sklearn(
+    backend, p, n, d, k, groups, size, block_r
+):
+  # Both kernel designs, run by the interpreter; block_r forces several row
+  # tiles per position, N and D are not multiples of any block.
+  x, want = _case(n + d, p, n, d, k, groups, size)
+  keff = lof.effective_k(k, n)
+  got = lof_pallas.lof_pallas(
+      x, keff, backend=backend, interpret=True, block_r=block_r
+  )
+  _check(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pallas_neighbours_follow_index_order_on_ties(backend):
+  # Small-integer coordinates tie many distances exactly; the kernel lists
+  # the same (distance, index)-ordered neighbours as the reference sort,
+  # and duplicates are exactly 0 apart. Odd N and D, two row tiles.
+  rng = np.random.default_rng(7)
+  x = rng.integers(0, 3, size=(2, 19, 6)).astype(np.float32)
+  x[:, 5] = x[:, 11]
+  nd, nbr = lof_pallas.neighbours_pallas(
+      x, 5, backend=backend, interpret=True, block_r=8
+  )
+  diff = x[:, :, None, :] - x[:, None, :, :]
+  d = np.sqrt(np.sum(diff * diff, axis=-1, dtype=np.float32))
+  d[:, np.arange(19), np.arange(19)] = np.inf
+  order = np.lexsort((np.broadcast_to(np.arange(19), d.shape), d), axis=-1)
+  np.testing.assert_array_equal(np.asarray(nbr), order[..., :5])
+  np.testing.assert_array_equal(
+      np.asarray(nd), np.take_along_axis(d, order[..., :5], axis=-1)
+  )
+  np.testing.assert_array_equal(np.asarray(nd)[:, 5, 0], 0.0)  # a duplicate
+  _check(
+      lof_pallas.lof_pallas(x, 5, backend=backend, interpret=True),
+      np.asarray(lof.lof_reference(x, 5)),
+  )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pallas_all_points_identical(backend):
+  x = np.ones((2, 10, 20), np.float32)
+  got = lof_pallas.lof_pallas(x, 3, backend=backend, interpret=True)
+  _check(got, _testutil.sklearn_lof(x, 3))
+  np.testing.assert_array_equal(np.asarray(got), 1.0)
+
+
+@pytest.mark.parametrize("forced", BACKENDS)
+def test_pallas_interpret_impl_uses_the_selected_design(forced, monkeypatch):
+  # impl='pallas_interpret' interprets the design of the current backend:
+  # Triton on a CPU unless SOFTPATCH_JAX_PALLAS_BACKEND says otherwise.
+  monkeypatch.setenv("SOFTPATCH_JAX_PALLAS_BACKEND", forced)
+  seen = []
+  real = lof_pallas.lof_pallas
+
+  def spy(*args, **kwargs):
+    seen.append((kwargs["backend"], kwargs["interpret"]))
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(lof_pallas, "lof_pallas", spy)
+  x, want = _case(3, 2, 12, 16, 3, 1, 5)
+  _check(lof.lof(x, 3, impl="pallas_interpret"), want)
+  assert seen == [(forced, True)]
+
+
+@pytest.mark.parametrize("n", [132, 230, 231])
+def test_pallas_plans_fit_on_chip_memory(n):
+  # The pipeline's positions (D = 128, k = 6): a few tiles of (block_r, N')
+  # on a GPU, one position's points plus (N8, 1) columns on a TPU.
+  tri = lof_pallas.plan(n, 128, 6, "triton")
+  assert (tri.block_r, tri.n_pad, tri.k_pad, tri.num_warps) == (16, 256, 8, 4)
+  assert tri.n_rows % tri.block_r == 0 and tri.n_rows >= n
+  assert 0 < tri.nbytes <= _dispatch.GPU_SMEM_BYTES // 3
+  tpu = lof_pallas.plan(n, 128, 6, "mosaic_tpu")
+  assert tpu.block_r % 8 == 0 and tpu.k_pad == 128
+  assert tpu.n_pad == -(-n // 8) * 8 and tpu.n_rows % tpu.block_r == 0
+  assert 0 < tpu.nbytes <= _dispatch.TPU_VMEM_BYTES // 8
+  # Larger N: the Triton row tile shrinks to keep the tile in registers.
+  big = lof_pallas.plan(4000, 128, 6, "triton")
+  assert big.block_r * big.n_pad <= 4096 and big.n_pad == 4096
+
+
+def test_pallas_budget_and_argument_errors():
+  x = np.zeros((1, 5000, 128), np.float32)
+  with pytest.raises(ValueError, match="kernels.lof.*VMEM"):
+    lof_pallas.lof_pallas(x, 6, backend="mosaic_tpu")
+  with pytest.raises(ValueError, match="shared memory"):
+    lof_pallas.lof_pallas(x, 6, backend="triton", block_r=64)
+  with pytest.raises(ValueError, match="power of 2"):
+    lof_pallas.plan(100, 16, 3, "triton", block_r=12)
+  with pytest.raises(ValueError, match="1 <= k < N"):
+    lof_pallas.lof_pallas(x[:, :5], 5, interpret=True)
 
 
 def test_all_points_identical():

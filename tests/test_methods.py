@@ -408,13 +408,14 @@ def test_host_projection_chunks_share_one_program(monkeypatch):
   # A GPU autotunes every new matmul shape while compiling: the chunks,
   # the short last one included, must reuse one program.
   monkeypatch.setattr(methods, "_PROJECT_ROWS", 64)
-  monkeypatch.setattr(methods, "_project_chunk", jax.jit(denoise.project))
+  denoise._project_chunk.cache_clear()  # pylint: disable=protected-access
   rng = np.random.default_rng(0)
   x = rng.normal(size=(150, 32)).astype(np.float32)
   proj = denoise.make_projection(jax.random.PRNGKey(1), 32, 8)
   out = methods._project(x, proj)  # pylint: disable=protected-access
   assert out.shape == (150, 8)
-  assert methods._project_chunk._cache_size() == 1  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  assert denoise._project_chunk()._cache_size() == 1
   np.testing.assert_allclose(
       np.asarray(out),
       x @ np.asarray(proj[0]) + np.asarray(proj[1]),
