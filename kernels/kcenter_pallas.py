@@ -166,6 +166,17 @@ def _block_argmax(new, b, block_m):
   return top, idx
 
 
+def _update(chunk, p, w_ref, dist_ref, out_ref):
+  """Sums the squared differences chunk by chunk, lowers the running min
+  in place and returns the block's (max, first index attaining it)."""
+  acc = jax.lax.fori_loop(
+      0, p.d_pad // p.d_chunk, chunk, jnp.zeros((1, p.block_m), _F32)
+  )
+  new = jnp.minimum(dist_ref[...], jnp.sqrt(acc) * w_ref[...])
+  out_ref[...] = new
+  return _block_argmax(new, pl.program_id(0), p.block_m)
+
+
 def _triton_kernel(
     c_ref, xt_ref, w_ref, dist_ref, out_ref, bmax_ref, bidx_ref, *, p
 ):
@@ -179,12 +190,7 @@ def _triton_kernel(
       acc = acc + diff * diff
     return acc
 
-  acc = jax.lax.fori_loop(
-      0, p.d_pad // dc, chunk, jnp.zeros((1, p.block_m), _F32)
-  )
-  new = jnp.minimum(dist_ref[...], jnp.sqrt(acc) * w_ref[...])
-  out_ref[...] = new
-  top, idx = _block_argmax(new, pl.program_id(0), p.block_m)
+  top, idx = _update(chunk, p, w_ref, dist_ref, out_ref)
   bmax_ref[...] = top
   bidx_ref[...] = idx
 
@@ -204,12 +210,7 @@ def _tpu_kernel(
       acc = acc + sq[r : r + 1, :]
     return acc
 
-  acc = jax.lax.fori_loop(
-      0, p.d_pad // dc, chunk, jnp.zeros((1, p.block_m), _F32)
-  )
-  new = jnp.minimum(dist_ref[...], jnp.sqrt(acc) * w_ref[...])
-  out_ref[...] = new
-  top, idx = _block_argmax(new, pl.program_id(0), p.block_m)
+  top, idx = _update(chunk, p, w_ref, dist_ref, out_ref)
   bmax_ref[...] = jnp.broadcast_to(top, bmax_ref.shape)
   bidx_ref[...] = jnp.broadcast_to(idx, bidx_ref.shape)
 
