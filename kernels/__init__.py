@@ -1,8 +1,10 @@
 """Custom kernels, importable as ``softpatch_jax.kernels``.
 
 One module per op; each has a plain-jnp ``*_reference`` (the tested ground
-truth), an XLA path (blocked, the default on CPU) and a Pallas kernel (the
-default on GPU/TPU; ``impl='pallas_interpret'`` runs it on CPU for tests).
+truth), an XLA path (blocked; the default on every platform until a Pallas
+kernel has passed on its hardware, README "Kernel paths per backend") and a
+Pallas kernel with a Triton and a Mosaic TPU design (opt-in with
+``impl='pallas'``; ``impl='pallas_interpret'`` runs it on CPU for tests).
 
 The package exports its op modules, not their functions, so that
 ``softpatch_jax.kernels.knn`` is always the module::

@@ -176,7 +176,7 @@ def lof(
   Args:
     x: (P, N, D) features: P positions, N images, D dims.
     k: n_neighbors (clamped to N - 1 like sklearn).
-    impl: None (XLA on CPU, Pallas on GPU/TPU), 'xla', 'pallas',
+    impl: None (the platform's default, `_dispatch.DEFAULT_IMPL`), 'xla', 'pallas',
       'pallas_interpret' or 'reference'.
     chunk: positions per step of the XLA path (bounds memory at
       chunk * N * N floats).
