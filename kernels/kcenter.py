@@ -208,8 +208,8 @@ def kcenter(
     n_select: number of centres to pick.
     start_idx: (S,) int indices of the random starting points.
     sampling_weight: (M,) weights (1 clean, 0 noise) or None (all ones).
-    impl: None (the platform's default, `_dispatch.DEFAULT_IMPL`), 'xla', 'pallas',
-      'pallas_interpret' or 'reference'.
+    impl: None (the platform's default, `_dispatch.DEFAULT_IMPL`), 'xla',
+      'pallas', 'pallas_interpret' or 'reference'.
     storage_dtype: None (float32) or jnp.bfloat16 to store x in bf16 with
       f32 accumulation (XLA and Pallas paths). Selections may then differ
       from float32 where two candidates are within bf16 resolution.

@@ -176,8 +176,8 @@ def lof(
   Args:
     x: (P, N, D) features: P positions, N images, D dims.
     k: n_neighbors (clamped to N - 1 like sklearn).
-    impl: None (the platform's default, `_dispatch.DEFAULT_IMPL`), 'xla', 'pallas',
-      'pallas_interpret' or 'reference'.
+    impl: None (the platform's default, `_dispatch.DEFAULT_IMPL`), 'xla',
+      'pallas', 'pallas_interpret' or 'reference'.
     chunk: positions per step of the XLA path (bounds memory at
       chunk * N * N floats).
     margin: extra candidates per point taken from the Gram-form distances
