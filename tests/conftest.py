@@ -5,10 +5,9 @@ import pytest
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _drop_kernel_programs(request):
-  # The kernel tests compile hundreds of one-off programs (interpret mode,
-  # random shapes) that no later module reuses; dropping them keeps the
-  # suite's single process from growing by their executables.
+def _drop_compiled_programs():
+  # One process runs every module; the programs a module compiled (random
+  # shapes, interpret-mode kernels, backbones) would otherwise stay cached
+  # to the end and the process would grow by them module after module.
   yield
-  if request.module.__name__.startswith("test_kernels"):
-    jax.clear_caches()
+  jax.clear_caches()
