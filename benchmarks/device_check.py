@@ -234,7 +234,9 @@ def _compare(op, s, ref, got):
     (rd, ri), (gd, gi) = ref, got
     same = float(np.mean(ri == gi))
     rel = float(np.max(np.abs(rd - gd) / np.maximum(np.abs(rd), 1e-6)))
-    # A differing index is fine only where its distance ties the reference.
+    # Judged on distances: an index may differ only where its distance
+    # equals the reference's to 1e-4 (a tie); the share of equal indices
+    # is reported.
     ok = rel < 1e-4
     return ok, f"{100 * same:.3f} % same idx, max rel dist err {rel:.1e}"
   if op == "lof":

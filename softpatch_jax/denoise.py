@@ -111,7 +111,8 @@ def project_chunked(flat, proj, rows: int, release=None) -> jax.Array:
   for i in range(0, len(flat), rows):
     chunk = flat[i : i + rows]
     n = len(chunk)
-    chunk = np.pad(chunk, ((0, rows - n), (0, 0)))
+    if n < rows:  # only the last chunk: no host copy of the others
+      chunk = np.pad(chunk, ((0, rows - n), (0, 0)))
     chunks.append(jax.block_until_ready(_project_chunk()(chunk, proj))[:n])
     if release is not None:
       release(flat)
