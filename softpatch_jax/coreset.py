@@ -33,6 +33,7 @@ differences"):
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from typing import Callable, Dict, Optional, Tuple, Union
 
@@ -41,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from softpatch_jax import settings
 from softpatch_jax import validation
 from softpatch_jax.kernels import kcenter as kcenter_lib
 from softpatch_jax.kernels import kcenter_common
@@ -72,6 +74,43 @@ IMPLS = ("auto", "dense", "pruned")
 # 'auto' runs the pruned host greedy from this many points on: below it the
 # dense kernel's fixed cost per pick is lower.
 PRUNED_MIN_POINTS = 16384
+
+
+@dataclasses.dataclass(frozen=True)
+class CoresetOptions:
+  """config.coreset: how the memory bank is selected.
+
+  fraction: share of the patches kept in the bank, in (0, 1].
+  num_starts: random start points of the greedy coreset. The reference's
+    SoftPatch sampler passes 128 here by accident; 10 is the intended value.
+  projection_dim: dimension of the random projection.
+  reference_quirks: True reproduces the official SoftPatch code exactly: the
+    coreset runs on a second random projection, and its first pick ignores
+    the outlier weight (so it can be an outlier patch). Off: one
+    projection, outlier patches never kept.
+  impl: 'auto', 'dense' or 'pruned' (`resolve_impl`). pruned: an exact
+    greedy on the host that updates only the points that can become the
+    next pick (kernels/kcenter_pruned.py; the float32 numpy greedy's
+    picks), one device only; auto runs it for eager CPU fits of >= 16384
+    patches, where it is 3-20x faster (README, "Benchmarks").
+  """
+
+  fraction: float = 0.1
+  num_starts: int = 10
+  projection_dim: int = 128
+  reference_quirks: bool = False
+  impl: str = "auto"
+
+  def __post_init__(self):
+    frac = settings.check_float(
+        self.fraction, "coreset.fraction", 0.0, 1.0, lo_open=True
+    )
+    settings.set_field(self, "fraction", frac)
+    for name in ("num_starts", "projection_dim"):
+      v = settings.check_int(getattr(self, name), f"coreset.{name}", 1)
+      settings.set_field(self, name, v)
+    settings.set_field(self, "reference_quirks", bool(self.reference_quirks))
+    settings.check_choice(self.impl, "coreset.impl", IMPLS)
 
 
 def resolve_impl(impl: str, x, mesh=None) -> str:

@@ -30,6 +30,7 @@ differences"):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable, Dict, Tuple
 
@@ -38,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from softpatch_jax import settings
 from softpatch_jax import validation
 from softpatch_jax.kernels import _dispatch
 from softpatch_jax.kernels import lof as lof_lib
@@ -274,6 +276,34 @@ def denoise(
 # Multi-discriminator fusion.
 
 FUSION_MODES = ("rank", "zscore", "vote")
+
+
+@dataclasses.dataclass(frozen=True)
+class DenoiseOptions:
+  """config.denoise: the noise discriminator's settings.
+
+  lof_k: LOF neighbours. The reference's --lof_k flag never reaches its
+    model, which runs k=5; we honour the flag's documented default of 6.
+  noise_fraction: share of all patches flagged as outliers (dropped).
+  fusion: how 'fusion' combines the LOF, nearest and Gaussian scores
+    ('rank' | 'zscore' | 'vote'; `fuse_scores`).
+  """
+
+  lof_k: int = 6
+  noise_fraction: float = 0.15
+  fusion: str = "rank"
+
+  def __post_init__(self):
+    settings.set_field(
+        self, "lof_k", settings.check_int(self.lof_k, "denoise.lof_k", 1)
+    )
+    nf = settings.check_float(
+        self.noise_fraction, "denoise.noise_fraction", 0.0, 1.0, hi_open=True
+    )
+    settings.set_field(self, "noise_fraction", nf)
+    settings.check_choice(self.fusion, "denoise.fusion", FUSION_MODES)
+
+
 FUSED_DISCRIMINATORS = ("lof", "nearest", "gaussian")
 # 1.4826 * MAD estimates the standard deviation of a normal sample.
 _MAD_TO_STD = 1.4826

@@ -12,13 +12,15 @@ Layout is NHWC throughout. The numerics follow the torch reference ops
 
 from __future__ import annotations
 
-import functools
 import dataclasses
+import functools
 from typing import Any, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from softpatch_jax import settings
 
 # Accelerators default to reduced-precision matmuls; the pooling / resize
 # matrices must be applied in full float32 to keep torch parity.
@@ -305,6 +307,29 @@ def _staged_patch_features(patches, ref_hw, pretrain, target):
   h, w = ref_hw
   flat = stacked.reshape(b, h * w, len(patches) * pretrain)
   return adaptive_avg_pool1d(flat, target), (h, w)
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedOptions:
+  """config.features: PatchCore's locally aware patch features (README).
+
+  patchsize: neighbourhood of the local aggregation (3).
+  pretrain_embed_dim: per-layer pooled dimension (1024).
+  target_embed_dim: final feature dimension (1024).
+  """
+
+  patchsize: int = 3
+  pretrain_embed_dim: int = 1024
+  target_embed_dim: int = 1024
+
+  def __post_init__(self):
+    for name in ("patchsize", "pretrain_embed_dim", "target_embed_dim"):
+      v = settings.check_int(getattr(self, name), f"features.{name}", 1)
+      settings.set_field(self, name, v)
+
+  def spec(self, module, layers) -> "EmbedSpec":
+    """The EmbedSpec of these options over a backbone's taps."""
+    return EmbedSpec(module, tuple(layers), **dataclasses.asdict(self))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,5 +1,4 @@
 """Multi-device (SPMD) versions of every stage, with `jax.shard_map`.
-
 Each function splits one axis over a 1-d device mesh (axis "shards") and runs
 the single-device computation on every slice, laid out so that the results
 are the single-device results, bit for bit (README, "Scaling out"):
@@ -16,14 +15,13 @@ are the single-device results, bit for bit (README, "Scaling out"):
 * kNN scoring: the bank split over devices in whole tiles of the
   single-device scan, a local top-1 per device, and a global merge (smallest
   distance, lowest global index on ties).
-
 Inputs are concrete host arrays; every process of a multi-host job passes
-the same ones and fills its own devices, and gets whole results back.
-"""
+the same ones and fills its own devices, and gets whole results back."""
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 from typing import Callable, Optional
 
@@ -37,6 +35,7 @@ import numpy as np
 
 from softpatch_jax import denoise
 from softpatch_jax import features as features_lib
+from softpatch_jax import settings
 from softpatch_jax import validation
 from softpatch_jax.kernels import _dispatch
 from softpatch_jax.kernels import kcenter as kcenter_lib
@@ -52,7 +51,6 @@ _BIG = np.iinfo(np.int32).max
 _FAR = 1e18
 
 
-# --------------------------------------------------------------------------
 # Meshes and data movement.
 
 
@@ -68,21 +66,28 @@ def make_mesh(n_devices: int = 0) -> Mesh:
 
 
 def resolve_mesh(mode: str = "auto", n_devices: int = 0) -> Optional[Mesh]:
-  """The mesh of a parallel mode, or None for the single-device code.
-
-  'auto': a mesh when more than one device is visible; 'on': always a mesh
-  (of one device too); 'off': None. `n_devices` (0: all) limits the mesh.
-  """
-  if mode not in MODES:
-    raise ValueError(f"config.parallel.mode={mode!r} is not one of {MODES}")
+  """The mesh of a parallel mode, or None for the single-device code: 'auto'
+  a mesh when more than one device is visible, 'on' always a mesh (of one
+  device too), 'off' None. `n_devices` (0: all) limits the mesh."""
+  settings.check_choice(mode, "parallel.mode", MODES)
   mesh = None if mode == "off" else make_mesh(n_devices)
   return None if mode == "auto" and mesh.size < 2 else mesh
 
 
-def mesh_from_config(config) -> Optional[Mesh]:
-  """`resolve_mesh` of config.parallel (mode 'auto' when it is absent)."""
-  p = config.get("parallel", None) or {}
-  return resolve_mesh(p.get("mode", "auto"), int(p.get("devices", 0) or 0))
+@dataclasses.dataclass(frozen=True)
+class ParallelOptions:
+  """config.parallel: `resolve_mesh`'s mode and devices (same results)."""
+
+  mode: str = "auto"
+  devices: int = 0
+
+  def __post_init__(self):
+    settings.check_choice(self.mode, "parallel.mode", MODES)
+    n = settings.check_int(self.devices, "parallel.devices", 0)
+    settings.set_field(self, "devices", n)
+
+  def mesh(self) -> Optional[Mesh]:
+    return resolve_mesh(self.mode, self.devices)
 
 
 def _host(x, what: str, dtype=None) -> np.ndarray:
@@ -142,7 +147,6 @@ def _layout(src, mesh: Mesh, layout, make: Callable):
   return _LAYOUTS[key][1]
 
 
-# --------------------------------------------------------------------------
 # Features: data-parallel over images.
 
 
@@ -174,7 +178,6 @@ def embed(variables, images, spec, mesh: Optional[Mesh]) -> jax.Array:
   return jnp.asarray(_to_host(out))
 
 
-# --------------------------------------------------------------------------
 # Discriminators: sharded over patch positions.
 
 
@@ -258,7 +261,6 @@ def patch_weights(
   return jnp.transpose(out).astype(jnp.float32)
 
 
-# --------------------------------------------------------------------------
 # Weighted greedy k-center: points sharded, one all-gather per pick.
 
 
@@ -371,7 +373,6 @@ def kcenter(
   return jnp.asarray(_to_host(sel))
 
 
-# --------------------------------------------------------------------------
 # kNN scoring: the bank sharded, local top-1, global merge.
 
 

@@ -21,6 +21,7 @@ tiles, see `chunk_plan`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional, Tuple
 
@@ -31,6 +32,7 @@ import numpy as np
 
 from softpatch_jax import features
 from softpatch_jax import parallel
+from softpatch_jax import settings
 from softpatch_jax import validation
 from softpatch_jax.kernels import knn as knn_lib
 from softpatch_jax.kernels import knn_pruned
@@ -40,7 +42,49 @@ SEARCHES = ("auto", "dense", "pruned")
 # product is short anyway, and the bound needs features much wider than its
 # projection (knn_pruned.PROJ_DIM) to save work.
 PRUNED_MIN_ROWS = 4096
+# Blur sigmas from here on are refused: the blur matrix would be all border.
+MAX_BLUR_SIGMA = 1e4
 PRUNED_MIN_DIM = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoringOptions:
+  """config.scoring: test-time scoring.
+
+  soft_weight: re-weight nearest distances by the bank's outlier weights;
+    None: the method's own choice (on for softpatch_*, off for patchcore*).
+  blur_sigma: sigma of the Gaussian over the pixel maps, in [0, 1e4).
+  memory_budget_mb: a bank larger than this many MiB is scanned in chunks
+    (same scores, bounded memory); 0: no limit.
+  search: nearest-neighbour search at test time (`SEARCHES`): 'auto' runs
+    the exact pruned host search (kernels/knn_pruned.py; the same nearest
+    rows to float rounding, about 3x faster than the dense product on CPU,
+    README "Benchmarks") for banks of >= 4096 rows on CPU and the dense kNN
+    elsewhere; 'dense' or 'pruned' force one ('pruned' holds a copy of the
+    bank in host memory).
+  """
+
+  soft_weight: Optional[bool] = None
+  blur_sigma: float = 4.0
+  memory_budget_mb: float = 1024.0
+  search: str = "auto"
+
+  def __post_init__(self):
+    if self.soft_weight is not None:
+      settings.set_field(self, "soft_weight", bool(self.soft_weight))
+    sigma = settings.check_float(
+        self.blur_sigma, "scoring.blur_sigma", 0.0, MAX_BLUR_SIGMA, hi_open=True
+    )
+    settings.set_field(self, "blur_sigma", sigma)
+    budget = settings.check_float(
+        self.memory_budget_mb, "scoring.memory_budget_mb", 0.0
+    )
+    settings.set_field(self, "memory_budget_mb", budget)
+    settings.check_choice(self.search, "scoring.search", SEARCHES)
+
+  def max_bank_rows(self, dim: int) -> Optional[int]:
+    """The memory budget as rows of `dim` features (None: no limit)."""
+    return rows_for_budget(dim, self.memory_budget_mb)
 
 
 @flax.struct.dataclass

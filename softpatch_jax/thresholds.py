@@ -36,11 +36,13 @@ Decisions everywhere are `score >= threshold` -> anomalous.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import List, Optional, Tuple
 
 import numpy as np
 
 from softpatch_jax import metrics
+from softpatch_jax import settings
 
 METHODS = ("quantile", "manual", "f1")
 DEFAULT_METHOD = "quantile"
@@ -80,6 +82,34 @@ def validate(
         "config.threshold.method='f1' needs "
         "config.threshold.val_dir (a labelled folder)"
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class ThresholdOptions:
+  """config.threshold: how a saved model's decision thresholds are chosen
+  (the module docstring explains each method and why 'quantile')."""
+
+  method: str = DEFAULT_METHOD
+  quantile: float = DEFAULT_QUANTILE
+  pixel_quantile: Optional[float] = None
+  folds: int = DEFAULT_FOLDS
+  value: Optional[float] = None
+  pixel_value: Optional[float] = None
+  val_dir: str = ""
+
+  def __post_init__(self):
+    validate(
+        self.method,
+        self.quantile,
+        self.pixel_quantile,
+        self.folds,
+        self.value,
+        self.val_dir,
+    )
+    if self.pixel_value is not None:
+      settings.check_float(self.pixel_value, "threshold.pixel_value")
+    settings.set_field(self, "folds", int(self.folds))
+    settings.set_field(self, "quantile", float(self.quantile))
 
 
 def fold_split(n: int, n_folds: int, seed: int) -> List[np.ndarray]:

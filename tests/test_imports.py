@@ -13,6 +13,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # The pure, jittable core and the kernels it runs on.
 CORE = {
+    "softpatch_jax.settings",
+    "softpatch_jax.registry",
     "softpatch_jax.features",
     "softpatch_jax.denoise",
     "softpatch_jax.coreset",
@@ -26,10 +28,13 @@ CORE = {
     "softpatch_jax.baselines",
     "softpatch_jax.baselines.padim",
     "softpatch_jax.baselines.cflow",
+    "softpatch_jax.baselines.options",
 }
 CORE_PACKAGES = ("softpatch_jax.backbones", "softpatch_jax.kernels")
 # The edge: files, flags, printing, PNGs. Nothing below imports them.
 EDGE = {
+    "softpatch_jax.options",
+    "softpatch_jax.defaults",
     "softpatch_jax.experiment",
     "softpatch_jax.reports",
     "softpatch_jax.fit",

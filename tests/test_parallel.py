@@ -283,7 +283,7 @@ def test_features_equal_one_device(run):
 
 def test_bad_input_is_one_value_error():
   mesh = parallel.make_mesh(1)
-  with pytest.raises(ValueError, match="is not one of"):
+  with pytest.raises(ValueError, match="must be one of"):
     parallel.resolve_mesh("always")
   with pytest.raises(ValueError, match="2 devices requested, 1 visible"):
     parallel.make_mesh(2)

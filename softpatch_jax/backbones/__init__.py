@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -115,6 +115,32 @@ _REGISTRY = {
 
 def list_backbones() -> list[str]:
   return list(_REGISTRY)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneOptions:
+  """config.backbone: which network, which weights, which taps.
+
+  weights: 'imagenet' (download / package file), 'random', or a .pth path.
+  layers: the taps, a tuple or a comma string; () = the backbone's pair.
+  """
+
+  name: str = "wide_resnet50_2"
+  weights: str = "imagenet"
+  layers: Tuple[str, ...] = ("layer2", "layer3")
+
+  def __post_init__(self):
+    layers = self.layers or ()
+    if isinstance(layers, str):
+      layers = [t.strip() for t in layers.split(",") if t.strip()]
+    object.__setattr__(self, "layers", tuple(str(t) for t in layers))
+    object.__setattr__(self, "weights", str(self.weights or "imagenet"))
+
+  def load(self, seed: int = 0) -> "Backbone":
+    """`load` of these options."""
+    return load(
+        self.name, weights=self.weights, layers=self.layers or None, seed=seed
+    )
 
 
 class Backbone:

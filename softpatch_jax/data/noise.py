@@ -41,6 +41,8 @@ from typing import Collection, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from softpatch_jax import settings
+
 from softpatch_jax.data.types import ANOMALOUS
 from softpatch_jax.data.types import NORMAL
 from softpatch_jax.data.types import Sample
@@ -55,6 +57,63 @@ def check_draw(draw: str) -> str:
         f"unknown noise draw {draw!r}; choose from {', '.join(DRAWS)}"
     )
   return draw
+
+
+# Values of NoiseOptions.source: injected images come from the anomalous
+# test images, or (elpv) from the cells its labellers were unsure about.
+NOISE_SOURCES = ("test", "uncertain")
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseOptions:
+  """config.noise: the noisy-training protocol (README, "The default job").
+
+  ratio: injected anomalous images per clean training image.
+  overlap: keep the injected images in the test set too.
+  seed: the draw's seed.
+  augment: augment the injected copies; augment_affine (+-3 % translation),
+    augment_rotate (+-3 degrees), augment_noise (Gaussian, std 0.02 of the
+    range), augment_blur (Gaussian, sigma 0.5-1.5 px) pick the transforms.
+  resample: draw with replacement when the pool is too small.
+  source: 'test' | 'uncertain' (elpv).
+  draw: which images are injected (`DRAWS`): 'reference' =
+    random.Random(seed).sample over the anomalous test images in test-list
+    order, injected in draw order (the official code's draw when its global
+    random state is seeded with `seed`); 'stratified' = round-robin over the
+    defect types; 'numpy' = the sorted default_rng(seed) draw of earlier
+    versions.
+  inject_list: replaces the draw (and the count, even at ratio 0) with
+    listed images, in the order given: a comma list of test-relative paths
+    ('broken_large/000.png', optionally prefixed 'bottle/' or
+    'bottle/test/'; entries of other categories are skipped), or a file:
+    one path per line ('#' comments), or the official code's cached
+    noise_index .pth file of test-list positions (needs data.max_test=0).
+    '{category}' in it is replaced by the category. Listed images leave the
+    test set without overlap.
+  """
+
+  ratio: float = 0.1
+  overlap: bool = True
+  seed: int = 0
+  augment: bool = False
+  augment_affine: bool = True
+  augment_rotate: bool = True
+  augment_noise: bool = False
+  augment_blur: bool = False
+  resample: bool = False
+  source: str = "test"
+  draw: str = "reference"
+  inject_list: str = ""
+
+  def __post_init__(self):
+    ratio = settings.check_float(self.ratio, "noise.ratio", 0.0)
+    settings.set_field(self, "ratio", ratio)
+    settings.set_field(
+        self, "seed", settings.check_int(self.seed, "noise.seed")
+    )
+    settings.check_choice(self.source, "noise.source", NOISE_SOURCES)
+    settings.check_choice(self.draw, "noise.draw", DRAWS)
+    settings.set_field(self, "inject_list", (self.inject_list or "").strip())
 
 
 def _stratified(pool: Sequence[Sample], n: int, rnd: random.Random):

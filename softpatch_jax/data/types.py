@@ -1,4 +1,5 @@
-"""Plain records of the data layer: a `Sample` per image, a `Batch` per step."""
+"""Plain records of the data layer: a `Sample` per image, a `Batch` per step,
+and `DataOptions`, the settings of config.data."""
 
 from __future__ import annotations
 
@@ -6,6 +7,14 @@ import dataclasses
 from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
+
+from softpatch_jax import settings
+from softpatch_jax.data.geometry import MAX_ASPECT_RATIO
+from softpatch_jax.data.geometry import MAX_PIXELS
+from softpatch_jax.feature_store import STORES
+
+# Values of DataOptions.source.
+SOURCES = ("files", "tfds")
 
 # Labels: 0 normal, 1 anomalous, -1 unknown (unlabelled test folders).
 NORMAL, ANOMALOUS, UNLABELLED = 0, 1, -1
@@ -75,3 +84,101 @@ def has_pixel_labels(samples) -> bool:
   samples = list(samples)
   anomalous = [s for s in samples if s.label == ANOMALOUS]
   return bool(anomalous) and all(s.mask_path is not None for s in anomalous)
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticOptions:
+  """config.data.synthetic: the generated MVTec-like data set."""
+
+  n_train: int = 20
+  n_test_good: int = 8
+  n_test_defect: int = 8
+  size: int = 128
+  seed: int = 0
+
+  def __post_init__(self):
+    for f in dataclasses.fields(self):
+      v = settings.check_int(getattr(self, f.name), f"data.synthetic.{f.name}")
+      settings.set_field(self, f.name, v)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataOptions:
+  """config.data: which images, how they are read and preprocessed.
+
+  dataset: a registered data set (mvtec | btad | folder | elpv | synthetic).
+  source: 'files' (the folders under root), or 'tfds': mvtec / btad from
+    TFDS records in tfds_dir ('' = TFDS's default), built once from root,
+    the manual download directory (data/tfds_source.py; the `tfds` extra).
+  categories: comma-separated; '' = all found. A list is joined.
+  train_dir, test_dir: dataset=folder (test_dir optional).
+  resize, crop: crop 0 is whole-image mode: images keep their aspect ratio
+    and the patch grid follows it (all training images share one shape).
+  max_pixels, max_aspect_ratio: bounds on one image after resizing.
+  batch_size: images per backbone call (per device with a mesh).
+  feature_store: where a fit keeps its train features: 'memory', or 'disk'
+    (an unlinked temporary file in TMPDIR, read back in chunks; same
+    results, about N x P x D x 4 bytes less resident memory).
+  max_test: >0, a seeded per-label subsample of the test set.
+  max_train: >0, at most this many training images, capped before noise
+    injection: the first N in sorted order (elpv: drawn with split_seed).
+  split_seed, test_normal_fraction: elpv only.
+  """
+
+  dataset: str = "mvtec"
+  root: str = ""
+  source: str = "files"
+  tfds_dir: str = ""
+  categories: str = ""
+  train_dir: str = ""
+  test_dir: str = ""
+  resize: int = 256
+  crop: int = 224
+  max_pixels: int = MAX_PIXELS
+  max_aspect_ratio: float = MAX_ASPECT_RATIO
+  batch_size: int = 16
+  feature_store: str = "memory"
+  num_workers: int = 4
+  max_test: int = 0
+  max_train: int = 0
+  split_seed: int = 0
+  test_normal_fraction: float = 0.2
+  synthetic: SyntheticOptions = dataclasses.field(
+      default_factory=SyntheticOptions
+  )
+
+  def __post_init__(self):
+    if not isinstance(self.categories, str):
+      names = [str(c).strip() for c in self.categories or ()]
+      settings.set_field(self, "categories", ",".join(names))
+    settings.check_choice(self.source or "files", "data.source", SOURCES)
+    settings.set_field(self, "source", self.source or "files")
+    settings.check_choice(self.feature_store, "data.feature_store", STORES)
+    for name, lo in (
+        ("resize", 0),
+        ("crop", 0),
+        ("max_pixels", 1),
+        ("batch_size", 1),
+        ("num_workers", 1),
+        ("max_test", 0),
+        ("max_train", 0),
+        ("split_seed", 0),
+    ):
+      v = getattr(self, name)
+      v = 0 if v is None and name in ("resize", "crop") else v
+      settings.set_field(self, name, settings.check_int(v, f"data.{name}", lo))
+    ratio = settings.check_float(
+        self.max_aspect_ratio, "data.max_aspect_ratio", 1.0
+    )
+    settings.set_field(self, "max_aspect_ratio", ratio)
+    frac = settings.check_float(
+        self.test_normal_fraction, "data.test_normal_fraction", 0.0, 1.0
+    )
+    settings.set_field(self, "test_normal_fraction", frac)
+    if isinstance(self.synthetic, dict):
+      settings.set_field(self, "synthetic", SyntheticOptions(**self.synthetic))
+
+  @property
+  def category_names(self) -> Tuple[str, ...]:
+    """The configured categories, in order ('' = none given)."""
+    return tuple(c.strip() for c in self.categories.split(",") if c.strip())
