@@ -215,7 +215,7 @@ def _tpu_kernel(
   bidx_ref[...] = jnp.broadcast_to(idx, bidx_ref.shape)
 
 
-def _make_step(nb, p: Plan, backend: str, interpret: bool):
+def make_step(nb, p: Plan, backend: str, interpret: bool):
   """The per-pick step over `nb` blocks of ``p.block_m`` points.
 
   step(c, xt, w, dist) with c the (d_pad, 1) centre, xt the (d_pad,
@@ -265,13 +265,13 @@ def _make_step(nb, p: Plan, backend: str, interpret: bool):
   return step
 
 
-def _transposed(x, p: Plan, mp: int):
+def transposed(x, p: Plan, mp: int):
   """x (M, D) -> (d_pad, mp): zero rows and features appended."""
   m, d = x.shape
   return jnp.pad(x, ((0, mp - m), (0, p.d_pad - d))).T
 
 
-def _column(c, p: Plan):
+def column(c, p: Plan):
   """A (D,) centre -> the (d_pad, 1) centre block."""
   return jnp.pad(c, (0, p.d_pad - c.shape[0]))[:, None]
 
@@ -288,10 +288,10 @@ def _kcenter_pallas(
     x = x.astype(storage_dtype)
   dist = initial_distance(x, start_idx, w)
   mp = _dispatch.round_up(m, p.block_m)
-  xt = _transposed(x, p, mp)
+  xt = transposed(x, p, mp)
   wp = jnp.pad(w, (0, mp - m))[None, :]
   distp = jnp.pad(dist, (0, mp - m))[None, :]
-  step = _make_step(mp // p.block_m, p, backend, interpret)
+  step = make_step(mp // p.block_m, p, backend, interpret)
 
   def body(t, carry):
     distp, sel, i = carry

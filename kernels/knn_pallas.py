@@ -71,16 +71,59 @@ def _triton_block_d(d: int) -> int:
   return min((32, 16), key=lambda c: (_dispatch.round_up(d, c), -c))
 
 
+class Blocks(NamedTuple):
+  """Explicit tile sizes of a kNN launch (None: `plan`'s choice)."""
+
+  block_q: int | None = None
+  block_n: int | None = None
+  block_d: int | None = None
+
+
+def _triton_plan(m, n, d, k, blocks: Blocks, itemsize: int) -> Plan:
+  pow2 = lambda v: _dispatch.next_pow2(max(int(v), _TRITON_MIN))
+  bq = pow2(blocks.block_q or min(64, m))
+  bn = pow2(blocks.block_n or min(128, n))
+  bd = pow2(blocks.block_d or _triton_block_d(d))
+  kp = _dispatch.next_pow2(k)
+  nbytes = (
+      TRITON_NUM_STAGES * (bq + bn) * bd * itemsize
+      + bq * bn * 4
+      + 2 * bq * kp * 4
+  )
+  return Plan("triton", bq, bn, bd, kp, int(nbytes))
+
+
+def _tpu_plan(m, n, d, k, blocks: Blocks, itemsize: int) -> Plan:
+  bq = _dispatch.round_up(blocks.block_q or min(256, m), 8)
+  bn = _dispatch.round_up(blocks.block_n or min(512, n), _LANES)
+  if blocks.block_d:
+    bd = _dispatch.round_up(blocks.block_d, _LANES)
+  else:
+    chunks = -(-_dispatch.round_up(d, _LANES) // _TPU_MAX_BLOCK_D)
+    bd = _dispatch.round_up(-(-d // chunks), _LANES)
+  kp = _dispatch.round_up(k, _LANES)
+  tile = bq * bn * 4
+  nbytes = (
+      2 * (bq + bn) * bd * itemsize  # query and bank blocks
+      + 2 * bq * _LANES * 4  # (block_q, 1) query norms
+      + 2 * 8 * bn * 4  # (1, block_n) bank norms
+      + 2 * 2 * bq * kp * 4  # two (block_q, kp) outputs
+      + tile  # accumulator scratch
+      + 4 * tile  # live intermediates
+  )
+  return Plan("mosaic_tpu", bq, bn, bd, kp, int(nbytes))
+
+
+_PLANS = {"triton": _triton_plan, "mosaic_tpu": _tpu_plan}
+
+
 def plan(
     m: int,
     n: int,
     d: int,
     k: int,
     backend: str | None = None,
-    *,
-    block_q: int | None = None,
-    block_n: int | None = None,
-    block_d: int | None = None,
+    blocks: Blocks = Blocks(),
     itemsize: int = 4,
 ) -> Plan:
   """Block sizes for an (m, d) x (n, d) top-k search on `backend`.
@@ -89,7 +132,7 @@ def plan(
   two, >= 16 for the dot); Mosaic TPU 256 x 512 tiles with up to 1024-lane
   feature chunks and a 128-lane top-k block. Both shrink to small inputs.
   The query and bank tile sizes depend on (m, n) only, never on d, so that
-  ``parallel._knn_blocks`` (no d) can mirror them. Explicit sizes are
+  ``parallel._knn_blocks`` (no d) can mirror them. Explicit `blocks` are
   rounded up to what the backend accepts (Triton: powers of two >= 16;
   Mosaic TPU: block_q a multiple of 8, block_n and block_d of 128).
 
@@ -107,42 +150,13 @@ def plan(
       indices, masks).
   """
   backend = _dispatch.pallas_backend(backend)
-  m, n, d, k = max(int(m), 1), max(int(n), 1), max(int(d), 1), int(k)
-  if backend == "triton":
-    pow2 = lambda v: _dispatch.next_pow2(max(int(v), _TRITON_MIN))
-    bq = pow2(block_q or min(64, m))
-    bn = pow2(block_n or min(128, n))
-    bd = pow2(block_d or _triton_block_d(d))
-    kp = _dispatch.next_pow2(k)
-    nbytes = (
-        TRITON_NUM_STAGES * (bq + bn) * bd * itemsize
-        + bq * bn * 4
-        + 2 * bq * kp * 4
-    )
-  elif backend == "mosaic_tpu":
-    bq = _dispatch.round_up(block_q or min(256, m), 8)
-    bn = _dispatch.round_up(block_n or min(512, n), _LANES)
-    if block_d:
-      bd = _dispatch.round_up(block_d, _LANES)
-    else:
-      chunks = -(-_dispatch.round_up(d, _LANES) // _TPU_MAX_BLOCK_D)
-      bd = _dispatch.round_up(-(-d // chunks), _LANES)
-    kp = _dispatch.round_up(k, _LANES)
-    tile = bq * bn * 4
-    nbytes = (
-        2 * (bq + bn) * bd * itemsize  # query and bank blocks
-        + 2 * bq * _LANES * 4  # (block_q, 1) query norms
-        + 2 * 8 * bn * 4  # (1, block_n) bank norms
-        + 2 * 2 * bq * kp * 4  # two (block_q, kp) outputs
-        + tile  # accumulator scratch
-        + 4 * tile  # live intermediates
-    )
-  else:
+  if backend not in _PLANS:
     raise ValueError(
         f"kernels.knn: backend={backend!r} is not one of "
         f"{_dispatch.PALLAS_BACKENDS}"
     )
-  return Plan(backend, bq, bn, bd, kp, int(nbytes))
+  m, n, d = max(int(m), 1), max(int(n), 1), max(int(d), 1)
+  return _PLANS[backend](m, n, d, int(k), blocks, itemsize)
 
 
 def _merge_topk(run_d, run_i, d, col, k):
@@ -256,6 +270,62 @@ def _tpu_kernel(
     d_ref[...], i_ref[...] = _merge_topk(d_ref[...], i_ref[...], dist, col, k)
 
 
+def _triton_call(p: Plan, k: int, shapes, interpret: bool):
+  """The Triton design's pallas_call over padded (mp, dp) x (np_, dp)."""
+  (mp, np_, dp), (bq, bn, bd, kp) = shapes, p[1:5]
+  kernel = functools.partial(_triton_kernel, k=k, block_n=bn, block_d=bd)
+  params = plt.CompilerParams(
+      num_warps=TRITON_NUM_WARPS, num_stages=TRITON_NUM_STAGES
+  )
+  out_spec = pl.BlockSpec((bq, kp), lambda i: (i, 0))
+  return pl.pallas_call(
+      kernel,
+      grid=(mp // bq,),
+      in_specs=[
+          pl.BlockSpec((bq, dp), lambda i: (i, 0)),
+          pl.BlockSpec((bq, 1), lambda i: (i, 0)),
+          pl.BlockSpec((np_, dp), lambda i: (0, 0)),  # sliced in-kernel
+          pl.BlockSpec((1, np_), lambda i: (0, 0)),
+      ],
+      out_specs=[out_spec, out_spec],
+      out_shape=_out_shape(mp, kp),
+      compiler_params=None if interpret else params,
+      interpret=interpret,
+  )
+
+
+def _tpu_call(p: Plan, k: int, shapes, interpret: bool):
+  """The Mosaic TPU design's pallas_call over padded inputs."""
+  (mp, np_, dp), (bq, bn, bd, kp) = shapes, p[1:5]
+  kernel = functools.partial(_tpu_kernel, k=k, block_n=bn)
+  params = pltpu.CompilerParams(
+      dimension_semantics=("parallel", "arbitrary", "arbitrary")
+  )
+  out_spec = pl.BlockSpec((bq, kp), lambda i, j, c: (i, 0))
+  return pl.pallas_call(
+      kernel,
+      grid=(mp // bq, np_ // bn, dp // bd),
+      in_specs=[
+          pl.BlockSpec((bq, bd), lambda i, j, c: (i, c)),
+          pl.BlockSpec((bq, 1), lambda i, j, c: (i, 0)),
+          pl.BlockSpec((bn, bd), lambda i, j, c: (j, c)),
+          pl.BlockSpec((1, bn), lambda i, j, c: (0, j)),
+      ],
+      out_specs=[out_spec, out_spec],
+      out_shape=_out_shape(mp, kp),
+      scratch_shapes=[pltpu.VMEM((bq, bn), _F32)],
+      compiler_params=None if interpret else params,
+      interpret=interpret,
+  )
+
+
+def _out_shape(mp: int, kp: int):
+  return [
+      jax.ShapeDtypeStruct((mp, kp), _F32),
+      jax.ShapeDtypeStruct((mp, kp), jnp.int32),
+  ]
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("k", "p", "interpret", "compute_dtype"),
@@ -264,59 +334,15 @@ def _knn_pallas(queries, bank, k, p, interpret, compute_dtype):
   m, dim = queries.shape
   n = bank.shape[0]
   q, b, qc, bc, qq, bb = knn_common.prep(queries, bank, compute_dtype)
-  bq, bn, bd, kp = p.block_q, p.block_n, p.block_d, p.kp
-  mp = _dispatch.round_up(m, bq)
-  np_ = _dispatch.round_up(n, bn)
-  dp = _dispatch.round_up(dim, bd)
+  mp = _dispatch.round_up(m, p.block_q)
+  np_ = _dispatch.round_up(n, p.block_n)
+  dp = _dispatch.round_up(dim, p.block_d)
   qc = jnp.pad(qc, ((0, mp - m), (0, dp - dim)))
   bc = jnp.pad(bc, ((0, np_ - n), (0, dp - dim)))
   qq = jnp.pad(qq, (0, mp - m))[:, None]
   bb = jnp.pad(bb, (0, np_ - n), constant_values=jnp.inf)[None, :]
-  out_shape = [
-      jax.ShapeDtypeStruct((mp, kp), _F32),
-      jax.ShapeDtypeStruct((mp, kp), jnp.int32),
-  ]
-  if p.backend == "triton":
-    kernel = functools.partial(_triton_kernel, k=k, block_n=bn, block_d=bd)
-    params = plt.CompilerParams(
-        num_warps=TRITON_NUM_WARPS, num_stages=TRITON_NUM_STAGES
-    )
-    out_spec = pl.BlockSpec((bq, kp), lambda i: (i, 0))
-    d, i = pl.pallas_call(
-        kernel,
-        grid=(mp // bq,),
-        in_specs=[
-            pl.BlockSpec((bq, dp), lambda i: (i, 0)),
-            pl.BlockSpec((bq, 1), lambda i: (i, 0)),
-            pl.BlockSpec((np_, dp), lambda i: (0, 0)),  # sliced in-kernel
-            pl.BlockSpec((1, np_), lambda i: (0, 0)),
-        ],
-        out_specs=[out_spec, out_spec],
-        out_shape=out_shape,
-        compiler_params=None if interpret else params,
-        interpret=interpret,
-    )(qc, qq, bc, bb)
-  else:
-    kernel = functools.partial(_tpu_kernel, k=k, block_n=bn)
-    params = pltpu.CompilerParams(
-        dimension_semantics=("parallel", "arbitrary", "arbitrary")
-    )
-    out_spec = pl.BlockSpec((bq, kp), lambda i, j, c: (i, 0))
-    d, i = pl.pallas_call(
-        kernel,
-        grid=(mp // bq, np_ // bn, dp // bd),
-        in_specs=[
-            pl.BlockSpec((bq, bd), lambda i, j, c: (i, c)),
-            pl.BlockSpec((bq, 1), lambda i, j, c: (i, 0)),
-            pl.BlockSpec((bn, bd), lambda i, j, c: (j, c)),
-            pl.BlockSpec((1, bn), lambda i, j, c: (0, j)),
-        ],
-        out_specs=[out_spec, out_spec],
-        out_shape=out_shape,
-        scratch_shapes=[pltpu.VMEM((bq, bn), _F32)],
-        compiler_params=None if interpret else params,
-        interpret=interpret,
-    )(qc, qq, bc, bb)
+  call = _triton_call if p.backend == "triton" else _tpu_call
+  d, i = call(p, k, (mp, np_, dp), interpret)(qc, qq, bc, bb)
   d, i = d[:m, :k], i[:m, :k]
   if qc.dtype != _F32:
     d, i = knn_common.refine(q, b, d, i, k)
@@ -328,9 +354,7 @@ def knn_pallas(
     bank,
     k=1,
     *,
-    block_q=None,
-    block_n=None,
-    block_d=None,
+    blocks: Blocks = Blocks(),
     backend: str | None = None,
     interpret: bool = False,
     compute_dtype=None,
@@ -339,8 +363,8 @@ def knn_pallas(
 
   Args:
     queries, bank, k, compute_dtype: as ``kernels.knn``.
-    block_q, block_n, block_d: tile sizes; None picks ``plan``'s, explicit
-      ones are rounded up to what the backend accepts (see ``plan``).
+    blocks: tile sizes; None entries pick ``plan``'s, explicit ones are
+      rounded up to what the backend accepts (see ``plan``).
     backend: 'triton' or 'mosaic_tpu' (``_dispatch.PALLAS_BACKENDS``);
       None: the design for the current jax backend.
     interpret: run that design in the Pallas interpreter (any machine).
@@ -354,17 +378,8 @@ def knn_pallas(
   cdt = None if compute_dtype is None else jnp.dtype(compute_dtype)
   if cdt is not None and cdt == jnp.dtype(_F32):
     cdt = None
-  p = plan(
-      m,
-      n,
-      dim,
-      int(k),
-      backend,
-      block_q=block_q,
-      block_n=block_n,
-      block_d=block_d,
-      itemsize=4 if cdt is None else cdt.itemsize,
-  )
+  itemsize = 4 if cdt is None else cdt.itemsize
+  p = plan(m, n, dim, int(k), backend, blocks, itemsize)
   if not interpret:
     _dispatch.check_budget(
         "knn",

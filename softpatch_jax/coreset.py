@@ -8,14 +8,14 @@ vmapped and sharded; `compact` drops the invalid entries on the host.
 ``greedy`` is PatchCore's approximate greedy coreset with SoftPatch's sampling
 weight (Jiang et al., NeurIPS 2022): every point's distance starts as
 its mean distance to a few random start points and is multiplied by its weight
-(1 clean, 0 noise), so zero-weight points keep distance 0 and are never picked
+(1 clean, 0 outlier patch), so zero-weight points keep distance 0 and are never picked
 while any selectable point at positive distance remains. The O(M n) selection
 loop runs on the device in `softpatch_jax.kernels.kcenter`.
 
 Differences from the reference implementation (README, "Deliberate
 differences"):
 - The weight is applied from the very first pick (the reference applies it
-  only from the second pick on, so its first pick can be a noise patch).
+  only from the second pick on, so its first pick can be an outlier patch).
   ``greedy(..., unweighted_first=True)`` reproduces the official SoftPatch
   code: the first pick is the argmax of the unweighted mean distance to the
   starts (it may be a zero-weight point, and it is then kept as valid), and
@@ -34,41 +34,22 @@ differences"):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from softpatch_jax import registry
 from softpatch_jax import settings
 from softpatch_jax import validation
 from softpatch_jax.kernels import kcenter as kcenter_lib
 from softpatch_jax.kernels import kcenter_common
 
 Selection = Tuple[jax.Array, jax.Array]  # (indices (n,) int32, valid (n,))
-
-SUBSAMPLERS: Dict[str, Callable[..., Selection]] = {}
-
-
-def register_subsampler(name: str):
-  """Decorator: adds a subsampler to `SUBSAMPLERS` under `name`."""
-
-  def wrap(fn):
-    SUBSAMPLERS[name] = fn
-    return fn
-
-  return wrap
-
-
-def get_subsampler(name: str) -> Callable[..., Selection]:
-  if name not in SUBSAMPLERS:
-    raise ValueError(
-        f"unknown subsampler {name!r}; choose from {sorted(SUBSAMPLERS)}"
-    )
-  return SUBSAMPLERS[name]
-
 
 IMPLS = ("auto", "dense", "pruned")
 # 'auto' runs the pruned host greedy from this many points on: below it the
@@ -113,13 +94,33 @@ class CoresetOptions:
     settings.check_choice(self.impl, "coreset.impl", IMPLS)
 
 
-def resolve_impl(impl: str, x, mesh=None) -> str:
-  """'dense' or 'pruned' for the greedy over points x (config.coreset.impl).
+# fn(points (M, d), n_select, key, *, sampling_weight=None, num_starts=,
+# starts=None, ...) -> Selection.
+SUBSAMPLERS: registry.Registry[Callable[..., Selection]] = registry.Registry(
+    "subsampler"
+)
+
+
+def register_subsampler(name: str):
+  """Decorator: adds a subsampler to `SUBSAMPLERS` under `name`."""
+
+  def wrap(fn):
+    return SUBSAMPLERS.register(name, fn)
+
+  return wrap
+
+
+def get_subsampler(name: str) -> Callable[..., Selection]:
+  return SUBSAMPLERS.get(name)
+
+
+def resolve_impl(impl: str, n_points: int, eager: bool, mesh=None) -> str:
+  """'dense' or 'pruned' for the greedy over n_points (config.coreset.impl).
 
   'auto' is 'pruned' (`kernels.kcenter_pruned`, a numpy host loop with the
-  float32 numpy greedy's picks) when x is concrete, on CPU, on one device
-  and has >= PRUNED_MIN_POINTS rows; 'dense' (the XLA or Pallas kernel)
-  under jit, on accelerators and with a mesh.
+  float32 numpy greedy's picks) for `eager` (concrete) points on CPU, one
+  device and >= PRUNED_MIN_POINTS of them; 'dense' (the XLA or Pallas
+  kernel) under jit, on accelerators and with a mesh.
   """
   if impl not in IMPLS:
     raise ValueError(f"coreset_impl must be one of {IMPLS}, got {impl!r}")
@@ -127,8 +128,8 @@ def resolve_impl(impl: str, x, mesh=None) -> str:
     raise ValueError("coreset_impl='pruned' runs on one device; drop mesh")
   if impl != "auto":
     return impl
-  host = validation.is_concrete(x) and jax.default_backend() == "cpu"
-  big = x.shape[0] >= PRUNED_MIN_POINTS
+  host = eager and jax.default_backend() == "cpu"
+  big = n_points >= PRUNED_MIN_POINTS
   return "pruned" if host and big and mesh is None else "dense"
 
 
@@ -215,6 +216,79 @@ def _first_occurrence(idx, m: int):
   return first[idx] == t
 
 
+def _greedy_starts(m: int, key, num_starts: int, starts) -> jax.Array:
+  """Explicit `starts`, or `start_indices` drawn from `key`, checked."""
+  if starts is None:
+    if key is None:
+      raise ValueError("coreset.greedy: pass a PRNG key or explicit starts")
+    starts = start_indices(m, num_starts, key)
+  starts = jnp.asarray(starts, jnp.int32)
+  if starts.ndim != 1 or starts.shape[0] < 1:
+    raise ValueError(
+        "coreset.greedy: starts must be a non-empty 1-d index array, got "
+        f"shape {tuple(starts.shape)}"
+    )
+  return starts
+
+
+def _check_points(proj) -> int:
+  if proj.ndim != 2 or proj.shape[0] < 1:
+    raise ValueError(
+        "coreset.greedy: expected (M, d) features with M >= 1, got shape "
+        f"{tuple(proj.shape)}"
+    )
+  return int(proj.shape[0])
+
+
+def _kcenter_selection(x, n, starts, w, first, kcenter_fn) -> Selection:
+  """The k-center loop's picks as a Selection (see `greedy`)."""
+  m = x.shape[0]
+  idx = (kcenter_fn or kcenter_lib.kcenter)(x, n, starts, w, first=first)
+  valid = _first_occurrence(idx, m)
+  if first is not None:
+    valid &= (w[idx] > 0) | (jnp.arange(n) == 0)
+  elif w is not None:
+    valid &= w[idx] > 0
+  return jnp.where(valid, idx, idx[0]), valid
+
+
+def _unweighted_first(x, n, starts, w, kcenter_fn) -> Selection:
+  """`greedy` with the reference's first pick (ignoring the weight)."""
+  m = x.shape[0]
+  d0 = kcenter_common.initial_distance(x, starts, jnp.ones((m,), jnp.float32))
+  first = jnp.argmax(d0).astype(jnp.int32)
+  # Short-cut only when every point is requested, so the result never
+  # depends on whether the forced first pick is a zero-weight point.
+  if n >= m:
+    # The first pick joins the selectable points, whatever its weight.
+    w_sel = jnp.where(jnp.arange(m) == first, jnp.maximum(w, 1.0), w)
+    return _all_selectable(w_sel, m, n)
+  return _report(n, *_kcenter_selection(x, n, starts, w, first, kcenter_fn))
+
+
+def _weighted(x, n, starts, w, kcenter_fn) -> Selection:
+  """`greedy` with the weight from the first pick on."""
+  m = x.shape[0]
+  run = functools.partial(_kcenter_selection, x, n, starts, w, None, kcenter_fn)
+  n_selectable = m if w is None else jnp.sum(w > 0)
+  if not validation.is_concrete(n_selectable):
+    return jax.lax.cond(
+        n >= n_selectable, lambda: _all_selectable(w, m, n), run
+    )
+  n_selectable = int(n_selectable)
+  if n >= n_selectable:
+    # Every selectable point is requested: skip the O(M n) loop.
+    if n > n_selectable:
+      logging.warning(
+          "coreset.greedy: %d points requested but only %d are selectable; "
+          "keeping all of them",
+          n,
+          n_selectable,
+      )
+    return _all_selectable(w, m, n)
+  return _report(n, *run())
+
+
 @register_subsampler("greedy")
 def greedy(
     proj: jax.Array,
@@ -222,7 +296,7 @@ def greedy(
     key: Optional[jax.Array] = None,
     *,
     sampling_weight: Optional[jax.Array] = None,
-    num_starts: int = 10,
+    num_starts: int = CoresetOptions.num_starts,
     starts: Optional[jax.Array] = None,
     unweighted_first: bool = False,
     kcenter_fn: Optional[Callable[..., jax.Array]] = None,
@@ -234,7 +308,7 @@ def greedy(
     n_select: number of points (int) or a fraction of M in (0, 1] (float).
     key: PRNG key for the start points (unused when `starts` is given).
     sampling_weight: optional (M,) non-negative weights multiplying distances
-      (1 clean / 0 noise); zero-weight points are never selected.
+      (1 clean / 0 outlier patch); zero-weight points are never selected.
     num_starts: number of random start points (clipped to M).
     starts: explicit (S,) start indices instead of drawing them from `key`.
     unweighted_first: reproduce the official SoftPatch code's first pick:
@@ -249,66 +323,14 @@ def greedy(
     distinct and of positive weight (but for an `unweighted_first` first
     pick); invalid entries repeat the first pick.
   """
-  if proj.ndim != 2 or proj.shape[0] < 1:
-    raise ValueError(
-        "coreset.greedy: expected (M, d) features with M >= 1, got shape "
-        f"{tuple(proj.shape)}"
-    )
-  m = int(proj.shape[0])
+  m = _check_points(proj)
   n = _resolve_n(m, n_select)
   w = _check_weight(sampling_weight, m, "greedy")
-  if starts is None:
-    if key is None:
-      raise ValueError("coreset.greedy: pass a PRNG key or explicit starts")
-    starts = start_indices(m, num_starts, key)
-  starts = jnp.asarray(starts, jnp.int32)
-  if starts.ndim != 1 or starts.shape[0] < 1:
-    raise ValueError(
-        "coreset.greedy: starts must be a non-empty 1-d index array, got "
-        f"shape {tuple(starts.shape)}"
-    )
+  starts = _greedy_starts(m, key, num_starts, starts)
   x = jnp.asarray(proj, jnp.float32)
-  n_selectable = m if w is None else jnp.sum(w > 0)
-  first = None
   if unweighted_first and w is not None:
-    d0 = kcenter_common.initial_distance(x, starts, jnp.ones((m,), jnp.float32))
-    first = jnp.argmax(d0).astype(jnp.int32)
-    # The first pick joins the selectable points, whatever its weight.
-    w_sel = jnp.where(jnp.arange(m) == first, jnp.maximum(w, 1.0), w)
-
-  def run_kcenter():
-    idx = (kcenter_fn or kcenter_lib.kcenter)(x, n, starts, w, first=first)
-    valid = _first_occurrence(idx, m)
-    if first is not None:
-      valid &= (w[idx] > 0) | (jnp.arange(n) == 0)
-    elif w is not None:
-      valid &= w[idx] > 0
-    return jnp.where(valid, idx, idx[0]), valid
-
-  if first is not None:
-    # Short-cut only when every point is requested, so the result never
-    # depends on whether the forced first pick is a zero-weight point.
-    if n >= m:
-      return _all_selectable(w_sel, m, n)
-    return _report(n, *run_kcenter())
-  if not validation.is_concrete(n_selectable):
-    return jax.lax.cond(
-        n >= n_selectable,
-        lambda: _all_selectable(w, m, n),
-        run_kcenter,
-    )
-  n_selectable = int(n_selectable)
-  if n >= n_selectable:
-    # Every selectable point is requested: skip the O(M n) loop.
-    if n > n_selectable:
-      logging.warning(
-          "coreset.greedy: %d points requested but only %d are selectable; "
-          "keeping all of them",
-          n,
-          n_selectable,
-      )
-    return _all_selectable(w, m, n)
-  return _report(n, *run_kcenter())
+    return _unweighted_first(x, n, starts, w, kcenter_fn)
+  return _weighted(x, n, starts, w, kcenter_fn)
 
 
 def _report(n: int, idx, valid) -> Selection:

@@ -1,15 +1,16 @@
-"""Patch-level noise discrimination and denoising.
+"""Outlier patches: the discriminators that weight training patches.
 
 SoftPatch (Jiang et al., NeurIPS 2022) projects the training patch
 features to a small dimension, groups them by patch position across images,
 and scores every patch against the patches of the other images at the same
-position with a noise discriminator. The top ``noise_fraction`` of all weights
-are marked as noise and never enter the memory bank; ``max(w, 0)`` is kept for
-soft re-weighting of scores.
+position with a discriminator. The top ``noise_fraction`` of all weights
+are flagged as outlier patches and never enter the memory bank; ``max(w, 0)``
+is kept for soft re-weighting of scores.
 
 Discriminators live in the `DISCRIMINATORS` registry ('lof', 'nearest',
-'gaussian', 'fusion'); each maps (P positions, N images, d) to (P, N)
-weights, larger meaning more likely noise. `register_discriminator` adds one.
+'gaussian', 'fusion'); each maps (P positions, N images, d) and the
+`DenoiseOptions` to (P, N) weights, larger meaning more likely an outlier.
+`register_discriminator` adds one.
 'fusion' combines the other three after normalising each (`fuse_scores`), in
 the spirit of the multi-discriminator SoftPatch+ follow-up (Jiang et al.,
 2024), whose code is not public.
@@ -32,13 +33,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Dict, Tuple
+from typing import Callable, Tuple
 
 from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from softpatch_jax import registry
 from softpatch_jax import settings
 from softpatch_jax import validation
 from softpatch_jax.kernels import _dispatch
@@ -47,22 +49,53 @@ from softpatch_jax.kernels import lof as lof_lib
 _HIGHEST = jax.lax.Precision.HIGHEST
 # Elements of one (positions, N, N) distance block; bounds peak memory (~64 MiB).
 _BLOCK_ELEMS = 1 << 24
+FUSION_MODES = ("rank", "zscore", "vote")
 
-DISCRIMINATORS: Dict[str, Callable[..., jax.Array]] = {}
+
+@dataclasses.dataclass(frozen=True)
+class DenoiseOptions:
+  """config.denoise: the discriminator's settings.
+
+  lof_k: LOF neighbours. The reference's --lof_k flag never reaches its
+    model, which runs k=5; we honour the flag's documented default of 6.
+  noise_fraction: share of all patches flagged as outliers (dropped).
+  fusion: how 'fusion' combines the LOF, nearest and Gaussian scores
+    ('rank' | 'zscore' | 'vote'; `fuse_scores`).
+  """
+
+  lof_k: int = 6
+  noise_fraction: float = 0.15
+  fusion: str = "rank"
+
+  def __post_init__(self):
+    settings.set_field(
+        self, "lof_k", settings.check_int(self.lof_k, "denoise.lof_k", 1)
+    )
+    nf = settings.check_float(
+        self.noise_fraction, "denoise.noise_fraction", 0.0, 1.0, hi_open=True
+    )
+    settings.set_field(self, "noise_fraction", nf)
+    settings.check_choice(self.fusion, "denoise.fusion", FUSION_MODES)
+
+
+# fn((P, N, d) projected patches, DenoiseOptions) -> (P, N) weights.
+Discriminator = Callable[[jax.Array, DenoiseOptions], jax.Array]
+DISCRIMINATORS: registry.Registry[Discriminator] = registry.Registry(
+    "discriminator"
+)
 
 
 def register_discriminator(name: str):
-  """Decorator: adds fn((P, N, d), **options) -> (P, N) under `name`."""
+  """Decorator: adds fn((P, N, d), options) -> (P, N) under `name`."""
 
   def wrap(fn):
-    DISCRIMINATORS[name] = fn
-    return fn
+    return DISCRIMINATORS.register(name, fn)
 
   return wrap
 
 
 def make_projection(
-    key: jax.Array, in_dim: int = 1024, out_dim: int = 128
+    key: jax.Array, in_dim: int, out_dim: int
 ) -> Tuple[jax.Array, jax.Array]:
   """Random linear map with torch ``Linear`` init: W ~ U(+-1/sqrt(in_dim)).
 
@@ -121,14 +154,16 @@ def project_chunked(flat, proj, rows: int, release=None) -> jax.Array:
   return jnp.concatenate(chunks)
 
 
-def _positions_chunk(n: int, per_pos: int) -> int:
-  return int(max(1, _BLOCK_ELEMS // max(1, per_pos)))
+def positions_per_block(per_position: int) -> int:
+  """Positions one batched discriminator step scores, for a position that
+  holds `per_position` elements of intermediates (bounds peak memory)."""
+  return int(max(1, _BLOCK_ELEMS // max(1, per_position)))
 
 
 @register_discriminator("nearest")
-def nearest(x: jax.Array, **unused) -> jax.Array:
+def nearest(x: jax.Array, options: DenoiseOptions) -> jax.Array:
   """Distance to the nearest *other* image's patch at the position, plus 1."""
-  del unused
+  del options
   return nearest_other_distance(x) + 1.0
 
 
@@ -150,13 +185,13 @@ def nearest_other_distance(x: jax.Array) -> jax.Array:
     d2 = jnp.where(jnp.eye(n, dtype=bool), jnp.inf, d2)
     return jnp.sqrt(jnp.maximum(jnp.min(d2, axis=-1), 0.0))
 
-  return jax.lax.map(one, x, batch_size=min(p, _positions_chunk(n, n * n)))
+  return jax.lax.map(one, x, batch_size=min(p, positions_per_block(n * n)))
 
 
 @register_discriminator("gaussian")
-def gaussian(x: jax.Array, **unused) -> jax.Array:
+def gaussian(x: jax.Array, options: DenoiseOptions) -> jax.Array:
   """Mahalanobis distance to the per-position Gaussian, plus 1."""
-  del unused
+  del options
   return gaussian_distance(x) + 1.0
 
 
@@ -180,15 +215,14 @@ def gaussian_distance(x: jax.Array, reg: float = 0.01) -> jax.Array:
     return jnp.sqrt(jnp.maximum(jnp.sum(z * z, axis=0), 0.0))
 
   return jax.lax.map(
-      one, x, batch_size=min(p, _positions_chunk(n, d * d + n * d))
+      one, x, batch_size=min(p, positions_per_block(d * d + n * d))
   )
 
 
 @register_discriminator("lof")
-def lof(x: jax.Array, *, lof_k: int = 6, **unused) -> jax.Array:
+def lof(x: jax.Array, options: DenoiseOptions) -> jax.Array:
   """Local Outlier Factor with k = lof_k (clamped like sklearn) per position."""
-  del unused
-  return lof_lib.lof(x, effective_lof_k(lof_k, x.shape[1]))
+  return lof_lib.lof(x, effective_lof_k(options.lof_k, x.shape[1]))
 
 
 def effective_lof_k(lof_k: int, n_images: int) -> int:
@@ -211,53 +245,52 @@ def effective_lof_k(lof_k: int, n_images: int) -> int:
 
 
 def patch_weights(
-    projected: jax.Array, discriminator: str = "lof", **options
+    projected: jax.Array,
+    discriminator: str,
+    options: DenoiseOptions = DenoiseOptions(),
 ) -> jax.Array:
-  """Per-patch noise weights.
+  """Per-patch outlier weights.
 
   Args:
     projected: (N images, P positions, d) projected patch features.
     discriminator: a key of `DISCRIMINATORS`: 'lof' (Local Outlier Factor,
-      option lof_k), 'nearest' (distance to the nearest other image's patch +
-      1), 'gaussian' (Mahalanobis distance to the per-position Gaussian + 1)
-      or 'fusion' (all three combined; options fusion='rank' | 'zscore' |
-      'vote', noise_fraction).
-    **options: passed to the discriminator (e.g. lof_k=6).
+      options.lof_k), 'nearest' (distance to the nearest other image's patch
+      + 1), 'gaussian' (Mahalanobis distance to the per-position Gaussian +
+      1) or 'fusion' (all three combined; options.fusion, noise_fraction).
+    options: the discriminator's settings.
 
   Returns:
-    (N, P) float32 weights; larger = more likely noise.
+    (N, P) float32 weights; larger = more likely an outlier patch.
   """
-  if discriminator not in DISCRIMINATORS:
-    raise ValueError(
-        f"unknown discriminator {discriminator!r}; choose from "
-        f"{sorted(DISCRIMINATORS)}"
-    )
+  fn = DISCRIMINATORS.get(discriminator)
+  check_projected(projected, "patch_weights")
+  x = jnp.transpose(jnp.asarray(projected, jnp.float32), (1, 0, 2))  # (P,N,d)
+  return jnp.transpose(fn(x, options)).astype(jnp.float32)
+
+
+def check_projected(projected, what: str) -> None:
+  """ValueError unless `projected` is finite (N >= 2, P >= 1, d >= 1)."""
   if projected.ndim != 3:
     raise ValueError(
-        "patch_weights: expected (N, P, d) features, got shape "
+        f"{what}: expected (N, P, d) features, got shape "
         f"{tuple(projected.shape)}"
     )
   n, p, d = projected.shape
   if n < 2:
     raise ValueError(
-        "patch_weights: need at least 2 training images to compare patches "
+        f"{what}: need at least 2 training images to compare patches "
         f"across images, got N={n} (shape {tuple(projected.shape)})"
     )
   if p < 1 or d < 1:
-    raise ValueError(
-        f"patch_weights: empty features, shape {tuple(projected.shape)}"
-    )
-  validation.check_finite(projected, "patch_weights: projected features")
-  x = jnp.transpose(jnp.asarray(projected, jnp.float32), (1, 0, 2))  # (P,N,d)
-  out = DISCRIMINATORS[discriminator](x, **options)
-  return jnp.transpose(out).astype(jnp.float32)
+    raise ValueError(f"{what}: empty features, shape {tuple(projected.shape)}")
+  validation.check_finite(projected, f"{what}: projected features")
 
 
-def noise_threshold(w: jax.Array, noise_fraction: float = 0.15) -> jax.Array:
+def outlier_threshold(w: jax.Array, noise_fraction: float) -> jax.Array:
   """t = quantile(w, 1 - noise_fraction), linear interpolation.
 
   The same as torch.quantile / np.quantile defaults; patches with w > t are
-  noise.
+  outlier patches.
   """
   if not 0.0 <= float(noise_fraction) < 1.0:
     raise ValueError(f"noise_fraction must be in [0, 1), got {noise_fraction}")
@@ -265,44 +298,15 @@ def noise_threshold(w: jax.Array, noise_fraction: float = 0.15) -> jax.Array:
 
 
 def denoise(
-    weights: jax.Array, noise_fraction: float = 0.15
+    weights: jax.Array, noise_fraction: float
 ) -> Tuple[jax.Array, jax.Array, jax.Array]:
-  """-> (noise_mask = w > t, soft weights max(w, 0), the threshold t)."""
-  t = noise_threshold(weights, noise_fraction)
+  """-> (outliers = w > t, soft weights max(w, 0), the threshold t)."""
+  t = outlier_threshold(weights, noise_fraction)
   return weights > t, jnp.maximum(weights, 0.0), t
 
 
 # --------------------------------------------------------------------------
 # Multi-discriminator fusion.
-
-FUSION_MODES = ("rank", "zscore", "vote")
-
-
-@dataclasses.dataclass(frozen=True)
-class DenoiseOptions:
-  """config.denoise: the noise discriminator's settings.
-
-  lof_k: LOF neighbours. The reference's --lof_k flag never reaches its
-    model, which runs k=5; we honour the flag's documented default of 6.
-  noise_fraction: share of all patches flagged as outliers (dropped).
-  fusion: how 'fusion' combines the LOF, nearest and Gaussian scores
-    ('rank' | 'zscore' | 'vote'; `fuse_scores`).
-  """
-
-  lof_k: int = 6
-  noise_fraction: float = 0.15
-  fusion: str = "rank"
-
-  def __post_init__(self):
-    settings.set_field(
-        self, "lof_k", settings.check_int(self.lof_k, "denoise.lof_k", 1)
-    )
-    nf = settings.check_float(
-        self.noise_fraction, "denoise.noise_fraction", 0.0, 1.0, hi_open=True
-    )
-    settings.set_field(self, "noise_fraction", nf)
-    settings.check_choice(self.fusion, "denoise.fusion", FUSION_MODES)
-
 
 FUSED_DISCRIMINATORS = ("lof", "nearest", "gaussian")
 # 1.4826 * MAD estimates the standard deviation of a normal sample.
@@ -338,13 +342,12 @@ def robust_zscore(s: jax.Array) -> jax.Array:
   return jnp.where(scale > 0, (s - med) / jnp.where(scale > 0, scale, 1.0), 0.0)
 
 
-def fuse_scores(
-    scores, mode: str = "rank", noise_fraction: float = 0.15
-) -> jax.Array:
+def fuse_scores(scores, mode: str, noise_fraction: float) -> jax.Array:
   """Combines discriminator scores of equal shape into one score in [0, 1].
 
   Args:
-    scores: a sequence of arrays of one shape, larger = more likely noise.
+    scores: a sequence of arrays of one shape, larger = more likely an
+      outlier.
     mode: 'rank': the mean of the rank-normalised scores; 'zscore': the
       standard normal CDF of the mean robust z-score; 'vote': each score
       votes for the patches ranked in its top `noise_fraction`, and the
@@ -377,37 +380,35 @@ def fuse_scores(
   return (votes + mean_rank) / (len(scores) + 1.0)
 
 
+def fused_weights(scores, options: DenoiseOptions) -> jax.Array:
+  """1 + `fuse_scores` of the FUSED_DISCRIMINATORS' scores, in [1, 2]."""
+  return 1.0 + fuse_scores(scores, options.fusion, options.noise_fraction)
+
+
 @register_discriminator("fusion")
-def fusion(
-    x: jax.Array,
-    *,
-    lof_k: int = 6,
-    fusion: str = "rank",  # pylint: disable=redefined-outer-name
-    noise_fraction: float = 0.15,
-    **unused,
-) -> jax.Array:
+def fusion(x: jax.Array, options: DenoiseOptions) -> jax.Array:
   """1 + the fused LOF / nearest / Gaussian score (`fuse_scores`).
 
-  The three scores are normalised over all P * N patches, like the noise
+  The three scores are normalised over all P * N patches, like the outlier
   threshold that follows. The weight lies in [1, 2]: 1 for the least
   outlying patch, so the soft re-weighting of test scores stays on the scale
   of the single discriminators, whose inliers score about 1.
   """
-  del unused
-  if fusion not in FUSION_MODES:  # before the three discriminators run
-    raise ValueError(
-        f"unknown fusion mode {fusion!r} (config.denoise.fusion); choose "
-        f"from {list(FUSION_MODES)}"
-    )
   scores = [
-      DISCRIMINATORS[name](x, lof_k=lof_k) for name in FUSED_DISCRIMINATORS
+      DISCRIMINATORS.get(name)(x, options) for name in FUSED_DISCRIMINATORS
   ]
-  return 1.0 + fuse_scores(scores, fusion, noise_fraction)
+  return fused_weights(scores, options)
+
+
+def fusion_mode(discriminator: str, options: DenoiseOptions) -> DenoiseOptions:
+  """The options a 'fusion_<mode>' discriminator runs with (its own mode)."""
+  mode = discriminator.partition("_")[2]
+  return dataclasses.replace(options, fusion=mode) if mode else options
 
 
 def _fusion_with(mode: str):
-  def fn(x, **options):
-    return fusion(x, **dict(options, fusion=mode))
+  def fn(x, options: DenoiseOptions):
+    return fusion(x, fusion_mode(f"fusion_{mode}", options))
 
   fn.__doc__ = f"'fusion' with fusion={mode!r} whatever the options say."
   return fn

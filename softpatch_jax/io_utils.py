@@ -323,7 +323,7 @@ def write_text(path: str, text: str) -> None:
 def write_json(path: str, obj) -> None:
   write_text(
       path,
-      json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n",
+      json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n",
   )
 
 
@@ -358,7 +358,13 @@ def _csv_value(v):
   return v
 
 
-def _json_default(o):
+def jsonable(obj):
+  """`obj` as plain JSON types (numpy values, tuples and sets converted)."""
+  return json.loads(json.dumps(obj, default=json_default))
+
+
+def json_default(o):
+  """`json.dumps(default=...)` for numpy values, sets and tuples (else str)."""
   if isinstance(o, np.generic):
     return o.item()
   if isinstance(o, np.ndarray):

@@ -5,19 +5,32 @@ File format (``model.softpatch``): one msgpack document written with
 runs code)::
 
     {"magic": "softpatch-jax model",
-     "format_version": 1,
+     "format_version": 2,
      "meta": "<JSON string>",           # everything that is not an array
      "arrays": {"bank_features": float32 (M, D),
                 "bank_weights": float32 (M,),
                 "heldout_image_scores": float32 (N,)   # optional
                 "heldout_pixel_max": float32 (N,)}}    # optional
 
-``meta`` holds the method, the backbone (name, taps, weights spec, seed and
-the weights identity: the sha256 of the weights file or 'random:<seed>'), the
-preprocessing (resize, crop, mean, std), the feature settings, the pixel-map
-geometry, the thresholds (image, pixel, how they were chosen) and the full
-config. Arrays are stored as float32 exactly as fitted, so a loaded model
-scores bit for bit like the one that was saved.
+``meta`` (format 2) holds typed records, each stored as a JSON object:
+
+    method       the method name ('softpatch_lof', 'patchcore', ...)
+    grid         [h, w] patch grid; image_size [H, W] network input size
+    batch_size   the fitting batch size (predict's default)
+    backbone     `model_meta.BackboneRecord`: name, layers, weights, seed, weights_id
+                 (the sha256 of the weights file or 'random:<seed>')
+    preprocess   `data.Preprocess.to_record()`: resize, crop, mean, std, ...
+    embed        `features.EmbedOptions`
+    scoring      `scoring.ScoringOptions`, soft_weight resolved to true/false
+    thresholds   `thresholds.ChosenThresholds`: image, pixel, method, details
+    fit_info     what fitting did (informational)
+    config       the fitting settings (informational: nothing reads it)
+
+Format 1 files (a flat soft_weight / blur_sigma / features layout, the
+memory budget, search and batch size inside the saved config) are still
+read: `model_meta.upgrade_v1` maps them onto the format 2 records. Arrays are stored as
+float32 exactly as fitted, so a loaded model scores bit for bit like the one
+that was saved.
 
 The file is written to a temporary name and renamed into place, so an
 interrupted save leaves the previous model (or none), never a truncated one.
@@ -27,20 +40,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from flax import serialization
 import numpy as np
 
+from softpatch_jax import features
 from softpatch_jax import io_utils
-from softpatch_jax import methods
+from softpatch_jax import model_meta
 from softpatch_jax import scoring
+from softpatch_jax import thresholds as thresholds_lib
 from softpatch_jax import validation
 
 MAGIC = "softpatch-jax model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MODEL_FILENAME = "model.softpatch"
 
 
@@ -52,17 +67,18 @@ class FittedModel:
     bank_features: (M, D) float32 memory-bank patch features.
     bank_weights: (M,) float32 outlier weights of the bank patches.
     method: method name ('softpatch_lof', 'patchcore', ...).
-    soft_weight: whether nearest distances are multiplied by bank weights.
     grid: (h, w) patch grid of one image.
     image_size: (H, W) network input size = pixel-map size.
-    blur_sigma: Gaussian blur of the pixel maps.
-    backbone: {'name', 'layers', 'weights', 'seed', 'weights_id'}.
-    preprocess: {'resize', 'crop', 'mean', 'std', 'grayscale_to_rgb'}.
-    features: {'patchsize', 'pretrain_embed_dim', 'target_embed_dim'}.
-    thresholds: {'image', 'pixel', 'method', 'details'}; 'image'/'pixel' may
-      be None when no threshold was chosen.
-    config: the full fitting config as a plain dict.
-    fit_info: bank size, noise patches, timings, ... (informational).
+    backbone: the `model_meta.BackboneRecord`.
+    preprocess: the preprocessing record (`data.Preprocess.to_record()`).
+    embed: the `features.EmbedOptions` of the bank's features.
+    scoring: the `scoring.ScoringOptions` of the bank; soft_weight is the
+      resolved true / false, memory_budget_mb predict's default budget.
+    thresholds: the `thresholds.ChosenThresholds`.
+    batch_size: the fitting batch size; predict's default, so that the
+      backbone runs the program it ran at fit time.
+    fit_info: bank size, outlier patches, timings, ... (informational).
+    config: the fitting settings as a plain dict (informational only).
     heldout_image_scores: (N,) held-out training image scores, or None.
     heldout_pixel_max: (N,) max of each held-out pixel map, or None.
     format_version: file format version this model was read from / for.
@@ -71,16 +87,16 @@ class FittedModel:
   bank_features: np.ndarray
   bank_weights: np.ndarray
   method: str
-  soft_weight: bool
   grid: tuple
   image_size: tuple
-  blur_sigma: float
-  backbone: Dict[str, Any]
+  backbone: model_meta.BackboneRecord
   preprocess: Dict[str, Any]
-  features: Dict[str, Any]
-  thresholds: Dict[str, Any]
-  config: Dict[str, Any] = dataclasses.field(default_factory=dict)
+  embed: features.EmbedOptions
+  scoring: scoring.ScoringOptions
+  thresholds: thresholds_lib.ChosenThresholds
+  batch_size: int
   fit_info: Dict[str, Any] = dataclasses.field(default_factory=dict)
+  config: Dict[str, Any] = dataclasses.field(default_factory=dict)
   heldout_image_scores: Optional[np.ndarray] = None
   heldout_pixel_max: Optional[np.ndarray] = None
   format_version: int = FORMAT_VERSION
@@ -90,20 +106,24 @@ class FittedModel:
     self.bank_weights = np.asarray(self.bank_weights, np.float32)
     self.grid = tuple(int(g) for g in self.grid)
     self.image_size = tuple(int(s) for s in self.image_size)
+    self.batch_size = int(self.batch_size)
+    if self.scoring.soft_weight is None:
+      raise ValueError(
+          "a model's scoring.soft_weight must be true or false (the method's "
+          "choice, resolved when the bank was fitted), got None"
+      )
     self._bank = None
-
-  # ---- derived objects ----------------------------------------------------
 
   def _make_bank(self, features_on_host):
     return scoring.make_bank(
         self.bank_features,
         self.bank_weights,
-        soft_weight=self.soft_weight,
+        soft_weight=self.scoring.soft_weight,
         grid=self.grid,
         image_size=self.image_size,
-        blur_sigma=self.blur_sigma,
+        blur_sigma=self.scoring.blur_sigma,
         features_on_host=features_on_host,
-        search=(self.config.get("scoring", {}) or {}).get("search", "auto"),
+        search=self.scoring.search,
     )
 
   @property
@@ -119,57 +139,47 @@ class FittedModel:
 
   @property
   def image_threshold(self) -> Optional[float]:
-    v = self.thresholds.get("image")
-    return None if v is None else float(v)
+    return self.thresholds.image
 
   @property
   def pixel_threshold(self) -> Optional[float]:
-    v = self.thresholds.get("pixel")
-    return None if v is None else float(v)
+    return self.thresholds.pixel
 
 
 # --------------------------------------------------------------------------
-# Save / load.
+# Save.
 
 
-def _jsonable(obj):
-  return json.loads(json.dumps(obj, default=io_utils._json_default))  # pylint: disable=protected-access
-
-
-def _meta(model: FittedModel) -> dict:
-  return {
+def meta_of(model: FittedModel) -> dict:
+  """The model's format 2 metadata, as plain JSON types."""
+  return io_utils.jsonable({
       "method": model.method,
-      "soft_weight": bool(model.soft_weight),
       "grid": list(model.grid),
       "image_size": list(model.image_size),
-      "blur_sigma": float(model.blur_sigma),
-      "backbone": model.backbone,
+      "batch_size": model.batch_size,
+      "backbone": dataclasses.asdict(model.backbone),
       "preprocess": model.preprocess,
-      "features": model.features,
-      "thresholds": model.thresholds,
-      "config": model.config,
+      "embed": dataclasses.asdict(model.embed),
+      "scoring": dataclasses.asdict(model.scoring),
+      "thresholds": model.thresholds.to_record(),
       "fit_info": model.fit_info,
-  }
+      "config": model.config,
+  })
 
 
 def to_bytes(model: FittedModel) -> bytes:
-  meta = _meta(model)
   arrays = {
       "bank_features": np.ascontiguousarray(model.bank_features, np.float32),
       "bank_weights": np.ascontiguousarray(model.bank_weights, np.float32),
   }
-  if model.heldout_image_scores is not None:
-    arrays["heldout_image_scores"] = np.asarray(
-        model.heldout_image_scores, np.float32
-    )
-  if model.heldout_pixel_max is not None:
-    arrays["heldout_pixel_max"] = np.asarray(
-        model.heldout_pixel_max, np.float32
-    )
+  for name in ("heldout_image_scores", "heldout_pixel_max"):
+    value = getattr(model, name)
+    if value is not None:
+      arrays[name] = np.asarray(value, np.float32)
   payload = {
       "magic": MAGIC,
       "format_version": FORMAT_VERSION,
-      "meta": json.dumps(_jsonable(meta), sort_keys=True),
+      "meta": json.dumps(meta_of(model), sort_keys=True),
       "arrays": arrays,
   }
   return serialization.msgpack_serialize(payload)
@@ -179,9 +189,13 @@ def save_model(path: str, model: FittedModel) -> str:
   """Writes `model` to `path` atomically; returns the absolute path."""
   path = os.path.abspath(os.path.expanduser(path))
   check_finite_bank(model.bank_features, model.bank_weights, path)
-  check_meta(_jsonable(_meta(model)), path)
+  model_meta.check_meta(meta_of(model), path)
   io_utils.write_bytes(path, to_bytes(model))
   return path
+
+
+# --------------------------------------------------------------------------
+# Load.
 
 
 def resolve_model_path(path: str) -> str:
@@ -200,7 +214,8 @@ def resolve_model_path(path: str) -> str:
   return path
 
 
-def from_bytes(data: bytes, origin: str = "<bytes>") -> FittedModel:
+def read_payload(data: bytes, origin: str) -> Tuple[dict, int]:
+  """The msgpack document of a model file and its format version."""
   try:
     payload = serialization.msgpack_restore(data)
   except Exception as e:  # msgpack raises several unrelated types
@@ -218,12 +233,17 @@ def from_bytes(data: bytes, origin: str = "<bytes>") -> FittedModel:
         f"{origin}: format_version must be an integer, got {version!r} (a "
         f"{type(version).__name__}); the file was not written by softpatch_jax"
     )
-  if version != FORMAT_VERSION:
+  if version not in READABLE_VERSIONS:
     raise ValueError(
         f"{origin} has model format version {version!r}, but this version of "
-        f"softpatch_jax reads version {FORMAT_VERSION}; refit the model or use "
-        "the matching softpatch_jax release"
+        f"softpatch_jax reads versions {READABLE_VERSIONS}; refit the model "
+        "or use the matching softpatch_jax release"
     )
+  return payload, version
+
+
+def read_bank(payload: dict, origin: str) -> Tuple[dict, dict]:
+  """(meta, arrays) of a payload, the bank arrays checked."""
   try:
     meta = json.loads(payload["meta"])
     arrays = payload["arrays"]
@@ -244,25 +264,34 @@ def from_bytes(data: bytes, origin: str = "<bytes>") -> FittedModel:
         f"{weights.dtype}{weights.shape}"
     )
   check_finite_bank(feats, weights, origin)
-  check_meta(meta, origin)
+  return meta, arrays
+
+
+def from_bytes(data: bytes, origin: str = "<bytes>") -> FittedModel:
+  """Reads a model file's bytes; `origin` names it in error messages."""
+  payload, version = read_payload(data, origin)
+  meta, arrays = read_bank(payload, origin)
+  if version == 1:
+    meta = model_meta.upgrade_v1(meta, origin)
+  model_meta.check_meta(meta, origin)
   opt = lambda k: (np.asarray(arrays[k], np.float32) if k in arrays else None)
   return FittedModel(
-      bank_features=feats,
-      bank_weights=weights,
+      bank_features=np.asarray(arrays["bank_features"]),
+      bank_weights=np.asarray(arrays["bank_weights"]),
       method=meta["method"],
-      soft_weight=bool(meta["soft_weight"]),
       grid=tuple(meta["grid"]),
       image_size=tuple(meta["image_size"]),
-      blur_sigma=float(meta["blur_sigma"]),
-      backbone=meta["backbone"],
+      backbone=model_meta.BackboneRecord(**meta["backbone"]),
       preprocess=meta["preprocess"],
-      features=meta["features"],
-      thresholds=meta["thresholds"],
-      config=meta.get("config", {}),
+      embed=features.EmbedOptions(**meta["embed"]),
+      scoring=scoring.ScoringOptions(**meta["scoring"]),
+      thresholds=thresholds_lib.ChosenThresholds(**meta["thresholds"]),
+      batch_size=meta["batch_size"],
       fit_info=meta.get("fit_info", {}),
+      config=meta.get("config", {}),
       heldout_image_scores=opt("heldout_image_scores"),
       heldout_pixel_max=opt("heldout_pixel_max"),
-      format_version=int(version),
+      format_version=version,
   )
 
 
@@ -275,8 +304,8 @@ def load_model(path: str, backbone=None) -> FittedModel:
       must be the one the model was fitted with (name, taps, weights id).
 
   Raises:
-    ValueError: unreadable file, wrong format version, non-finite bank, or a
-      mismatched backbone.
+    ValueError: unreadable file, unknown format version, non-finite bank,
+      bad metadata, or a mismatched backbone.
   """
   path = resolve_model_path(path)
   with open(path, "rb") as f:
@@ -287,23 +316,27 @@ def load_model(path: str, backbone=None) -> FittedModel:
   return model
 
 
+# --------------------------------------------------------------------------
+# Checks.
+
+
 def check_backbone(model: FittedModel, bb) -> None:
   """Refuses a backbone other than the one the model was fitted with."""
   rec = model.backbone
-  if bb.name != rec["name"]:
+  if bb.name != rec.name:
     raise ValueError(
         "backbone mismatch: the model was fitted with "
-        f"{rec['name']!r}, got {bb.name!r}"
+        f"{rec.name!r}, got {bb.name!r}"
     )
-  if tuple(bb.layers) != tuple(rec["layers"]):
+  if tuple(bb.layers) != rec.layers:
     raise ValueError(
         "backbone mismatch: the model was fitted with taps "
-        f"{tuple(rec['layers'])}, got {tuple(bb.layers)}"
+        f"{rec.layers}, got {tuple(bb.layers)}"
     )
-  if bb.weights_id != rec["weights_id"]:
+  if bb.weights_id != rec.weights_id:
     raise ValueError(
-        f"backbone weights mismatch for {rec['name']!r}: the model was fitted "
-        f"with weights {rec['weights_id']!r}, got {bb.weights_id!r}; scores "
+        f"backbone weights mismatch for {rec.name!r}: the model was fitted "
+        f"with weights {rec.weights_id!r}, got {bb.weights_id!r}; scores "
         "against this memory bank would be meaningless. Point to the original "
         "weights file"
     )
@@ -321,77 +354,3 @@ def check_finite_bank(feats, weights, origin: str) -> None:
         f"{origin}: memory bank weights must be >= 0, {n_neg} are negative; "
         "the model is broken"
     )
-
-
-def _number(x) -> bool:
-  return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def check_meta(meta: dict, origin: str) -> None:
-  """One clear error for missing, mistyped or out-of-range model metadata."""
-
-  def bad(field, want, value):
-    raise ValueError(
-        f"{origin}: bad model metadata: {field} must be {want}, got {value!r}"
-    )
-
-  for field in (
-      "method",
-      "soft_weight",
-      "grid",
-      "image_size",
-      "blur_sigma",
-      "backbone",
-      "preprocess",
-      "features",
-      "thresholds",
-  ):
-    if field not in meta:
-      raise ValueError(f"{origin}: bad model metadata: {field!r} is missing")
-  if meta["method"] not in methods.METHODS:
-    bad("method", f"one of {sorted(methods.METHODS)}", meta["method"])
-  if not isinstance(meta["soft_weight"], bool):
-    bad("soft_weight", "true or false", meta["soft_weight"])
-  for field in ("grid", "image_size"):
-    v = meta[field]
-    if not (
-        isinstance(v, list)
-        and len(v) == 2
-        and all(type(g) is int and 0 < g <= 1 << 16 for g in v)
-    ):  # pylint: disable=unidiomatic-typecheck
-      bad(field, "two positive integers", v)
-  sigma = meta["blur_sigma"]
-  if not (_number(sigma) and math.isfinite(sigma) and sigma >= 0):
-    bad("blur_sigma", "a finite number >= 0", sigma)
-  for field in ("backbone", "preprocess", "features", "thresholds"):
-    if not isinstance(meta[field], dict):
-      bad(field, "a mapping", meta[field])
-  required = {
-      "backbone": ("name", "layers", "weights", "weights_id"),
-      "preprocess": ("resize", "crop", "mean", "std"),
-      "features": ("patchsize", "pretrain_embed_dim", "target_embed_dim"),
-  }
-  for field, keys in required.items():
-    missing = [k for k in keys if k not in meta[field]]
-    if missing:
-      raise ValueError(
-          f"{origin}: bad model metadata: {field} lacks {', '.join(missing)}"
-      )
-  for key in ("image", "pixel"):
-    t = meta["thresholds"].get(key)
-    if t is not None and not (_number(t) and math.isfinite(t)):
-      bad(f"thresholds.{key}", "a finite number or null", t)
-  pre = meta["preprocess"]
-  size = pre.get("input_size")
-  if size is not None and not (
-      isinstance(size, list)
-      and len(size) == 2
-      and all(type(g) is int and 0 < g <= 1 << 16 for g in size)
-  ):  # pylint: disable=unidiomatic-typecheck
-    bad("preprocess.input_size", "two positive integers or null", size)
-  for key in ("resize", "crop"):
-    v = pre[key]
-    if v is not None and not (type(v) is int and 0 < v <= 1 << 16):
-      bad(f"preprocess.{key}", "a positive integer or null", v)
-  if pre["crop"] is None and size is None:
-    bad("preprocess.input_size", "set when crop is null (whole image)", size)

@@ -192,14 +192,13 @@ def _position_block(name: str, p: int, n: int, d: int):
   if name == "lof":
     return min(16, p), True
   per_position = n * n if name == "nearest" else d * d + n * d
-  # pylint: disable-next=protected-access
-  return min(p, denoise._positions_chunk(n, per_position)), False
+  return min(p, denoise.positions_per_block(per_position)), False
 
 
 @functools.lru_cache(maxsize=32)
 def _positions_fn(mesh, name, options, impl):
   del impl  # the kernel path (SOFTPATCH_JAX_IMPL) the trace takes: a key
-  disc = functools.partial(denoise.DISCRIMINATORS[name], **dict(options))
+  disc = functools.partial(denoise.DISCRIMINATORS.get(name), options=options)
   return _spmd(disc, mesh, P(AXIS), P(AXIS))
 
 
@@ -211,20 +210,20 @@ def _positionwise(x: np.ndarray, name: str, mesh: Mesh, options) -> np.ndarray:
   split = min(p, blocks * block)
   rows = -(-blocks // mesh.size) * block * mesh.size
   impl = _dispatch.resolve_impl(None, name)
-  fn = _positions_fn(mesh, name, tuple(sorted(options.items())), impl)
+  fn = _positions_fn(mesh, name, options, impl)
   out = _to_host(fn(_put(x[:split], mesh, P(AXIS), rows)))[:split]
   if split == p:
     return out
   # One device maps the few positions after the whole blocks eagerly, op by
   # op; so does this, on the last block and them, on the default device.
-  tail = denoise.DISCRIMINATORS[name](
-      jnp.asarray(x[split - block :]), **options
+  tail = denoise.DISCRIMINATORS.get(name)(
+      jnp.asarray(x[split - block :]), options
   )
   return np.concatenate([out, np.asarray(tail)[block:]])
 
 
 def patch_weights(
-    projected, discriminator: str, mesh: Mesh, **options
+    projected, discriminator: str, options: denoise.DenoiseOptions, *, mesh
 ) -> jax.Array:
   """`denoise.patch_weights` with the patch positions split over devices.
 
@@ -239,25 +238,21 @@ def patch_weights(
     )
   validation.check_finite(x, "patch_weights: projected features")
   xt = np.transpose(x, (1, 0, 2))  # (P, N, d)
-  base = ("lof", "nearest", "gaussian")
-  fused = getattr(denoise, "FUSED_DISCRIMINATORS", ())
+  base = denoise.FUSED_DISCRIMINATORS  # 'lof', 'nearest', 'gaussian'
   # The base discriminators use lof_k only (one compiled program each).
-  plain = {k: v for k, v in options.items() if k == "lof_k"}
+  plain = denoise.DenoiseOptions(lof_k=options.lof_k)
   if discriminator in base:
     out = jnp.asarray(_positionwise(xt, discriminator, mesh, plain))
-  elif (
-      discriminator.startswith("fusion")
-      and discriminator in denoise.DISCRIMINATORS
-      and set(fused) <= set(base)
+  elif discriminator.startswith("fusion") and discriminator in (
+      denoise.DISCRIMINATORS
   ):
     # Normalised over all patches: the base scores are computed sharded,
     # then fused exactly as `denoise.fusion` does.
-    mode = discriminator.partition("_")[2] or options.get("fusion", "rank")
-    scores = [jnp.asarray(_positionwise(xt, f, mesh, plain)) for f in fused]
-    frac = options.get("noise_fraction", 0.15)
-    out = 1.0 + denoise.fuse_scores(scores, mode, frac)
+    scores = [jnp.asarray(_positionwise(xt, f, mesh, plain)) for f in base]
+    fused = denoise.fusion_mode(discriminator, options)
+    out = denoise.fused_weights(scores, fused)
   else:  # one device (and its error for an unknown name)
-    return denoise.patch_weights(x, discriminator, **options)
+    return denoise.patch_weights(x, discriminator, options)
   return jnp.transpose(out).astype(jnp.float32)
 
 
@@ -276,15 +271,14 @@ def _global_pick(value, index, row):
 
 @functools.lru_cache(maxsize=32)
 def _kcenter_fn(mesh, rows, dim, n_select, forced, kernel):
-  # pylint: disable=protected-access
   block_m, interpret, backend = kernel  # Pallas step (block_m > 0) or not
   if block_m:
     plan = kcenter_pallas.plan(rows, dim, backend, block_m=block_m)
-    step = kcenter_pallas._make_step(rows // block_m, plan, backend, interpret)
+    step = kcenter_pallas.make_step(rows // block_m, plan, backend, interpret)
 
   def body(x, w, start_rows, first, first_row):
     offset = jax.lax.axis_index(AXIS) * rows
-    xt = kcenter_pallas._transposed(x, plan, rows) if block_m else None
+    xt = kcenter_pallas.transposed(x, plan, rows) if block_m else None
 
     def local_max(dist):
       i = jnp.argmax(dist).astype(jnp.int32)  # first occurrence
@@ -293,7 +287,7 @@ def _kcenter_fn(mesh, rows, dim, n_select, forced, kernel):
     def update(dist, c):
       if not block_m:  # the reference path's difference form
         return local_max(jnp.minimum(dist, kcenter_common.dist_to(x, c) * w))
-      col = kcenter_pallas._column(c, plan)  # the one-device Pallas step
+      col = kcenter_pallas.column(c, plan)  # the one-device Pallas step
       dist, top, li = step(col, xt, w[None, :], dist[None, :])
       return dist[0], top, li, x[li]
 

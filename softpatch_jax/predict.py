@@ -35,10 +35,11 @@ so it exists only for a complete run, and re-running overwrites cleanly.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
-from typing import Optional
+from typing import List, Optional, Tuple
 
 from absl import app
 from absl import flags
@@ -47,12 +48,11 @@ from absl import logging
 from softpatch_jax import backbones
 from softpatch_jax import compile_cache
 from softpatch_jax import data
-from softpatch_jax import engine
-from softpatch_jax import inference
 from softpatch_jax import io_utils
+from softpatch_jax import methods
 from softpatch_jax import model_io
+from softpatch_jax import model_scoring
 from softpatch_jax import predict_files
-from softpatch_jax import scoring
 from softpatch_jax import thresholds as thresholds_lib
 from softpatch_jax.progress import Progress
 
@@ -62,120 +62,113 @@ output_names = predict_files.output_names
 read_predictions = predict_files.read_predictions
 
 
-# --------------------------------------------------------------------------
-# The model's backbone, preprocessing and scores.
+@dataclasses.dataclass(frozen=True)
+class PredictOptions:
+  """How predict runs (the command's flags; README "Fit once, predict").
 
-
-def preprocess_for(model: model_io.FittedModel) -> data.Preprocess:
-  """The preprocessing the model was fitted with."""
-  return engine.preprocess_from_record(model.preprocess)
-
-
-def backbone_for(model: model_io.FittedModel, weights: Optional[str] = None):
-  """Rebuilds the recorded backbone and checks its weights identity.
-
-  Args:
-    model: the fitted model.
-    weights: where to find the weights now ('imagenet', 'random', a .pth
-      path) when they moved since fitting; default: the recorded spec.
-
-  Raises:
-    ValueError: the rebuilt weights are not the ones the model was fitted
-      with (its scores would be meaningless).
+  batch_size: images per batch; None: the fitting batch size, so that the
+    backbone runs the program it ran at fit time and scores match bit for
+    bit. num_workers: image decoding threads. save_maps / save_masks /
+    heatmaps: which files to write per image. threshold / pixel_threshold:
+    overrides of the model's thresholds; quantile: re-derive both from the
+    stored held-out training scores. recursive: read sub-folders of an
+    input folder. strict: stop at the first unreadable image instead of
+    recording an error row. memory_budget_mb: the bank scan's budget (None:
+    the model's scoring.memory_budget_mb; 0: no limit). backbone_weights:
+    where the backbone weights are now, when they moved since fitting.
+    progress: show a progress bar.
   """
-  b = model.backbone
-  bb = backbones.load(
-      b["name"],
-      weights=b["weights"] if weights is None else weights,
-      layers=tuple(b["layers"]),
-      seed=int(b.get("seed", 0)),
-  )
-  model_io.check_backbone(model, bb)
-  return bb
+
+  batch_size: Optional[int] = None
+  num_workers: int = 2
+  save_maps: bool = False
+  save_masks: bool = False
+  heatmaps: bool = True
+  threshold: Optional[float] = None
+  pixel_threshold: Optional[float] = None
+  quantile: Optional[float] = None
+  recursive: bool = False
+  strict: bool = False
+  memory_budget_mb: Optional[float] = None
+  backbone_weights: Optional[str] = None
+  progress: bool = True
+
+  def __post_init__(self):
+    if self.batch_size is not None and int(self.batch_size) < 1:
+      raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+    # `score >= nan` is always false: a NaN threshold would call every image
+    # normal.
+    for name in ("threshold", "pixel_threshold"):
+      v = getattr(self, name)
+      if v is not None and not math.isfinite(float(v)):
+        raise ValueError(f"--{name} must be a finite number, got {v}")
+    q = self.quantile
+    if q is not None and not 0.0 < float(q) <= 1.0:
+      raise ValueError(f"--quantile must be in (0, 1], got {q}")
+    if self.memory_budget_mb is not None and float(self.memory_budget_mb) < 0:
+      raise ValueError(
+          "--memory_budget_mb must be >= 0 (0: no limit), got "
+          f"{self.memory_budget_mb}"
+      )
 
 
-def embedder_for(model: model_io.FittedModel, bb, batch_size: int = 16):
-  """The Embedder that computes the model's features with backbone `bb`."""
-  return engine.Embedder(
-      bb.variables, engine.embed_spec(bb, model.features), batch_size
-  )
-
-
-def banks_for(model: model_io.FittedModel, memory_budget_mb=None):
-  """({method: bank}, max_bank_rows) for scoring with the model.
-
-  `memory_budget_mb` defaults to the fitting config's
-  scoring.memory_budget_mb. A chunked scan keeps the bank in host memory
-  and moves one chunk at a time to the device.
-  """
-  if memory_budget_mb is None:
-    memory_budget_mb = (model.config.get("scoring", {}) or {}).get(
-        "memory_budget_mb"
-    )
-  rows = scoring.rows_for_budget(model.bank_features.shape[1], memory_budget_mb)
-  bank = model.bank if rows is None else model.host_bank()
-  return {model.method: bank}, rows
-
-
-def score_features(model: model_io.FittedModel, feats, memory_budget_mb=None):
-  """(image scores (B,), maps (B, H, W)) of (B, P, D) features, as numpy."""
-  banks, rows = banks_for(model, memory_budget_mb)
-  return inference.score_features(banks, feats, max_bank_rows=rows)[
-      model.method
-  ]
+def resolve_thresholds(
+    model: model_io.FittedModel, opts: PredictOptions
+) -> Tuple[Optional[float], Optional[float]]:
+  """(image, pixel) thresholds: the model's, re-derived from its held-out
+  scores with opts.quantile, then overridden by opts.threshold /
+  opts.pixel_threshold."""
+  t_img, t_pix = model.image_threshold, model.pixel_threshold
+  if opts.quantile is not None:
+    if model.heldout_image_scores is None:
+      raise ValueError(
+          "--quantile needs a model fitted with the 'quantile' "
+          "threshold (it stores held-out training scores)"
+      )
+    t_img = thresholds_lib.quantile(model.heldout_image_scores, opts.quantile)
+    t_pix = thresholds_lib.quantile(model.heldout_pixel_max, opts.quantile)
+  if opts.threshold is not None:
+    t_img = float(opts.threshold)
+  if opts.pixel_threshold is not None:
+    t_pix = float(opts.pixel_threshold)
+  return t_img, t_pix
 
 
 # --------------------------------------------------------------------------
 # Prediction.
 
 
+def load_for_predict(model) -> model_io.FittedModel:
+  """A FittedModel (or a model path, loaded) whose method can score here."""
+  if not isinstance(model, model_io.FittedModel):
+    model = model_io.load_model(model)
+  methods.get_method(model.method)  # a known bank method, or one clear error
+  return model
+
+
 def predict(
     model,
     inputs,
     output: str,
+    options: PredictOptions = PredictOptions(),
     *,
-    batch_size: Optional[int] = None,
-    num_workers: int = 2,
-    save_maps: bool = False,
-    save_masks: bool = False,
-    heatmaps: bool = True,
-    threshold: Optional[float] = None,
-    pixel_threshold: Optional[float] = None,
-    quantile: Optional[float] = None,
-    recursive: bool = False,
-    strict: bool = False,
-    memory_budget_mb: Optional[float] = None,
-    backbone_weights: Optional[str] = None,
     backbone=None,
-    progress: bool = True,
 ) -> dict:
   """Scores `inputs` with `model` (a FittedModel or a model path).
 
-  batch_size defaults to the fitting batch size: the backbone then runs the
-  same compiled program as at fit time, so scores match bit for bit.
+  inputs: a folder, a comma-separated string or a list of image files
+  (`predict_files.list_inputs`); backbone: an already loaded backbone (it
+  must be the model's), default: rebuilt from the model's record.
 
   One run at a time writes `output` (io_utils.folder_lock): a second one is
-  refused with a ValueError naming the first.
+  refused with a ValueError naming the first. Everything that can be
+  checked is checked before the output folder is touched.
 
-  Returns {'rows': [...], 'csv': path, 'n_images', 'n_anomalous', 'n_errors'}.
+  Returns {'rows': [...], 'csv': path, 'n_images', 'n_anomalous',
+  'n_errors', 'image_threshold', 'pixel_threshold'}.
   """
-  if not isinstance(model, model_io.FittedModel):
-    model = model_io.load_model(model)
-  if batch_size is None:
-    batch_size = int((model.config.get("data") or {}).get("batch_size", 16))
-  if int(batch_size) < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  # `score >= nan` is always false: a NaN threshold would call every image
-  # normal. Checked before any file is touched.
-  for name, v in (
-      ("threshold", threshold),
-      ("pixel_threshold", pixel_threshold),
-  ):
-    if v is not None and not math.isfinite(float(v)):
-      raise ValueError(f"--{name} must be a finite number, got {v}")
-  if quantile is not None and not 0.0 < float(quantile) <= 1.0:
-    raise ValueError(f"--quantile must be in (0, 1], got {quantile}")
-  paths = predict_files.list_inputs(inputs, recursive=recursive)
+  model = load_for_predict(model)
+  paths = predict_files.list_inputs(inputs, recursive=options.recursive)
   output = io_utils.ensure_writable_dir(output)
   # One run per folder: two would mix their heatmaps, and the CSV of the last
   # to finish would hide the other's rows.
@@ -185,103 +178,90 @@ def predict(
     # Only a complete run leaves a predictions.csv behind.
     if os.path.exists(csv_path):
       os.remove(csv_path)
-
-    t_img = model.image_threshold
-    t_pix = model.pixel_threshold
-    if quantile is not None:
-      if model.heldout_image_scores is None:
-        raise ValueError(
-            "--quantile needs a model fitted with the 'quantile' "
-            "threshold (it stores held-out training scores)"
-        )
-      t_img = thresholds_lib.quantile(model.heldout_image_scores, quantile)
-      t_pix = thresholds_lib.quantile(model.heldout_pixel_max, quantile)
-    if threshold is not None:
-      t_img = float(threshold)
-    if pixel_threshold is not None:
-      t_pix = float(pixel_threshold)
-    crange = predict_files.color_range(t_img, t_pix)
-
-    if backbone is None:
-      backbone = backbone_for(model, weights=backbone_weights)
-    else:
-      model_io.check_backbone(model, backbone)
-    embedder = embedder_for(model, backbone, batch_size=batch_size)
-    banks, bank_rows = banks_for(model, memory_budget_mb)
-    pre = preprocess_for(model)
-    names = predict_files.output_names(paths)
-    rows = [None] * len(paths)
-    n_batches = engine.n_batches(len(paths), batch_size)
-    samples = [data.Sample(p, -1, "unknown") for p in paths]
-    stream = data.stream_batches(
-        samples,
-        pre,
-        batch_size=int(batch_size),
-        num_workers=int(num_workers),
-        with_masks=False,
-        errors="raise" if strict else "collect",
+    t_img, t_pix = resolve_thresholds(model, options)
+    scorer = model_scoring.scorer_for(
+        model,
+        backbone,
+        batch_size=options.batch_size,
+        memory_budget_mb=options.memory_budget_mb,
+        weights=options.backbone_weights,
     )
-    for batch in Progress(
-        stream,
-        total=n_batches,
-        desc="predict",
-        unit="batches",
-        enabled=progress,
-    ):
-      for i, err in batch.errors:
-        logging.warning("cannot score %s: %s", paths[i], err)
-        rows[i] = {
-            "path": paths[i],
-            "decision": "error",
-            "threshold": t_img,
-            "error": err,
-        }
-      if batch.images is None or not len(batch.images):
-        continue
-      img_scores, maps = inference.score_images(
-          banks,
-          embedder,
-          batch.images,
-          max_bank_rows=bank_rows,
-          pad=False,
-          what="input images",
-      )[model.method]
-      for r, i in enumerate(batch.indices):
-        i = int(i)
-        rows[i] = predict_files.write_one(
-            output,
-            names[i],
-            paths[i],
-            batch.images[r],
-            float(img_scores[r]),
-            maps[r],
-            pre,
-            t_img,
-            t_pix,
-            crange,
-            heatmaps,
-            save_maps,
-            save_masks,
-        )
-
+    spec = predict_files.OutputSpec(
+        folder=output,
+        pre=scorer.pre,
+        image_threshold=t_img,
+        pixel_threshold=t_pix,
+        color_range=predict_files.color_range(t_img, t_pix),
+        heatmaps=options.heatmaps,
+        save_maps=options.save_maps,
+        save_masks=options.save_masks,
+    )
+    rows = score_inputs(scorer, paths, spec, options)
     predict_files.write_csv(csv_path, rows)
-    n_err = sum(r["decision"] == "error" for r in rows)
-    n_anom = sum(r["decision"] == "anomalous" for r in rows)
-    print(
-        f"{len(rows)} images: {n_anom} anomalous, "
-        f"{len(rows) - n_anom - n_err} normal, {n_err} unreadable "
-        f"(threshold {t_img}); results in {csv_path}",
-        flush=True,
-    )
-    return {
-        "rows": rows,
-        "csv": csv_path,
-        "n_images": len(rows),
-        "n_anomalous": n_anom,
-        "n_errors": n_err,
-        "image_threshold": t_img,
-        "pixel_threshold": t_pix,
-    }
+  return summarize(rows, csv_path, t_img, t_pix)
+
+
+def score_inputs(
+    scorer: model_scoring.Scorer,
+    paths: List[str],
+    spec: predict_files.OutputSpec,
+    opts: PredictOptions,
+) -> List[dict]:
+  """Decodes, scores and writes the inputs batch by batch -> their rows.
+
+  An unreadable file becomes an error row (opts.strict: the ValueError).
+  """
+  names = predict_files.output_names(paths)
+  rows = [None] * len(paths)
+  batch_size = scorer.inputs.batch_size
+  stream = data.stream_batches(
+      [data.Sample(p, -1, "unknown") for p in paths],
+      scorer.pre,
+      batch_size=batch_size,
+      num_workers=int(opts.num_workers),
+      with_masks=False,
+      errors="raise" if opts.strict else "collect",
+  )
+  for batch in Progress(
+      stream,
+      total=data.n_batches(len(paths), batch_size),
+      desc="predict",
+      unit="batches",
+      enabled=opts.progress,
+  ):
+    for i, err in batch.errors:
+      logging.warning("cannot score %s: %s", paths[i], err)
+      rows[i] = predict_files.error_row(spec, paths[i], err)
+    if batch.images is None or not len(batch.images):
+      continue
+    img_scores, maps = scorer(batch.images)
+    for r, i in enumerate(int(i) for i in batch.indices):
+      score = float(img_scores[r])
+      rows[i] = predict_files.write_one(
+          spec, names[i], paths[i], batch.images[r], score, maps[r]
+      )
+  return rows
+
+
+def summarize(rows, csv_path, t_img, t_pix) -> dict:
+  """Prints the one-line summary; returns predict's result."""
+  n_err = sum(r["decision"] == "error" for r in rows)
+  n_anom = sum(r["decision"] == "anomalous" for r in rows)
+  print(
+      f"{len(rows)} images: {n_anom} anomalous, "
+      f"{len(rows) - n_anom - n_err} normal, {n_err} unreadable "
+      f"(threshold {t_img}); results in {csv_path}",
+      flush=True,
+  )
+  return {
+      "rows": rows,
+      "csv": csv_path,
+      "n_images": len(rows),
+      "n_anomalous": n_anom,
+      "n_errors": n_err,
+      "image_threshold": t_img,
+      "pixel_threshold": t_pix,
+  }
 
 
 # --------------------------------------------------------------------------
@@ -350,6 +330,24 @@ def _define_flags():
   return flags.FLAGS
 
 
+def options_from_flags(f) -> PredictOptions:
+  """The PredictOptions of the parsed flags."""
+  return PredictOptions(
+      batch_size=f.batch_size,
+      num_workers=f.num_workers,
+      save_maps=f.save_maps,
+      save_masks=f.save_masks,
+      heatmaps=f.heatmaps,
+      threshold=f.threshold,
+      pixel_threshold=f.pixel_threshold,
+      quantile=f.quantile,
+      recursive=f.recursive,
+      strict=f.strict,
+      memory_budget_mb=f.memory_budget_mb,
+      backbone_weights=f.backbone_weights,
+  )
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -357,23 +355,7 @@ def main(argv):
   f = flags.FLAGS
   compile_cache.enable(f.compilation_cache)
   try:
-    res = predict(
-        f.model,
-        f.input,
-        f.output,
-        batch_size=f.batch_size,
-        num_workers=f.num_workers,
-        save_maps=f.save_maps,
-        save_masks=f.save_masks,
-        heatmaps=f.heatmaps,
-        threshold=f.threshold,
-        pixel_threshold=f.pixel_threshold,
-        quantile=f.quantile,
-        recursive=f.recursive,
-        strict=f.strict,
-        memory_budget_mb=f.memory_budget_mb,
-        backbone_weights=f.backbone_weights,
-    )
+    res = predict(f.model, f.input, f.output, options_from_flags(f))
   except (ValueError, backbones.WeightsUnavailableError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)

@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import collections
 import csv
+import dataclasses
 import io
 import os
-from typing import List, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from absl import logging
 import numpy as np
 from PIL import Image
 
-from softpatch_jax import io_utils
 from softpatch_jax import data
+from softpatch_jax import io_utils
 from softpatch_jax import viz
-from softpatch_jax.data import _files
+from softpatch_jax.data import files as data_files
 
 CSV_FILENAME = "predictions.csv"
 CSV_FIELDS = [
@@ -39,13 +40,13 @@ def list_inputs(inputs, recursive: bool = False) -> List[str]:
   """A directory, a comma-separated string, or a list -> image file paths.
 
   Non-image files are skipped with one warning listing them, and hidden
-  files in a directory with one log line (see `_files.list_images`); a listed
+  files in a directory with one log line (see `data.files.list_images`); a listed
   file that does not exist or is a symlink loop, or no image at all, is a
   ValueError.
   """
   if isinstance(inputs, str):
     if os.path.isdir(inputs):
-      return _files.list_images(inputs, "input image", recursive=recursive)
+      return data_files.list_images(inputs, "input image", recursive=recursive)
     inputs = [p.strip() for p in inputs.split(",") if p.strip()]
   inputs = [os.fspath(p) for p in inputs]
   if not inputs:
@@ -53,12 +54,12 @@ def list_inputs(inputs, recursive: bool = False) -> List[str]:
   paths, skipped = [], []
   for p in inputs:
     if os.path.isdir(p):
-      paths += _files.list_images(p, "input image", recursive=recursive)
-    elif _files.is_symlink_loop(p):
+      paths += data_files.list_images(p, "input image", recursive=recursive)
+    elif data_files.is_symlink_loop(p):
       raise ValueError(f"input file is a symlink loop: {p}")
     elif not os.path.isfile(p):
       raise ValueError(f"input file does not exist: {p}")
-    elif _files.is_image(p):
+    elif data_files.is_image(p):
       paths.append(p)
     else:
       skipped.append(p)
@@ -66,7 +67,7 @@ def list_inputs(inputs, recursive: bool = False) -> List[str]:
     logging.warning(
         "skipping %d non-image file(s) (accepted extensions %s): %s",
         len(skipped),
-        ", ".join(_files.IMAGE_EXTENSIONS),
+        ", ".join(data_files.IMAGE_EXTENSIONS),
         ", ".join(skipped),
     )
   if not paths:
@@ -115,64 +116,96 @@ def fmt(v):
   return str(v)
 
 
-def write_one(
-    output,
-    name,
-    path,
-    image,
-    score,
-    amap,
-    pre,
-    t_img,
-    t_pix,
-    crange,
-    heatmaps,
-    save_maps,
-    save_masks,
-) -> dict:
-  row = {"path": path, "score": score, "threshold": t_img}
-  row["decision"] = (
-      "n/a" if t_img is None else "anomalous" if score >= t_img else "normal"
-  )
+@dataclasses.dataclass(frozen=True)
+class OutputSpec:
+  """What predict writes for each scored image, and where.
+
+  folder: the output folder; pre: the model's preprocessing (whole-image
+  mode, and the normalisation undone for the heatmap background);
+  image_threshold / pixel_threshold: the decision thresholds (None: no
+  decision / no mask); color_range: (lo, hi) of every heatmap's colour
+  scale (None: each map's own range); heatmaps, save_maps, save_masks: which
+  files to write.
+  """
+
+  folder: str
+  pre: data.Preprocess
+  image_threshold: Optional[float] = None
+  pixel_threshold: Optional[float] = None
+  color_range: Optional[Tuple[float, float]] = None
+  heatmaps: bool = True
+  save_maps: bool = False
+  save_masks: bool = False
+
+  @property
+  def needs_original(self) -> bool:
+    """Whether a whole-image map goes back to each file's own size."""
+    return self.pre.whole_image and (
+        self.heatmaps
+        or self.save_maps
+        or self.save_masks
+        or self.pixel_threshold is not None
+    )
+
+  def decision(self, score: float) -> str:
+    t = self.image_threshold
+    return "n/a" if t is None else "anomalous" if score >= t else "normal"
+
+
+def error_row(spec: OutputSpec, path: str, error: str) -> dict:
+  """The row of an input that could not be scored."""
+  return {
+      "path": path,
+      "decision": "error",
+      "threshold": spec.image_threshold,
+      "error": error,
+  }
+
+
+def write_one(spec: OutputSpec, name, path, image, score, amap) -> dict:
+  """Writes one image's heatmap / map / mask; returns its CSV row."""
+  row = {"path": path, "score": score, "threshold": spec.image_threshold}
+  row["decision"] = spec.decision(score)
   original = None
-  if pre.whole_image and (
-      heatmaps or save_maps or save_masks or t_pix is not None
-  ):
+  if spec.needs_original:
     # Whole-image mode: the map covers the whole file, so it goes back to the
     # file's own size, drawn over the file itself.
     original = np.asarray(data.open_image(path).convert("RGB"))
     amap = original_size_map(amap, original.shape[:2])
   mask = None
-  if t_pix is not None:
-    mask = amap >= t_pix
+  if spec.pixel_threshold is not None:
+    mask = amap >= spec.pixel_threshold
     row["anomalous_pixel_fraction"] = float(mask.mean())
-  if heatmaps:
-    if original is not None:
-      rgb = original
-    else:
-      rgb = viz.to_uint8_image(image, pre.mean, pre.std)
-    if rgb.shape[-1] == 1:
-      rgb = np.repeat(rgb, 3, axis=-1)
-    lo, hi = (
-        crange if crange is not None else (float(amap.min()), float(amap.max()))
+  if spec.heatmaps:
+    if original is None:
+      original = viz.to_uint8_image(image, spec.pre.mean, spec.pre.std)
+    row["heatmap"] = write_heatmap(spec, name, original, amap, mask)
+  if spec.save_maps:
+    row["map"] = os.path.join("maps", name + ".npy")
+    io_utils.save_npy(
+        os.path.join(spec.folder, row["map"]), amap.astype(np.float32)
     )
-    over = viz.overlay(rgb, amap, lo, hi)
-    if mask is not None and mask.any():
-      over = viz.mask_outline(over, mask)
-    rel = os.path.join("heatmaps", name + ".png")
-    io_utils.write_bytes(os.path.join(output, rel), png_bytes(over))
-    row["heatmap"] = rel
-  if save_maps:
-    rel = os.path.join("maps", name + ".npy")
-    io_utils.save_npy(os.path.join(output, rel), amap.astype(np.float32))
-    row["map"] = rel
-  if save_masks and mask is not None:
-    rel = os.path.join("masks", name + ".png")
+  if spec.save_masks and mask is not None:
+    row["mask"] = os.path.join("masks", name + ".png")
     io_utils.write_bytes(
-        os.path.join(output, rel), png_bytes(mask.astype(np.uint8) * 255)
+        os.path.join(spec.folder, row["mask"]),
+        png_bytes(mask.astype(np.uint8) * 255),
     )
-    row["mask"] = rel
   return row
+
+
+def write_heatmap(spec: OutputSpec, name, rgb, amap, mask) -> str:
+  """heatmaps/<name>.png: the map over `rgb`, the mask outlined; its path
+  relative to the output folder."""
+  if rgb.shape[-1] == 1:
+    rgb = np.repeat(rgb, 3, axis=-1)
+  lo, hi = spec.color_range or (float(amap.min()), float(amap.max()))
+  over = viz.overlay(rgb, amap, lo, hi)
+  if mask is not None and mask.any():
+    over = viz.mask_outline(over, mask)
+  rel = os.path.join("heatmaps", name + ".png")
+  io_utils.write_bytes(os.path.join(spec.folder, rel), png_bytes(over))
+  return rel
 
 
 def original_size_map(amap, size) -> np.ndarray:

@@ -10,28 +10,28 @@ its patches; the pixel map is the patch-score grid bilinearly upsampled
 ``gaussian_filter`` semantics: reflect padding, truncate 4).
 
 `score` is the one scoring path: evaluation, threshold fitting and the predict
-command all call it. Called eagerly on CPU, a large bank is searched by the
-exact pruned host search (`kernels/knn_pruned.py`, the bank's ``search``
-field); under `jax.jit`, with a mesh and on accelerators the dense kNN runs.
-With ``max_bank_rows`` it scans the bank in chunks, so a bank larger than a
-memory budget is never multiplied against the queries at once; the result is
-the same as one scan (bit for bit when the chunk is a whole number of kNN
-tiles, see `chunk_plan`).
+command all call it, with a search strategy (`SEARCH_STRATEGIES`) that
+`choose_search` picks at the edge: the dense kNN in one program (the
+default, jittable), in chunks under a memory budget (the same result, bit
+for bit when chunks are whole kNN tiles, see `chunk_plan`), the exact
+pruned host search for large banks on CPU (`kernels/knn_pruned.py`), or
+sharded over a device mesh.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional, Tuple
+from typing import ClassVar, Optional, Tuple
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from softpatch_jax import features
 from softpatch_jax import parallel
+from softpatch_jax import pixel_maps
+from softpatch_jax import registry
 from softpatch_jax import settings
 from softpatch_jax import validation
 from softpatch_jax.kernels import knn as knn_lib
@@ -56,12 +56,10 @@ class ScoringOptions:
   blur_sigma: sigma of the Gaussian over the pixel maps, in [0, 1e4).
   memory_budget_mb: a bank larger than this many MiB is scanned in chunks
     (same scores, bounded memory); 0: no limit.
-  search: nearest-neighbour search at test time (`SEARCHES`): 'auto' runs
-    the exact pruned host search (kernels/knn_pruned.py; the same nearest
-    rows to float rounding, about 3x faster than the dense product on CPU,
-    README "Benchmarks") for banks of >= 4096 rows on CPU and the dense kNN
-    elsewhere; 'dense' or 'pruned' force one ('pruned' holds a copy of the
-    bank in host memory).
+  search: nearest-neighbour search at test time (`SEARCHES`, stored in the
+    bank): 'auto' the pruned host search (`PrunedSearch`, about 3x faster
+    on CPU, README "Benchmarks") for banks of >= 4096 rows on CPU, else the
+    dense kNN; 'dense' or 'pruned' force one (see `choose_search`).
   """
 
   soft_weight: Optional[bool] = None
@@ -100,10 +98,7 @@ class MemoryBank:
     grid: (h, w) patch grid of one image.
     image_size: (H, W) of the network input, the size of the pixel maps.
     blur_sigma: sigma of the Gaussian applied to the pixel maps.
-    search: nearest-neighbour search of eager calls: 'dense' (the blocked
-      XLA / Pallas kNN), 'pruned' (the exact host search of
-      kernels/knn_pruned.py: the same nearest rows, to float rounding) or
-      'auto' (pruned on CPU for banks of >= 4096 rows of >= 512 dims).
+    search: 'dense', 'pruned' or 'auto': what `choose_search` runs.
   """
 
   features: jax.Array
@@ -128,9 +123,9 @@ def make_bank(
     soft_weight=True,
     grid=(28, 28),
     image_size=(224, 224),
-    blur_sigma=4.0,
+    blur_sigma=ScoringOptions.blur_sigma,
     features_on_host=False,
-    search="auto",
+    search=ScoringOptions.search,
 ) -> MemoryBank:
   """Builds a MemoryBank, checking shapes.
 
@@ -156,73 +151,9 @@ def make_bank(
     raise ValueError(f"blur_sigma must be >= 0, got {blur_sigma!r}")
   if search not in SEARCHES:
     raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
-  return MemoryBank(
-      features=features,
-      weights=weights,
-      soft_weight=bool(soft_weight),
-      grid=tuple(int(g) for g in grid),
-      image_size=tuple(int(s) for s in image_size),
-      blur_sigma=float(blur_sigma),
-      search=str(search),
-  )
-
-
-# --------------------------------------------------------------------------
-# Pixel maps.
-
-
-def _gaussian_matrix(n: int, sigma: float, truncate: float = 4.0) -> np.ndarray:
-  """(n, n) matrix applying scipy.ndimage.gaussian_filter1d (mode='reflect').
-
-  Writing the blur as a dense matrix keeps it exact at the borders (scipy's
-  'reflect' is the half-sample symmetric extension) and turns it into two
-  small matmuls, which XLA runs fast on every backend.
-  """
-  radius = int(truncate * float(sigma) + 0.5)
-  x = np.arange(-radius, radius + 1, dtype=np.float64)
-  phi = np.exp(-0.5 * (x / sigma) ** 2)
-  phi /= phi.sum()
-  m = np.zeros((n, n), np.float64)
-  for o in range(n):
-    for t, wgt in zip(range(o - radius, o + radius + 1), phi):
-      # Half-sample symmetric reflection, repeated for kernels wider than n.
-      period = 2 * n
-      t = t % period
-      if t >= n:
-        t = period - 1 - t
-      m[o, t] += wgt
-  return m.astype(np.float32)
-
-
-@functools.lru_cache(maxsize=16)
-def _map_operators(grid, image_size, sigma):
-  (h, w), (hh, ww) = grid, image_size
-  # The same align_corners=False interpolation as the feature alignment.
-  up_h = features.bilinear_matrix(h, hh)
-  up_w = features.bilinear_matrix(w, ww)
-  if sigma and sigma > 0:
-    up_h = _gaussian_matrix(hh, sigma) @ up_h
-    up_w = _gaussian_matrix(ww, sigma) @ up_w
-  return up_h, up_w
-
-
-def anomaly_maps(scores: jax.Array, grid, image_size, sigma=4.0) -> jax.Array:
-  """(B, h*w) patch scores -> (B, H, W) pixel maps: upsample then blur.
-
-  Both steps are linear and separable, so they fold into one (H, h) and one
-  (W, w) matrix: map = A_h @ S @ A_w^T.
-  """
-  grid = tuple(int(g) for g in grid)
-  image_size = tuple(int(s) for s in image_size)
-  up_h, up_w = _map_operators(grid, image_size, float(sigma or 0.0))
-  s = scores.reshape(scores.shape[0], *grid)
-  hi = jax.lax.Precision.HIGHEST
-  out = jnp.einsum("Hh,bhw->bHw", up_h, s, precision=hi)
-  return jnp.einsum("bHw,Ww->bHW", out, up_w, precision=hi)
-
-
-# --------------------------------------------------------------------------
-# Scoring.
+  grid, image_size = (tuple(int(v) for v in t) for t in (grid, image_size))
+  meta = (bool(soft_weight), grid, image_size, float(blur_sigma), str(search))
+  return MemoryBank(features, weights, *meta)
 
 
 def _nearest(bank_feats, queries, block_n=None, block_q=None):
@@ -232,6 +163,10 @@ def _nearest(bank_feats, queries, block_n=None, block_q=None):
 
 def _soft(dist, idx, weights, soft):
   return dist * weights[idx] if soft else dist
+
+
+# Re-exported: the maps of every method (`pixel_maps`).
+anomaly_maps = pixel_maps.anomaly_maps
 
 
 def _outputs(scores, grid, image_size, sigma):
@@ -259,23 +194,6 @@ def _merge(best_d, best_i, d, i, offset):
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def _outputs_jit(scores, grid, image_size, sigma):
   return _outputs(scores, grid, image_size, sigma)
-
-
-def _host_search(bank: MemoryBank, feats, plan) -> bool:
-  """True where `score` runs the pruned host search (MemoryBank.search)."""
-  if bank.search == "dense" or not (
-      validation.is_concrete(feats) and validation.is_concrete(bank.features)
-  ):
-    return False  # traced (under jit): the dense kNN, the same nearest rows
-  if bank.search == "pruned":
-    return True
-  m, d = bank.features.shape
-  return (
-      plan is None
-      and jax.default_backend() == "cpu"
-      and m >= PRUNED_MIN_ROWS
-      and d >= PRUNED_MIN_DIM
-  )
 
 
 def rows_for_budget(dim: int, memory_budget_mb: Optional[float]):
@@ -307,81 +225,192 @@ def chunk_plan(m: int, max_bank_rows: Optional[int]):
   return tile, tile
 
 
-def score(
+# --------------------------------------------------------------------------
+# Search strategies: how `score` finds every test patch's nearest bank row.
+# Each has a `name` (recorded in results) and `run(bank, feats)` -> (image
+# scores, maps, patch scores); `choose_search` picks one at the edge.
+
+SEARCH_STRATEGIES = registry.Registry("search strategy")
+
+
+def _register(cls):
+  return SEARCH_STRATEGIES.register(cls.name, cls)
+
+
+def _finish(bank: MemoryBank, scores):
+  """(image scores, maps, patch scores) of (B, P) patch scores."""
+  img, maps = _outputs_jit(
+      scores, bank.grid, bank.image_size, float(bank.blur_sigma)
+  )
+  return img, maps, scores
+
+
+def _scores_outputs(bank: MemoryBank, dist, idx, shape):
+  return _finish(
+      bank, _soft(dist, idx, bank.weights, bank.soft_weight).reshape(shape)
+  )
+
+
+@_register
+@dataclasses.dataclass(frozen=True)
+class DenseSearch:
+  """The dense blocked kNN (XLA or Pallas) of the whole bank in one
+  program: jittable, the default."""
+
+  name: ClassVar[str] = "dense"
+
+  def run(self, bank: MemoryBank, feats):
+    return _score_whole(bank, feats)
+
+
+@_register
+@dataclasses.dataclass(frozen=True)
+class ChunkedSearch:
+  """The dense kNN over chunks of at most `max_bank_rows` bank rows
+  (`chunk_plan`), so a bank over a memory budget is never multiplied
+  against the queries at once; the nearest rows of one scan. Jittable (the
+  chunks become one program); None or a bank within the limit: one scan."""
+
+  name: ClassVar[str] = "chunked"
+  max_bank_rows: Optional[int] = None
+
+  def run(self, bank: MemoryBank, feats):
+    m = bank.features.shape[0]
+    plan = chunk_plan(m, self.max_bank_rows)
+    if plan is None:
+      return _score_whole(bank, feats)
+    rows, tile = plan
+    b, p, d = feats.shape
+    q = feats.reshape(b * p, d)
+    best_d = jnp.full((b * p,), jnp.inf, jnp.float32)
+    best_i = jnp.zeros((b * p,), jnp.int32)
+    for start in range(0, m, rows):
+      dist, idx = _nearest(bank.features[start : start + rows], q, tile)
+      best_d, best_i = _merge(best_d, best_i, dist, idx, jnp.int32(start))
+    # Nearest distances are bit-identical to one scan when chunks are whole
+    # tiles; the maps then agree to float rounding (a separate program).
+    return _scores_outputs(bank, best_d, best_i, (b, p))
+
+
+@_register
+@dataclasses.dataclass(frozen=True)
+class PrunedSearch:
+  """The exact pruned host search (kernels/knn_pruned.py): the dense kNN's
+  nearest rows to float rounding, about 3x faster on CPU, a copy of the
+  bank in host memory. Traced (under jit) it runs the dense scan."""
+
+  name: ClassVar[str] = "pruned"
+
+  def run(self, bank: MemoryBank, feats):
+    if not all(map(validation.is_concrete, (feats, bank.features))):
+      return _score_whole(bank, feats)
+    b, p, d = feats.shape
+    index = knn_pruned.cached_index(bank.features)
+    dist, idx = knn_pruned.nearest(index, np.asarray(feats).reshape(b * p, d))
+    weights = np.asarray(bank.weights)
+    scores = jnp.asarray(_soft(dist, idx, weights, bank.soft_weight))
+    return _finish(bank, scores.reshape(b, p))
+
+
+@_register
+@dataclasses.dataclass(frozen=True)
+class ShardedSearch:
+  """The bank split over the devices of `mesh` (`parallel.nearest`): each
+  scans its slice, a global merge keeps the nearest row; one device's
+  scores, bit for bit, 1/n of the bank per device. Eager only."""
+
+  name: ClassVar[str] = "sharded"
+  mesh: Optional[jax.sharding.Mesh] = None
+
+  def run(self, bank: MemoryBank, feats):
+    if self.mesh is None:
+      raise ValueError("the 'sharded' search needs a device mesh")
+    b, p, d = feats.shape
+    dist, idx = parallel.nearest(
+        bank.features, feats.reshape(b * p, d), self.mesh, _nearest
+    )
+    return _scores_outputs(bank, jnp.asarray(dist), jnp.asarray(idx), (b, p))
+
+
+def _host_search(bank: MemoryBank, plan) -> bool:
+  """True where the pruned host search serves `bank` (MemoryBank.search)."""
+  if bank.search == "dense" or not validation.is_concrete(bank.features):
+    return False  # traced (under jit): the dense kNN, the same nearest rows
+  if bank.search == "pruned":
+    return True
+  m, d = bank.features.shape
+  return (
+      plan is None
+      and jax.default_backend() == "cpu"
+      and m >= PRUNED_MIN_ROWS
+      and d >= PRUNED_MIN_DIM
+  )
+
+
+def choose_search(
     bank: MemoryBank,
-    feats,
-    *,
-    max_bank_rows: Optional[int] = None,
+    options: ScoringOptions = ScoringOptions(),
     mesh: Optional[jax.sharding.Mesh] = None,
 ):
-  """Scores test patch features against a memory bank.
+  """The search strategy for `bank` (decided at the edge, eagerly).
 
-  Args:
-    bank: the fitted memory bank.
-    feats: (B, P, D) test patch features, P = grid[0] * grid[1].
-    max_bank_rows: scan the bank in chunks of at most this many rows (None:
-      one scan). Use `rows_for_budget` to turn a memory budget into rows.
-    mesh: a device mesh (`parallel.resolve_mesh`): the bank is split over
-      its devices, each scans its slice and a global merge keeps the nearest
-      row (`parallel.nearest`); the scores are those of one device, bit for
-      bit. Every device holds 1/n of the bank, so max_bank_rows is not used.
-      Eager only; the dense kNN whatever `bank.search` says.
-
-  Returns:
-    (image scores (B,), pixel maps (B, H, W), patch scores (B, P)).
-
-  Pure and jittable: under `jax.jit` the chunks become one program and the
-  whole bank lives on the device; called eagerly, only one chunk of a
-  chunked bank is multiplied against the queries at a time.
+  With a mesh: `ShardedSearch`. Else the bank's `search` ('pruned'; 'auto':
+  pruned on CPU for banks of >= PRUNED_MIN_ROWS rows of >= PRUNED_MIN_DIM
+  dims that need no chunking), then `ChunkedSearch` when the bank is over
+  `options.memory_budget_mb`, else `DenseSearch`.
   """
-  feats = jnp.asarray(feats, jnp.float32)
+  if mesh is not None:
+    return ShardedSearch(mesh)
   m, d = bank.features.shape
+  max_rows = options.max_bank_rows(d)
+  plan = chunk_plan(m, max_rows)
+  if _host_search(bank, plan):
+    return PrunedSearch()
+  if plan is None:
+    return DenseSearch()
+  return ChunkedSearch(max_rows)
+
+
+def _as_strategy(search):
+  if search is None:
+    return DenseSearch()
+  if isinstance(search, str):
+    return SEARCH_STRATEGIES.get(search)()
+  return search
+
+
+def _check_feats(bank: MemoryBank, feats) -> None:
+  d = bank.features.shape[1]
   if feats.ndim != 3 or feats.shape[-1] != d:
     raise ValueError(
         f"features must have shape (B, P, {d}) for this memory bank, got "
         f"{tuple(feats.shape)}"
     )
-  b, p, _ = feats.shape
+  p = feats.shape[1]
   if p != bank.grid[0] * bank.grid[1]:
     raise ValueError(
         f"features have {p} patches per image, but the bank's grid "
         f"{bank.grid} has {bank.grid[0] * bank.grid[1]}"
     )
-  if mesh is not None:
-    dist, idx = parallel.nearest(
-        bank.features, feats.reshape(b * p, d), mesh, _nearest
-    )
-    scores = _soft(
-        jnp.asarray(dist), jnp.asarray(idx), bank.weights, bank.soft_weight
-    ).reshape(b, p)
-    img, maps = _outputs_jit(
-        scores, bank.grid, bank.image_size, float(bank.blur_sigma)
-    )
-    return img, maps, scores
-  plan = chunk_plan(m, max_bank_rows)
-  if _host_search(bank, feats, plan):
-    index = knn_pruned.cached_index(bank.features)
-    dist, idx = knn_pruned.nearest(index, np.asarray(feats).reshape(b * p, d))
-    weights = np.asarray(bank.weights)
-    scores = jnp.asarray(_soft(dist, idx, weights, bank.soft_weight))
-    scores = scores.reshape(b, p)
-    img, maps = _outputs_jit(
-        scores, bank.grid, bank.image_size, float(bank.blur_sigma)
-    )
-    return img, maps, scores
-  if plan is None:
-    return _score_whole(bank, feats)
-  rows, tile = plan
-  q = feats.reshape(b * p, d)
-  best_d = jnp.full((b * p,), jnp.inf, jnp.float32)
-  best_i = jnp.zeros((b * p,), jnp.int32)
-  for start in range(0, m, rows):
-    dist, idx = _nearest(bank.features[start : start + rows], q, tile)
-    best_d, best_i = _merge(best_d, best_i, dist, idx, jnp.int32(start))
-  # Nearest distances are bit-identical to one scan when chunks are whole
-  # tiles; the maps then agree to float rounding (a separate program).
-  scores = _soft(best_d, best_i, bank.weights, bank.soft_weight).reshape(b, p)
-  img, maps = _outputs_jit(
-      scores, bank.grid, bank.image_size, float(bank.blur_sigma)
-  )
-  return img, maps, scores
+
+
+def score(bank: MemoryBank, feats, search=None):
+  """Scores test patch features against a memory bank.
+
+  Args:
+    bank: the fitted memory bank.
+    feats: (B, P, D) test patch features, P = grid[0] * grid[1].
+    search: a search strategy (`choose_search`; a `SEARCH_STRATEGIES` object
+      or name); None: `DenseSearch`, one compiled scan of the whole bank.
+
+  Returns:
+    (image scores (B,), pixel maps (B, H, W), patch scores (B, P)).
+
+  Pure and jittable with the dense and chunked searches: under `jax.jit`
+  the chunks become one program and the whole bank lives on the device;
+  called eagerly, only one chunk of a chunked bank is multiplied against
+  the queries at a time.
+  """
+  feats = jnp.asarray(feats, jnp.float32)
+  _check_feats(bank, feats)
+  return _as_strategy(search).run(bank, feats)

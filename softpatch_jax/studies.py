@@ -37,6 +37,7 @@ import numpy as np
 
 from softpatch_jax import data
 from softpatch_jax import methods as methods_lib
+from softpatch_jax import options
 
 SEED_FIELDS = ("seed", "noise.seed")
 # Display names of the paper's methods in the tables and figures.
@@ -166,20 +167,30 @@ def _assignments(study, axis: str, raw: str) -> List[Tuple[str, object]]:
   return [(axis, parse_value(raw))]
 
 
-def make_cells(config, workdir: Optional[str] = None) -> List[Cell]:
-  """Every cell of the study, in the stable run order."""
+def settings_of(config) -> List[Tuple[tuple, ml_collections.ConfigDict]]:
+  """Every setting of the study: ((axis, raw value), ...) and its config,
+  each checked by building its records (`options.from_config`)."""
   study = study_of(config)
   axes = parse_axes(study.get("axes", ""))
-  cells = []
+  out = []
   for combo in itertools.product(*[vals for _, vals in axes]):
     values = tuple((a, v) for (a, _), v in zip(axes, combo))
     cfg = copy.deepcopy(config.base)
     for axis, raw in values:
       for field, value in _assignments(study, axis, raw):
         set_field(cfg, field, value)
-    for cat in data.list_categories(cfg, workdir):
-      cells.append(Cell(len(cells), values, cat, cfg))
+    options.from_config(cfg)  # every field of every setting, before any work
+    out.append((values, cfg))
   repeat_axes(study)  # checked before any work
+  return out
+
+
+def make_cells(config, workdir: Optional[str] = None) -> List[Cell]:
+  """Every cell of the study, in the stable run order."""
+  cells = []
+  for values, cfg in settings_of(config):
+    for cat in data.list_categories(options.from_config(cfg).data, workdir):
+      cells.append(Cell(len(cells), values, cat, cfg))
   return cells
 
 

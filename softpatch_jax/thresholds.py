@@ -37,7 +37,7 @@ Decisions everywhere are `score >= threshold` -> anomalous.
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -45,71 +45,96 @@ from softpatch_jax import metrics
 from softpatch_jax import settings
 
 METHODS = ("quantile", "manual", "f1")
-DEFAULT_METHOD = "quantile"
-DEFAULT_QUANTILE = 0.95
-DEFAULT_FOLDS = 5
 # Pixel-level F1 sorts every pixel; beyond this many, a regular subsample.
 MAX_F1_PIXELS = 20_000_000
-
-
-def validate(
-    method: str,
-    quantile: float = DEFAULT_QUANTILE,
-    pixel_quantile: Optional[float] = None,
-    folds: int = DEFAULT_FOLDS,
-    value: Optional[float] = None,
-    val_dir: str = "",
-) -> None:
-  """Checks threshold settings before any expensive work."""
-  if method not in METHODS:
-    raise ValueError(
-        f"config.threshold.method must be one of {METHODS}, got {method!r}"
-    )
-  for name, q in (("quantile", quantile), ("pixel_quantile", pixel_quantile)):
-    if q is not None and not 0.0 < float(q) <= 1.0:
-      raise ValueError(f"config.threshold.{name} must be in (0, 1], got {q}")
-  if method == "quantile" and int(folds) < 2:
-    raise ValueError(f"config.threshold.folds must be >= 2, got {folds}")
-  if method == "manual":
-    if value is None:
-      raise ValueError(
-          "config.threshold.method='manual' needs config.threshold.value"
-      )
-    if not np.isfinite(float(value)):
-      raise ValueError(f"config.threshold.value must be finite, got {value}")
-  if method == "f1" and not val_dir:
-    raise ValueError(
-        "config.threshold.method='f1' needs "
-        "config.threshold.val_dir (a labelled folder)"
-    )
 
 
 @dataclasses.dataclass(frozen=True)
 class ThresholdOptions:
   """config.threshold: how a saved model's decision thresholds are chosen
-  (the module docstring explains each method and why 'quantile')."""
+  (the module docstring explains each method and why 'quantile').
 
-  method: str = DEFAULT_METHOD
-  quantile: float = DEFAULT_QUANTILE
+  Every field is checked when the record is built, before any expensive work.
+  """
+
+  method: str = "quantile"
+  quantile: float = 0.95
   pixel_quantile: Optional[float] = None
-  folds: int = DEFAULT_FOLDS
+  folds: int = 5
   value: Optional[float] = None
   pixel_value: Optional[float] = None
   val_dir: str = ""
 
   def __post_init__(self):
-    validate(
-        self.method,
-        self.quantile,
-        self.pixel_quantile,
-        self.folds,
-        self.value,
-        self.val_dir,
+    settings.check_choice(self.method, "threshold.method", METHODS)
+    for name in ("quantile", "pixel_quantile"):
+      q = getattr(self, name)
+      ok = (q is None and name == "pixel_quantile") or (
+          settings.is_number(q) and 0.0 < float(q) <= 1.0
+      )
+      settings.require(ok, f"threshold.{name}", "in (0, 1]", q)
+      if q is not None:
+        settings.set_field(self, name, float(q))
+    folds = settings.check_int(self.folds, "threshold.folds")
+    settings.set_field(self, "folds", folds)
+    if self.method == "quantile":
+      settings.require(folds >= 2, "threshold.folds", ">= 2", folds)
+    for name in ("value", "pixel_value"):
+      v = getattr(self, name)
+      if v is not None:
+        settings.set_field(self, name, _finite(v, f"threshold.{name}"))
+    if self.method == "manual" and self.value is None:
+      raise ValueError(
+          "config.threshold.method='manual' needs config.threshold.value"
+      )
+    if self.method == "f1" and not self.val_dir:
+      raise ValueError(
+          "config.threshold.method='f1' needs "
+          "config.threshold.val_dir (a labelled folder)"
+      )
+
+  @property
+  def resolved_pixel_quantile(self) -> float:
+    """pixel_quantile, or else the image quantile."""
+    return self.quantile if self.pixel_quantile is None else self.pixel_quantile
+
+
+@dataclasses.dataclass(frozen=True)
+class ChosenThresholds:
+  """The decision thresholds a model was saved with.
+
+  image / pixel: the thresholds (None: none chosen; decisions 'n/a', no
+  masks); method: how they were chosen (`METHODS`); details: what they were
+  chosen from (folds, validation F1, ...), informational.
+  """
+
+  image: Optional[float] = None
+  pixel: Optional[float] = None
+  method: str = "manual"
+  details: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    for name in ("image", "pixel"):
+      v = getattr(self, name)
+      if v is not None:
+        settings.set_field(self, name, _finite(v, f"thresholds.{name}"))
+    settings.check_choice(self.method, "thresholds.method", METHODS)
+    settings.require(
+        isinstance(self.details, dict),
+        "thresholds.details",
+        "a mapping",
+        self.details,
     )
-    if self.pixel_value is not None:
-      settings.check_float(self.pixel_value, "threshold.pixel_value")
-    settings.set_field(self, "folds", int(self.folds))
-    settings.set_field(self, "quantile", float(self.quantile))
+
+  def to_record(self) -> dict:
+    """JSON types, as stored in a model file."""
+    return dataclasses.asdict(self)
+
+
+def _finite(v, field: str) -> float:
+  ok = settings.is_number(v) and np.isfinite(float(v))
+  settings.require(ok, field, "finite", v)
+  return float(v)
 
 
 def fold_split(n: int, n_folds: int, seed: int) -> List[np.ndarray]:

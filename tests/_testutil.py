@@ -10,7 +10,11 @@ import warnings
 import numpy as np
 from PIL import Image
 
+from softpatch_jax import features
 from softpatch_jax import model_io
+from softpatch_jax import model_meta
+from softpatch_jax import scoring
+from softpatch_jax import thresholds
 from softpatch_jax.data import Sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -198,26 +202,20 @@ def random_model(seed=0, m=40, d=16, grid=(4, 4), soft=True, **kw):
   """A FittedModel with a random bank and complete metadata (no backbone run).
 
   The recorded backbone is efficientnet_lite0 with a made-up weights id;
-  pass backbone=... to record another one.
+  pass backbone=model_meta.BackboneRecord(...) to record another one.
   """
   rng = np.random.default_rng(seed)
   return model_io.FittedModel(
       bank_features=rng.normal(size=(m, d)).astype(np.float32),
       bank_weights=rng.uniform(0.5, 2.0, size=(m,)).astype(np.float32),
       method="softpatch_lof",
-      soft_weight=soft,
       grid=grid,
       image_size=(4 * grid[0], 4 * grid[1]),
-      blur_sigma=2.0,
       backbone=kw.pop(
           "backbone",
-          {
-              "name": "efficientnet_lite0",
-              "layers": ["stage3", "stage5"],
-              "weights": "imagenet",
-              "seed": 0,
-              "weights_id": "abc",
-          },
+          model_meta.BackboneRecord(
+              "efficientnet_lite0", ("stage3", "stage5"), "imagenet", 0, "abc"
+          ),
       ),
       preprocess={
           "resize": 64,
@@ -226,13 +224,10 @@ def random_model(seed=0, m=40, d=16, grid=(4, 4), soft=True, **kw):
           "std": [0.5] * 3,
           "grayscale_to_rgb": True,
       },
-      features={"patchsize": 3, "pretrain_embed_dim": d, "target_embed_dim": d},
-      thresholds={
-          "image": 1.5,
-          "pixel": 1.25,
-          "method": "manual",
-          "details": {},
-      },
+      embed=features.EmbedOptions(3, d, d),
+      scoring=scoring.ScoringOptions(soft_weight=soft, blur_sigma=2.0),
+      thresholds=thresholds.ChosenThresholds(1.5, 1.25, "manual"),
+      batch_size=kw.pop("batch_size", 16),
       config={"seed": 0, "nested": {"a": [1, 2]}},
       heldout_image_scores=rng.uniform(size=(7,)).astype(np.float32),
       heldout_pixel_max=rng.uniform(size=(7,)).astype(np.float32),

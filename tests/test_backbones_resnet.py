@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from softpatch_jax import backbones
-from softpatch_jax.backbones import _weights, resnet, torch_pickle
+from softpatch_jax import torch_pickle
+from softpatch_jax.backbones import _weights, resnet
 
 # ---------------------------------------------------------------- torch reference
 # A plain torch.nn re-statement of the torchvision ResNet (same module names, so

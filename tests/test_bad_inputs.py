@@ -15,12 +15,19 @@ from PIL import Image
 
 import _testutil  # pylint: disable=g-bad-import-order
 from softpatch_jax import backbones
+from softpatch_jax import coreset
+from softpatch_jax import denoise
+from softpatch_jax import features
 from softpatch_jax import fit
+from softpatch_jax import fitting
+from softpatch_jax import methods
 from softpatch_jax import model_io
-from softpatch_jax import engine
+from softpatch_jax import model_meta
+from softpatch_jax import options
 from softpatch_jax import predict
 from softpatch_jax import predict_files
 from softpatch_jax import scoring
+from softpatch_jax import thresholds
 from softpatch_jax.data import Preprocess, Sample, mvtec, noise, synthetic
 
 D = 64  # feature width of the small test model
@@ -47,32 +54,16 @@ def model(bb):
       bank_features=rng.normal(size=(300, D)).astype(np.float32),
       bank_weights=np.ones((300,), np.float32),
       method="patchcore",
-      soft_weight=False,
       grid=(8, 8),
       image_size=(64, 64),
-      blur_sigma=4.0,
-      backbone={
-          "name": bb.name,
-          "layers": list(bb.layers),
-          "weights": "imagenet",
-          "seed": 0,
-          "weights_id": bb.weights_id,
-      },
-      preprocess={
-          "resize": 64,
-          "crop": 64,
-          "mean": list(bb.mean),
-          "std": list(bb.std),
-          "grayscale_to_rgb": True,
-      },
-      features={"patchsize": 3, "pretrain_embed_dim": D, "target_embed_dim": D},
-      thresholds={
-          "image": 100.0,
-          "pixel": 80.0,
-          "method": "manual",
-          "details": {},
-      },
-      config={"data": {"batch_size": 4}},
+      backbone=model_meta.BackboneRecord.of(bb, "imagenet", 0),
+      preprocess=Preprocess(
+          resize=64, crop=64, mean=bb.mean, std=bb.std
+      ).to_record(),
+      embed=features.EmbedOptions(3, D, D),
+      scoring=scoring.ScoringOptions(soft_weight=False, blur_sigma=4.0),
+      thresholds=thresholds.ChosenThresholds(100.0, 80.0, "manual"),
+      batch_size=4,
   )
 
 
@@ -101,7 +92,11 @@ def no_temp_files(path):
 
 def run_predict(model, bb, inputs, out, **kw):
   return predict.predict(
-      model, inputs, str(out), backbone=bb, progress=False, **kw
+      model,
+      inputs,
+      str(out),
+      predict.PredictOptions(progress=False, **kw),
+      backbone=bb,
   )
 
 
@@ -299,20 +294,26 @@ def test_noise_ratio_needs_more_anomalies(images, tmp_path):
 def test_lof_k_at_least_number_of_images_is_clamped(caplog):
   """Documented handling: k becomes N-1 with a warning (sklearn's rule)."""
   feats = np.random.default_rng(0).normal(size=(4, 16, 8)).astype(np.float32)
-  kw = dict(
-      noise_fraction=0.1,
-      coreset_fraction=0.5,
-      num_starts=2,
-      projection_dim=8,
-      grid=(4, 4),
-      image_size=(8, 8),
-      blur_sigma=1.0,
-  )
+
+  def bank_options(lof_k):
+    return fitting.BankOptions(
+        denoise=denoise.DenoiseOptions(lof_k=lof_k, noise_fraction=0.1),
+        coreset=coreset.CoresetOptions(
+            fraction=0.5, num_starts=2, projection_dim=8
+        ),
+        scoring=scoring.ScoringOptions(blur_sigma=1.0),
+    )
+
+  geometry = methods.BankGeometry((4, 4), (8, 8))
   key = jax.random.PRNGKey(0)
   with caplog.at_level(logging.WARNING):
-    big, _ = engine.fit_bank(feats, "softpatch_lof", key, lof_k=10, **kw)
+    big, _ = fitting.fit_bank(
+        feats, "softpatch_lof", key, bank_options(10), geometry
+    )
   assert "lof_k=10 >= number of training images (4); using k=3" in caplog.text
-  ref, _ = engine.fit_bank(feats, "softpatch_lof", key, lof_k=3, **kw)
+  ref, _ = fitting.fit_bank(
+      feats, "softpatch_lof", key, bank_options(3), geometry
+  )
   np.testing.assert_array_equal(
       np.asarray(big.weights), np.asarray(ref.weights)
   )
@@ -324,11 +325,11 @@ def test_lof_k_at_least_number_of_images_is_clamped(caplog):
 @pytest.mark.parametrize("frac", [0.0, -0.1, 1.5, float("nan")])
 def test_coreset_ratio_outside_unit_interval(frac, tmp_path):
   c = fit_config(tmp_path / "does_not_matter", **{"coreset.fraction": frac})
-  with pytest.raises(ValueError, match=r"coreset.fraction must be in \(0, 1\]"):
+  with pytest.raises(ValueError, match=r"coreset.fraction must be .*\(0, 1\]"):
     fit.fit_and_save(c, str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w")  # checked before anything else
   c.coreset.fraction = 1.0
-  fit.validate_config(c)
+  options.from_config(c)
 
 
 # ---- a training set of 1 or 2 images ----------------------------------------
@@ -374,7 +375,9 @@ def test_nan_features_from_broken_checkpoint(
   with pytest.raises(ValueError, match="non-finite values"):
     run_predict(model, broken, str(images / "test" / "good"), tmp_path / "out")
   assert not os.path.exists(tmp_path / "out" / "predictions.csv")
-  monkeypatch.setattr(engine, "build_backbone", lambda config: broken)
+  monkeypatch.setattr(
+      backbones.BackboneOptions, "load", lambda self, seed=0: broken
+  )
   c = fit_config(images / "train" / "good")
   with pytest.raises(ValueError, match="non-finite values"):
     fit.fit_and_save(c, str(tmp_path / "w"))
@@ -409,7 +412,7 @@ def test_interrupted_fit_then_rerun(images, tmp_path, monkeypatch):
   def interrupted(*a, **k):
     raise KeyboardInterrupt
 
-  monkeypatch.setattr(engine, "heldout_scores", interrupted)
+  monkeypatch.setattr(fitting, "heldout_scores", interrupted)
   with pytest.raises(KeyboardInterrupt):
     fit.fit_and_save(c, str(work))
   assert os.listdir(work) == []  # nothing half-written

@@ -9,13 +9,21 @@ from sklearn.metrics import roc_auc_score
 
 from softpatch_jax import backbones
 from softpatch_jax import data
+from softpatch_jax import embedding
 from softpatch_jax.baselines import cflow
-from softpatch_jax.baselines import pipeline
+from softpatch_jax.baselines import options
 from softpatch_jax.data import synthetic
 
-# Small settings shared with tests/test_baselines_pipeline.py, so the
+# Small settings shared with tests/test_baselines_fitters.py, so the
 # compiled training programs are reused within one test session.
-SMALL = dict(n_blocks=2, cond_dim=16, hidden_ratio=1.0, batch=256)
+SMALL = options.CflowOptions(
+    coupling_blocks=2,
+    condition_dim=16,
+    hidden_ratio=1.0,
+    batch_positions=256,
+    epochs=4,
+    learning_rate=2e-3,
+)
 
 
 def _random_params(params, seed, scale=0.4):
@@ -84,15 +92,14 @@ def test_positional_encoding():
 
 
 def test_bad_settings_are_one_clear_error():
-  with pytest.raises(ValueError, match="got epochs 0"):
-    cflow.check_settings(epochs=0)
-  with pytest.raises(ValueError, match="got condition_dim 6"):
-    cflow.fit(
-        jax.random.PRNGKey(0),
-        [np.zeros((2, 2, 2, 2))],
-        image_size=(8, 8),
-        cond_dim=6,
-    )
+  with pytest.raises(ValueError, match="cflow.epochs must be .* got 0"):
+    options.CflowOptions(epochs=0)
+  with pytest.raises(ValueError, match="condition_dim must be a multiple of 4"):
+    options.CflowOptions(condition_dim=6)
+  with pytest.raises(ValueError, match="learning_rate must be"):
+    options.CflowOptions(learning_rate=0.0)
+  with pytest.raises(ValueError, match="at least one feature map"):
+    cflow.fit(jax.random.PRNGKey(0), [], SMALL, image_size=(8, 8), blur_sigma=4)
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +112,8 @@ def trained(tmp_path_factory):
   train, test = data.mvtec.load_category(str(root), "synth")
   bb = backbones.load("efficientnet_lite0")
   pre = data.Preprocess(resize=64, crop=64, mean=bb.mean, std=bb.std)
-  ex = pipeline.MapExtractor(bb.name, bb.variables, batch_size=8)
-  # Padded batches of 8, as the pipeline scores them.
+  ex = embedding.MapExtractor(bb.name, bb.variables, batch_size=8)
+  # Padded batches of 8, as the prediction loop scores them.
   batches = lambda samples: [
       (len(b.indices), ex(b.images))
       for b in data.stream_batches(samples, pre, 8, 1, with_masks=False)
@@ -120,10 +127,9 @@ def trained(tmp_path_factory):
   model, losses = cflow.fit(
       jax.random.PRNGKey(0),
       train_maps,
+      SMALL,
       image_size=(64, 64),
-      epochs=4,
-      learning_rate=2e-3,
-      **SMALL,
+      blur_sigma=4.0,
   )
   return model, losses, batches(test), test
 

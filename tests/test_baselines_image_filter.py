@@ -1,5 +1,6 @@
 """baselines.image_filter: PaDiM* drops exactly the intended training images."""
 
+import dataclasses
 import fractions
 import logging
 
@@ -10,11 +11,14 @@ import pytest
 from softpatch_jax import backbones
 from softpatch_jax import data
 from softpatch_jax import defaults
-from softpatch_jax import engine
+from softpatch_jax import embedding
+from softpatch_jax import fitting
+from softpatch_jax import options
 from softpatch_jax import thresholds
+from softpatch_jax.baselines import fitters
 from softpatch_jax.baselines import image_filter
 from softpatch_jax.baselines import padim
-from softpatch_jax.baselines import pipeline
+from softpatch_jax.data import preprocess
 from softpatch_jax.data import synthetic
 
 
@@ -62,11 +66,11 @@ def test_keep_mask_ties_and_bad_input():
 
 
 def test_subset_info_maps_back_to_all_images():
-  info = engine.FitInfo("patchcore", 3, 12, 4)
+  info = fitting.FitInfo("patchcore", 3, 12, 4)
   info.bank_images = np.array([0, 2, 2, 1])
   image_filter.subset_info(info, "padim_filter+patchcore", [0, 3, 4], 5)
   np.testing.assert_array_equal(info.bank_images, [0, 4, 4, 3])
-  np.testing.assert_array_equal(info.image_noise_fraction, [0, 1, 1, 0, 0])
+  np.testing.assert_array_equal(info.image_outlier_fraction, [0, 1, 1, 0, 0])
   np.testing.assert_array_equal(info.train_images, [0, 3, 4])
   assert info.method == "padim_filter+patchcore"
 
@@ -87,11 +91,20 @@ def setup(tmp_path_factory):
   return c, train
 
 
+def _fit_options(c):
+  opts = options.from_config(c)
+  loader = embedding.LoaderOptions(num_workers=opts.data.num_workers)
+  return opts, fitters.FitOptions(
+      opts.baselines, opts.scoring, opts.seed, loader
+  )
+
+
 def test_held_out_scores_match_per_fold_fits(setup):
   c, train = setup
+  opts, fit_options = _fit_options(c)
   bb = backbones.load("resnet18", weights="random")
-  pre = engine.build_preprocess(c, bb)
-  ex = pipeline.MapExtractor("resnet18", bb.variables, 4)
+  pre = preprocess.preprocess_for(opts.data, bb.mean, bb.std)
+  ex = embedding.MapExtractor("resnet18", bb.variables, 4)
   channels = padim.select_channels(jax.random.PRNGKey(3), 448, 12)
   images = np.stack([pre.load_sample(s, with_mask=False)[0] for s in train])
   emb = np.concatenate([
@@ -102,7 +115,9 @@ def test_held_out_scores_match_per_fold_fits(setup):
   ])
   kw = dict(channels=channels, grid=(8, 8), image_size=(32, 32))
   for folds in (3, 1):
-    got = image_filter.filter_scores(c, train, ex, pre, channels, folds, "t")
+    b = dataclasses.replace(fit_options.baselines, filter_folds=folds)
+    o = dataclasses.replace(fit_options, baselines=b)
+    got = image_filter.filter_scores(train, ex, pre, channels, o, "t")
     ref = np.zeros(len(train))
     splits = [np.arange(len(train))]
     if folds > 1:
@@ -131,11 +146,15 @@ def test_missing_filter_weights_fall_back_with_a_warning(
     return load(name, *args, **kwargs)
 
   monkeypatch.setattr(backbones, "load", offline)
-  bb = engine.build_backbone(c)
-  emb, pre = engine.build_embedder(c, bb), engine.build_preprocess(c, bb)
+  opts, fit_options = _fit_options(c)
+  bb = opts.backbone.load(opts.seed)
+  pre = preprocess.preprocess_for(opts.data, bb.mean, bb.std)
+  ex = embedding.MapExtractor(bb.name, bb.variables, opts.data.batch_size)
   names = ["padim_filter+patchcore", "patchcore", "padim_filter+padim"]
   with caplog.at_level(logging.WARNING):
-    res = image_filter.image_filter(c, train, emb, pre, names, "synth")
+    res = image_filter.image_filter(
+        train, ex, pre, names, fit_options, label="synth"
+    )
   assert "no resnet18 weights" in caplog.text
   assert "efficientnet_lite0 instead" in caplog.text
   assert res.fields["image_filter_backbone"] == "efficientnet_lite0"
@@ -145,6 +164,22 @@ def test_missing_filter_weights_fall_back_with_a_warning(
   np.testing.assert_array_equal(
       kept, np.flatnonzero(image_filter.keep_mask(res.scores, 0.2))
   )
-  assert (
-      image_filter.image_filter(c, train, emb, pre, ["patchcore"]).fields == {}
-  )
+  none = image_filter.image_filter(train, ex, pre, ["patchcore"], fit_options)
+  assert none == image_filter.FilterResult({}, {})
+
+
+def test_filter_extractor_takes_the_filter_backbone(setup):
+  c, _ = setup
+  c = c.copy_and_resolve_references()
+  c.backbone.name = "efficientnet_lite0"
+  c.baselines.filter_weights = "random"
+  opts, fit_options = _fit_options(c)
+  lite = backbones.load("efficientnet_lite0", weights="random")
+  pre = preprocess.preprocess_for(opts.data, lite.mean, lite.std)
+  ex = embedding.MapExtractor(lite.name, lite.variables, 4)
+  fex, fpre = image_filter.filter_extractor(ex, pre, fit_options, "t")
+  assert fex.name == "resnet18" and fex.batch_size == 4
+  assert fex.taps == ("layer1", "layer2", "layer3")
+  resnet = backbones.load("resnet18", weights="random")
+  assert fpre == preprocess.preprocess_for(opts.data, resnet.mean, resnet.std)
+  assert fpre != pre

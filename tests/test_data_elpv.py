@@ -33,7 +33,7 @@ def test_label_counts():
     "cat,n_normal,n_bad", [("mono", 588, 313), ("poly", 920, 402)]
 )
 def test_split(cat, n_normal, n_bad):
-  train, test = elpv.load_category(cat, seed=0)
+  train, test = elpv.load_category(cat, seed=0, test_normal_fraction=0.2)
   n_test_normal = round(0.2 * n_normal)
   assert len(train) == n_normal - n_test_normal
   assert (
@@ -43,32 +43,42 @@ def test_split(cat, n_normal, n_bad):
   assert not {s.path for s in train} & {s.path for s in test}
   assert all(s.mask_path is None and s.category == cat for s in train + test)
   assert not has_pixel_labels(test)
-  assert elpv.load_category(cat, seed=0) == (train, test)
-  other, _ = elpv.load_category(cat, seed=1)
+  assert elpv.load_category(cat, seed=0, test_normal_fraction=0.2) == (
+      train,
+      test,
+  )
+  other, _ = elpv.load_category(cat, seed=1, test_normal_fraction=0.2)
   assert {s.path for s in other} != {s.path for s in train} and len(
       other
   ) == len(train)
 
 
 def test_max_train_uncertain_and_errors():
-  train, _ = elpv.load_category("mono", seed=2)
-  small, test = elpv.load_category("mono", seed=2, max_train=50)
+  train, _ = elpv.load_category("mono", seed=2, test_normal_fraction=0.2)
+  small, test = elpv.load_category(
+      "mono", seed=2, test_normal_fraction=0.2, max_train=50
+  )
   assert len(small) == 50 and {s.path for s in small} <= {s.path for s in train}
-  assert elpv.load_category("mono", seed=2, max_train=50)[0] == small
-  _, with_u = elpv.load_category("mono", seed=2, include_uncertain=True)
+  assert (
+      elpv.load_category(
+          "mono", seed=2, test_normal_fraction=0.2, max_train=50
+      )[0]
+      == small
+  )
+  _, with_u = elpv.load_category(
+      "mono", seed=2, test_normal_fraction=0.2, include_uncertain=True
+  )
   assert len(with_u) == len(test) + 173
   with pytest.raises(ValueError, match="mono"):
-    elpv.load_category("cdte")
+    elpv.load_category("cdte", seed=0, test_normal_fraction=0.2)
   with pytest.raises(ValueError, match="fraction"):
-    elpv.load_category("mono", test_normal_fraction=1.0)
+    elpv.load_category("mono", seed=0, test_normal_fraction=1.0)
   # the uncertain cells as the noise pool
   tr, te, info = noise.inject(
       small,
       test,
-      0.1,
-      overlap=False,
-      seed=0,
-      source=elpv.uncertain_samples("mono"),
+      noise.NoiseOptions(ratio=0.1, overlap=False, seed=0),
+      pool=elpv.uncertain_samples("mono"),
   )
   assert info["n_injected"] == 5 and te == test
 
@@ -81,11 +91,13 @@ def test_missing_package_error(monkeypatch):
       lambda name, *a: None if name == "elpv_dataset" else real(name, *a),
   )
   with pytest.raises(ImportError, match="pip install elpv-dataset"):
-    elpv.load_category("mono")
+    elpv.load_category("mono", seed=0, test_normal_fraction=0.2)
 
 
 def test_cells_stream_as_rgb():
-  train, _ = elpv.load_category("poly", seed=0, max_train=3)
+  train, _ = elpv.load_category(
+      "poly", seed=0, test_normal_fraction=0.2, max_train=3
+  )
   b = next(
       iter(stream_batches(train, Preprocess(), batch_size=3, num_workers=2))
   )

@@ -15,8 +15,8 @@ from softpatch_jax.data import mvtec
 from softpatch_jax.data import open_image
 from softpatch_jax.data import open_mask
 from softpatch_jax.data import synthetic
-from softpatch_jax.data.preprocess import center_crop
-from softpatch_jax.data.preprocess import resized_size
+from softpatch_jax.data.geometry import center_crop
+from softpatch_jax.data.geometry import resized_size
 
 RAW = Preprocess(resize=None, crop=None, mean=(0, 0, 0), std=(1, 1, 1))
 

@@ -9,11 +9,18 @@ import pytest
 import _testutil  # pylint: disable=g-bad-import-order
 
 from softpatch_jax import data
-from softpatch_jax import defaults
-from softpatch_jax.data import Sample
+from softpatch_jax.data import DataOptions
 from softpatch_jax.data import noise
+from softpatch_jax.data import NoiseOptions
+from softpatch_jax.data import Sample
 
 _lists = _testutil.sample_lists
+
+
+def _inject(train, test, ratio, overlap, seed, pool=None, **fields):
+  """noise.inject with NoiseOptions(ratio, overlap, seed, **fields)."""
+  opts = NoiseOptions(ratio=ratio, overlap=overlap, seed=seed, **fields)
+  return noise.inject(train, test, opts, pool)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 5])
@@ -21,10 +28,8 @@ _lists = _testutil.sample_lists
 def test_overlap_vs_no_overlap_counts(seed, ratio):
   train, test = _lists(41, 10, 30)
   n = int(ratio * 41)
-  tr_o, te_o, info_o = noise.inject(train, test, ratio, overlap=True, seed=seed)
-  tr_n, te_n, info_n = noise.inject(
-      train, test, ratio, overlap=False, seed=seed
-  )
+  tr_o, te_o, info_o = _inject(train, test, ratio, overlap=True, seed=seed)
+  tr_n, te_n, info_n = _inject(train, test, ratio, overlap=False, seed=seed)
   assert info_o["n_injected"] == info_n["n_injected"] == n
   assert len(tr_o) == len(tr_n) == 41 + n
   assert te_o == test and len(te_n) == len(test) - n
@@ -47,11 +52,11 @@ def test_overlap_vs_no_overlap_counts(seed, ratio):
 
 def test_deterministic_per_seed_and_seed_dependent():
   train, test = _lists(100, 5, 40)
-  a = noise.inject(train, test, 0.2, True, seed=3)
-  b = noise.inject(train, test, 0.2, True, seed=3)
+  a = _inject(train, test, 0.2, True, seed=3)
+  b = _inject(train, test, 0.2, True, seed=3)
   assert a == b
   draws = {
-      tuple(noise.inject(train, test, 0.2, True, seed=s)[2]["injected_paths"])
+      tuple(_inject(train, test, 0.2, True, seed=s)[2]["injected_paths"])
       for s in range(6)
   }
   assert len(draws) > 1
@@ -60,7 +65,7 @@ def test_deterministic_per_seed_and_seed_dependent():
 def test_too_few_anomalies_message():
   train, test = _lists(100, 5, 7, cat="screw")
   with pytest.raises(ValueError) as e:
-    noise.inject(train, test, 0.1, overlap=False, seed=0)
+    _inject(train, test, 0.1, overlap=False, seed=0)
   msg = str(e.value)
   assert (
       "needs 10" in msg
@@ -72,23 +77,23 @@ def test_too_few_anomalies_message():
 
 @pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, float("nan")])
 def test_ratio_range(ratio):
-  train, test = _lists(10, 2, 5)
-  with pytest.raises(ValueError, match="ratio"):
-    noise.inject(train, test, ratio, True, 0)
+  with pytest.raises(ValueError) as e:
+    NoiseOptions(ratio=ratio)
+  assert str(e.value) == (
+      f"config.noise.ratio must be a finite number in [0, 1), got {ratio!r}"
+  )
 
 
 def test_no_overlap_must_leave_an_anomaly():
   train, test = _lists(50, 5, 5)
   with pytest.raises(ValueError, match="every anomalous"):
-    noise.inject(train, test, 0.1, overlap=False, seed=0)
-  noise.inject(train, test, 0.1, overlap=True, seed=0)  # overlap is fine
+    _inject(train, test, 0.1, overlap=False, seed=0)
+  _inject(train, test, 0.1, overlap=True, seed=0)  # overlap is fine
 
 
 def test_augment_and_resample():
   train, test = _lists(60, 3, 4)
-  tr, te, info = noise.inject(
-      train, test, 0.1, overlap=True, seed=1, resample=True
-  )
+  tr, te, info = _inject(train, test, 0.1, overlap=True, seed=1, resample=True)
   inj = tr[60:]
   assert (
       info["n_injected"] == 6 and info["n_resampled"] == 2 and info["resample"]
@@ -99,16 +104,14 @@ def test_augment_and_resample():
   assert [s.aug_seed is not None for s in inj] == [False] * 4 + [
       True
   ] * 2  # repeats augmented
-  tr2, _, _ = noise.inject(
+  tr2, _, _ = _inject(
       train, test, 0.1, overlap=True, seed=1, resample=True, augment=True
   )
   assert all(s.aug_seed is not None for s in tr2[60:])
   assert [s.path for s in tr2] == [
       s.path for s in tr
   ]  # augment flag does not change the draw
-  _, _, info3 = noise.inject(
-      train, test, 0.05, overlap=True, seed=1, augment=True
-  )
+  _, _, info3 = _inject(train, test, 0.05, overlap=True, seed=1, augment=True)
   assert info3["augment"] and info3["n_resampled"] == 0
 
 
@@ -117,13 +120,11 @@ def test_source_pool():
   pool = [
       Sample(f"/d/uncertain/{i}.png", 1, "uncertain_0.33") for i in range(10)
   ]
-  tr, te, info = noise.inject(
-      train, test, 0.2, overlap=False, seed=0, source=pool
-  )
+  tr, te, info = _inject(train, test, 0.2, overlap=False, seed=0, pool=pool)
   assert info["pool_size"] == 10 and len(tr) == 36 and te == test
   assert all(p.startswith("/d/uncertain/") for p in info["injected_paths"])
-  with pytest.raises(ValueError, match="source"):
-    noise.inject(train, test, 0.5, overlap=False, seed=0, source=pool)
+  with pytest.raises(ValueError, match="candidate images in the pool"):
+    _inject(train, test, 0.5, overlap=False, seed=0, pool=pool)
 
 
 # ---------------------------------------------------------------- draws
@@ -139,12 +140,12 @@ def test_reference_draw_is_python_random_sample(seed, n_train, n_bad, ratio):
   if k > len(pool):
     pytest.skip("pool too small")
   want = random.Random(seed).sample(pool, k)  # in draw order, not sorted
-  tr, _, info = noise.inject(train, test, ratio, True, seed)
+  tr, _, info = _inject(train, test, ratio, True, seed)
   assert info["injected_paths"] == want == [s.path for s in tr[n_train:]]
   assert info["draw"] == "reference"
   # The default draw is the reference one.
-  assert noise.inject(train, test, ratio, True, seed, draw="reference") == (
-      noise.inject(train, test, ratio, True, seed)
+  assert _inject(train, test, ratio, True, seed, draw="reference") == (
+      _inject(train, test, ratio, True, seed)
   )
 
 
@@ -183,12 +184,8 @@ def layout_root(tmp_path_factory):
 
 
 def _layout_config(root, **noise_fields):
-  c = defaults.base_config()
-  c.data.dataset = "mvtec"
-  c.data.root = root
-  for k, v in noise_fields.items():
-    c.noise[k] = v
-  return c
+  """(noise, data) options of the mvtec layout at `root`."""
+  return NoiseOptions(**noise_fields), DataOptions(dataset="mvtec", root=root)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3, 42])
@@ -196,9 +193,11 @@ def _layout_config(root, **noise_fields):
 def test_reference_draw_on_disk_matches_official_protocol(
     layout_root, seed, ratio, overlap
 ):
-  c = _layout_config(layout_root, ratio=ratio, overlap=overlap, seed=seed)
-  train, test = data.load_dataset(c, "cat", None)
-  tr, te, info = data.apply_noise(c, "cat", train, test)
+  opts, data_opts = _layout_config(
+      layout_root, ratio=ratio, overlap=overlap, seed=seed
+  )
+  train, test = data.load_dataset(data_opts, "cat", None)
+  tr, te, info = data.apply_noise(opts, data_opts, "cat", train, test)
   k = int(ratio * 10)
   names, rest = _expected_official(os.path.join(layout_root, "cat"), seed, k)
   assert _rel(tr[10:]) == names
@@ -217,16 +216,16 @@ def test_stratified_draw_is_even_across_types(seed, n):
       for i in range(m)
   ]
   train = [Sample(f"/d/train/{i:03d}.png", 0, "good") for i in range(20)]
-  _, _, info = noise.inject(train, test, n / 20, True, seed, draw="stratified")
+  _, _, info = _inject(train, test, n / 20, True, seed, draw="stratified")
   paths = info["injected_paths"]
   assert len(paths) == len(set(paths)) == n and info["draw"] == "stratified"
   counts = [sum(f"/{t}/" in p for p in paths) for t in types]
   assert max(counts) - min(counts) <= 1, counts
-  again = noise.inject(train, test, n / 20, True, seed, draw="stratified")
+  again = _inject(train, test, n / 20, True, seed, draw="stratified")
   assert again[2]["injected_paths"] == paths  # deterministic
   others = {
       tuple(
-          noise.inject(train, test, n / 20, True, s, draw="stratified")[2][
+          _inject(train, test, n / 20, True, s, draw="stratified")[2][
               "injected_paths"
           ]
       )
@@ -265,7 +264,7 @@ def _old_numpy_draw(train, test, ratio, seed, resample=False, augment=False):
 )
 def test_numpy_draw_is_unchanged(seed, ratio, resample, augment):
   train, test = _lists(60, 3, 12 if not resample else 4)
-  tr, _, info = noise.inject(
+  tr, _, info = _inject(
       train,
       test,
       ratio,
@@ -283,7 +282,7 @@ def test_numpy_draw_is_unchanged(seed, ratio, resample, augment):
 @pytest.mark.parametrize("draw", noise.DRAWS)
 def test_resample_and_source_pool_work_for_every_draw(draw):
   train, test = _lists(60, 3, 4)
-  tr, _, info = noise.inject(
+  tr, _, info = _inject(
       train, test, 0.1, overlap=True, seed=1, resample=True, draw=draw
   )
   inj = tr[60:]
@@ -294,8 +293,8 @@ def test_resample_and_source_pool_work_for_every_draw(draw):
       Sample(f"/d/uncertain/{i}.png", 1, f"uncertain_{i % 2}")
       for i in range(10)
   ]
-  tr, te, info = noise.inject(
-      train[:30], test, 0.2, overlap=False, seed=0, source=pool, draw=draw
+  tr, te, info = _inject(
+      train[:30], test, 0.2, overlap=False, seed=0, pool=pool, draw=draw
   )
   assert info["pool_size"] == 10 and len(tr) == 36 and te == test
   assert len(set(info["injected_paths"])) == 6
@@ -303,9 +302,9 @@ def test_resample_and_source_pool_work_for_every_draw(draw):
 
 
 def test_unknown_draw_lists_the_names():
-  train, test = _lists()
   with pytest.raises(ValueError) as e:
-    noise.inject(train, test, 0.1, True, 0, draw="sorted")
+    NoiseOptions(draw="sorted")
   assert str(e.value) == (
-      "unknown noise draw 'sorted'; choose from reference, stratified, numpy"
+      "config.noise.draw must be one of ('reference', 'stratified', "
+      "'numpy'), got 'sorted'"
   )

@@ -1,5 +1,6 @@
 """The protocol helpers: test subsampling, noise from config, augment flags."""
 
+import dataclasses
 import os
 import pickle
 import zipfile
@@ -9,20 +10,14 @@ import pytest
 
 import _testutil  # pylint: disable=g-bad-import-order
 
-from softpatch_jax import defaults
 from softpatch_jax import data
 from softpatch_jax.data import Augment
+from softpatch_jax.data import DataOptions
 from softpatch_jax.data import noise
+from softpatch_jax.data import NoiseOptions
 
 _lists = _testutil.sample_lists
-
-
-def _noise_config(**noise_fields):
-  c = defaults.base_config()
-  c.data.dataset = "mvtec"
-  for k, v in noise_fields.items():
-    c.noise[k] = v
-  return c
+MVTEC = DataOptions(dataset="mvtec")
 
 
 # ---------------------------------------------------------------- subsample
@@ -69,8 +64,9 @@ def test_subsample_draw_is_fixed():
 
 def test_apply_noise_zero_ratio_is_a_no_op():
   train, test = _lists()
-  c = _noise_config(ratio=0.0)
-  tr, te, info = data.apply_noise(c, "c", train, test)
+  tr, te, info = data.apply_noise(
+      NoiseOptions(ratio=0.0), MVTEC, "c", train, test
+  )
   assert tr is train and te is test and info is None
 
 
@@ -84,19 +80,9 @@ def test_apply_noise_zero_ratio_is_a_no_op():
 )
 def test_apply_noise_is_noise_inject_plus_category(fields):
   train, test = _lists(n_bad=18)
-  c = _noise_config(**fields)
-  tr, te, info = data.apply_noise(c, "screw", train, test)
-  want_tr, want_te, want_info = noise.inject(
-      train,
-      test,
-      ratio=c.noise.ratio,
-      overlap=c.noise.overlap,
-      seed=c.noise.seed,
-      augment=c.noise.augment,
-      source=None,
-      resample=c.noise.resample,
-      draw=c.noise.draw,
-  )
+  opts = NoiseOptions(**fields)
+  tr, te, info = data.apply_noise(opts, MVTEC, "screw", train, test)
+  want_tr, want_te, want_info = noise.inject(train, test, opts)
   assert (tr, te) == (want_tr, want_te)
   assert info == dict(want_info, category="screw", inject_list="")
   assert info["draw"] == "reference"
@@ -104,9 +90,9 @@ def test_apply_noise_is_noise_inject_plus_category(fields):
 
 def test_apply_noise_uncertain_source_needs_elpv():
   train, test = _lists()
-  c = _noise_config(ratio=0.1, source="uncertain")
+  opts = NoiseOptions(ratio=0.1, source="uncertain")
   with pytest.raises(ValueError) as e:
-    data.apply_noise(c, "mono", train, test)
+    data.apply_noise(opts, MVTEC, "mono", train, test)
   assert str(e.value) == (
       "config.noise.source='uncertain' needs the elpv dataset"
   )
@@ -114,11 +100,10 @@ def test_apply_noise_uncertain_source_needs_elpv():
 
 def test_apply_noise_uncertain_pool_from_elpv():
   pytest.importorskip("elpv_dataset")
-  c = _noise_config(ratio=0.1, overlap=False, source="uncertain")
-  c.data.dataset = "elpv"
-  c.data.max_train = 30
-  train, test = data.load_dataset(c, "mono", None)
-  tr, te, info = data.apply_noise(c, "mono", train, test)
+  opts = NoiseOptions(ratio=0.1, overlap=False, source="uncertain")
+  elpv = DataOptions(dataset="elpv", max_train=30)
+  train, test = data.load_dataset(elpv, "mono", None)
+  tr, te, info = data.apply_noise(opts, elpv, "mono", train, test)
   assert info["n_injected"] == 3 and info["pool_size"] == 173
   assert te == test  # the pool is not the test set
   assert all(s.defect_type.startswith("uncertain") for s in tr[30:])
@@ -127,14 +112,13 @@ def test_apply_noise_uncertain_pool_from_elpv():
 def test_apply_noise_draw_from_config():
   train, test = _lists(n_bad=18)
   for draw in ("stratified", "numpy"):
-    c = _noise_config(ratio=0.2, draw=draw)
-    _, _, info = data.apply_noise(c, "c", train, test)
-    want = noise.inject(train, test, 0.2, True, 0, draw=draw)[2]
+    opts = NoiseOptions(ratio=0.2, draw=draw)
+    _, _, info = data.apply_noise(opts, MVTEC, "c", train, test)
+    want = noise.inject(train, test, opts)[2]
     assert info["draw"] == draw
     assert info["injected_paths"] == want["injected_paths"]
-  c = _noise_config(ratio=0.0, draw="nope")
-  with pytest.raises(ValueError, match="reference, stratified, numpy"):
-    data.apply_noise(c, "c", train, test)
+  with pytest.raises(ValueError, match="config.noise.draw must be one of"):
+    NoiseOptions(ratio=0.0, draw="nope")
 
 
 # ---------------------------------------------------------------- inject_list
@@ -150,15 +134,16 @@ def two_categories(tmp_path_factory):
   return str(root)
 
 
-def _list_config(root, inject_list, **noise_fields):
-  c = _noise_config(inject_list=inject_list, **noise_fields)
-  c.data.root = root
-  return c
+def _list_config(root, inject_list, max_test=0, **noise_fields):
+  """(noise, data) options of an inject_list run on the mvtec layout."""
+  opts = NoiseOptions(inject_list=inject_list, **noise_fields)
+  return opts, DataOptions(dataset="mvtec", root=root, max_test=max_test)
 
 
 def _run(c, cat="bottle"):
-  train, test = data.load_dataset(c, cat, None)
-  tr, te, info = data.apply_noise(c, cat, train, test)
+  opts, data_opts = c
+  train, test = data.load_dataset(data_opts, cat, None)
+  tr, te, info = data.apply_noise(opts, data_opts, cat, train, test)
   return train, test, tr, te, info
 
 
@@ -243,7 +228,6 @@ def test_inject_list_official_index_file(two_categories, tmp_path):
   _official_index_file(folder / "cable-noise0.1.pth", [14])
   setting = str(folder / "{category}-noise0.1.pth")
   c = _list_config(two_categories, setting, ratio=0.1, overlap=False)
-  c.data.max_test = 0
   _, test, tr, te, info = _run(c)
   want = ["z_dent/001.png", "a_crack/000.png", "b_hole/001.png"]
   assert _tail(info["injected_paths"]) == want
@@ -255,7 +239,7 @@ def test_inject_list_official_index_file(two_categories, tmp_path):
   assert len(te) == len(test) - 3
   assert _tail(_run(c, "cable")[4]["injected_paths"]) == ["z_dent/002.png"]
   # Positions refer to the whole test list: a subsampled one is refused.
-  c.data.max_test = 6
+  c = _list_config(two_categories, setting, 6, ratio=0.1, overlap=False)
   with pytest.raises(ValueError, match="max_test"):
     _run(c)
 
@@ -304,11 +288,9 @@ def test_inject_list_overrides_ratio_and_logs_count(two_categories, caplog):
 # ---------------------------------------------------------------- augment
 
 
-def test_build_augment_follows_config():
-  c = defaults.base_config()
-  assert data.build_augment(c) == Augment()
-  c.noise.augment_rotate = False
-  c.noise.augment_blur = True
+def test_build_augment_follows_the_options():
+  assert data.build_augment(NoiseOptions()) == Augment()
+  c = NoiseOptions(augment_rotate=False, augment_blur=True)
   aug = data.build_augment(c)
   assert (aug.affine, aug.rotate, aug.noise, aug.blur) == (
       True,
@@ -316,8 +298,7 @@ def test_build_augment_follows_config():
       False,
       True,
   )
-  c.noise.augment_affine = False
-  c.noise.augment_noise = True
+  c = dataclasses.replace(c, augment_affine=False, augment_noise=True)
   assert data.build_augment(c) == Augment(
       affine=False, rotate=False, noise=True, blur=True
   )

@@ -1,29 +1,29 @@
 """The data set registry: dispatch, overrides, errors, synthetic caching."""
 
+import dataclasses
 import json
 import os
 
-import ml_collections
 import pytest
 from PIL import Image
 
-from softpatch_jax import defaults
 from softpatch_jax import data
 from softpatch_jax.data import btad
 from softpatch_jax.data import folder
 from softpatch_jax.data import mvtec
 from softpatch_jax.data import registry
 from softpatch_jax.data import synthetic
+from softpatch_jax.data.noise import NoiseOptions
+from softpatch_jax.data.types import DataOptions
+from softpatch_jax.data.types import SyntheticOptions
+from softpatch_jax.registry import Registry
 
-BUILT_IN = ["mvtec", "btad", "folder", "elpv", "synthetic"]
+BUILT_IN = ["btad", "elpv", "folder", "mvtec", "synthetic"]
 
 
-def _config(dataset, **data_fields):
-  """The base config with `config.data.<k> = v` for `data_fields`."""
-  c = defaults.base_config().to_dict()
-  c["data"].update(dataset=dataset, **data_fields)
-  # Not type-safe, so that categories may also be a list.
-  return ml_collections.ConfigDict(c, type_safe=False)
+def _data(dataset, **fields):
+  """The default `DataOptions` with `dataset` and `fields` set."""
+  return DataOptions(dataset=dataset, **fields)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,10 @@ def mvtec_root(tmp_path_factory):
 @pytest.fixture
 def private_registry(monkeypatch):
   """Registrations made in a test vanish with it."""
-  monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+  private = Registry(registry.DATASETS.kind)
+  for name, dataset in registry.DATASETS.items():
+    private.register(name, dataset)
+  monkeypatch.setattr(registry, "DATASETS", private)
 
 
 def test_built_in_names_and_package_exports():
@@ -60,25 +63,25 @@ def test_built_in_names_and_package_exports():
 @pytest.mark.parametrize("name", ["nope", "", None, "MVTec"])
 def test_unknown_name_lists_the_registered_ones(name):
   msg = (
-      f"unknown config.data.dataset {name!r}; choose from mvtec, btad, "
-      "folder, elpv, synthetic"
+      f"unknown dataset {name!r}; choose from btad, elpv, folder, mvtec, "
+      "synthetic"
   )
   with pytest.raises(ValueError) as e:
     data.get_dataset(name)
   assert str(e.value) == msg
   with pytest.raises(ValueError) as e:
-    data.list_categories(_config(name))
+    data.list_categories(_data(name))
   assert str(e.value) == msg
   with pytest.raises(ValueError) as e:  # also when categories are given
-    data.list_categories(_config(name, categories="a,b"))
+    data.list_categories(_data(name, categories="a,b"))
   assert str(e.value) == msg
   with pytest.raises(ValueError) as e:
-    data.load_dataset(_config(name), "c", "/unused")
+    data.load_dataset(_data(name), "c", "/unused")
   assert str(e.value) == msg
 
 
 def test_mvtec_dispatch(mvtec_root):
-  c = _config("mvtec", root=mvtec_root)
+  c = _data("mvtec", root=mvtec_root)
   assert data.list_categories(c) == ["aa", "bb"]
   assert data.load_dataset(c, "bb", None) == mvtec.load_category(
       mvtec_root, "bb"
@@ -92,7 +95,7 @@ def test_btad_dispatch(tmp_path):
   for sub in ["train/ok/0.bmp", "test/ok/1.bmp", "test/ko/2.bmp"]:
     Image.new("RGB", (8, 8)).save(cat / sub)
   Image.new("L", (8, 8)).save(cat / "ground_truth" / "ko" / "2.png")
-  c = _config("btad", root=str(tmp_path))
+  c = _data("btad", root=str(tmp_path))
   assert data.list_categories(c) == ["02"]
   assert data.load_dataset(c, "02", None) == btad.load_category(
       str(tmp_path), "02"
@@ -105,29 +108,29 @@ def test_folder_dispatch(tmp_path):
   Image.new("RGB", (8, 8)).save(tmp_path / "train" / "a.png")
   Image.new("RGB", (8, 8)).save(tmp_path / "test" / "x.png")
   Image.new("RGB", (8, 8)).save(tmp_path / "test" / "dent" / "d.png")
-  c = _config("folder", train_dir=str(tmp_path / "train"))
+  c = _data("folder", train_dir=str(tmp_path / "train"))
   assert data.list_categories(c) == ["folder"]
   train, test = data.load_dataset(c, "folder", None)
   assert (train, test) == folder.load_folder(str(tmp_path / "train"))
   assert test == []
-  c.data.test_dir = str(tmp_path / "test")
+  c = dataclasses.replace(c, test_dir=str(tmp_path / "test"))
   assert data.load_dataset(c, "folder", None) == folder.load_folder(
       str(tmp_path / "train"), str(tmp_path / "test")
   )
 
 
 def test_elpv_dispatch():
-  c = _config("elpv")
+  c = _data("elpv")
   assert data.list_categories(c) == ["mono", "poly"]
   pytest.importorskip("elpv_dataset")
-  c.data.split_seed = 3
-  c.data.test_normal_fraction = 0.3
-  c.data.max_train = 7
+  c = dataclasses.replace(
+      c, split_seed=3, test_normal_fraction=0.3, max_train=7
+  )
   train, test = data.load_dataset(c, "mono", None)
   assert (train, test) == data.elpv.load_category(
       "mono", seed=3, test_normal_fraction=0.3, max_train=7
   )
-  c.data.max_train = 0  # 0 = every training cell
+  c = dataclasses.replace(c, max_train=0)  # 0 = every training cell
   assert data.load_dataset(c, "mono", None) == data.elpv.load_category(
       "mono", seed=3, test_normal_fraction=0.3
   )
@@ -138,13 +141,13 @@ def test_elpv_dispatch():
 
 def test_max_train_mvtec_keeps_the_first_images(mvtec_root):
   full_train, full_test = mvtec.load_category(mvtec_root, "bb")
-  c = _config("mvtec", root=mvtec_root, max_train=2)
+  c = _data("mvtec", root=mvtec_root, max_train=2)
   train, test = data.load_dataset(c, "bb", None)
   assert train == full_train[:2] and test == full_test
   assert [os.path.basename(s.path) for s in train] == ["000.png", "001.png"]
-  c.data.max_train = 3  # as many as there are
+  c = dataclasses.replace(c, max_train=3)  # as many as there are
   assert data.load_dataset(c, "bb", None) == (full_train, full_test)
-  c.data.max_train = 0
+  c = dataclasses.replace(c, max_train=0)
   assert data.load_dataset(c, "bb", None) == (full_train, full_test)
 
 
@@ -156,31 +159,26 @@ def test_max_train_btad_and_folder(tmp_path):
     Image.new("RGB", (8, 8)).save(cat / "train" / "ok" / name)
   Image.new("RGB", (8, 8)).save(cat / "test" / "ko" / "x.bmp")
   Image.new("L", (8, 8)).save(cat / "ground_truth" / "ko" / "x.png")
-  c = _config("btad", root=str(tmp_path / "btad"), max_train=3)
+  c = _data("btad", root=str(tmp_path / "btad"), max_train=3)
   train, _ = data.load_dataset(c, "01", None)
-  assert [os.path.basename(s.path) for s in train] == [
-      "a.bmp",
-      "b.bmp",
-      "c.bmp",
-  ]
+  names = [os.path.basename(s.path) for s in train]
+  assert names == ["a.bmp", "b.bmp", "c.bmp"]
 
   for rel in ["z.png", "sub/b.png", "a.png", "sub/a.png"]:
     os.makedirs(os.path.dirname(tmp_path / "f" / rel), exist_ok=True)
     Image.new("RGB", (8, 8)).save(tmp_path / "f" / rel)
-  c = _config("folder", train_dir=str(tmp_path / "f"), max_train=3)
+  c = _data("folder", train_dir=str(tmp_path / "f"), max_train=3)
   train, _ = data.load_dataset(c, "folder", None)
   full, _ = folder.load_folder(str(tmp_path / "f"))
   assert train == full[:3]
-  assert [os.path.relpath(s.path, tmp_path / "f") for s in train] == [
-      "a.png",
-      os.path.join("sub", "a.png"),
-      os.path.join("sub", "b.png"),
-  ]
+  sub = lambda name: os.path.join("sub", name)
+  rel = [os.path.relpath(s.path, tmp_path / "f") for s in train]
+  assert rel == ["a.png", sub("a.png"), sub("b.png")]
 
 
 def test_max_train_synthetic(tmp_path):
-  c = _synthetic_config(n_train=4)
-  c.data.max_train = 2
+  c = _synthetic_data(n_train=4)
+  c = dataclasses.replace(c, max_train=2)
   train, _ = data.load_dataset(c, "synth", str(tmp_path))
   full, _ = mvtec.load_category(str(tmp_path / "synthetic_data"), "synth")
   assert len(full) == 4 and train == full[:2]
@@ -188,31 +186,31 @@ def test_max_train_synthetic(tmp_path):
 
 def test_max_train_elpv_keeps_its_seeded_subset():
   pytest.importorskip("elpv_dataset")
-  c = _config("elpv", max_train=25, split_seed=1)
+  c = _data("elpv", max_train=25, split_seed=1)
   train, _ = data.load_dataset(c, "mono", None)
-  want, _ = data.elpv.load_category("mono", seed=1, max_train=25)
+  want, _ = data.elpv.load_category(
+      "mono", seed=1, test_normal_fraction=0.2, max_train=25
+  )
   assert train == want and len(train) == 25
   # A seeded subset of the whole training split, not its first 25 cells.
-  full, _ = data.elpv.load_category("mono", seed=1)
+  full, _ = data.elpv.load_category("mono", seed=1, test_normal_fraction=0.2)
   assert train != full[:25] and set(train) <= set(full)
 
 
 def test_max_train_is_applied_before_noise(mvtec_root):
-  c = _config("mvtec", root=mvtec_root, max_train=2)
-  c.noise.update(ratio=0.5, overlap=True, seed=0)
+  c = _data("mvtec", root=mvtec_root, max_train=2)
+  noise = NoiseOptions(ratio=0.5, overlap=True, seed=0)
   train, test = data.load_dataset(c, "aa", None)
-  tr, _, info = data.apply_noise(c, "aa", train, test)
+  tr, _, info = data.apply_noise(noise, c, "aa", train, test)
   assert len(train) == 2 and info["n_injected"] == 1 and len(tr) == 3
 
 
 @pytest.mark.parametrize("bad", [-1, 2.5, "3", True, [2]])
-def test_max_train_bad_values(mvtec_root, bad):
-  c = _config("mvtec", root=mvtec_root, max_train=bad)
+def test_max_train_bad_values(bad):
   with pytest.raises(ValueError) as e:
-    data.load_dataset(c, "aa", None)
+    _data("mvtec", max_train=bad)
   assert str(e.value) == (
-      "config.data.max_train must be an int >= 0 (0 = every training "
-      f"image), got {bad!r}"
+      f"config.data.max_train must be an integer >= 0, got {bad!r}"
   )
 
 
@@ -229,11 +227,11 @@ def test_max_train_bad_values(mvtec_root, bad):
     ],
 )
 def test_categories_override(mvtec_root, given, expected):
-  c = _config("mvtec", root=mvtec_root)
-  c.data.categories = given
+  c = _data("mvtec", root=mvtec_root)
+  c = dataclasses.replace(c, categories=given)
   assert data.list_categories(c) == expected
   # The override wins for every data set, even where discovery would fail.
-  c = _config("mvtec", root="/does/not/exist", categories=given)
+  c = _data("mvtec", root="/does/not/exist", categories=given)
   if given and str(given).strip(" ,"):
     assert data.list_categories(c) == expected
   else:
@@ -250,8 +248,8 @@ def test_categories_override(mvtec_root, given, expected):
     ],
 )
 def test_fixed_category_lists(name, expected):
-  assert data.list_categories(_config(name)) == expected
-  assert data.list_categories(_config(name), workdir="/unused") == expected
+  assert data.list_categories(_data(name)) == expected
+  assert data.list_categories(_data(name), workdir="/unused") == expected
 
 
 def test_register_custom_dataset(private_registry, mvtec_root):
@@ -261,37 +259,37 @@ def test_register_custom_dataset(private_registry, mvtec_root):
   class Toy:
 
     @staticmethod
-    def categories(config, workdir):
+    def categories(data_options, workdir):
       calls.append(("categories", workdir))
       return ["one", "two"]
 
     @staticmethod
-    def load(config, category, workdir):
+    def load(data_options, category, workdir):
       calls.append(("load", category, workdir))
       return [category], []
 
   assert data.get_dataset("toy") is Toy
   assert "toy" in data.registered_names()
-  c = _config("toy")
+  c = _data("toy")
   assert data.list_categories(c, workdir="/w") == ["one", "two"]
   assert data.load_dataset(c, "two", "/w") == (["two"], [])
   assert calls == [("categories", "/w"), ("load", "two", "/w")]
-  with pytest.raises(ValueError, match="'toy' is already registered"):
+  with pytest.raises(ValueError, match="dataset 'toy' is already registered"):
     data.register_dataset("toy")(Toy)
 
   # replace=True swaps the entry; an instance works as well as a class.
   class Alias:
 
-    def categories(self, config, workdir):
-      return mvtec.list_categories(config.data.root)
+    def categories(self, data_options, workdir):
+      return mvtec.list_categories(data_options.root)
 
-    def load(self, config, category, workdir):
-      return mvtec.load_category(config.data.root, category)
+    def load(self, data_options, category, workdir):
+      return mvtec.load_category(data_options.root, category)
 
   data.register_dataset("toy", replace=True)(Alias())
-  c.data.root = mvtec_root
+  c = dataclasses.replace(c, root=mvtec_root)
   assert data.list_categories(c) == ["aa", "bb"]
-  assert str(_unknown_message()).endswith("elpv, synthetic, toy")
+  assert str(_unknown_message()).endswith("mvtec, synthetic, toy")
   with pytest.raises(TypeError, match="load"):
     data.register_dataset("broken")(type("B", (), {"categories": len}))
   assert "broken" not in data.registered_names()
@@ -310,17 +308,14 @@ def test_registry_is_restored_after_private_registration():
 # ---------------------------------------------------------------- synthetic
 
 
-def _synthetic_config(**params):
-  c = _config("synthetic")
+def _synthetic_data(**params):
   s = dict(n_train=3, n_test_good=1, n_test_defect=1, size=32, seed=0)
   s.update(params)
-  for k, v in s.items():
-    c.data.synthetic[k] = v
-  return c
+  return _data("synthetic", synthetic=SyntheticOptions(**s))
 
 
 def test_synthetic_dispatch_generates_into_workdir(tmp_path):
-  c = _synthetic_config()
+  c = _synthetic_data()
   train, test = data.load_dataset(c, "synth", str(tmp_path))
   root = tmp_path / "synthetic_data"
   assert (train, test) == mvtec.load_category(str(root), "synth")
@@ -335,7 +330,7 @@ def test_synthetic_dispatch_generates_into_workdir(tmp_path):
         seed=0,
     )
   # Overridden categories are generated, and recorded.
-  c.data.categories = "s1,s2"
+  c = dataclasses.replace(c, categories="s1,s2")
   assert len(data.load_dataset(c, "s2", str(tmp_path))[0]) == 3
   assert mvtec.list_categories(str(root)) == ["s1", "s2"]
   with open(root / "params.json", encoding="utf-8") as f:
@@ -352,7 +347,9 @@ def _generate(workdir, **overrides):
       seed=0,
   )
   params.update(overrides)
-  return synthetic.ensure_generated(str(workdir), **params)
+  categories = params.pop("categories")
+  spec = SyntheticOptions(**params)
+  return synthetic.ensure_generated(str(workdir), categories, spec)
 
 
 def test_ensure_generated_reuses_same_parameters(tmp_path):

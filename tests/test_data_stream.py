@@ -55,9 +55,9 @@ def test_order_and_partial_batch(tiny, batch_size, workers):
 
 
 def test_without_masks_and_empty_input(tiny):
-  b = next(iter(stream_batches(tiny, PRE, batch_size=4, with_masks=False)))
+  b = next(iter(stream_batches(tiny, PRE, 4, 4, with_masks=False)))
   assert b.masks is None
-  assert list(stream_batches([], PRE)) == []
+  assert list(stream_batches([], PRE, 32, 4)) == []
 
 
 class _Counting(Preprocess):
@@ -130,8 +130,8 @@ def test_bad_file_surfaces_as_value_error(tiny, tmp_path):
 
 def test_argument_checks(tiny):
   for kw in [dict(batch_size=0), dict(num_workers=-1), dict(prefetch=-1)]:
-    with pytest.raises(ValueError):
-      stream_batches(tiny, PRE, **kw)
+    with pytest.raises(ValueError, match=list(kw)[0]):
+      stream_batches(tiny, PRE, **dict(dict(batch_size=4, num_workers=1), **kw))
 
 
 # ---------------------------------------------------------------- augmentation
@@ -211,6 +211,7 @@ def test_stream_augments_only_samples_with_aug_seed(tiny, tmp_path):
               [aug],
               pre,
               batch_size=1,
+              num_workers=4,
               augment=Augment(affine=False, rotate=False),
           )
       )
@@ -350,11 +351,9 @@ def test_collect_also_catches_mask_errors(tmp_path):
   Image.new("RGB", (20, 20)).save(tmp_path / "img.png")
   Image.new("L", (20, 21)).save(tmp_path / "img_mask.png")
   s = Sample(str(tmp_path / "img.png"), 1, "x", str(tmp_path / "img_mask.png"))
-  (b,) = stream_batches([s], PRE, batch_size=2, errors="collect")
+  (b,) = stream_batches([s], PRE, 2, 4, errors="collect")
   assert b.images is None and "img_mask.png" in b.errors[0][1]
-  (b,) = stream_batches(
-      [s], PRE, batch_size=2, with_masks=False, errors="collect"
-  )
+  (b,) = stream_batches([s], PRE, 2, 4, with_masks=False, errors="collect")
   assert b.errors == () and b.images.shape == (1, 10, 10, 3)
 
 
@@ -376,6 +375,6 @@ def test_collect_lets_other_exceptions_through():
 
 def test_errors_argument(tiny):
   with pytest.raises(ValueError, match="errors must be one of raise, collect"):
-    stream_batches(tiny, PRE, errors="ignore")
+    stream_batches(tiny, PRE, 32, 4, errors="ignore")
   # The default keeps raising, and batches carry no errors.
-  assert all(b.errors == () for b in stream_batches(tiny, PRE, batch_size=5))
+  assert all(b.errors == () for b in stream_batches(tiny, PRE, 5, 4))

@@ -76,7 +76,10 @@ def test_deterministic_and_streamable(tmp_path):
 
 
 def test_bad_arguments(tmp_path):
+  sizes = dict(n_train=1, n_test_good=1, n_test_defect=1, size=32, seed=0)
   with pytest.raises(ValueError, match="crack"):
-    synthetic.make_mvtec_like(tmp_path, defect_types=("crack",))
+    synthetic.make_mvtec_like(tmp_path, defect_types=("crack",), **sizes)
   with pytest.raises(ValueError, match="size"):
-    synthetic.make_mvtec_like(tmp_path, size=8)
+    synthetic.make_mvtec_like(tmp_path, **dict(sizes, size=8))
+  with pytest.raises(ValueError, match="n_train must be an integer >= 0"):
+    synthetic.make_mvtec_like(tmp_path, **dict(sizes, n_train=-1))

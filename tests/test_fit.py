@@ -10,6 +10,7 @@ from sklearn.metrics import f1_score
 import _testutil  # pylint: disable=g-bad-import-order
 from softpatch_jax import fit
 from softpatch_jax import model_io
+from softpatch_jax import options
 from softpatch_jax import predict
 from softpatch_jax import thresholds
 from softpatch_jax.data import synthetic
@@ -19,24 +20,28 @@ def fit_config(train_dir, **overrides):
   return _testutil.fit_config(train_dir, folds=None, **overrides)
 
 
-def test_validate_config_and_settings(tmp_path):
+def test_fit_settings_are_checked_at_the_edge(tmp_path):
   c = fit_config(tmp_path)
-  assert fit.validate_config(c) == "softpatch_lof"
-  ts = fit.threshold_settings(c)
-  assert ts["method"] == "quantile" and ts["quantile"] == 0.95
+  opts = options.from_config(c)
+  assert fit.fit_method(opts) == "softpatch_lof"
+  assert opts.threshold.method == "quantile" and opts.threshold.quantile == 0.95
+  assert opts.threshold.resolved_pixel_quantile == 0.95
   c.methods = "softpatch_lof,patchcore"
   with pytest.raises(ValueError, match="fit mode saves one model"):
-    fit.validate_config(c)
+    fit.fit_method(options.from_config(c))
+  with pytest.raises(ValueError, match="fit mode saves one model"):
+    fit.fit_and_save(c, str(tmp_path / "w"))
   c.methods = "patchcore"
   c.data.feature_store = "disk"
-  assert fit.validate_config(c) == "patchcore"
+  assert fit.fit_method(options.from_config(c)) == "patchcore"
   c.data.feature_store = "ssd"
   with pytest.raises(ValueError, match="data.feature_store must be one of"):
-    fit.validate_config(c)
+    fit.fit_and_save(c, str(tmp_path / "w"))
   c.data.feature_store = "memory"
   c.denoise.noise_fraction = 1.0
   with pytest.raises(ValueError, match="noise_fraction"):
-    fit.validate_config(c)
+    fit.fit_and_save(c, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()  # refused before the workdir
 
 
 def test_check_train_size():
@@ -69,7 +74,7 @@ def test_manual_threshold(data, tmp_path):
   )
   fit.fit_and_save(c, str(tmp_path))
   m = model_io.load_model(str(tmp_path))
-  assert m.thresholds["method"] == "manual"
+  assert m.thresholds.method == "manual"
   assert m.image_threshold == 123.5 and m.pixel_threshold == 100.0
   assert m.heldout_image_scores is None
 
@@ -81,8 +86,8 @@ def test_f1_threshold_from_labelled_folder(data, tmp_path):
   )
   fit.fit_and_save(c, str(tmp_path))
   m = model_io.load_model(str(tmp_path))
-  det = m.thresholds["details"]
-  assert m.thresholds["method"] == "f1"
+  det = m.thresholds.details
+  assert m.thresholds.method == "f1"
   assert det["n_val"] == 3 + 2 * 2 and det["n_val_anomalous"] == 4
   assert 0 < det["image_f1"] <= 1 and 0 < det["pixel_f1"] <= 1
   assert m.pixel_threshold is not None
@@ -91,9 +96,7 @@ def test_f1_threshold_from_labelled_folder(data, tmp_path):
       m,
       str(data / "test"),
       str(tmp_path / "p"),
-      recursive=True,
-      heatmaps=False,
-      progress=False,
+      predict.PredictOptions(recursive=True, heatmaps=False, progress=False),
   )
   y = np.array(["good" not in r["path"] for r in res["rows"]])
   pred = np.array([r["decision"] == "anomalous" for r in res["rows"]])
@@ -114,7 +117,7 @@ def test_quantile_threshold_from_stored_heldout_scores(data, tmp_path):
   c = fit_config(data / "train" / "good", **{"threshold.folds": 3})
   summary = fit.fit_and_save(c, str(tmp_path))
   m = model_io.load_model(str(tmp_path))
-  assert m.thresholds["method"] == "quantile"
+  assert m.thresholds.method == "quantile"
   assert m.heldout_image_scores.shape == (5,)
   assert m.image_threshold == thresholds.quantile(m.heldout_image_scores, 0.95)
   assert m.pixel_threshold == thresholds.quantile(m.heldout_pixel_max, 0.95)
@@ -124,6 +127,17 @@ def test_quantile_threshold_from_stored_heldout_scores(data, tmp_path):
       on_disk["bank_size"] == summary["bank_size"] == m.bank_features.shape[0]
   )
   assert on_disk["fit_info"]["n_train"] == 5
+  assert on_disk["thresholds"] == m.thresholds.to_record()
+  assert on_disk["thresholds"]["details"]["folds"] == 3
+  # Patches flagged by the discriminator are outlier patches; "noise" is
+  # only the injected images (none here).
+  info = on_disk["fit_info"]
+  assert info["n_outlier_patches"] == m.fit_info["n_outlier_patches"] > 0
+  assert 0 < info["outlier_weight_threshold"]
+  top = info["most_outlying_train_images"]
+  assert len(top) == 5 and {"path", "outlier_fraction"} <= set(top[0])
+  assert info["noise"] is None
+  assert on_disk["backbone"]["weights_id"] == m.backbone.weights_id
   assert sorted(os.listdir(tmp_path)) == [
       fit.SUMMARY_FILENAME,
       model_io.MODEL_FILENAME,

@@ -26,6 +26,7 @@ import _testutil  # pylint: disable=g-bad-import-order
 from softpatch_jax import data
 from softpatch_jax import fit
 from softpatch_jax import model_io
+from softpatch_jax import model_meta
 from softpatch_jax import predict
 
 
@@ -36,13 +37,9 @@ def random_model(grid=(4, 4)):
       m=20,
       d=8,
       grid=grid,
-      backbone={
-          "name": "efficientnet_lite0",
-          "layers": ["stage3", "stage5"],
-          "weights": "random",
-          "seed": 0,
-          "weights_id": "random:0",
-      },
+      backbone=model_meta.BackboneRecord(
+          "efficientnet_lite0", ("stage3", "stage5"), "random", 0, "random:0"
+      ),
   )
 
 
@@ -80,12 +77,35 @@ def _set(key, value):
             lambda m: m["thresholds"].update(pixel=[1.0]),
             r"thresholds.pixel must be a finite number or null, got \[1.0\]",
         ),
-        (_set("method", "rm -rf /"), "method must be one of .*got 'rm -rf /'"),
+        (_set("method", 7), "method must be a method name, got 7"),
         (_set("method", KeyError), "'method' is missing"),
-        (_set("blur_sigma", -1.0), "blur_sigma must be a finite number >= 0"),
+        (
+            lambda m: m["scoring"].update(blur_sigma=-1.0),
+            "scoring.blur_sigma must be a finite number >= 0",
+        ),
+        (
+            lambda m: m["scoring"].update(memory_budget_mb=float("inf")),
+            "scoring.memory_budget_mb must be a finite number >= 0",
+        ),
+        (
+            lambda m: m["scoring"].update(search="psychic"),
+            "scoring: scoring.search must be one of",
+        ),
         (_set("grid", [4, "4"]), "grid must be two positive integers"),
         (_set("grid", [4, 4, 1]), "grid must be two positive integers"),
-        (_set("soft_weight", "yes"), "soft_weight must be true or false"),
+        (_set("batch_size", 0), "batch_size must be a positive integer"),
+        (
+            lambda m: m["scoring"].update(soft_weight="yes"),
+            "scoring.soft_weight must be true or false",
+        ),
+        (
+            lambda m: m["embed"].update(patchsize=0),
+            "embed: features.patchsize must be an integer >= 1",
+        ),
+        (
+            lambda m: m["thresholds"].update(method="guess"),
+            "thresholds: thresholds.method must be one of",
+        ),
         (
             _set("backbone", ["efficientnet_lite0"]),
             "backbone must be a mapping",
@@ -100,6 +120,20 @@ def test_bad_metadata_is_one_clear_error(tmp_path, edit, message):
   path = tampered(tmp_path / "m.softpatch", edit_meta=edit)
   with pytest.raises(ValueError, match="bad model metadata: " + message):
     model_io.load_model(path)
+
+
+def test_unknown_method_refused_before_predicting(tmp_path):
+  # The model file is only a bank with records; the method name is checked
+  # against the method registry where it is used, before any output.
+  path = tampered(
+      tmp_path / "m.softpatch", edit_meta=_set("method", "rm -rf /")
+  )
+  out = tmp_path / "out"
+  with pytest.raises(ValueError, match="unknown method 'rm -rf /'"):
+    predict.predict(
+        path, str(tmp_path), str(out), predict.PredictOptions(progress=False)
+    )
+  assert not out.exists()
 
 
 def test_metadata_not_a_mapping(tmp_path):
@@ -154,15 +188,19 @@ def test_predict_refuses_non_finite_overrides(tmp_path, kw, message):
   out = tmp_path / "out"
   with pytest.raises(ValueError, match=message):
     predict.predict(
-        random_model(), str(tmp_path), str(out), progress=False, **kw
+        random_model(),
+        str(tmp_path),
+        str(out),
+        predict.PredictOptions(progress=False, **kw),
     )
   assert not out.exists()  # checked before anything is written
 
 
 def test_negative_blur_sigma_in_fit_config(tmp_path):
   c = _testutil.fit_config(tmp_path, **{"scoring.blur_sigma": -1.0})
-  with pytest.raises(ValueError, match="blur_sigma must be a number >= 0"):
-    fit.validate_config(c)
+  with pytest.raises(ValueError, match=r"scoring.blur_sigma must be .*\[0, "):
+    fit.fit_and_save(c, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()  # refused at the config edge
 
 
 def test_predict_exits_nonzero_when_nothing_is_readable(tmp_path):
@@ -303,9 +341,7 @@ def test_whole_image_predict_maps_at_original_size(whole_image_model):
       model,
       str(tmp / "test"),
       str(tmp / "pred"),
-      save_maps=True,
-      save_masks=True,
-      progress=False,
+      predict.PredictOptions(save_maps=True, save_masks=True, progress=False),
   )
   rows = {os.path.basename(r["path"]): r for r in res["rows"]}
   defect = rows["defect.png"]
@@ -325,7 +361,10 @@ def test_whole_image_predict_maps_at_original_size(whole_image_model):
 def test_whole_image_model_refuses_other_shapes(whole_image_model):
   tmp, model = whole_image_model
   res = predict.predict(
-      model, str(tmp / "square.png"), str(tmp / "pred_sq"), progress=False
+      model,
+      str(tmp / "square.png"),
+      str(tmp / "pred_sq"),
+      predict.PredictOptions(progress=False),
   )
   (row,) = res["rows"]
   assert row["decision"] == "error"

@@ -1,8 +1,9 @@
 """Hostile runs: concurrent runs, killed runs, broken or hidden inputs.
 
-Covers: a second predict into a folder in use, stale and corrupt locks, the
-lock released on errors, temp files left by killed writers, fit listing
-every unreadable training image at once, hidden files, symlink loops.
+Covers: a second predict into a folder in use, stale locks (corrupt ones
+in test_io_utils.py), the lock released on errors, temp files left by
+killed writers, fit listing every unreadable training image at once, hidden
+files, symlink loops.
 """
 
 import json
@@ -23,8 +24,11 @@ from softpatch_jax import data
 from softpatch_jax import fit
 from softpatch_jax import io_utils
 from softpatch_jax import model_io
+from softpatch_jax import model_meta
 from softpatch_jax import predict
-from softpatch_jax.data import _files
+from softpatch_jax.data import files as data_files
+
+QUIET = predict.PredictOptions(progress=False)
 
 
 def random_model():
@@ -32,13 +36,9 @@ def random_model():
   return _testutil.random_model(
       m=20,
       d=8,
-      backbone={
-          "name": "efficientnet_lite0",
-          "layers": ["stage3", "stage5"],
-          "weights": "random",
-          "seed": 0,
-          "weights_id": "random:0",
-      },
+      backbone=model_meta.BackboneRecord(
+          "efficientnet_lite0", ("stage3", "stage5"), "random", 0, "random:0"
+      ),
   )
 
 
@@ -92,7 +92,7 @@ def test_second_predict_into_a_folder_in_use_is_refused(tmp_path):
         "finish, or choose another output folder"
     )
     with pytest.raises(ValueError) as e:
-      predict.predict(model, str(inputs), str(out), progress=False)
+      predict.predict(model, str(inputs), str(out), QUIET)
     assert str(e.value) == expected
     res = _testutil.run_predict_cli(model, inputs, out)
     assert res.returncode == 1, res.stderr[-2000:]
@@ -111,8 +111,7 @@ def test_lock_is_released_when_predict_fails(tmp_path):
         model,
         str(unreadable_inputs(tmp_path)),
         str(out),
-        quantile=0.9,
-        progress=False,
+        predict.PredictOptions(quantile=0.9, progress=False),
     )
   assert os.listdir(out) == []
 
@@ -135,7 +134,7 @@ def test_stale_lock_of_a_dead_pid_is_taken_over(tmp_path, caplog):
         random_model(),
         str(unreadable_inputs(tmp_path)),
         str(out),
-        progress=False,
+        QUIET,
     )
   assert (
       f"taking over the stale lock {lock} (pid {pid} no longer runs on this "
@@ -143,26 +142,6 @@ def test_stale_lock_of_a_dead_pid_is_taken_over(tmp_path, caplog):
       in caplog.text
   )
   assert res["n_images"] == 1 and os.path.exists(res["csv"])
-  assert not lock.exists()
-
-
-def test_corrupt_lock_is_refused_while_young_taken_over_when_old(tmp_path):
-  lock = tmp_path / io_utils.LOCK_FILENAME
-  lock.write_text("{not json")
-  lock_age = time.time() - 5
-  os.utime(lock, (lock_age, lock_age))
-  with pytest.raises(ValueError) as e:
-    with io_utils.folder_lock(str(tmp_path), "output folder"):
-      pass
-  assert str(e.value) == (
-      f"{tmp_path} has an unreadable lock file {lock} (0 minute(s) old); if "
-      "no run is using this folder, delete that file"
-  )
-  assert lock.read_text() == "{not json"
-  old = time.time() - io_utils.CORRUPT_LOCK_STALE_S - 60
-  os.utime(lock, (old, old))
-  with io_utils.folder_lock(str(tmp_path), "output folder"):
-    assert json.loads(lock.read_text())["pid"] == os.getpid()
   assert not lock.exists()
 
 
@@ -190,7 +169,7 @@ def test_temp_files_of_dead_writers_are_removed_live_ones_kept(tmp_path):
   two_hours_ago = time.time() - 2 * 3600
   os.utime(out / gone[2], (two_hours_ago, two_hours_ago))
   predict.predict(
-      random_model(), str(unreadable_inputs(tmp_path)), str(out), progress=False
+      random_model(), str(unreadable_inputs(tmp_path)), str(out), QUIET
   )
   for name in gone:
     assert not (out / name).exists(), name
@@ -235,7 +214,7 @@ def test_unreadable_list_is_capped():
       (f"/d/{i:02d}.png", f"Image file is empty: /d/{i:02d}.png")
       for i in range(25)
   ]
-  lines = _files.unreadable_message(failed, "training image").splitlines()
+  lines = data_files.unreadable_message(failed, "training image").splitlines()
   assert lines[0] == "25 training image(s) cannot be read:"
   assert lines[1] == "  /d/00.png: Image file is empty"
   assert len(lines) == 22 and lines[-1] == "  ... and 5 more"
@@ -271,7 +250,7 @@ def test_hidden_files_are_skipped_with_their_count(tmp_path, caplog):
   (inputs / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
   with caplog.at_level(logging.INFO):
     res = predict.predict(
-        summary["model"], str(inputs), str(tmp_path / "out"), progress=False
+        summary["model"], str(inputs), str(tmp_path / "out"), QUIET
     )
   assert [os.path.basename(r["path"]) for r in res["rows"]] == [
       "a.png",
@@ -299,7 +278,7 @@ def test_symlink_loop_is_named(tmp_path):
   assert str(e.value) == f"Image file is a symlink loop: {a}"
   # Listed from a folder, a loop becomes an error row that names it.
   res = predict.predict(
-      random_model(), str(inputs), str(tmp_path / "out"), progress=False
+      random_model(), str(inputs), str(tmp_path / "out"), QUIET
   )
   errors = {os.path.basename(r["path"]): r["error"] for r in res["rows"]}
   assert errors == {

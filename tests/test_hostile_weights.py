@@ -19,19 +19,18 @@ import zipfile
 import numpy as np
 import pytest
 
-from softpatch_jax.backbones import torch_pickle
+from softpatch_jax import torch_pickle
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Each hostile file would take at least 256 MiB if it were loaded.
 MAX_EXTRA_MB = 100
 
-# Imports torch_pickle without the backbones package (which imports jax),
-# loads argv[2] (unless '-') with expected shapes argv[3] (JSON), then
-# prints the peak RSS in MiB and the error message. The peak is VmHWM, which
-# belongs to this process image; ru_maxrss also counts the parent's RSS when
-# it was forked.
+# Imports torch_pickle (which imports neither jax nor torch), loads argv[2]
+# (unless '-') with expected shapes argv[3] (JSON), then prints the peak RSS
+# in MiB and the error message. The peak is VmHWM, which belongs to this
+# process image; ru_maxrss also counts the parent's RSS when it was forked.
 _RUNNER = """
-import importlib, json, os, resource, sys, types
+import importlib, json, os, resource, sys
 def peak_mb():
   try:
     with open("/proc/self/status") as f:
@@ -40,11 +39,9 @@ def peak_mb():
   except (OSError, IndexError):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
 root, path, expected = sys.argv[1:4]
-pkg = types.ModuleType("softpatch_jax.backbones")
-pkg.__path__ = [os.path.join(root, "softpatch_jax", "backbones")]
-sys.modules["softpatch_jax.backbones"] = pkg
 sys.path.insert(0, root)
-tp = importlib.import_module("softpatch_jax.backbones.torch_pickle")
+tp = importlib.import_module("softpatch_jax.torch_pickle")
+assert "jax" not in sys.modules, "the reader must not import jax"
 msg = "loaded"
 if path != "-":
   try:
@@ -146,8 +143,8 @@ def _write_legacy(path, pkl, storages, counts=None):
   """storages: {key: float32 bytes}; counts overrides the element counts."""
   buf = io.BytesIO()
   for head in (
-      torch_pickle._LEGACY_MAGIC,
-      torch_pickle._LEGACY_PROTOCOL,
+      torch_pickle.LEGACY_MAGIC,
+      torch_pickle.LEGACY_PROTOCOL,
       {"little_endian": True},
   ):
     pickle.dump(head, buf, protocol=2)

@@ -1,5 +1,6 @@
 """The package's shape: every module imports, no cycles, the core never
-imports the edge, one scoring call site, short library files."""
+imports the edge, the config stops at the edge, no private names across
+modules, one scoring call site, short files and functions."""
 
 import ast
 import os
@@ -31,21 +32,32 @@ CORE = {
     "softpatch_jax.baselines.options",
 }
 CORE_PACKAGES = ("softpatch_jax.backbones", "softpatch_jax.kernels")
-# The edge: files, flags, printing, PNGs. Nothing below imports them.
+# The edge: the config, flags, files, printing, PNGs. Nothing below imports
+# them, and only they import ml_collections or receive a ConfigDict.
 EDGE = {
     "softpatch_jax.options",
     "softpatch_jax.defaults",
-    "softpatch_jax.experiment",
-    "softpatch_jax.reports",
+    "softpatch_jax.main",
+    "softpatch_jax.evaluate",
+    "softpatch_jax.experiments",
+    "softpatch_jax.studies",
     "softpatch_jax.fit",
     "softpatch_jax.predict",
-    "softpatch_jax.model_io",
-    "softpatch_jax.main",
-    "softpatch_jax.experiments",
+    "softpatch_jax.predict_files",
     "softpatch_jax.figures",
+    "softpatch_jax.reports",
     "softpatch_jax.compile_cache",
 }
 MAX_LINES = 420
+# A function a reader can hold in their head (README, "Layout").
+MAX_FUNCTION_LINES = 60
+MAX_PARAMETERS = 8
+# Pallas kernel bodies take one parameter per operand ref: pallas_call
+# fixes their signature.
+KERNEL_BODIES = {
+    "softpatch_jax.kernels.knn_pallas:_triton_kernel",
+    "softpatch_jax.kernels.knn_pallas:_tpu_kernel",
+}
 
 
 def _modules():
@@ -190,3 +202,90 @@ def test_library_files_are_short():
   }
   long = {n: k for n, k in long.items() if k > MAX_LINES}
   assert not long, long
+
+
+def test_only_the_edge_imports_ml_collections():
+  bad = []
+  for name, path in MODULES.items():
+    if name in EDGE:
+      continue
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+      names = []
+      if isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+      elif isinstance(node, ast.ImportFrom):
+        names = [node.module or ""]
+      if any(n.split(".")[0] == "ml_collections" for n in names):
+        bad.append(name)
+  assert not bad, f"below the edge, these import ml_collections: {bad}"
+
+
+def _private_uses(name, path):
+  """`module._name` uses and `from module import _name` of other modules."""
+  tree = ast.parse(path.read_text(encoding="utf-8"))
+  package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+  aliases, found = {}, []
+  for node in ast.walk(tree):
+    if isinstance(node, ast.ImportFrom):
+      base = node.module or ""
+      if node.level:
+        up = package.split(".")[: len(package.split(".")) - node.level + 1]
+        base = ".".join(up + ([base] if base else []))
+      for a in node.names:
+        full = f"{base}.{a.name}"
+        if full in MODULES:
+          aliases[a.asname or a.name] = full
+          if a.name.startswith("_") and base != package:
+            found.append(f"from {base} import {a.name}")
+        elif base in MODULES and a.name.startswith("_"):
+          found.append(f"from {base} import {a.name}")
+  for node in ast.walk(tree):
+    if (
+        isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id in aliases
+        and node.attr.startswith("_")
+        and not node.attr.startswith("__")
+    ):
+      found.append(f"{aliases[node.value.id]}.{node.attr}")
+  return found
+
+
+def test_no_private_name_is_used_across_modules():
+  # A package may import its own private submodules (backbones._convert);
+  # no module reaches for another module's private functions or values.
+  bad = {}
+  for name, path in MODULES.items():
+    uses = _private_uses(name, path)
+    if uses:
+      bad[name] = sorted(set(uses))
+  assert not bad, bad
+
+
+def _functions():
+  for name, path in MODULES.items():
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        a = node.args
+        params = [*a.posonlyargs, *a.args, *a.kwonlyargs]
+        n = len(params) + (a.vararg is not None) + (a.kwarg is not None)
+        if params and params[0].arg in ("self", "cls"):
+          n -= 1
+        lines = node.end_lineno - node.lineno + 1
+        yield f"{name}:{node.name}", lines, n
+
+
+def test_library_functions_are_short():
+  long = {f: n for f, n, _ in _functions() if n > MAX_FUNCTION_LINES}
+  assert not long, long
+
+
+def test_library_functions_take_few_parameters():
+  many = {
+      f: n
+      for f, _, n in _functions()
+      if n > MAX_PARAMETERS and f not in KERNEL_BODIES
+  }
+  assert not many, many

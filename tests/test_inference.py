@@ -1,8 +1,10 @@
-"""inference: scoring streams against several banks, padding, metrics."""
+"""inference: the one prediction loop (banks and tap-map models), padding,
+metrics."""
 
 import numpy as np
 import pytest
 
+from softpatch_jax import embedding
 from softpatch_jax import inference
 from softpatch_jax import metrics
 from softpatch_jax import scoring
@@ -13,9 +15,37 @@ class _FakeEmbedder:
   """Features = the flattened image, so scores are easy to check."""
 
   batch_size = 4
+  mesh = None
+
+  def __init__(self):
+    self.calls = 0
 
   def __call__(self, images):
+    self.calls += 1
     return images.reshape(images.shape[0], 4, -1)
+
+
+class _FakeExtractor:
+  """'maps' = the image padded to the batch size, as MapExtractor pads."""
+
+  batch_size = 4
+
+  def __init__(self):
+    self.calls = 0
+
+  def __call__(self, images):
+    self.calls += 1
+    return [embedding.pad_batch(images, self.batch_size)]
+
+
+class _MeanModel:
+  """A 'maps' model: image score = mean of the padded map input."""
+
+  source = "maps"
+
+  def __call__(self, maps):
+    x = np.asarray(maps[0])
+    return x.mean(axis=(1, 2, 3)), x.mean(axis=-1)
 
 
 def _banks(rng):
@@ -36,7 +66,9 @@ def test_score_stream_matches_score_and_pads(rng=np.random.default_rng(0)):
       Batch(images[:4], None, labels[:4], np.arange(4)),
       Batch(images[4:], None, labels[4:], np.arange(4, 7)),
   ]
-  preds = inference.score_stream(banks, _FakeEmbedder(), stream, total=2)
+  models = inference.bank_scorers(banks)
+  inputs = inference.Inputs(_FakeEmbedder())
+  preds = inference.score_stream(models, inputs, stream, total=2)
   for name, bank in banks.items():
     img, maps, _ = scoring.score(bank, images.reshape(7, 4, 3))
     np.testing.assert_allclose(
@@ -60,9 +92,16 @@ def test_nonfinite_features_and_empty_stream():
   banks = _banks(rng)
   bad = np.full((1, 2, 2, 3), np.nan, np.float32)
   with pytest.raises(ValueError, match="non-finite"):
-    inference.score_images(banks, _FakeEmbedder(), bad)
+    inference.score_batch(
+        inference.bank_scorers(banks),
+        inference.Inputs(_FakeEmbedder()),
+        bad,
+        what="t",
+    )
   with pytest.raises(ValueError, match="no images to score"):
-    inference.score_stream(banks, _FakeEmbedder(), [])
+    inference.score_stream(
+        inference.bank_scorers(banks), inference.Inputs(_FakeEmbedder()), []
+    )
 
 
 def test_evaluate_one_class_and_unlabelled_is_na():
@@ -79,3 +118,72 @@ def test_evaluate_one_class_and_unlabelled_is_na():
       "pixel_auroc": None,
       "aupro": None,
   }
+
+
+def test_one_loop_computes_each_input_once_per_batch():
+  rng = np.random.default_rng(2)
+  banks = _banks(rng)
+  images = rng.normal(size=(6, 2, 2, 3)).astype(np.float32)
+  labels = np.array([0, 1, 0, 1, 1, 0], np.int32)
+  masks = (images[..., 0] > 0).astype(np.float32)
+  stream = [
+      Batch(images[:4], masks[:4], labels[:4], np.arange(4)),
+      Batch(images[4:], masks[4:], labels[4:], np.arange(4, 6)),
+  ]
+  inputs = inference.Inputs(_FakeEmbedder(), _FakeExtractor())
+  models = {"mean": _MeanModel(), **inference.bank_scorers(banks)}
+  preds = inference.score_stream(models, inputs, stream, desc="t")
+  assert inputs.features.calls == inputs.maps.calls == 2
+  assert list(preds) == ["mean", "soft", "hard"]
+  np.testing.assert_allclose(
+      preds["mean"].image_scores, images.mean(axis=(1, 2, 3)), rtol=1e-6
+  )
+  assert preds["mean"].maps.shape == (6, 2, 2)
+  alone = inference.score_stream(
+      inference.bank_scorers(banks),
+      inference.Inputs(_FakeEmbedder()),
+      stream,
+      keep_maps=False,
+  )
+  for name in banks:  # bit for bit the scores of a banks-only loop
+    np.testing.assert_array_equal(
+        preds[name].image_scores, alone[name].image_scores
+    )
+    assert alone[name].maps is None
+    np.testing.assert_array_equal(preds[name].masks, masks)
+
+
+def test_inputs_check_batch_sizes_and_sources():
+  ex = _FakeExtractor()
+  ex.batch_size = 8
+  with pytest.raises(ValueError, match="one batch size"):
+    inference.Inputs(_FakeEmbedder(), ex)
+  only_maps = inference.Inputs(maps=_FakeExtractor())
+  assert only_maps.batch_size == 4
+  models = inference.bank_scorers(_banks(np.random.default_rng(3)))
+  with pytest.raises(ValueError, match="scores 'features', and no input"):
+    inference.score_batch(
+        models, only_maps, np.zeros((1, 2, 2, 3), np.float32), what="t"
+    )
+
+
+def test_bank_scorers_pick_a_search_per_bank(monkeypatch):
+  banks = _banks(np.random.default_rng(4))
+  got = inference.bank_scorers(banks, {"soft": "chunked"})
+  assert got["soft"].search == "chunked" and got["hard"].search is None
+  dense = scoring.DenseSearch()
+  assert inference.bank_scorers(banks, dense)["hard"].search is dense
+  options = scoring.ScoringOptions(memory_budget_mb=3 * 4 * 8 / 2**20)
+  chosen = inference.chosen_scorers(banks, options)
+  for name, bank in banks.items():
+    assert chosen[name].search == scoring.choose_search(bank, options)
+  assert chosen["soft"].search.max_bank_rows == 8  # 8 rows of 3 floats
+  seen = []
+
+  def score(bank, feats, search=None):
+    seen.append(search)
+    return np.zeros(1), np.zeros((1, 2, 2)), None
+
+  monkeypatch.setattr(inference.scoring, "score", score)
+  got["soft"](np.zeros((1, 4, 3), np.float32))
+  assert seen == ["chunked"]

@@ -97,9 +97,7 @@ def test_pallas_designs_match_reference(backend, m, n, d, k, bq, bn, bd, seed):
       q,
       b,
       k,
-      block_q=bq,
-      block_n=bn,
-      block_d=bd,
+      blocks=knn_pallas.Blocks(bq, bn, bd),
       backend=backend,
       interpret=True,
   )
@@ -133,7 +131,12 @@ def test_pallas_designs_exact_ties(backend):
   ).astype(np.float32)
   for k in (1, 4, 9):
     d, i = knn_pallas.knn_pallas(
-        q, b, k, block_q=16, block_n=16, backend=backend, interpret=True
+        q,
+        b,
+        k,
+        blocks=knn_pallas.Blocks(16, 16),
+        backend=backend,
+        interpret=True,
     )
     nd, ni = _np_knn(q, b, k)
     np.testing.assert_array_equal(np.asarray(d), nd)
@@ -182,7 +185,11 @@ def test_over_budget_blocks_are_refused(backend):
   q = np.ones((4, 8), np.float32)
   with pytest.raises(ValueError, match="kernels.knn: block configuration"):
     knn_pallas.knn_pallas(
-        q, q, 1, block_q=2048, block_n=2048, block_d=1024, backend=backend
+        q,
+        q,
+        1,
+        blocks=knn_pallas.Blocks(2048, 2048, 1024),
+        backend=backend,
     )
 
 

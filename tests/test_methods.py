@@ -1,5 +1,6 @@
-"""methods: the registry, and build_bank against a plain numpy re-implementation
-(projection, LOF weights, noise threshold, weighted greedy), jit vs eager."""
+"""methods and banks: the registry, and build_bank against a plain numpy
+re-implementation (projection, LOF weights, outlier threshold, weighted
+greedy), jit vs eager, the jittable fit_core."""
 
 from unittest import mock
 
@@ -9,9 +10,47 @@ import numpy as np
 import pytest
 
 import _testutil  # pylint: disable=g-bad-import-order
+from softpatch_jax import banks
 from softpatch_jax import coreset
 from softpatch_jax import denoise
 from softpatch_jax import methods
+from softpatch_jax import scoring
+
+_DENOISE = {"lof_k": "lof_k", "noise_fraction": "noise_fraction"}
+_CORESET = {
+    "coreset_fraction": "fraction",
+    "num_starts": "num_starts",
+    "projection_dim": "projection_dim",
+    "reference_quirks": "reference_quirks",
+    "coreset_impl": "impl",
+}
+_DRAWS = ("projection", "starts", "coreset_projection")
+
+
+def _records(grid=None, **kw):
+  """(BankOptions, BankGeometry, Draws) of build_bank's old flat keywords."""
+  pick = lambda names: {v: kw.pop(k) for k, v in names.items() if k in kw}
+  options = methods.BankOptions(
+      denoise.DenoiseOptions(**pick(_DENOISE)),
+      coreset.CoresetOptions(**pick(_CORESET)),
+      scoring.ScoringOptions(**pick({"soft_weight": "soft_weight"})),
+  )
+  draws = methods.Draws(**pick({k: k for k in _DRAWS}))
+  assert not kw, kw
+  return options, methods.BankGeometry(grid), draws
+
+
+def _build(feats, key, method, progress=None, **kw):
+  options, geometry, draws = _records(**kw)
+  return banks.build_bank(
+      feats, key, method, options, geometry, draws=draws, progress=progress
+  )
+
+
+def _core(feats, key, method, **kw):
+  """The jittable core with the default (device) placement."""
+  options, geometry, draws = _records(**kw)
+  return banks.fit_core(feats, key, method, options, geometry, draws)
 
 
 def _feats(seed, n=8, p=9, d=12):
@@ -22,7 +61,7 @@ def _feats(seed, n=8, p=9, d=12):
 
 
 def test_registry_and_parsing():
-  assert methods.get_method("softpatch") is methods.METHODS["softpatch_lof"]
+  assert methods.get_method("softpatch") is methods.METHODS.get("softpatch_lof")
   m = methods.get_method("patchcore_random")
   assert (m.discriminator, m.subsampler, m.soft_weight) == (
       None,
@@ -37,6 +76,17 @@ def test_registry_and_parsing():
     methods.parse_methods("softpatch_lof,nope")
   with pytest.raises(ValueError, match="empty"):
     methods.parse_methods("")
+  # The baselines are entries of their own families, refused for fitting.
+  assert methods.get_method("padim", bank_only=False).family == "padim"
+  with pytest.raises(ValueError, match="evaluate mode only"):
+    methods.get_method("cflow")
+  assert (
+      "cflow" in methods.baselines() and "padim" not in methods.bank_methods()
+  )
+  assert methods.parse_methods("cflow,padim_filter+softpatch") == [
+      "cflow",
+      "padim_filter+softpatch_lof",
+  ]
   with pytest.raises(ValueError, match="unknown discriminator"):
     methods.register_method(methods.Method("x", "median", "greedy", True))
   with pytest.raises(ValueError, match="unknown subsampler"):
@@ -48,13 +98,13 @@ def test_register_method_is_one_place():
       methods.Method("test_nearest_random", "nearest", "random", True)
   )
   try:
-    bank, fit = methods.build_bank(
+    bank, fit = _build(
         _feats(0), jax.random.PRNGKey(0), "test_nearest_random", grid=(3, 3)
     )
-    assert bank.soft_weight and fit.noise is not None
+    assert bank.soft_weight and fit.outliers is not None
     assert methods.parse_methods("test_nearest_random") == [m.name]
   finally:
-    del methods.METHODS["test_nearest_random"]
+    methods.METHODS.unregister("test_nearest_random")
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -63,7 +113,7 @@ def test_softpatch_bank_matches_numpy(seed, impl):
   feats = _feats(seed)
   n, p, d = feats.shape
   key = jax.random.PRNGKey(seed)
-  bank, fit = methods.build_bank(
+  bank, fit = _build(
       feats,
       key,
       "softpatch_lof",
@@ -86,7 +136,7 @@ def test_softpatch_bank_matches_numpy(seed, impl):
   )
   t = np.quantile(np.asarray(fit.weights), 0.85)
   noise = np.asarray(fit.weights) > t
-  np.testing.assert_array_equal(np.asarray(fit.noise), noise)
+  np.testing.assert_array_equal(np.asarray(fit.outliers), noise)
   starts = np.asarray(coreset.start_indices(n * p, 4, coreset_key))
   picks = _testutil.numpy_greedy_kcenter(
       reduced.astype(np.float32),
@@ -109,36 +159,34 @@ def test_pruned_coreset_host_and_device_inputs_and_errors():
   feats = _feats(4)
   key = jax.random.PRNGKey(4)
   kw = dict(grid=(3, 3), coreset_fraction=0.3, num_starts=3, projection_dim=6)
-  dense, _ = methods.build_bank(feats, key, "patchcore", **kw)
+  dense, _ = _build(feats, key, "patchcore", **kw)
   for f in (feats, jnp.asarray(feats)):
-    pruned, _ = methods.build_bank(
-        f, key, "patchcore", coreset_impl="pruned", **kw
-    )
+    pruned, _ = _build(f, key, "patchcore", coreset_impl="pruned", **kw)
     np.testing.assert_array_equal(
         np.asarray(pruned.features), np.asarray(dense.features)
     )
-  with pytest.raises(ValueError, match="coreset_impl must be"):
-    methods.build_bank(feats, key, "patchcore", coreset_impl="fast", **kw)
+  with pytest.raises(ValueError, match="coreset.impl must be one of"):
+    _build(feats, key, "patchcore", coreset_impl="fast", **kw)
   # 'auto' goes pruned from PRUNED_MIN_POINTS on, and dense under jit.
-  orig = methods._pruned_kcenter  # pylint: disable=protected-access
+  orig = banks._pruned_kcenter  # pylint: disable=protected-access
   with mock.patch.object(coreset, "PRUNED_MIN_POINTS", 1):
     with mock.patch.object(
-        methods, "_pruned_kcenter", side_effect=orig
+        banks, "_pruned_kcenter", side_effect=orig
     ) as pruned_fn:
-      auto, _ = methods.build_bank(feats, key, "patchcore", **kw)
+      auto, _ = _build(feats, key, "patchcore", **kw)
       assert pruned_fn.call_count == 1
-      jax.jit(
-          lambda f: methods.build_bank(f, key, "patchcore", **kw)[0].features
-      )(jnp.asarray(feats))
+      jax.jit(lambda f: _build(f, key, "patchcore", **kw)[0].features)(
+          jnp.asarray(feats)
+      )
       assert pruned_fn.call_count == 1
   np.testing.assert_array_equal(
       np.asarray(auto.features), np.asarray(dense.features)
   )
   with pytest.raises(ValueError, match="not under jit"):
     jax.jit(
-        lambda f: methods.build_bank(
-            f, key, "patchcore", coreset_impl="pruned", **kw
-        )[0].features
+        lambda f: _build(f, key, "patchcore", coreset_impl="pruned", **kw)[
+            0
+        ].features
     )(jnp.asarray(feats))
 
 
@@ -150,10 +198,8 @@ def test_build_bank_jit_equals_eager(name):
   feats = jnp.asarray(_feats(3))
   key = jax.random.PRNGKey(3)
   kw = dict(grid=(3, 3), coreset_fraction=0.25, num_starts=3, projection_dim=6)
-  eager, efit = methods.build_bank(feats, key, name, **kw)
-  jitted, jfit = jax.jit(lambda f, k: methods.build_bank(f, k, name, **kw))(
-      feats, key
-  )
+  eager, efit = _build(feats, key, name, **kw)
+  jitted, jfit = jax.jit(lambda f, k: _core(f, k, name, **kw))(feats, key)
   valid = np.asarray(jfit.valid)
   np.testing.assert_array_equal(
       np.asarray(jfit.indices)[valid],
@@ -169,7 +215,7 @@ def test_explicit_projection_and_starts():
   feats = _feats(4)
   key = jax.random.PRNGKey(4)
   w = jax.random.normal(jax.random.PRNGKey(9), (12, 4))
-  a, afit = methods.build_bank(
+  a, afit = _build(
       feats,
       key,
       "patchcore",
@@ -187,25 +233,23 @@ def test_explicit_projection_and_starts():
 def test_bad_inputs():
   key = jax.random.PRNGKey(0)
   with pytest.raises(ValueError, match=r"\(N, P, D\)"):
-    methods.build_bank(np.zeros((4, 5)), key, "patchcore")
+    _build(np.zeros((4, 5)), key, "patchcore")
   with pytest.raises(ValueError, match="not square"):
-    methods.build_bank(_feats(0, p=6), key, "patchcore")
+    _build(_feats(0, p=6), key, "patchcore")
   with pytest.raises(ValueError, match="grid"):
-    methods.build_bank(_feats(0), key, "patchcore", grid=(2, 2))
+    _build(_feats(0), key, "patchcore", grid=(2, 2))
   with pytest.raises(ValueError, match="at least 2 training images"):
-    methods.build_bank(_feats(0)[:1], key, "softpatch_lof", grid=(3, 3))
+    _build(_feats(0)[:1], key, "softpatch_lof", grid=(3, 3))
   with pytest.raises(ValueError, match="only with reference_quirks"):
-    methods.build_bank(
-        _feats(0), key, "patchcore", coreset_projection=np.ones((12, 4))
-    )
+    _build(_feats(0), key, "patchcore", coreset_projection=np.ones((12, 4)))
   bad = _feats(0)
   bad[0, 0, 0] = np.nan
   with pytest.raises(ValueError, match="non-finite"):
-    methods.build_bank(bad, key, "patchcore", grid=(3, 3))
+    _build(bad, key, "patchcore", grid=(3, 3))
 
 
 def _quirk_bank(feats, key, **kw):
-  return methods.build_bank(
+  return _build(
       feats,
       key,
       "softpatch_lof",
@@ -249,7 +293,7 @@ def test_reference_quirks_bank_matches_numpy(seed):
       np.asarray(fit.weights), lof.T, rtol=1e-3, atol=1e-3
   )
   noise = np.asarray(fit.weights) > np.quantile(np.asarray(fit.weights), 0.85)
-  np.testing.assert_array_equal(np.asarray(fit.noise), noise)
+  np.testing.assert_array_equal(np.asarray(fit.outliers), noise)
   picks, valid = _testutil.numpy_reference_sampler(
       (flat @ w2).astype(np.float32),
       int(n * p * 0.2),
@@ -282,10 +326,8 @@ def test_reference_quirks_off_is_the_default_and_keys_are_own(name):
   feats = _feats(5)
   key = jax.random.PRNGKey(5)
   kw = dict(grid=(3, 3), coreset_fraction=0.2, num_starts=3, projection_dim=6)
-  bank, fit = methods.build_bank(feats, key, name, **kw)
-  off, offfit = methods.build_bank(
-      feats, key, name, reference_quirks=False, **kw
-  )
+  bank, fit = _build(feats, key, name, **kw)
+  off, offfit = _build(feats, key, name, reference_quirks=False, **kw)
   np.testing.assert_array_equal(
       np.asarray(fit.indices), np.asarray(offfit.indices)
   )
@@ -295,7 +337,7 @@ def test_reference_quirks_off_is_the_default_and_keys_are_own(name):
   # With the quirks on, the discriminator still sees the default projection
   # (same key split), and the second projection comes from its own key.
   # Methods without a discriminator are unchanged.
-  on, onfit = methods.build_bank(feats, key, name, reference_quirks=True, **kw)
+  on, onfit = _build(feats, key, name, reference_quirks=True, **kw)
   if fit.weights is None:
     np.testing.assert_array_equal(
         np.asarray(onfit.indices), np.asarray(fit.indices)
@@ -306,7 +348,7 @@ def test_reference_quirks_off_is_the_default_and_keys_are_own(name):
   )
   proj_key = jax.random.split(key)[0]
   second = denoise.make_projection(jax.random.fold_in(proj_key, 1), 12, 6)
-  again, againfit = methods.build_bank(
+  again, againfit = _build(
       feats, key, name, reference_quirks=True, coreset_projection=second, **kw
   )
   np.testing.assert_array_equal(
@@ -323,10 +365,10 @@ def test_reference_quirks_jit_equals_eager():
   key = jax.random.PRNGKey(6)
   kw = dict(grid=(3, 3), coreset_fraction=0.25, num_starts=3, lof_k=3)
   kw.update(projection_dim=6, reference_quirks=True)
-  eager, efit = methods.build_bank(feats, key, "softpatch_lof", **kw)
-  jitted, jfit = jax.jit(
-      lambda f, k: methods.build_bank(f, k, "softpatch_lof", **kw)
-  )(feats, key)
+  eager, efit = _build(feats, key, "softpatch_lof", **kw)
+  jitted, jfit = jax.jit(lambda f, k: _core(f, k, "softpatch_lof", **kw))(
+      feats, key
+  )
   valid = np.asarray(jfit.valid)
   np.testing.assert_array_equal(
       np.asarray(jfit.indices)[valid],
@@ -342,25 +384,22 @@ def test_progress_callback_eager_only():
   key = jax.random.PRNGKey(7)
   kw = dict(grid=(3, 3), lof_k=3, projection_dim=6)
   calls = []
-  bank, _ = methods.build_bank(
-      feats, key, "softpatch_lof", progress=calls.append, **kw
-  )
+  bank, _ = _build(feats, key, "softpatch_lof", progress=calls.append, **kw)
   assert calls == ["LOF weights"]
-  ref, _ = methods.build_bank(feats, key, "softpatch_lof", **kw)
+  ref, _ = _build(feats, key, "softpatch_lof", **kw)
   np.testing.assert_array_equal(
       np.asarray(bank.features), np.asarray(ref.features)
   )
-  methods.build_bank(feats, key, "patchcore", progress=calls.append, **kw)
+  _build(feats, key, "patchcore", progress=calls.append, **kw)
   jax.jit(
-      lambda f: methods.build_bank(
-          f, key, "softpatch_lof", progress=calls.append, **kw
-      )
+      lambda f: _build(f, key, "softpatch_lof", progress=calls.append, **kw)
   )(feats)
   assert calls == ["LOF weights"]  # no discriminator, or under jit: no call
 
 
 def test_describe_fit():
-  assert methods.describe_fit("softpatch", 10, 784, 0.1) == (
+  frac = coreset.CoresetOptions(fraction=0.1)
+  assert methods.describe_fit("softpatch", 10, 784, frac) == (
       "LOF weights over 784 positions x 10 images, then a greedy coreset of "
       "784 of 7840 patches"
   )
@@ -398,21 +437,19 @@ def test_default_bank_unchanged(name, quirks):
   kw = dict(grid=(3, 3), coreset_fraction=0.2, num_starts=3, projection_dim=6)
   if quirks is not None:
     kw["reference_quirks"] = quirks
-  _, fit = methods.build_bank(
-      _feats(11), jax.random.PRNGKey(11), name, lof_k=3, **kw
-  )
+  _, fit = _build(_feats(11), jax.random.PRNGKey(11), name, lof_k=3, **kw)
   np.testing.assert_array_equal(np.asarray(fit.indices), _DEFAULT_PICKS[name])
 
 
 def test_host_projection_chunks_share_one_program(monkeypatch):
   # A GPU autotunes every new matmul shape while compiling: the chunks,
   # the short last one included, must reuse one program.
-  monkeypatch.setattr(methods, "_PROJECT_ROWS", 64)
+  monkeypatch.setattr(banks, "_PROJECT_ROWS", 64)
   denoise._project_chunk.cache_clear()  # pylint: disable=protected-access
   rng = np.random.default_rng(0)
   x = rng.normal(size=(150, 32)).astype(np.float32)
   proj = denoise.make_projection(jax.random.PRNGKey(1), 32, 8)
-  out = methods._project(x, proj)  # pylint: disable=protected-access
+  out = banks._project(x, proj)  # pylint: disable=protected-access
   assert out.shape == (150, 8)
   # pylint: disable-next=protected-access
   assert denoise._project_chunk()._cache_size() == 1

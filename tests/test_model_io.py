@@ -1,5 +1,7 @@
 """Model artifact: bit-exact round trip, version and backbone checks."""
 
+import dataclasses
+import json
 import os
 import shutil
 
@@ -8,9 +10,11 @@ import pytest
 from flax import serialization
 
 from softpatch_jax import backbones
+from softpatch_jax import features
 from softpatch_jax import fit
 from softpatch_jax import model_io
-from softpatch_jax import predict
+from softpatch_jax import model_scoring
+from softpatch_jax import scoring
 from softpatch_jax.data import open_image
 from softpatch_jax.data import synthetic
 
@@ -36,33 +40,36 @@ def fitted(tmp_path_factory):
 def test_round_trip_scores_bit_exact(fitted):
   tmp, path = fitted
   model = model_io.load_model(str(path))
-  bb = predict.backbone_for(model)
-  ex = predict.embedder_for(model, bb, batch_size=4)
-  pre = predict.preprocess_for(model)
+  bb = model_scoring.backbone_for(model)
+  ex = model_scoring.embedder_for(model, bb, batch_size=4)
+  pre = model_scoring.preprocess_for(model)
   imgs = np.stack([
       pre.image_array(open_image(str(p)))
       for p in sorted((tmp / "data/synth/test/scratch").iterdir())
   ])
   feats = ex(imgs)
-  s1, m1 = predict.score_features(model, feats)
+  s1, m1 = model_scoring.score_features(model, feats)
   # Save the loaded model again and reload: every array and score identical.
   path2 = str(tmp / "copy.softpatch")
   model_io.save_model(path2, model)
   model2 = model_io.load_model(path2, backbone=bb)
-  s2, m2 = predict.score_features(model2, feats)
+  s2, m2 = model_scoring.score_features(model2, feats)
   np.testing.assert_array_equal(np.asarray(s1), np.asarray(s2))
   np.testing.assert_array_equal(np.asarray(m1), np.asarray(m2))
   np.testing.assert_array_equal(model.bank_features, model2.bank_features)
   assert model.thresholds == model2.thresholds
   assert model.config == model2.config
-  # The artifact holds the backbone, preprocessing and thresholds.
-  assert model.backbone["name"] == "efficientnet_lite0"
-  assert model.backbone["weights_id"] == bb.weights_id
+  # The artifact holds the backbone, preprocessing, records and thresholds.
+  assert model.backbone.name == "efficientnet_lite0"
+  assert model.backbone.weights_id == bb.weights_id
   assert model.preprocess["crop"] == 64
-  assert model.thresholds["method"] == "quantile"
+  assert model.thresholds.method == "quantile"
   assert model.image_threshold is not None and model.pixel_threshold is not None
-  assert model.config["data"]["train_dir"].endswith("train/good")
-  assert model.format_version == model_io.FORMAT_VERSION
+  assert model.config["data"]["train_dir"].endswith("train/good")  # info only
+  assert model.embed == model2.embed and model.scoring == model2.scoring
+  assert model.scoring.soft_weight is True  # softpatch_lof's choice, resolved
+  assert model.batch_size == 4  # the fitting batch size
+  assert model.format_version == model_io.FORMAT_VERSION == 2
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -82,7 +89,8 @@ def test_round_trip_random_model(tmp_path, seed):
       np.random.default_rng(seed).normal(size=(2, 16, 16)).astype(np.float32)
   )
   for a, b in zip(
-      predict.score_features(model, feats), predict.score_features(back, feats)
+      model_scoring.score_features(model, feats),
+      model_scoring.score_features(back, feats),
   ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert os.listdir(tmp_path) == [os.path.basename(path)]  # no temp files
@@ -124,8 +132,8 @@ def test_backbone_mismatch_refused(fitted, tmp_path):
   # A moved copy of the same weights file is accepted.
   moved = tmp_path / "lite0.pth"
   shutil.copy(orig, moved)
-  bb = predict.backbone_for(model, weights=str(moved))
-  assert bb.weights_id == model.backbone["weights_id"]
+  bb = model_scoring.backbone_for(model, weights=str(moved))
+  assert bb.weights_id == model.backbone.weights_id
   model_io.load_model(str(path), backbone=bb)
   # Other weights for the same architecture (one trailing byte changes the
   # file's identity) are refused, at load time and when rebuilding.
@@ -139,13 +147,13 @@ def test_backbone_mismatch_refused(fitted, tmp_path):
   with pytest.raises(ValueError, match="weights mismatch"):
     model_io.load_model(str(path), backbone=other_bb)
   with pytest.raises(ValueError, match="weights mismatch"):
-    predict.backbone_for(model, weights=str(other))
+    model_scoring.backbone_for(model, weights=str(other))
 
 
 def test_backbone_random_seeds_differ():
   """Two 'random' seeds are two different weight identities."""
   model = random_model()
-  model.backbone = dict(
+  model.backbone = dataclasses.replace(
       model.backbone, weights="random", seed=0, weights_id="random:0"
   )
 
@@ -213,3 +221,80 @@ def test_save_is_atomic(tmp_path, monkeypatch):
   np.testing.assert_array_equal(
       model_io.load_model(path).bank_features, random_model(1).bank_features
   )
+
+
+def v1_bytes(model, config):
+  """`model` written in format 1, as softpatch_jax wrote it before records:
+  flat soft_weight / blur_sigma / features, the budget in the config."""
+  payload = serialization.msgpack_restore(model_io.to_bytes(model))
+  meta = json.loads(payload["meta"])
+  meta = {
+      "method": meta["method"],
+      "soft_weight": meta["scoring"]["soft_weight"],
+      "grid": meta["grid"],
+      "image_size": meta["image_size"],
+      "blur_sigma": meta["scoring"]["blur_sigma"],
+      "backbone": meta["backbone"],
+      "preprocess": meta["preprocess"],
+      "features": meta["embed"],
+      "thresholds": meta["thresholds"],
+      "config": config,
+      "fit_info": {"n_train": 7},
+  }
+  payload["meta"] = json.dumps(meta)
+  payload["format_version"] = 1
+  return serialization.msgpack_serialize(payload)
+
+
+def test_format_1_file_is_read_into_records(tmp_path):
+  model = random_model(3)
+  config = {
+      "data": {"batch_size": 4},
+      "scoring": {"memory_budget_mb": 0.5, "search": "dense"},
+  }
+  p = tmp_path / "old.softpatch"
+  p.write_bytes(v1_bytes(model, config))
+  old = model_io.load_model(str(p))
+  assert old.format_version == 1
+  assert old.embed == features.EmbedOptions(3, 16, 16)
+  assert old.scoring == scoring.ScoringOptions(
+      soft_weight=True, blur_sigma=2.0, memory_budget_mb=0.5, search="dense"
+  )
+  assert old.batch_size == 4 and old.backbone == model.backbone
+  assert old.thresholds == model.thresholds and old.fit_info["n_train"] == 7
+  feats = np.random.default_rng(0).normal(size=(2, 16, 16)).astype(np.float32)
+  for a, b in zip(
+      model_scoring.score_features(model, feats),
+      model_scoring.score_features(old, feats),
+  ):
+    np.testing.assert_array_equal(a, b)
+  # Saving it again writes format 2, with the same records.
+  model_io.save_model(str(tmp_path / "new.softpatch"), old)
+  new = model_io.load_model(str(tmp_path / "new.softpatch"))
+  assert new.format_version == 2 and new.scoring == old.scoring
+
+
+def test_format_1_defaults(tmp_path):
+  # A format 1 config without a budget meant no limit; no batch size: 16;
+  # a backbone record without a seed: seed 0.
+  model = random_model()
+  payload = serialization.msgpack_restore(v1_bytes(model, {}))
+  meta = json.loads(payload["meta"])
+  del meta["backbone"]["seed"]
+  payload["meta"] = json.dumps(meta)
+  p = tmp_path / "old.softpatch"
+  p.write_bytes(serialization.msgpack_serialize(payload))
+  old = model_io.load_model(str(p))
+  assert old.scoring.memory_budget_mb == 0.0 and old.scoring.search == "auto"
+  assert old.batch_size == 16 and old.backbone.seed == 0
+  # Format 1 checks name the format 1 fields.
+  del meta["soft_weight"]
+  payload["meta"] = json.dumps(meta)
+  p.write_bytes(serialization.msgpack_serialize(payload))
+  with pytest.raises(ValueError, match="'soft_weight' is missing"):
+    model_io.load_model(str(p))
+
+
+def test_model_needs_a_resolved_soft_weight():
+  with pytest.raises(ValueError, match="soft_weight must be true or false"):
+    random_model(soft=None)

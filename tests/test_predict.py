@@ -1,8 +1,10 @@
 """End to end: fit on a folder (CLI), predict in a new process (CLI), determinism."""
 
+import dataclasses
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from PIL import Image
 
 from softpatch_jax import fit
 from softpatch_jax import model_io
+from softpatch_jax import model_scoring
 from softpatch_jax import predict
 from softpatch_jax.data import synthetic
 
@@ -100,7 +103,10 @@ def test_predict_cli_in_new_process(fitted):
 
   # The same model in this process gives the same scores bit for bit.
   res2 = predict.predict(
-      model, str(test_dir), str(tmp / "pred2"), recursive=True, progress=False
+      model,
+      str(test_dir),
+      str(tmp / "pred2"),
+      predict.PredictOptions(recursive=True, progress=False),
   )
   assert [r["score"] for r in res2["rows"]] == [r["score"] for r in rows]
   assert [r["path"] for r in res2["rows"]] == [r["path"] for r in rows]
@@ -121,12 +127,9 @@ def test_fit_is_deterministic(fitted):
   )
   assert first.thresholds == second.thresholds
   files = [str(p) for p in sorted((tmp / "data/synth/test/blob").iterdir())]
-  a = predict.predict(
-      first, files, str(tmp / "pa"), heatmaps=False, progress=False
-  )
-  b = predict.predict(
-      second, files, str(tmp / "pb"), heatmaps=False, progress=False
-  )
+  quiet = predict.PredictOptions(heatmaps=False, progress=False)
+  a = predict.predict(first, files, str(tmp / "pa"), quiet)
+  b = predict.predict(second, files, str(tmp / "pb"), quiet)
   assert [r["score"] for r in a["rows"]] == [r["score"] for r in b["rows"]]
 
 
@@ -137,23 +140,19 @@ def test_threshold_overrides(fitted, tmp_path):
       str(tmp / "data/synth/test/good/000.png"),
       str(tmp / "data/synth/test/scratch/000.png"),
   ]
+  quiet = predict.PredictOptions(heatmaps=False, progress=False)
   res = predict.predict(
       model,
       files,
       str(tmp_path / "a"),
-      threshold=0.0,
-      progress=False,
-      heatmaps=False,
+      dataclasses.replace(quiet, threshold=0.0),
   )
   assert all(r["decision"] == "anomalous" for r in res["rows"])
   res = predict.predict(
       model,
       files,
       str(tmp_path / "b"),
-      threshold=1e30,
-      pixel_threshold=1e30,
-      progress=False,
-      heatmaps=False,
+      dataclasses.replace(quiet, threshold=1e30, pixel_threshold=1e30),
   )
   assert all(r["decision"] == "normal" for r in res["rows"])
   assert all(r["anomalous_pixel_fraction"] == 0.0 for r in res["rows"])
@@ -162,36 +161,52 @@ def test_threshold_overrides(fitted, tmp_path):
       model,
       files,
       str(tmp_path / "c"),
-      quantile=1.0,
-      progress=False,
-      heatmaps=False,
+      dataclasses.replace(quiet, quantile=1.0),
   )
   assert res["image_threshold"] == pytest.approx(
       float(model.heldout_image_scores.max())
   )
 
 
-def test_output_names_unique():
-  names = predict.output_names(
-      ["/d/a.png", "/d/a.jpg", "/d/sub/a.png", "/d/b.png"]
+def test_options_from_flags():
+  """Every PredictOptions field but progress is a flag of the same name."""
+  values = dict(
+      batch_size=3,
+      num_workers=1,
+      save_maps=True,
+      save_masks=True,
+      heatmaps=False,
+      threshold=1.0,
+      pixel_threshold=2.0,
+      quantile=0.5,
+      recursive=True,
+      strict=True,
+      memory_budget_mb=8.0,
+      backbone_weights="w.pth",
   )
-  assert len(set(names)) == 4
-  assert names[2] == "sub__a" and names[3] == "b"
-  assert predict.output_names(["/x/one.png"]) == ["one"]
+  fields = {f.name for f in dataclasses.fields(predict.PredictOptions)}
+  assert set(values) == fields - {"progress"}
+  opts = predict.options_from_flags(types.SimpleNamespace(**values))
+  assert opts == predict.PredictOptions(**values)
+  with pytest.raises(ValueError, match="batch_size must be >= 1"):
+    predict.PredictOptions(batch_size=0)
+  with pytest.raises(ValueError, match="memory_budget_mb must be >= 0"):
+    predict.PredictOptions(memory_budget_mb=-1)
 
 
-def test_list_inputs(tmp_path):
-  Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
-  (tmp_path / "sub").mkdir()
-  Image.new("RGB", (8, 8)).save(tmp_path / "sub" / "b.png")
-  assert predict.list_inputs(str(tmp_path)) == [str(tmp_path / "a.png")]
-  assert len(predict.list_inputs(str(tmp_path), recursive=True)) == 2
-  assert predict.list_inputs(f"{tmp_path / 'a.png'},{tmp_path / 'sub'}") == [
-      str(tmp_path / "a.png"),
-      str(tmp_path / "sub" / "b.png"),
-  ]
-  with pytest.raises(ValueError, match="does not exist"):
-    predict.list_inputs(str(tmp_path / "nope.png"))
+def test_memory_budget_comes_from_the_model(fitted, tmp_path):
+  _, model_path = fitted
+  model = model_io.load_model(str(model_path))
+  (scorer,) = model_scoring.bank_scorers(model).values()
+  assert model.scoring.memory_budget_mb == 1024.0  # the config's default
+  assert scorer.search.name != "chunked"  # a tiny bank: one scan
+  small = dataclasses.replace(
+      model, scoring=dataclasses.replace(model.scoring, memory_budget_mb=1e-4)
+  )
+  (scorer,) = model_scoring.bank_scorers(small).values()
+  assert scorer.search.name == "chunked"
+  (scorer,) = model_scoring.bank_scorers(small, memory_budget_mb=0).values()
+  assert scorer.search.name != "chunked"  # 0: no limit
 
 
 def test_cli_reports_bad_model_clearly(tmp_path):

@@ -1,5 +1,6 @@
 """scoring.score against plain references: numpy kNN, torch upsampling, scipy
-blur; chunked scans against one scan; jit against eager."""
+blur; the search strategies (chunked, pruned) against one dense scan; jit
+against eager; choose_search's rules."""
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 import jax
 import jax.numpy as jnp
 
+from softpatch_jax import parallel
 from softpatch_jax import scoring
 from softpatch_jax.kernels import knn
 
@@ -116,7 +118,8 @@ def test_chunked_scoring_equals_unchunked(seed, soft):
   for rows in (1, 7, 16, m - 1):
     rows_chunk, tile = scoring.chunk_plan(m, rows)
     assert rows_chunk <= max(rows, 8) and rows_chunk % tile == 0
-    img, maps, patch = scoring.score(bank, feats, max_bank_rows=rows)
+    chunked = scoring.ChunkedSearch(rows)
+    img, maps, patch = scoring.score(bank, feats, chunked)
     # Tiles smaller than the default ones: equal up to float rounding.
     # (A query equal to a bank row is 0 or ~1e-7 away, by cancellation.)
     np.testing.assert_allclose(
@@ -143,7 +146,11 @@ def test_chunked_scoring_whole_tiles_bit_exact():
   full = scoring.score(bank, feats)
   rows = scoring.rows_for_budget(d, 2 * tile * d * 4 / 2**20)
   assert scoring.chunk_plan(m, rows) == (2 * tile, tile)
-  chunked = scoring.score(bank, feats, max_bank_rows=rows)
+  search = scoring.choose_search(
+      bank, scoring.ScoringOptions(memory_budget_mb=2 * tile * d * 4 / 2**20)
+  )
+  assert search == scoring.ChunkedSearch(rows) and search.name == "chunked"
+  chunked = scoring.score(bank, feats, search)
   np.testing.assert_array_equal(np.asarray(full[0]), np.asarray(chunked[0]))
   np.testing.assert_array_equal(np.asarray(full[2]), np.asarray(chunked[2]))
   np.testing.assert_allclose(
@@ -156,10 +163,9 @@ def test_score_is_jittable(rows):
   rng = np.random.default_rng(7)
   bank = _random_bank(7, 50, 6)
   feats = jnp.asarray(rng.normal(size=(2, 16, 6)).astype(np.float32))
-  eager = scoring.score(bank, feats, max_bank_rows=rows)
-  jitted = jax.jit(lambda b, f: scoring.score(b, f, max_bank_rows=rows))(
-      bank, feats
-  )
+  search = scoring.ChunkedSearch(rows) if rows else None
+  eager = scoring.score(bank, feats, search)
+  jitted = jax.jit(lambda b, f: scoring.score(b, f, search))(bank, feats)
   for a, b in zip(eager, jitted):
     np.testing.assert_allclose(
         np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6
@@ -192,9 +198,13 @@ def test_pruned_search_equals_dense(seed, soft, monkeypatch):
   )
   monkeypatch.setattr(scoring, "PRUNED_MIN_ROWS", m)
   monkeypatch.setattr(scoring, "PRUNED_MIN_DIM", d)
+  unlimited = scoring.ScoringOptions(memory_budget_mb=0)
   for search, used in (("pruned", True), ("auto", True), ("dense", False)):
     calls.clear()
-    got = scoring.score(dense.replace(search=search), feats)
+    bank = dense.replace(search=search)
+    strategy = scoring.choose_search(bank, unlimited)
+    assert strategy.name == ("pruned" if used else "dense")
+    got = scoring.score(bank, feats, strategy)
     assert bool(calls) == used, search
     for a, b in zip(got, ref):
       np.testing.assert_allclose(
@@ -202,10 +212,38 @@ def test_pruned_search_equals_dense(seed, soft, monkeypatch):
       )
   calls.clear()
   auto = dense.replace(search="auto")
-  jax.jit(scoring.score)(auto, jnp.asarray(feats))
-  scoring.score(auto, feats, max_bank_rows=m // 2)  # chunked: dense
+  pruned = scoring.SEARCH_STRATEGIES.get("pruned")()
+  jax.jit(lambda b, f: scoring.score(b, f, pruned))(auto, jnp.asarray(feats))
+  scoring.score(auto, feats)  # the default: the dense scan
+  budget = scoring.ScoringOptions(memory_budget_mb=(m // 2) * d * 4 / 2**20)
+  assert scoring.choose_search(auto, budget).name == "chunked"
   monkeypatch.setattr(scoring, "PRUNED_MIN_ROWS", m + 1)
-  scoring.score(auto, feats)
+  assert scoring.choose_search(auto, unlimited).name == "dense"
   assert not calls
   with pytest.raises(ValueError, match="search must be one of"):
     scoring.make_bank(np.ones((3, 2), np.float32), search="faiss")
+
+
+def test_search_strategies_registry_and_mesh():
+  assert scoring.SEARCH_STRATEGIES.names() == [
+      "chunked",
+      "dense",
+      "pruned",
+      "sharded",
+  ]
+  bank = _random_bank(3, 40, 6)
+  feats = np.random.default_rng(3).normal(size=(2, 16, 6)).astype(np.float32)
+  ref = scoring.score(bank, feats)
+  for name in ("dense", "chunked"):  # by name: no parameters needed
+    got = scoring.score(bank, feats, name)
+    np.testing.assert_array_equal(np.asarray(got[2]), np.asarray(ref[2]))
+  mesh = parallel.make_mesh(1)
+  search = scoring.choose_search(bank, scoring.ScoringOptions(), mesh)
+  assert search.name == "sharded" and search.mesh is mesh
+  np.testing.assert_array_equal(
+      np.asarray(scoring.score(bank, feats, search)[2]), np.asarray(ref[2])
+  )
+  with pytest.raises(ValueError, match="needs a device mesh"):
+    scoring.score(bank, feats, "sharded")
+  with pytest.raises(ValueError, match="unknown search strategy 'faiss'"):
+    scoring.score(bank, feats, "faiss")

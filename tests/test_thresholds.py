@@ -83,18 +83,44 @@ def test_fold_split_partitions(n, k, seed):
   )  # seeded
 
 
-def test_quantile_and_validate():
+def test_quantile_and_threshold_options():
   assert thresholds.quantile([1, 2, 3, 4, 5], 0.5) == 3.0
   assert thresholds.quantile([1, 2], 1.0) == 2.0
   with pytest.raises(ValueError, match="no scores"):
     thresholds.quantile([], 0.5)
-  with pytest.raises(ValueError, match="method"):
-    thresholds.validate("median")
+  opts = thresholds.ThresholdOptions
+  with pytest.raises(ValueError, match="threshold.method must be one of"):
+    opts("median")
   with pytest.raises(ValueError, match=r"quantile must be in \(0, 1\]"):
-    thresholds.validate("quantile", quantile=1.5)
-  with pytest.raises(ValueError, match="folds"):
-    thresholds.validate("quantile", folds=1)
+    opts("quantile", quantile=1.5)
+  with pytest.raises(ValueError, match=r"pixel_quantile must be in \(0, 1\]"):
+    opts(pixel_quantile=0.0)
+  with pytest.raises(ValueError, match="folds must be >= 2"):
+    opts("quantile", folds=1)
+  opts("manual", folds=1, value=3.0)  # folds only matter for 'quantile'
   with pytest.raises(ValueError, match="needs config.threshold.value"):
-    thresholds.validate("manual")
+    opts("manual")
+  with pytest.raises(ValueError, match="threshold.value must be finite"):
+    opts("manual", value=float("nan"))
+  with pytest.raises(ValueError, match="pixel_value must be finite"):
+    opts("manual", value=1.0, pixel_value=float("inf"))
   with pytest.raises(ValueError, match="val_dir"):
-    thresholds.validate("f1")
+    opts("f1")
+  assert opts(quantile=0.9).resolved_pixel_quantile == 0.9
+  assert opts(quantile=0.9, pixel_quantile=0.5).resolved_pixel_quantile == 0.5
+
+
+def test_chosen_thresholds_record():
+  chosen = thresholds.ChosenThresholds(1, None, "quantile", {"folds": 3})
+  assert chosen.image == 1.0 and isinstance(chosen.image, float)
+  assert chosen.to_record() == {
+      "image": 1.0,
+      "pixel": None,
+      "method": "quantile",
+      "details": {"folds": 3},
+  }
+  assert thresholds.ChosenThresholds(**chosen.to_record()) == chosen
+  with pytest.raises(ValueError, match="thresholds.image must be finite"):
+    thresholds.ChosenThresholds(float("nan"))
+  with pytest.raises(ValueError, match="thresholds.method must be one of"):
+    thresholds.ChosenThresholds(1.0, method="guess")

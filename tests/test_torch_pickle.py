@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from softpatch_jax.backbones import torch_pickle
+from softpatch_jax import torch_pickle
 
 
 def _random_state(seed):
@@ -126,8 +126,8 @@ def test_forbidden_global_refused_zip(tmp_path):
 def test_forbidden_global_refused_legacy(tmp_path):
   path = tmp_path / "evil_legacy.pth"
   buf = io.BytesIO()
-  pickle.dump(torch_pickle._LEGACY_MAGIC, buf, protocol=2)
-  pickle.dump(torch_pickle._LEGACY_PROTOCOL, buf, protocol=2)
+  pickle.dump(torch_pickle.LEGACY_MAGIC, buf, protocol=2)
+  pickle.dump(torch_pickle.LEGACY_PROTOCOL, buf, protocol=2)
   pickle.dump({"little_endian": True}, buf, protocol=2)
   buf.write(_EVIL)
   path.write_bytes(buf.getvalue())

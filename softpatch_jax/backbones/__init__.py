@@ -32,7 +32,9 @@ from typing import Any, Callable, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 
-from . import _convert, _weights, efficientnet_lite, resnet, torch_pickle
+from softpatch_jax import torch_pickle
+
+from . import _convert, _weights, efficientnet_lite, resnet
 from ._weights import WeightsUnavailableError
 
 __all__ = [
@@ -41,10 +43,10 @@ __all__ = [
     "list_backbones",
     "analogue_taps",
     "tap_module",
+    "jitted_apply",
     "WeightsUnavailableError",
     "resnet",
     "efficientnet_lite",
-    "torch_pickle",
 ]
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -172,7 +174,7 @@ class Backbone:
     self.input_size = spec.input_size
     self.module = module
     self.variables = variables
-    self._apply = _jitted_apply(module)
+    self._apply = jitted_apply(module)
 
   def __call__(self, images) -> dict:
     """images: (B, H, W, 3) float32, already normalised -> {tap: (B, h, w, C)}."""
@@ -191,9 +193,13 @@ class Backbone:
 
 
 @functools.lru_cache(maxsize=32)
-def _jitted_apply(module):
-  # Equal modules (same architecture and taps) share one compiled function;
-  # variables are arguments, so new weights never trigger a recompile.
+def jitted_apply(module):
+  """`jax.jit(module.apply)`, one per module: `apply(variables, images)`.
+
+  Equal modules (same architecture and taps) share one compiled function;
+  the variables are an argument, so new weights never trigger a recompile.
+  Backbones and the tap-map extractor (`embedding.MapExtractor`) use it.
+  """
   return jax.jit(module.apply)
 
 

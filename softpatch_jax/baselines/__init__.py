@@ -11,5 +11,6 @@ Over image streams, for the evaluate mode (method names 'padim', 'cflow' and
 'padim_filter+<method>'; README, "Baselines"):
 - `image_filter`: PaDiM* of the paper's tables, PaDiM scoring every training
   image and dropping the highest-scoring share before another method fits.
-- `pipeline`: fits PaDiM and CFLOW on a category and scores its test images.
+- `fitters`: the baseline fitters (PaDiM, CFLOW) over a training stream,
+  whose models score test images in the one prediction loop (`inference`).
 """

@@ -46,6 +46,7 @@ import optax
 
 from softpatch_jax import scoring
 from softpatch_jax import validation
+from softpatch_jax.baselines import options as options_lib
 
 _LOG_2PI = math.log(2.0 * math.pi)
 # Positions scored at once when computing log-likelihoods.
@@ -169,29 +170,6 @@ def log_likelihood(z: jax.Array, logdet: jax.Array) -> jax.Array:
   return logp / dim
 
 
-def check_settings(
-    *, epochs=1, learning_rate=1e-3, batch=1, n_blocks=1, cond_dim=4
-) -> None:
-  """One clear ValueError for a training setting out of range."""
-  bad = [
-      f"{name} {value!r}"
-      for name, value, ok in [
-          ("epochs", epochs, int(epochs) >= 1),
-          ("learning_rate", learning_rate, float(learning_rate) > 0),
-          ("batch", batch, int(batch) >= 1),
-          ("coupling blocks", n_blocks, int(n_blocks) >= 1),
-          ("condition_dim", cond_dim, int(cond_dim) >= 4 and cond_dim % 4 == 0),
-      ]
-      if not ok
-  ]
-  if bad:
-    raise ValueError(
-        "CFLOW needs epochs, batch and coupling blocks >= 1, a positive "
-        "learning rate and a condition_dim that is a multiple of 4; got "
-        + ", ".join(bad)
-    )
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _init(flow, key, x, c):
   # Compiled: an eager init dispatches every op of every block one by one.
@@ -223,37 +201,35 @@ def train_flow(
     x,
     cond,
     flow: ConditionalFlow,
-    *,
-    epochs: int,
-    learning_rate: float,
-    batch: int,
+    options: options_lib.CflowOptions,
     progress: Optional[Callable[[int, float], None]] = None,
 ):
   """Fits `flow` to (N, P, C) features with conditions (P, cond_dim).
 
-  Adam (optax) on the mean negative log-likelihood per dimension of
-  mini-batches of `batch` patch positions, drawn without replacement from
-  all N * P positions every epoch (a last partial batch is skipped).
+  Adam (optax) with `options.learning_rate` on the mean negative
+  log-likelihood per dimension of mini-batches of `options.batch_positions`
+  patch positions, drawn without replacement from all N * P positions
+  every one of `options.epochs` epochs (a last partial batch is skipped).
   Returns (params, per-step losses as a numpy array). `progress(epoch,
   mean loss)` is called after each epoch.
   """
   n, p, c = x.shape
   m = n * p
-  check_settings(epochs=epochs, learning_rate=learning_rate, batch=batch)
-  batch = min(int(batch), m)
+  learning_rate = float(options.learning_rate)
+  batch = min(int(options.batch_positions), m)
   steps = m // batch
   flat = jnp.asarray(np.asarray(x, np.float32).reshape(m, c))
   cond = jnp.asarray(cond, jnp.float32)
   init_key, key = jax.random.split(key)
   params = _init(flow, init_key, flat[:1], cond[:1])
-  state = optax.adam(float(learning_rate)).init(params)
+  state = optax.adam(learning_rate).init(params)
   losses = []
-  for e in range(int(epochs)):
+  for e in range(int(options.epochs)):
     key, sub = jax.random.split(key)
     order = jax.random.permutation(sub, m)[: steps * batch]
     params, state, loss = _epoch(
         flow,
-        float(learning_rate),
+        learning_rate,
         params,
         state,
         flat,
@@ -359,41 +335,37 @@ def score(model: CflowModel, maps: Sequence):
 def fit(
     key: jax.Array,
     maps: Sequence,
+    options: options_lib.CflowOptions,
     *,
     image_size,
-    epochs: int = 3,
-    n_blocks: int = 8,
-    cond_dim: int = 128,
-    hidden_ratio: float = 2.0,
-    clamp: float = 1.9,
-    learning_rate: float = 3e-3,
-    batch: int = 1024,
-    blur_sigma: float = 4.0,
+    blur_sigma: float,
     progress: Optional[Callable[[int, int, float], None]] = None,
 ):
   """Trains one decoder per scale on (N, h_s, w_s, C_s) training maps.
 
-  Returns (CflowModel, [per-step losses of each scale]). `progress(scale,
-  epoch, mean loss)` is called after every epoch.
+  `options`: the decoders' shape and their training; `image_size` and
+  `blur_sigma`: the pixel maps' geometry. Returns (CflowModel, [per-step
+  losses of each scale]). `progress(scale, epoch, mean loss)` is called
+  after every epoch.
   """
   if not maps:
     raise ValueError("CFLOW needs at least one feature map")
-  check_settings(n_blocks=n_blocks, cond_dim=cond_dim)
+  o = options
   params, losses, dims, grids = [], [], [], []
   for s, m in enumerate(maps):
     m = np.asarray(m, np.float32)
     validation.check_finite(m, f"CFLOW training features (scale {s})")
     _, h, w, c = m.shape
-    flow = ConditionalFlow(c, int(cond_dim), int(n_blocks), hidden_ratio, clamp)
+    flow = ConditionalFlow(
+        c, o.condition_dim, o.coupling_blocks, o.hidden_ratio, o.clamp
+    )
     report = None if progress is None else functools.partial(progress, s)
     prm, loss = train_flow(
         jax.random.fold_in(key, s),
         m.reshape(m.shape[0], h * w, c),
-        positional_encoding(int(cond_dim), h, w),
+        positional_encoding(o.condition_dim, h, w),
         flow,
-        epochs=epochs,
-        learning_rate=learning_rate,
-        batch=batch,
+        o,
         progress=report,
     )
     params.append(prm)
@@ -405,10 +377,10 @@ def fit(
       ref=jnp.zeros((len(maps),), jnp.float32),
       dims=tuple(dims),
       grids=tuple(grids),
-      cond_dim=int(cond_dim),
-      n_blocks=int(n_blocks),
-      hidden_ratio=float(hidden_ratio),
-      clamp=float(clamp),
+      cond_dim=o.condition_dim,
+      n_blocks=o.coupling_blocks,
+      hidden_ratio=float(o.hidden_ratio),
+      clamp=float(o.clamp),
       image_size=tuple(int(v) for v in image_size),
       blur_sigma=float(blur_sigma),
   )

@@ -6,18 +6,18 @@ training image, and the highest-scoring share of the images is dropped
 before another method fits on the rest. The method name
 'padim_filter+<method>' runs it before any method (README, "Baselines").
 Each image is scored by the Gaussians of the other images (5 folds by
-default, `filter_scores`); with `config.baselines.filter_folds=1` PaDiM
-scores the images it was fitted on.
+default, `filter_scores`); with `baselines.filter_folds=1` PaDiM scores
+the images it was fitted on.
 
 `keep_mask` is the selection rule. `image_filter` runs it over the training
 images of one category, and `fit_filtered_banks` fits the filtered
 memory-bank methods on what is left.
 
-The filter's backbone is `config.baselines.filter_backbone` (ResNet-18, as in
-the paper) with `filter_weights`. No registry package ships ResNet-18
+The filter's backbone is `baselines.filter_backbone` (ResNet-18, as in the
+paper) with `filter_weights`. No registry package ships ResNet-18
 weights, so without a network or a local .pth file the filter falls back to
 the configured backbone, logs a warning, and records the backbone it used in
-the results ('image_filter_backbone'). Like `engine`, this module reads
+the results ('image_filter_backbone'). Like `fitters`, this module reads
 images but writes no files.
 """
 
@@ -32,12 +32,12 @@ import jax
 import numpy as np
 
 from softpatch_jax import backbones
-from softpatch_jax import data
-from softpatch_jax import engine
+from softpatch_jax import embedding
+from softpatch_jax import fitting
 from softpatch_jax import methods as methods_lib
 from softpatch_jax import thresholds
+from softpatch_jax.baselines import fitters
 from softpatch_jax.baselines import padim
-from softpatch_jax.baselines import pipeline
 
 # The share of training images dropped by default (the paper's PaDiM*).
 FRACTION = 0.15
@@ -93,64 +93,63 @@ class FilterResult:
   scores: Optional[np.ndarray] = None
 
 
-def _filter_extractor(config, embedder, pre, train, label):
-  """(MapExtractor, Preprocess) of the filter backbone, or of the
-  configured one when the filter backbone's weights are unavailable."""
-  b = config.baselines
-  name = b.get("filter_backbone", "resnet18")
-  bs = embedder.batch_size
-  if name != config.backbone.name:
+def filter_extractor(extractor, pre, options: fitters.FitOptions, label):
+  """(MapExtractor, Preprocess) of the filter backbone, or `extractor` and
+  `pre` (the configured backbone's) when its weights are unavailable."""
+  b = options.baselines
+  if b.filter_backbone != extractor.name:
     try:
       bb = backbones.load(
-          name, weights=b.get("filter_weights", "imagenet"), seed=config.seed
+          b.filter_backbone, weights=b.filter_weights, seed=options.seed
       )
-      return pipeline.MapExtractor(
-          name, bb.variables, bs
-      ), engine.build_preprocess(config, bb, train)
+      # The same preprocessing with the filter backbone's normalisation.
+      fpre = dataclasses.replace(pre, mean=tuple(bb.mean), std=tuple(bb.std))
+      ex = embedding.MapExtractor(bb.name, bb.variables, extractor.batch_size)
+      return ex, fpre
     except backbones.WeightsUnavailableError as e:
       logging.warning(
           "%s: padim_filter: no %s weights (%s); the image filter runs on "
           "the configured backbone %s instead",
           label,
-          name,
+          b.filter_backbone,
           e,
-          config.backbone.name,
+          extractor.name,
       )
-  return (
-      pipeline.MapExtractor(config.backbone.name, embedder.variables, bs),
-      pre,
-  )
+  return extractor, pre
 
 
 def image_filter(
-    config, train: Sequence, embedder, pre, names, label: str = "fit"
+    train: Sequence,
+    extractor: embedding.MapExtractor,
+    pre,
+    names,
+    options: fitters.FitOptions,
+    *,
+    label: str = "fit",
 ) -> FilterResult:
   """Runs PaDiM* when a name in `names` starts with 'padim_filter+'.
 
-  PaDiM scores every training image (held out, `filter_scores`), and the
-  `config.baselines.filter_fraction` highest are dropped (`keep_mask`).
+  `extractor` and `pre`: the configured backbone's tap maps and
+  preprocessing (the fallback of `filter_extractor`). PaDiM scores every
+  training image (held out, `filter_scores`), and the
+  `options.baselines.filter_fraction` highest are dropped (`keep_mask`).
   """
   filtered = [n for n in names if methods_lib.split_filter(n)[0]]
   if not filtered:
     return FilterResult({}, {})
-  fraction = config.baselines.get("filter_fraction", FRACTION)
+  fraction = options.baselines.filter_fraction
   num_dropped(len(train), fraction)  # checks it before any work
   t0 = time.perf_counter()
-  extractor, fpre = _filter_extractor(config, embedder, pre, train, label)
+  extractor, fpre = filter_extractor(extractor, pre, options, label)
   image_size = fpre.input_size or (fpre.crop, fpre.crop)
-  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), _SEED)
-  channels = pipeline.padim_channels(
-      config, extractor.name, key, extractor.channels(image_size)
+  key = jax.random.fold_in(jax.random.PRNGKey(options.seed), _SEED)
+  channels = fitters.padim_channels(
+      options.baselines.padim,
+      extractor.name,
+      key,
+      extractor.channels(image_size),
   )
-  scores = filter_scores(
-      config,
-      train,
-      extractor,
-      fpre,
-      channels,
-      int(config.baselines.get("filter_folds", FOLDS)),
-      label,
-  )
+  scores = filter_scores(train, extractor, fpre, channels, options, label)
   keep = keep_mask(scores, fraction)
   injected = np.array([bool(getattr(s, "injected", False)) for s in train])
   fields = dict(
@@ -171,66 +170,70 @@ def image_filter(
   return FilterResult({n: kept for n in filtered}, fields, scores)
 
 
-def _embeddings(config, samples, extractor, pre, channels, desc):
+def _embeddings(samples, extractor, pre, channels, desc, loader):
   """Yields (n, (batch_size, P, d) PaDiM embeddings, first n real)."""
-  augment = data.build_augment(config)
   bs = extractor.batch_size
-  for batch in pipeline.stream(config, samples, pre, bs, desc, augment=augment):
+  for batch in fitters.stream(samples, pre, bs, desc, loader):
     maps = extractor(batch.images)
     yield len(batch.indices), padim.embed_maps(maps, channels)
 
 
-def filter_scores(config, train, extractor, pre, channels, folds, label):
+def _stats(parts, batch_size):
+  """The PaDiM statistics of (n, padded embeddings) parts, padding left out."""
+  total = None
+  for k, x in parts:
+    weight = (np.arange(batch_size) < k).astype(np.float32)
+    part = padim.batch_stats(x, weight)
+    total = part if total is None else padim.merge_stats(total, part)
+  return total
+
+
+def filter_scores(
+    train, extractor, pre, channels, options: fitters.FitOptions, label
+):
   """PaDiM image scores of the training images, (N,).
 
-  folds >= 2: every fold is scored by the Gaussians of the other folds
-  (`thresholds.fold_split`, seeded with config.seed), so an image is never
-  scored by a Gaussian it helped fit. With fewer images than channels an
-  in-sample Mahalanobis distance is nearly the same for every image, so
-  held-out scores are what tells the outliers apart. folds 1 scores in
-  sample, as a plain reading of the paper would. Two streams over the
-  images: one for the statistics of all of them, one fold at a time to
-  score it (its embeddings are held while it is scored).
+  options.baselines.filter_folds >= 2: every fold is scored by the
+  Gaussians of the other folds (`thresholds.fold_split`, seeded with
+  options.seed), so an image is never scored by a Gaussian it helped fit.
+  With fewer images than channels an in-sample Mahalanobis distance is
+  nearly the same for every image, so held-out scores are what tells the
+  outliers apart. 1 fold scores in sample, as a plain reading of the paper
+  would. Two streams over the images: one for the statistics of all of
+  them, one fold at a time to score it (its embeddings are held while it
+  is scored).
   """
-  n = len(train)
+  n, folds, bs = (
+      len(train),
+      options.baselines.filter_folds,
+      extractor.batch_size,
+  )
   image_size = pre.input_size or (pre.crop, pre.crop)
-  bs = extractor.batch_size
-  total = None
-  for k, x in _embeddings(
-      config, train, extractor, pre, channels, f"{label}: image filter fit"
-  ):
-    part = padim.batch_stats(x, (np.arange(bs) < k).astype(np.float32))
-    total = part if total is None else padim.merge_stats(total, part)
+  desc = f"{label}: image filter fit"
+  total = _stats(
+      _embeddings(train, extractor, pre, channels, desc, options.loader), bs
+  )
   splits = [np.arange(n)]
-  if int(folds) > 1:
-    splits = thresholds.fold_split(n, int(folds), config.seed)
+  if folds > 1:
+    splits = thresholds.fold_split(n, folds, options.seed)
   scores = np.zeros((n,), np.float64)
   for f, held in enumerate(splits):
     # Padded batches keep one shape, so nothing recompiles per fold.
+    desc = f"{label}: image filter scores {f + 1}/{len(splits)}"
+    samples = [train[i] for i in held]
     parts = list(
-        _embeddings(
-            config,
-            [train[i] for i in held],
-            extractor,
-            pre,
-            channels,
-            f"{label}: image filter scores {f + 1}/{len(splits)}",
-        )
+        _embeddings(samples, extractor, pre, channels, desc, options.loader)
     )
     stats = total
     if len(splits) > 1:
-      fold = None
-      for k, x in parts:
-        part = padim.batch_stats(x, (np.arange(bs) < k).astype(np.float32))
-        fold = part if fold is None else padim.merge_stats(fold, part)
-      stats = padim.subtract_stats(total, fold)
+      stats = padim.subtract_stats(total, _stats(parts, bs))
     model = padim.fit(
         stats,
         channels=channels,
         grid=extractor.shapes(image_size)[0][1:3],
         image_size=image_size,
-        blur_sigma=config.scoring.blur_sigma,
-        eps=config.baselines.padim.eps,
+        blur_sigma=options.scoring.blur_sigma,
+        eps=options.baselines.padim.eps,
     )
     start = 0
     for k, x in parts:
@@ -240,42 +243,47 @@ def filter_scores(config, train, extractor, pre, channels, folds, label):
   return scores
 
 
-def subset_info(info: engine.FitInfo, name: str, rows, n: int):
+def subset_info(info: fitting.FitInfo, name: str, rows, n: int):
   """Re-indexes the FitInfo of a fit on training images `rows` (of n) to all
   n: bank entries name their image among all n, and an image left out
-  counts as wholly flagged (its noise fraction is 1)."""
+  counts as wholly flagged (its outlier fraction is 1)."""
   rows = np.asarray(rows)
   info.method, info.train_images = name, rows
   if info.bank_images is not None:
     info.bank_images = rows[np.asarray(info.bank_images)]
   frac = np.ones((n,), np.float32)
   frac[rows] = 0.0
-  if info.image_noise_fraction is not None:
-    frac[rows] = info.image_noise_fraction
-  info.image_noise_fraction = frac
+  if info.image_outlier_fraction is not None:
+    frac[rows] = info.image_outlier_fraction
+  info.image_outlier_fraction = frac
   return info
 
 
-def fit_filtered_banks(config, fitted, names, subsets, label: str = "fit"):
+def fit_filtered_banks(
+    fitted: fitting.Fitted,
+    names,
+    subsets,
+    options: fitting.BankOptions,
+    *,
+    seed: int,
+    label: str = "fit",
+) -> fitting.Fitted:
   """Fits each filtered memory-bank method ('padim_filter+patchcore') on
   its images' rows of `fitted.train_feats`, into fitted.banks / infos."""
-  key = jax.random.PRNGKey(config.seed)
-  options = dict(
-      engine.bank_options(config),
-      grid=fitted.grid,
-      image_size=fitted.image_size,
-  )
+  key = jax.random.PRNGKey(seed)
+  geometry = methods_lib.BankGeometry(fitted.grid, fitted.image_size)
   n = fitted.train_feats.shape[0]
   for name in names:
     if name not in subsets or methods_lib.is_baseline(name):
       continue
     rows = np.asarray(subsets[name])
-    bank, info = engine.fit_bank(
+    bank, info = fitting.fit_bank(
         fitted.train_feats[rows],
         methods_lib.split_filter(name)[1],
         key,
+        options,
+        geometry,
         label=label,
-        **options,
     )
     fitted.banks[name] = bank
     fitted.infos[name] = subset_info(info, name, rows, n)

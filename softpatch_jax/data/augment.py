@@ -2,7 +2,7 @@
 
 The noisy training protocol (SoftPatch, Jiang et al., NeurIPS 2022;
 see noise.py) adds anomalous test images to the training set. With
-`config.noise.augment` (or when a small pool forces repeats) each injected
+`NoiseOptions.augment` (or when a small pool forces repeats) each injected
 copy carries a seed, and the stream transforms it with `Augment` so the copy
 is not pixel-identical to the test image it came from.
 

@@ -16,7 +16,7 @@ Split (per cell type, deterministic for a given seed):
     noise.inject(source=...);
   * max_train keeps a subset of train chosen with default_rng([seed, 1]), in
     file-name order.
-With the default fraction 0.2: mono 470 train / 118 + 313 test, poly 736
+With test_normal_fraction 0.2 (the default of DataOptions): mono 470 train / 118 + 313 test, poly 736
 train / 184 + 402 test.
 """
 
@@ -121,13 +121,18 @@ def uncertain_samples(
 
 def load_category(
     category: str,
-    seed: int = 0,
-    test_normal_fraction: float = 0.2,
+    *,
+    seed: int,
+    test_normal_fraction: float,
     include_uncertain: bool = False,
     max_train: Optional[int] = None,
     data_dir: Optional[str] = None,
 ) -> Tuple[List[Sample], List[Sample]]:
-  """(train, test) of 'mono' or 'poly' cells (split: see the module doc)."""
+  """(train, test) of 'mono' or 'poly' cells (split: see the module doc).
+
+  seed, test_normal_fraction: `DataOptions.split_seed` and
+  `DataOptions.test_normal_fraction` (the fraction must be in (0, 1) here).
+  """
   _check_category(category)
   if not 0.0 < float(test_normal_fraction) < 1.0:
     raise ValueError(

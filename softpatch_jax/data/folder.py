@@ -20,11 +20,11 @@ from typing import List, Optional, Tuple
 
 from absl import logging
 
-from softpatch_jax.data._files import find_mask
-from softpatch_jax.data._files import list_images
-from softpatch_jax.data._files import require_dir
-from softpatch_jax.data._files import stem
-from softpatch_jax.data._files import subdirs
+from softpatch_jax.data.files import find_mask
+from softpatch_jax.data.files import list_images
+from softpatch_jax.data.files import require_dir
+from softpatch_jax.data.files import stem
+from softpatch_jax.data.files import subdirs
 from softpatch_jax.data.types import Sample
 
 NORMAL_NAMES = ("good", "ok", "normal")

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import List, Tuple
 
-from softpatch_jax.data._files import list_layout_categories
-from softpatch_jax.data._files import load_layout
+from softpatch_jax.data.files import list_layout_categories
+from softpatch_jax.data.files import load_layout
 from softpatch_jax.data.types import Sample
 
 CATEGORIES = (

@@ -7,7 +7,7 @@ also stay in the test set, in the "no overlap" setting they are removed from
 it.
 
 n = int(ratio * len(train)) images are drawn without replacement from the
-candidate pool (the anomalous test images in test-list order, or `source`)
+candidate pool (the anomalous test images in test-list order, or `pool`)
 and appended to train with injected=True, in the order of the draw. Their
 label stays 1 so a run can tell which training images are noise; fitting
 uses every train sample regardless of label. overlap=True keeps the drawn
@@ -33,7 +33,6 @@ The draws (`draw`):
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import posixpath
 import random
@@ -50,15 +49,6 @@ from softpatch_jax.data.types import Sample
 DRAWS = ("reference", "stratified", "numpy")
 
 
-def check_draw(draw: str) -> str:
-  """`draw` itself; ValueError listing the names when it is unknown."""
-  if draw not in DRAWS:
-    raise ValueError(
-        f"unknown noise draw {draw!r}; choose from {', '.join(DRAWS)}"
-    )
-  return draw
-
-
 # Values of NoiseOptions.source: injected images come from the anomalous
 # test images, or (elpv) from the cells its labellers were unsure about.
 NOISE_SOURCES = ("test", "uncertain")
@@ -68,7 +58,7 @@ NOISE_SOURCES = ("test", "uncertain")
 class NoiseOptions:
   """config.noise: the noisy-training protocol (README, "The default job").
 
-  ratio: injected anomalous images per clean training image.
+  ratio: injected anomalous images per clean training image, in [0, 1).
   overlap: keep the injected images in the test set too.
   seed: the draw's seed.
   augment: augment the injected copies; augment_affine (+-3 % translation),
@@ -106,7 +96,9 @@ class NoiseOptions:
   inject_list: str = ""
 
   def __post_init__(self):
-    ratio = settings.check_float(self.ratio, "noise.ratio", 0.0)
+    ratio = settings.check_float(
+        self.ratio, "noise.ratio", 0.0, 1.0, hi_open=True
+    )
     settings.set_field(self, "ratio", ratio)
     settings.set_field(
         self, "seed", settings.check_int(self.seed, "noise.seed")
@@ -157,26 +149,24 @@ def _draw(pool, n, seed, draw, rng) -> Tuple[List[int], np.ndarray]:
 def inject(
     train: Sequence[Sample],
     test: Sequence[Sample],
-    ratio: float,
-    overlap: bool,
-    seed: int,
-    augment: bool = False,
-    source: Optional[Sequence[Sample]] = None,
-    resample: bool = False,
-    draw: str = "reference",
+    options: NoiseOptions,
+    pool: Optional[Sequence[Sample]] = None,
     chosen: Optional[Sequence[Sample]] = None,
 ) -> Tuple[List[Sample], List[Sample], dict]:
   """Returns (train + injected, test', info).
 
-  source:   candidate pool; default the anomalous (label 1) test samples. ELPV
-            passes its uncertain cells here.
-  augment:  give every injected copy an aug_seed (the stream then augments it).
-  resample: when the pool is smaller than n, draw every candidate once plus
-            the rest with replacement; the repeats always get an aug_seed so
-            they are not identical copies (with overlap, a small jitter such
-            as +-3 deg rotation and +-3 % translation; see augment.py).
-            Without it, too small a pool is a ValueError.
-  draw:     'reference', 'stratified' or 'numpy' (module doc).
+  options:  ratio, overlap, seed, augment, resample and draw are read
+            (`NoiseOptions`):
+    augment:  give every injected copy an aug_seed (the stream then augments
+              it).
+    resample: when the pool is smaller than n, draw every candidate once plus
+              the rest with replacement; the repeats always get an aug_seed
+              so they are not identical copies (with overlap, a small jitter
+              such as +-3 deg rotation and +-3 % translation; see
+              augment.py). Without it, too small a pool is a ValueError.
+    draw:     'reference', 'stratified' or 'numpy' (module doc).
+  pool:     the candidates; default the anomalous (label 1) test samples.
+            ELPV passes its uncertain cells here.
   chosen:   the samples to inject, in this order, instead of a draw (then
             n = len(chosen) and `draw` is recorded as 'list').
   The augmentation seeds come from np.random.default_rng(seed) (after the
@@ -184,72 +174,83 @@ def inject(
   info: {n_injected, injected_paths, overlap, ratio, seed, augment, resample,
          n_resampled, pool_size, draw}.
   """
-  check_draw(draw)
-  ratio = float(ratio)
-  if math.isnan(ratio) or not 0.0 <= ratio < 1.0:
-    raise ValueError(f"noise ratio must be in [0, 1), got {ratio}")
   train, test = list(train), list(test)
-  from_test = source is None
-  pool = (
-      [s for s in test if s.label == ANOMALOUS] if from_test else list(source)
-  )
-  pool_name = (
-      "anomalous test images" if from_test else "candidate images in `source`"
-  )
-  n = int(ratio * len(train)) if chosen is None else len(chosen)
-  rng = np.random.default_rng(seed)
-
-  if chosen is None and n > len(pool) and (not resample or not pool):
-    cat = next((s.category for s in train if s.category), "")
-    where = f" of category '{cat}'" if cat else ""
-    raise ValueError(
-        f"noise ratio {ratio} needs {n} {pool_name} (int({ratio} * "
-        f"{len(train)} train images)){where}, but only {len(pool)} exist. "
-        "Lower the ratio, or use overlap=True with resample=True (draw with "
-        "replacement and augment the repeats, e.g. +-3 deg rotation and +-3 % "
-        "translation)."
-    )
-
+  from_test = pool is None
+  pool = [s for s in test if s.label == ANOMALOUS] if from_test else list(pool)
+  n = int(options.ratio * len(train)) if chosen is None else len(chosen)
+  rng = np.random.default_rng(options.seed)
   if chosen is None:
-    picks, repeat = _draw(pool, n, seed, draw, rng)
+    _check_pool(options, train, n, pool, from_test)
+    picks, repeat = _draw(pool, n, options.seed, options.draw, rng)
     drawn = [pool[k] for k in picks]
   else:
     drawn, repeat = list(chosen), np.zeros(n, dtype=bool)
   # One augmentation seed per injected copy, drawn after the picks so the picks
   # do not depend on the augment flag.
   aug_seeds = rng.integers(0, 2**31 - 1, size=n)
-
-  injected = []
-  for i, (s, rep) in enumerate(zip(drawn, repeat)):
-    aug_seed = int(aug_seeds[i]) if (augment or rep) else None
-    injected.append(dataclasses.replace(s, injected=True, aug_seed=aug_seed))
-
-  new_test = test
-  if not overlap and n:
-    paths = {s.path for s in drawn}
-    new_test = [s for s in test if s.path not in paths]
-    if any(s.label == ANOMALOUS for s in test) and not any(
-        s.label == ANOMALOUS for s in new_test
-    ):
-      raise ValueError(
-          f"no-overlap injection of {n} images would remove every anomalous "
-          f"test image ({len(pool)} exist), leaving nothing to evaluate; "
-          "lower the ratio or use overlap=True"
-      )
-
+  injected = _copies(drawn, repeat, aug_seeds, options.augment)
+  new_test = test if options.overlap else _without(test, drawn, len(pool))
   info = dict(
       n_injected=n,
       injected_paths=[s.path for s in injected],
-      overlap=bool(overlap),
-      ratio=ratio,
-      seed=seed,
-      augment=bool(augment),
-      resample=bool(resample),
+      overlap=bool(options.overlap),
+      ratio=options.ratio,
+      seed=options.seed,
+      augment=bool(options.augment),
+      resample=bool(options.resample),
       n_resampled=int(repeat.sum()),
       pool_size=len(pool),
-      draw=draw if chosen is None else "list",
+      draw=options.draw if chosen is None else "list",
   )
   return train + injected, new_test, info
+
+
+def _copies(drawn, repeat, aug_seeds, augment: bool) -> List[Sample]:
+  """The injected copies; augmented ones (all, or the repeats) get a seed."""
+  return [
+      dataclasses.replace(
+          s,
+          injected=True,
+          aug_seed=int(aug_seeds[i]) if (augment or rep) else None,
+      )
+      for i, (s, rep) in enumerate(zip(drawn, repeat))
+  ]
+
+
+def _check_pool(options, train, n: int, pool, from_test: bool) -> None:
+  """A draw of n needs n candidates, unless it may resample a non-empty pool."""
+  if n <= len(pool) or (options.resample and pool):
+    return
+  ratio = options.ratio
+  pool_name = (
+      "anomalous test images" if from_test else "candidate images in the pool"
+  )
+  cat = next((s.category for s in train if s.category), "")
+  where = f" of category '{cat}'" if cat else ""
+  raise ValueError(
+      f"noise ratio {ratio} needs {n} {pool_name} (int({ratio} * "
+      f"{len(train)} train images)){where}, but only {len(pool)} exist. "
+      "Lower the ratio, or use overlap=True with resample=True (draw with "
+      "replacement and augment the repeats, e.g. +-3 deg rotation and +-3 % "
+      "translation)."
+  )
+
+
+def _without(test, drawn, pool_size: int) -> List[Sample]:
+  """`test` less the drawn images (no overlap); refuses to empty it."""
+  if not drawn:
+    return test
+  paths = {s.path for s in drawn}
+  new_test = [s for s in test if s.path not in paths]
+  if any(s.label == ANOMALOUS for s in test) and not any(
+      s.label == ANOMALOUS for s in new_test
+  ):
+    raise ValueError(
+        f"no-overlap injection of {len(drawn)} images would remove every "
+        f"anomalous test image ({pool_size} exist), leaving nothing to "
+        "evaluate; lower the ratio or use overlap=True"
+    )
+  return new_test
 
 
 def _norm(path: str) -> str:
@@ -264,10 +265,10 @@ def select(
 ) -> List[Sample]:
   """The candidates named by `entries`, in the order given.
 
-  An int is a position in `candidates` (the test list, or the `source`
-  pool). A string names the one candidate whose path ends with it (compared
-  by whole path components, separators normalised), optionally prefixed
-  with the category ('bottle/broken_large/000.png' for
+  An int is a position in `candidates` (the test list, or the pool). A
+  string names the one candidate whose path ends with it (compared by whole
+  path components, separators normalised), optionally prefixed with the
+  category ('bottle/broken_large/000.png' for
   '.../bottle/test/broken_large/000.png'). A string prefixed with a name in
   `other_categories` that matches nothing here is skipped: it belongs to
   another category.
@@ -280,38 +281,19 @@ def select(
   paths = [_norm(s.path) for s in candidates]
   out, bad, seen = [], [], {}
   for entry in entries:
-    if isinstance(entry, (int, np.integer)) and not isinstance(entry, bool):
-      if not 0 <= int(entry) < len(candidates):
-        bad.append((entry, f"out of range (0..{len(candidates) - 1})"))
-        continue
-      hits = [int(entry)]
-    else:
-      e = _norm(str(entry)).lstrip("/")
-      head, _, rest = e.partition("/")
-      forms = [e] + ([rest] if head == category and rest else [])
-      hits = [
-          i
-          for i, p in enumerate(paths)
-          if any(p == f or p.endswith("/" + f) for f in forms)
-      ]
-      if not hits:
-        if rest and head != category and head in other_categories:
-          continue
-        bad.append((entry, f"matches no test image of category '{category}'"))
-        continue
-      if len(hits) > 1:
-        names = ", ".join(candidates[i].path for i in hits[:3])
-        more = ", ..." if len(hits) > 3 else ""
-        bad.append((entry, f"matches {len(hits)} test images ({names}{more})"))
-        continue
-    s = candidates[hits[0]]
+    hit, why = _find(entry, candidates, paths, category, other_categories)
+    if hit is None:
+      if why:
+        bad.append((entry, why))
+      continue
+    s = candidates[hit]
     if s.label != ANOMALOUS:
       kind = "a normal" if s.label == NORMAL else "an unlabelled"
       bad.append((entry, f"is {kind} test image ({s.path})"))
-    elif hits[0] in seen:
-      bad.append((entry, f"repeats entry {seen[hits[0]]!r} ({s.path})"))
+    elif hit in seen:
+      bad.append((entry, f"repeats entry {seen[hit]!r} ({s.path})"))
     else:
-      seen[hits[0]] = entry
+      seen[hit] = entry
       out.append(s)
   if bad:
     lines = "\n".join(f"  {e!r}: {why}" for e, why in bad)
@@ -320,3 +302,29 @@ def select(
         f"category '{category}':\n{lines}"
     )
   return out
+
+
+def _find(entry, candidates, paths, category, other_categories):
+  """(position of the one candidate `entry` names, None) or (None, why);
+  why is '' for an entry of another category (skipped)."""
+  if isinstance(entry, (int, np.integer)) and not isinstance(entry, bool):
+    if not 0 <= int(entry) < len(candidates):
+      return None, f"out of range (0..{len(candidates) - 1})"
+    return int(entry), ""
+  e = _norm(str(entry)).lstrip("/")
+  head, _, rest = e.partition("/")
+  forms = [e] + ([rest] if head == category and rest else [])
+  hits = [
+      i
+      for i, p in enumerate(paths)
+      if any(p == f or p.endswith("/" + f) for f in forms)
+  ]
+  if not hits:
+    if rest and head != category and head in other_categories:
+      return None, ""
+    return None, f"matches no test image of category '{category}'"
+  if len(hits) > 1:
+    names = ", ".join(candidates[i].path for i in hits[:3])
+    more = ", ..." if len(hits) > 3 else ""
+    return None, f"matches {len(hits)} test images ({names}{more})"
+  return hits[0], ""

@@ -1,4 +1,4 @@
-"""Image/mask decoding and the resize -> centre-crop -> normalise transform.
+"""The resize -> centre-crop -> normalise transform of images and masks.
 
 Geometry follows the reference (torchvision on PIL images):
   * Resize(int): the short side becomes `resize`, the long side
@@ -8,18 +8,7 @@ Geometry follows the reference (torchvision on PIL images):
     smaller than the crop is zero-padded first ((crop - w) // 2 on the
     left/top, the rest right/bottom).
 
-Image modes are brought to 8-bit 'L' or 'RGB' before the geometry:
-  * 'L', 'RGB' unchanged; '1' -> 'L'.
-  * 'I;16*' (16-bit PNG/TIFF) and 'I' (32-bit int; a 16-bit PNG on older
-    Pillow) are scaled by their bit depth, v * 255 / (2**bits - 1) rounded,
-    never clipped at 255. The depth is the TIFF BitsPerSample tag when
-    present, otherwise 16 for 'I;16*' and PNG 'I', 32 for other 'I' images.
-    Negative values become 0.
-  * 'F' (float TIFF): taken as [0, 1] when max <= 1, else scaled by 255, 65535
-    or the image maximum, whichever is the smallest that covers the data.
-  * 'RGBA' / 'LA' / 'PA': the alpha channel is dropped (colour kept as
-    stored, not composited).
-  * 'P' -> 'RGB' through its palette; 'CMYK', 'YCbCr', ... -> 'RGB'.
+Images are decoded to 8-bit 'L' or 'RGB' first (decode.py).
 Grayscale images become 3 identical channels when `grayscale_to_rgb` is True.
 
 Whole-image mode (crop None, `input_size` set): every image is resized to
@@ -34,12 +23,10 @@ its size before anything is resized: a 1x20000 PNG is 121 bytes but resizing
 its short side to 256 would allocate 256 x 5.12M pixels. A centre crop that
 keeps less than 80 % of an image's area is logged once per image size.
 
-Masks (any mode) become 8-bit 'L'; a colour mask uses the max over channels.
-A 0/1 mask (max == 1) is scaled to 0/255 and any other mask is binarised at
-128 first, so a clean 0/255 MVTec mask passes through unchanged. After the
-same resize (bilinear) + crop as the image, a pixel is defective only where
-the resized mask is exactly 255 -- the reference's rule (ToTensor then int
-cast), which counts interpolated edge values as normal.
+Masks are decoded to 0/255 'L' images (decode.py). After the same resize
+(bilinear) + crop as the image, a pixel is defective only where the resized
+mask is exactly 255 -- the reference's rule (ToTensor then int cast), which
+counts interpolated edge values as normal.
 """
 
 from __future__ import annotations
@@ -52,9 +39,11 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
-from softpatch_jax.data import _files
 from softpatch_jax.data import geometry
 from softpatch_jax.data.augment import Augment
+from softpatch_jax.data.decode import open_image
+from softpatch_jax.data.decode import open_mask
+from softpatch_jax.data.decode import to_8bit
 from softpatch_jax.data.geometry import ASPECT_TOLERANCE
 from softpatch_jax.data.geometry import center_crop
 from softpatch_jax.data.geometry import CROP_WARN_KEPT
@@ -62,115 +51,11 @@ from softpatch_jax.data.geometry import MAX_ASPECT_RATIO
 from softpatch_jax.data.geometry import MAX_PIXELS
 from softpatch_jax.data.geometry import resize_short
 from softpatch_jax.data.geometry import resized_size
+from softpatch_jax.data.geometry import whole_image_size
+from softpatch_jax.data.types import DataOptions
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
-
-
-def _decode(path, what: str, convert) -> Image.Image:
-  """Opens, fully decodes and converts a file.
-
-  Any failure becomes a ValueError naming the file.
-  """
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    if _files.is_symlink_loop(path):
-      raise ValueError(f"{what} file is a symlink loop: {path}")
-    raise ValueError(f"{what} file does not exist: {path}")
-  if os.path.getsize(path) == 0:
-    raise ValueError(f"{what} file is empty (0 bytes): {path}")
-  try:
-    # The context manager closes the file even for formats (TIFF) that keep it
-    # open after load(); the result is detached from it, by conversion or by
-    # copy.
-    with Image.open(path) as img:
-      # Force the full decode now: Image.open is lazy and a truncated file would
-      # otherwise fail later, far from its name.
-      img.load()
-      out = convert(img)
-      return out.copy() if out is img else out
-  except (
-      Exception
-  ) as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error...
-    raise ValueError(
-        f"cannot decode {what.lower()} file {path}: {type(e).__name__}: {e}"
-    ) from e
-
-
-def _bit_depth(img: Image.Image) -> int:
-  tags = getattr(img, "tag_v2", None)
-  if tags is not None and 258 in tags:  # TIFF BitsPerSample
-    bps = tags[258]
-    bps = bps[0] if isinstance(bps, (tuple, list)) else bps
-    if int(bps) > 8:
-      return int(bps)
-  if img.mode in _SIXTEEN_BIT_MODES:
-    return 16
-  if img.mode == "I" and (img.format or "").upper() == "PNG":
-    return 16
-  return 32
-
-
-def _scale_to_uint8(arr: np.ndarray, full_scale: float) -> np.ndarray:
-  arr = np.asarray(arr, dtype=np.float64)
-  out = np.round(np.clip(arr, 0.0, None) * (255.0 / full_scale))
-  return np.clip(out, 0, 255).astype(np.uint8)
-
-
-def to_8bit(img: Image.Image) -> Image.Image:
-  """Any PIL image -> 8-bit 'L' or 'RGB' (rules in the module docstring)."""
-  mode = img.mode
-  if mode in ("L", "RGB"):
-    return img
-  if mode == "1":
-    return img.convert("L")
-  if mode in _SIXTEEN_BIT_MODES or mode == "I":
-    full = float(2 ** _bit_depth(img) - 1)
-    return Image.fromarray(_scale_to_uint8(np.asarray(img), full), mode="L")
-  if mode == "F":
-    arr = np.asarray(img, dtype=np.float64)
-    hi = float(np.nanmax(arr)) if arr.size else 1.0
-    full = next((f for f in (1.0, 255.0, 65535.0) if hi <= f), hi)
-    return Image.fromarray(_scale_to_uint8(np.nan_to_num(arr), full), mode="L")
-  if mode in ("LA", "La"):
-    return img.getchannel("L") if mode == "LA" else img.convert("L")
-  if mode in ("RGBA", "RGBa", "RGBX"):
-    return img.convert("RGB")
-  if mode in ("P", "PA"):
-    # Through RGBA so a palette with transparency converts without a warning.
-    return img.convert("RGBA").convert("RGB")
-  return img.convert("RGB")
-
-
-def open_image(path) -> Image.Image:
-  """Decodes an image file to an 8-bit 'L' or 'RGB' PIL image.
-
-  Raises:
-    ValueError: naming the file, when it is missing, empty or undecodable.
-  """
-  return _decode(path, "Image", to_8bit)
-
-
-def _binary_mask(img: Image.Image) -> Image.Image:
-  arr = np.asarray(to_8bit(img))
-  if arr.ndim == 3:
-    arr = arr.max(axis=2)
-  if arr.size and arr.max() <= 1:
-    arr = arr * 255
-  else:
-    arr = np.where(arr >= 128, 255, 0)
-  return Image.fromarray(arr.astype(np.uint8), mode="L")
-
-
-def open_mask(path) -> Image.Image:
-  """Decodes a mask file to a binary 0/255 'L' image.
-
-  Raises:
-    ValueError: naming the file, when it is missing, empty or undecodable.
-  """
-  return _decode(path, "Mask", _binary_mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,3 +251,62 @@ class Preprocess:
     x = self.image_array(img)
     m = self.mask_array(mask) if mask is not None else None
     return x, m
+
+  def to_record(self) -> dict:
+    """The preprocessing as stored in a saved model (JSON types)."""
+    return {
+        "resize": self.resize,
+        "crop": self.crop,
+        "mean": list(self.mean),
+        "std": list(self.std),
+        "grayscale_to_rgb": bool(self.grayscale_to_rgb),
+        "input_size": list(self.input_size) if self.input_size else None,
+        "max_pixels": int(self.max_pixels),
+        "max_aspect_ratio": float(self.max_aspect_ratio),
+    }
+
+  @classmethod
+  def from_record(cls, record) -> "Preprocess":
+    """Inverse of `to_record`; records written before the size bounds (and
+    grayscale_to_rgb) existed get the values those models were made with."""
+    size = record.get("input_size")
+    return cls(
+        resize=record["resize"],
+        crop=record["crop"],
+        mean=tuple(record["mean"]),
+        std=tuple(record["std"]),
+        grayscale_to_rgb=bool(record.get("grayscale_to_rgb", True)),
+        input_size=tuple(size) if size else None,
+        max_pixels=int(record.get("max_pixels", MAX_PIXELS)),
+        max_aspect_ratio=float(
+            record.get("max_aspect_ratio", MAX_ASPECT_RATIO)
+        ),
+    )
+
+
+def preprocess_for(data: DataOptions, mean, std, train=()) -> Preprocess:
+  """The preprocessing of `data` with a backbone's normalisation mean/std.
+
+  In whole-image mode (data.crop 0) the network input size follows the first
+  training image's shape, so `train` (Samples) must be given.
+
+  Raises:
+    ValueError: whole-image mode without training images.
+  """
+  input_size = None
+  if not data.crop:
+    if not train:
+      raise ValueError(
+          "whole-image mode (config.data.crop=0) takes its input size from "
+          "the training images, and there are none"
+      )
+    input_size = whole_image_size(train[0].path, data.resize or None)
+  return Preprocess(
+      resize=data.resize or None,
+      crop=data.crop or None,
+      mean=tuple(mean),
+      std=tuple(std),
+      input_size=input_size,
+      max_pixels=data.max_pixels,
+      max_aspect_ratio=data.max_aspect_ratio,
+  )

@@ -1,7 +1,7 @@
-"""The evaluation protocol on top of the loaders, driven by the config.
+"""The evaluation protocol on top of the loaders, driven by the records.
 
 `subsample_test` shrinks the test set for quick runs; `apply_noise` turns a
-clean training set into a noisy one following `config.noise` (the noisy
+clean training set into a noisy one following a `NoiseOptions` (the noisy
 training setting of SoftPatch, Jiang et al., NeurIPS 2022, Section 4.1: a
 fraction of the anomalous test images is added to the training set, with or
 without keeping them in the test set); `build_augment` gives the transforms
@@ -10,19 +10,22 @@ applied to the injected copies.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import List, Optional, Sequence, Tuple, Union
 
 from absl import logging
 import numpy as np
 
-from softpatch_jax.backbones import torch_pickle
+from softpatch_jax import torch_pickle
 from softpatch_jax.data import btad
 from softpatch_jax.data import elpv
 from softpatch_jax.data import mvtec
-from softpatch_jax.data import noise
+from softpatch_jax.data import noise as noise_lib
 from softpatch_jax.data import registry
 from softpatch_jax.data.augment import Augment
+from softpatch_jax.data.noise import NoiseOptions
+from softpatch_jax.data.types import DataOptions
 from softpatch_jax.data.types import Sample
 
 # Files holding test-list positions, as cached by the official SoftPatch code.
@@ -31,69 +34,60 @@ _LIST_FILES = _INDEX_FILES + (".txt", ".lst")
 
 
 def apply_noise(
-    config, category: str, train: Sequence[Sample], test: Sequence[Sample]
+    noise: NoiseOptions,
+    data: DataOptions,
+    category: str,
+    train: Sequence[Sample],
+    test: Sequence[Sample],
 ) -> Tuple[List[Sample], List[Sample], Optional[dict]]:
-  """Applies the noisy-training protocol of `config.noise` to one category.
+  """Applies the noisy-training protocol of `noise` to one category.
 
   Args:
-    config: the run config; reads `config.noise` (ratio, overlap, seed,
-      augment, resample, source, draw, inject_list) and `config.data`
-      (dataset, max_test).
+    noise: the protocol (ratio, overlap, seed, augment, resample, source,
+      draw, inject_list).
+    data: the data set settings; `dataset` (source='uncertain' needs elpv)
+      and `max_test` (inject_list positions need the whole test set) are
+      read.
     category: the category the samples belong to (recorded in the info, and
-      the cell type for `config.noise.source='uncertain'`).
+      the cell type for `noise.source='uncertain'`).
     train: the clean training samples.
     test: the test samples.
 
   Returns:
     (train, test, info): the samples after injection and the record of
     `noise.inject` with `category` and `inject_list` (the setting) added;
-    `(train, test, None)` unchanged when `config.noise.ratio` is 0 and no
+    `(train, test, None)` unchanged when `noise.ratio` is 0 and no
     `inject_list` is set.
 
   Raises:
-    ValueError: an unknown `config.noise.draw`; a bad `inject_list` (every
-      bad entry named); `config.noise.source='uncertain'` with a data set
-      other than elpv; or any error of `noise.inject`.
+    ValueError: a bad `inject_list` (every bad entry named);
+      `noise.source='uncertain'` with a data set other than elpv; or any
+      error of `noise.inject`.
   """
-  nc = config.noise
-  draw = noise.check_draw(nc.get("draw", "reference"))
-  setting = (nc.get("inject_list") or "").strip()
-  if not nc.ratio and not setting:
+  if not noise.ratio and not noise.inject_list:
     return train, test, None
-  source = None
-  if nc.get("source", "test") == "uncertain":
-    if config.data.dataset != "elpv":
+  pool = None
+  if noise.source == "uncertain":
+    if data.dataset != "elpv":
       raise ValueError("config.noise.source='uncertain' needs the elpv dataset")
-    source = elpv.uncertain_samples(category)
+    pool = elpv.uncertain_samples(category)
   chosen = None
-  if setting:
-    chosen = _listed(
-        config, category, setting, test if source is None else source
-    )
-  new_train, new_test, info = noise.inject(
-      train,
-      test,
-      ratio=nc.ratio,
-      overlap=nc.overlap,
-      seed=nc.seed,
-      augment=nc.augment,
-      source=source,
-      resample=nc.get("resample", False),
-      draw=draw,
-      chosen=chosen,
-  )
-  k = int(info["ratio"] * len(train))
+  if noise.inject_list:
+    candidates = test if pool is None else pool
+    chosen = _listed(noise.inject_list, data, category, candidates)
+  new_train, new_test, info = noise_lib.inject(train, test, noise, pool, chosen)
+  k = int(noise.ratio * len(train))
   if chosen is not None and len(chosen) != k:
     logging.info(
         "%s: config.noise.inject_list gives %d image(s) for this category, "
         "not int(ratio %s * %d train images) = %d; injecting the list",
         category,
         len(chosen),
-        info["ratio"],
+        noise.ratio,
         len(train),
         k,
     )
-  info = dict(info, category=category, inject_list=setting)
+  info = dict(info, category=category, inject_list=noise.inject_list)
   return new_train, new_test, info
 
 
@@ -140,23 +134,23 @@ def _read_positions(path: str) -> List[int]:
   return list(obj)
 
 
-def _other_categories(config, category: str) -> set:
+def _other_categories(data: DataOptions, category: str) -> set:
   """Category names other than `category` (entries of theirs are skipped)."""
   names = set(mvtec.CATEGORIES) | set(btad.CATEGORIES) | set(elpv.CATEGORIES)
   try:
-    names.update(registry.list_categories(config))
-    dataset = registry.get_dataset(config.data.dataset)
-    names.update(dataset.categories(config, None))
+    names.update(registry.list_categories(data))
+    dataset = registry.get_dataset(data.dataset)
+    names.update(dataset.categories(data, None))
   except (ValueError, OSError):
     pass  # no discovery possible: the built-in and configured names remain
   names.discard(category)
   return names
 
 
-def _listed(config, category, setting, candidates) -> List[Sample]:
-  """The samples `setting` names for `category` (noise.select)."""
+def _listed(setting: str, data: DataOptions, category, candidates):
+  """The samples `setting` (an inject_list) names for `category`."""
   entries = read_inject_list(setting, category)
-  max_test = config.data.get("max_test", 0)
+  max_test = data.max_test
   positions = any(not isinstance(e, str) for e in entries)
   if positions and max_test:
     raise ValueError(
@@ -165,8 +159,8 @@ def _listed(config, category, setting, candidates) -> List[Sample]:
         f"(it is {max_test})"
     )
   try:
-    return noise.select(
-        entries, candidates, category, _other_categories(config, category)
+    return noise_lib.select(
+        entries, candidates, category, _other_categories(data, category)
     )
   except ValueError as e:
     hint = (
@@ -209,12 +203,43 @@ def subsample_test(
   return [test[i] for i in sorted(keep)]
 
 
-def build_augment(config) -> Augment:
-  """The transforms applied to injected training copies (`config.noise`)."""
-  nc = config.noise
+def build_augment(noise: NoiseOptions) -> Augment:
+  """The transforms applied to injected training copies."""
   return Augment(
-      affine=nc.get("augment_affine", True),
-      rotate=nc.get("augment_rotate", True),
-      noise=nc.get("augment_noise", False),
-      blur=nc.get("augment_blur", False),
+      affine=noise.augment_affine,
+      rotate=noise.augment_rotate,
+      noise=noise.augment_noise,
+      blur=noise.augment_blur,
   )
+
+
+@dataclasses.dataclass
+class Category:
+  """One category's samples after the protocol.
+
+  name: the category; train / test: the samples after `subsample_test` and
+  `apply_noise`; noise_info: the record of the injection (None: none).
+  """
+
+  name: str
+  train: List[Sample]
+  test: List[Sample]
+  noise_info: Optional[dict]
+
+  @property
+  def n_injected(self) -> int:
+    return sum(bool(s.injected) for s in self.train)
+
+
+def prepare_category(
+    data: DataOptions, noise: NoiseOptions, category: str, workdir
+) -> Category:
+  """Loads a category and applies the protocol: the one place that does.
+
+  The test set is subsampled (`data.max_test`) before injection, so with
+  overlap the injected images stay in the test set.
+  """
+  train, test = registry.load_dataset(data, category, workdir)
+  test = subsample_test(test, data.max_test, data.split_seed)
+  train, test, info = apply_noise(noise, data, category, train, test)
+  return Category(category, list(train), list(test), info)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import itertools
 from typing import Iterable, Iterator, Optional
 
@@ -16,11 +17,16 @@ from softpatch_jax.data.types import Batch
 ERROR_MODES = ("raise", "collect")
 
 
+def n_batches(n: int, bs: int) -> int:
+  """Batches of size bs that hold n items."""
+  return (n + bs - 1) // bs
+
+
 def stream_batches(
     samples: Iterable,
     preprocess: Preprocess,
-    batch_size: int = 32,
-    num_workers: int = 4,
+    batch_size: int,
+    num_workers: int,
     with_masks: bool = True,
     prefetch: int = 2,
     augment: Optional[Augment] = None,
@@ -59,6 +65,25 @@ def stream_batches(
   Raises:
     ValueError: at the call, for an invalid argument.
   """
+  _check_args(batch_size, num_workers, prefetch, errors)
+  decode = _Decoder(
+      preprocess,
+      bool(with_masks),
+      augment if augment is not None else Augment(),
+      errors == "collect",
+  )
+  # Arguments are checked now; the generators below start threads only when
+  # iterated.
+  items = enumerate(samples)
+  if int(num_workers) == 0:
+    return _serial(items, decode, int(batch_size))
+  return _threaded(
+      items, decode, int(batch_size), int(num_workers), int(prefetch)
+  )
+
+
+def _check_args(batch_size, num_workers, prefetch, errors) -> None:
+  """ValueError naming the first invalid argument of `stream_batches`."""
   if int(batch_size) < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   if int(num_workers) < 0:
@@ -69,54 +94,41 @@ def stream_batches(
     raise ValueError(
         f"errors must be one of {', '.join(ERROR_MODES)}, got {errors!r}"
     )
-  augment = augment if augment is not None else Augment()
-  # Arguments are checked now; the generator below starts threads only when
-  # iterated.
-  return _generate(
-      samples,
-      preprocess,
-      int(batch_size),
-      int(num_workers),
-      bool(with_masks),
-      int(prefetch),
-      augment,
-      errors == "collect",
-  )
 
 
-def _generate(
-    samples,
-    preprocess,
-    batch_size,
-    num_workers,
-    with_masks,
-    prefetch,
-    augment,
-    collect,
-):
-  """The generator behind `stream_batches` (arguments already checked)."""
+@dataclasses.dataclass(frozen=True)
+class _Decoder:
+  """Decodes one (index, sample) into (index, label, image, mask, error)."""
 
-  def load(item):
-    """(index, label, image, mask, error message or None) of one sample."""
+  preprocess: Preprocess
+  with_masks: bool
+  augment: Augment
+  collect: bool  # errors='collect': a ValueError becomes the error message
+
+  def __call__(self, item):
     index, sample = item
     try:
-      x, m = preprocess.load_sample(
-          sample, with_mask=with_masks, augment=augment
+      x, m = self.preprocess.load_sample(
+          sample, with_mask=self.with_masks, augment=self.augment
       )
     except ValueError as e:
-      if not collect:
+      if not self.collect:
         raise
       return index, sample.label, None, None, str(e)
     return index, sample.label, x, m, None
 
-  items = enumerate(samples)
-  if num_workers == 0:
-    while True:
-      chunk = list(itertools.islice(items, batch_size))
-      if not chunk:
-        return
-      yield _collate([load(it) for it in chunk], with_masks)
 
+def _serial(items, decode: _Decoder, batch_size: int) -> Iterator[Batch]:
+  """Batches decoded in the calling thread."""
+  while True:
+    chunk = list(itertools.islice(items, batch_size))
+    if not chunk:
+      return
+    yield _collate([decode(it) for it in chunk], decode.with_masks)
+
+
+def _threaded(items, decode: _Decoder, batch_size, num_workers, prefetch):
+  """Batches decoded by a pool of threads, at most prefetch batches ahead."""
   cap = batch_size * (prefetch + 1)
   pool = concurrent.futures.ThreadPoolExecutor(
       max_workers=num_workers, thread_name_prefix="softpatch-data"
@@ -131,7 +143,7 @@ def _generate(
       if item is None:
         exhausted = True
         return
-      pending.append(pool.submit(load, item))
+      pending.append(pool.submit(decode, item))
 
   try:
     refill()
@@ -139,8 +151,7 @@ def _generate(
       futures = [
           pending.popleft() for _ in range(min(batch_size, len(pending)))
       ]
-      results = [f.result() for f in futures]
-      batch = _collate(results, with_masks)
+      batch = _collate([f.result() for f in futures], decode.with_masks)
       refill()  # keep the workers busy while the consumer uses this batch
       yield batch
   finally:

@@ -21,8 +21,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from softpatch_jax import io_utils
+from softpatch_jax.data.types import SyntheticOptions
 
 DEFECT_TYPES = ("scratch", "blob", "spot")
+# The defect types `ensure_generated` writes.
+DEFAULT_DEFECTS = ("scratch", "blob")
 _KINDS = ("stripes", "grid", "noise")
 
 
@@ -119,85 +122,90 @@ def _defect(kind: str, img: np.ndarray, base: dict, rng, size: int):
 def make_mvtec_like(
     root,
     categories: Sequence[str] = ("synth",),
-    n_train: int = 20,
-    n_test_good: int = 8,
-    n_test_defect: int = 8,
-    size: int = 128,
-    seed: int = 0,
-    defect_types: Sequence[str] = ("scratch", "blob"),
+    *,
+    n_train: int,
+    n_test_good: int,
+    n_test_defect: int,
+    size: int,
+    seed: int,
+    defect_types: Sequence[str] = DEFAULT_DEFECTS,
 ) -> str:
   """Writes an MVTec-like data set of PNGs under `root`.
 
   The layout is <root>/<cat>/{train/good, test/good, test/<type>,
-  ground_truth/<type>}. n_test_defect images are written per defect type.
-  Masks are 0/255 'L' PNGs named <stem>_mask.png. Deterministic for a given
-  seed. Returns root.
+  ground_truth/<type>}. n_train / n_test_good images per category,
+  n_test_defect per defect type; size x size pixels (>= 32). Masks are 0/255
+  'L' PNGs named <stem>_mask.png. Deterministic for a given seed. Returns
+  root.
+
+  Raises:
+    ValueError: a count below 0, a size below 32, an unknown defect type.
   """
-  root = os.fspath(root)
-  if size < 32:
-    raise ValueError(f"synthetic image size must be >= 32, got {size}")
-  for name, v in (
-      ("n_train", n_train),
-      ("n_test_good", n_test_good),
-      ("n_test_defect", n_test_defect),
-  ):
-    if v < 0:
-      raise ValueError(f"{name} must be >= 0, got {v}")
+  spec = SyntheticOptions(
+      n_train=n_train,
+      n_test_good=n_test_good,
+      n_test_defect=n_test_defect,
+      size=size,
+      seed=seed,
+  )
+  return _generate(root, categories, spec, defect_types)
+
+
+def _generate(root, categories, spec, defect_types=DEFAULT_DEFECTS) -> str:
+  """`make_mvtec_like` with the sizes in `spec`."""
+  if spec.size < 32:
+    raise ValueError(f"synthetic image size must be >= 32, got {spec.size}")
   for d in defect_types:
     if d not in DEFECT_TYPES:
       raise ValueError(
           f"unknown synthetic defect type {d!r}; choose from {DEFECT_TYPES}"
       )
   for ci, cat in enumerate(categories):
-    rng = np.random.default_rng([seed, ci])
-    base = dict(
-        colour=rng.uniform(0.35, 0.9, size=3),
-        angle=rng.uniform(0, np.pi),
-        period=rng.uniform(0.08, 0.16),
-        cells=int(rng.integers(4, 9)),
-    )
-    kind = _KINDS[ci % len(_KINDS)]
+    _write_category(os.path.join(os.fspath(root), cat), ci, spec, defect_types)
+  return os.fspath(root)
 
-    def write(folder, n):
-      d = os.path.join(root, cat, folder)
-      os.makedirs(d, exist_ok=True)
-      for i in range(n):
-        img = _texture(kind, base, rng, size)
-        _save_png(
-            (img * 255).round().astype(np.uint8),
-            os.path.join(d, f"{i:03d}.png"),
-        )
 
-    write(os.path.join("train", "good"), n_train)
-    write(os.path.join("test", "good"), n_test_good)
-    for dt in defect_types:
-      d = os.path.join(root, cat, "test", dt)
-      g = os.path.join(root, cat, "ground_truth", dt)
-      os.makedirs(d, exist_ok=True)
-      os.makedirs(g, exist_ok=True)
-      for i in range(n_test_defect):
-        img, mask = _defect(
-            dt, _texture(kind, base, rng, size), base, rng, size
-        )
-        _save_png(
-            (img * 255).round().astype(np.uint8),
-            os.path.join(d, f"{i:03d}.png"),
-        )
-        _save_png(
-            np.where(mask, 255, 0).astype(np.uint8),
-            os.path.join(g, f"{i:03d}_mask.png"),
-        )
-  return root
+def _write_category(cat_dir, index, spec, defect_types) -> None:
+  """The images of the `index`-th category, in <cat_dir>."""
+  size = spec.size
+  rng = np.random.default_rng([spec.seed, index])
+  base = dict(
+      colour=rng.uniform(0.35, 0.9, size=3),
+      angle=rng.uniform(0, np.pi),
+      period=rng.uniform(0.08, 0.16),
+      cells=int(rng.integers(4, 9)),
+  )
+  kind = _KINDS[index % len(_KINDS)]
+
+  def write(folder, n):
+    d = os.path.join(cat_dir, folder)
+    os.makedirs(d, exist_ok=True)
+    for i in range(n):
+      img = _texture(kind, base, rng, size)
+      _save_png(
+          (img * 255).round().astype(np.uint8), os.path.join(d, f"{i:03d}.png")
+      )
+
+  write(os.path.join("train", "good"), spec.n_train)
+  write(os.path.join("test", "good"), spec.n_test_good)
+  for dt in defect_types:
+    d = os.path.join(cat_dir, "test", dt)
+    g = os.path.join(cat_dir, "ground_truth", dt)
+    os.makedirs(d, exist_ok=True)
+    os.makedirs(g, exist_ok=True)
+    for i in range(spec.n_test_defect):
+      img, mask = _defect(dt, _texture(kind, base, rng, size), base, rng, size)
+      _save_png(
+          (img * 255).round().astype(np.uint8), os.path.join(d, f"{i:03d}.png")
+      )
+      _save_png(
+          np.where(mask, 255, 0).astype(np.uint8),
+          os.path.join(g, f"{i:03d}_mask.png"),
+      )
 
 
 def ensure_generated(
-    workdir,
-    categories: Sequence[str],
-    n_train: int,
-    n_test_good: int,
-    n_test_defect: int,
-    size: int,
-    seed: int,
+    workdir, categories: Sequence[str], spec: SyntheticOptions
 ) -> str:
   """Generates the data into <workdir>/synthetic_data once per parameter set.
 
@@ -210,24 +218,19 @@ def ensure_generated(
   Args:
     workdir: an existing, writable folder.
     categories: the category names (see `make_mvtec_like`).
-    n_train: training images per category.
-    n_test_good: normal test images per category.
-    n_test_defect: test images per category and defect type.
-    size: the image side in pixels.
-    seed: the generation seed.
+    spec: the image counts, size and seed (`DataOptions.synthetic`).
 
   Returns:
     The data root, <workdir>/synthetic_data.
   """
-  workdir = os.fspath(workdir)
-  root = os.path.join(workdir, "synthetic_data")
+  root = os.path.join(os.fspath(workdir), "synthetic_data")
   params = dict(
       categories=list(categories),
-      n_train=n_train,
-      n_test_good=n_test_good,
-      n_test_defect=n_test_defect,
-      size=size,
-      seed=seed,
+      n_train=spec.n_train,
+      n_test_good=spec.n_test_good,
+      n_test_defect=spec.n_test_defect,
+      size=spec.size,
+      seed=spec.seed,
   )
   record = os.path.join(root, "params.json")
   try:
@@ -237,14 +240,6 @@ def ensure_generated(
   except (OSError, ValueError):
     pass
   with io_utils.atomic_dir(root) as tmp:
-    make_mvtec_like(
-        tmp,
-        categories=tuple(params["categories"]),
-        n_train=n_train,
-        n_test_good=n_test_good,
-        n_test_defect=n_test_defect,
-        size=size,
-        seed=seed,
-    )
+    _generate(tmp, tuple(categories), spec)
     io_utils.write_json(os.path.join(tmp, "params.json"), params)
   return root

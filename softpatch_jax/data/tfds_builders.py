@@ -44,10 +44,10 @@ from PIL import Image
 
 from softpatch_jax.data import btad
 from softpatch_jax.data import mvtec
-from softpatch_jax.data._files import require_dir
-from softpatch_jax.data._files import subdirs
-from softpatch_jax.data.preprocess import open_image
-from softpatch_jax.data.preprocess import open_mask
+from softpatch_jax.data.files import require_dir
+from softpatch_jax.data.files import subdirs
+from softpatch_jax.data.decode import open_image
+from softpatch_jax.data.decode import open_mask
 from softpatch_jax.data.types import Sample
 
 try:

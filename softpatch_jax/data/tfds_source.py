@@ -1,4 +1,4 @@
-r"""`config.data.source='tfds'`: MVTec AD and BTAD read from TFDS records.
+r"""`DataOptions.source='tfds'`: MVTec AD and BTAD read from TFDS records.
 
   python -m softpatch_jax.main --config configs/mvtec.py \
       --config.data.source=tfds --config.data.root=/data/mvtec_anomaly_detection \
@@ -40,7 +40,8 @@ from PIL import Image
 
 from softpatch_jax import io_utils
 from softpatch_jax.data import tfds_builders
-from softpatch_jax.data._files import subdirs
+from softpatch_jax.data.files import subdirs
+from softpatch_jax.data.types import DataOptions
 from softpatch_jax.data.types import Sample
 
 EXPORT_DIR = "tfds_data"
@@ -208,14 +209,13 @@ class TfdsDataset:
 
   dataset: str  # 'mvtec' | 'btad'
 
-  def categories(self, config, workdir) -> List[str]:
-    """The categories under config.data.root, else those prepared."""
+  def categories(self, data: DataOptions, workdir) -> List[str]:
+    """The categories under data.root, else those prepared."""
     del workdir  # unused
     _, module, _, _ = tfds_builders.LAYOUTS[self.dataset]
-    root = config.data.get("root") or ""
-    if root:
-      return manual_categories(os.path.expanduser(root), self.dataset)
-    data_dir = config.data.get("tfds_dir") or None
+    if data.root:
+      return manual_categories(os.path.expanduser(data.root), self.dataset)
+    data_dir = data.tfds_dir or None
     found = tfds_builders.prepared_categories(self.dataset, data_dir)
     if not found:
       b = tfds_builders.builder(self.dataset, module.CATEGORIES[0], data_dir)
@@ -225,14 +225,13 @@ class TfdsDataset:
       )
     return found
 
-  def load(self, config, category, workdir):
-    root = config.data.get("root") or ""
+  def load(self, data: DataOptions, category, workdir):
     return load_category(
         self.dataset,
         category,
         workdir,
-        data_dir=config.data.get("tfds_dir") or None,
-        manual_dir=os.path.expanduser(root) if root else None,
+        data_dir=data.tfds_dir or None,
+        manual_dir=os.path.expanduser(data.root) if data.root else None,
     )
 
 

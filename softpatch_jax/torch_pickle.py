@@ -19,7 +19,7 @@ float32 because numpy has no bfloat16).
 
 Memory stays bounded by a small multiple of the file's size: every tensor
 record is checked against its storage's declared size (see
-`_torch_unpickle.check_refs`) and every storage's size against the bytes the
+`torch_unpickle.check_refs`) and every storage's size against the bytes the
 file can hold before anything is allocated; compressed zip entries may
 inflate to at most `_MAX_INFLATE_RATIO` times the archive's size plus
 `_INFLATE_SLACK_BYTES`.
@@ -37,8 +37,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 
-from softpatch_jax.backbones import _torch_unpickle as unpickle
-from softpatch_jax.backbones._torch_unpickle import UnsafePickleError
+from softpatch_jax import torch_unpickle as unpickle
+from softpatch_jax.torch_unpickle import UnsafePickleError
 
 __all__ = [
     "load",
@@ -49,8 +49,8 @@ __all__ = [
 ]
 
 # torch's legacy-format magic number and protocol version.
-_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-_LEGACY_PROTOCOL = 1001
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL = 1001
 # torch stores zip entries uncompressed; compressed ones (a zip bomb, or a
 # re-zipped file) may inflate to this multiple of the archive's size plus
 # the slack, all entries together.
@@ -197,44 +197,74 @@ def _load_zip(path: str, inspect: _Inspect | None) -> Any:
 # ------------------------------------------------------------ legacy format
 
 
+def _legacy_header(f, path: str) -> bool:
+  """Reads magic, protocol and system info; True for little-endian data."""
+
+  def small_pickle():
+    return unpickle.RestrictedUnpickler(f, path).load()
+
+  magic = small_pickle()
+  if magic != LEGACY_MAGIC:
+    raise unpickle.CorruptFile("not a torch file (bad magic number)")
+  proto = small_pickle()
+  if proto != LEGACY_PROTOCOL:
+    raise unpickle.CorruptFile(f"unsupported legacy protocol version {proto!r}")
+  sys_info = small_pickle()
+  if isinstance(sys_info, dict):
+    return bool(sys_info.get("little_endian", True))
+  return True
+
+
+def _legacy_object(f, path: str, storages: dict):
+  """(object, storage keys) of a legacy file; fills `storages` by key."""
+
+  def persistent_load(pid):
+    stype, key, numel, view = unpickle.parse_storage_pid(pid)
+    root = storages.get(key)
+    if root is None:
+      root = storages[key] = unpickle.Storage(key, stype, numel)
+    if view is not None:
+      _, view_offset, view_size = view
+      return unpickle.StorageView(root, view_offset, view_size)
+    return root
+
+  obj = unpickle.RestrictedUnpickler(f, path, persistent_load).load()
+  keys = unpickle.RestrictedUnpickler(f, path).load()
+  if not isinstance(keys, list):
+    raise unpickle.CorruptFile("storage key list missing")
+  return obj, keys
+
+
+def _legacy_storage(f, key, st, little: bool, file_bytes: int) -> None:
+  """Reads one storage record (element count, raw bytes) into `st.data`."""
+  head = f.read(8)
+  if len(head) != 8:
+    raise unpickle.CorruptFile(f"truncated before storage {key!r}")
+  (numel,) = struct.unpack(("<" if little else ">") + "q", head)
+  dt = _raw_dtype(st.stype, not little)
+  nbytes = numel * dt.itemsize
+  if numel < 0 or numel < st.numel:
+    raise unpickle.CorruptFile(f"storage {key!r}: bad element count {numel}")
+  left = file_bytes - f.tell()
+  if nbytes > left:
+    raise unpickle.CorruptFile(
+        f"storage {key!r} declares {numel} elements ({nbytes} bytes) "
+        f"but only {left} bytes remain in the file"
+    )
+  buf = f.read(nbytes)
+  if len(buf) != nbytes:
+    raise unpickle.CorruptFile(
+        f"truncated in storage {key!r}: {len(buf)} of {nbytes} bytes"
+    )
+  st.data = _to_native(buf, dt, numel)
+
+
 def _load_legacy(path: str, inspect: _Inspect | None) -> Any:
   file_bytes = os.path.getsize(path)
+  storages: dict[str, unpickle.Storage] = {}
   with open(path, "rb") as f:
-
-    def small_pickle():
-      return unpickle.RestrictedUnpickler(f, path).load()
-
-    magic = small_pickle()
-    if magic != _LEGACY_MAGIC:
-      raise unpickle.CorruptFile("not a torch file (bad magic number)")
-    proto = small_pickle()
-    if proto != _LEGACY_PROTOCOL:
-      raise unpickle.CorruptFile(
-          f"unsupported legacy protocol version {proto!r}"
-      )
-    sys_info = small_pickle()
-    little = (
-        bool(sys_info.get("little_endian", True))
-        if isinstance(sys_info, dict)
-        else True
-    )
-
-    storages: dict[str, unpickle.Storage] = {}
-
-    def persistent_load(pid):
-      stype, key, numel, view = unpickle.parse_storage_pid(pid)
-      root = storages.get(key)
-      if root is None:
-        root = storages[key] = unpickle.Storage(key, stype, numel)
-      if view is not None:
-        _, view_offset, view_size = view
-        return unpickle.StorageView(root, view_offset, view_size)
-      return root
-
-    obj = unpickle.RestrictedUnpickler(f, path, persistent_load).load()
-    keys = unpickle.RestrictedUnpickler(f, path).load()
-    if not isinstance(keys, list):
-      raise unpickle.CorruptFile("storage key list missing")
+    little = _legacy_header(f, path)
+    obj, keys = _legacy_object(f, path, storages)
     obj = _prepare(obj, inspect)
     declared = sum(st.nbytes for st in storages.values())
     if declared > file_bytes - f.tell():
@@ -242,33 +272,11 @@ def _load_legacy(path: str, inspect: _Inspect | None) -> Any:
           f"storages declare {declared} bytes but only "
           f"{file_bytes - f.tell()} bytes follow the pickles"
       )
-    endian = "<" if little else ">"
     for key in keys:
       st = storages.get(str(key))
       if st is None:
         raise unpickle.CorruptFile(f"storage {key!r} listed but never used")
-      head = f.read(8)
-      if len(head) != 8:
-        raise unpickle.CorruptFile(f"truncated before storage {key!r}")
-      (numel,) = struct.unpack(endian + "q", head)
-      dt = _raw_dtype(st.stype, not little)
-      nbytes = numel * dt.itemsize
-      if numel < 0 or numel < st.numel:
-        raise unpickle.CorruptFile(
-            f"storage {key!r}: bad element count {numel}"
-        )
-      left = file_bytes - f.tell()
-      if nbytes > left:
-        raise unpickle.CorruptFile(
-            f"storage {key!r} declares {numel} elements ({nbytes} bytes) "
-            f"but only {left} bytes remain in the file"
-        )
-      buf = f.read(nbytes)
-      if len(buf) != nbytes:
-        raise unpickle.CorruptFile(
-            f"truncated in storage {key!r}: {len(buf)} of {nbytes} bytes"
-        )
-      st.data = _to_native(buf, dt, numel)
+      _legacy_storage(f, key, st, little, file_bytes)
     missing = [k for k, s in storages.items() if s.data is None]
     if missing:
       raise unpickle.CorruptFile(f"storages {missing[:5]} have no data")
