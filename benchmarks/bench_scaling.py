@@ -53,7 +53,7 @@ from softpatch_jax import features
 from softpatch_jax import io_utils
 from softpatch_jax import parallel
 from softpatch_jax import scoring
-from softpatch_jax.kernels import _dispatch
+from softpatch_jax.kernels import dispatch
 from softpatch_jax.kernels import kcenter
 
 # pylint: disable=protected-access
@@ -152,18 +152,19 @@ def bench_lof(meshes, args, rows):
   proj = rng.normal(size=(args.lof_images, 784, 128)).astype(np.float32)
   want = None
   xt = np.transpose(proj, (1, 0, 2))
+  options = denoise.DenoiseOptions(lof_k=6)
   for n, mesh in meshes:
     if mesh is None:
-      run = lambda: denoise.patch_weights(proj, "lof", lof_k=6)
+      run = lambda: denoise.patch_weights(proj, "lof", options)
       mem = _mem_bytes(
-          jax.jit(lambda x: denoise.lof(x, lof_k=6)), jnp.asarray(xt)
+          jax.jit(lambda x: denoise.lof(x, options)), jnp.asarray(xt)
       )
     else:
-      run = lambda m=mesh: parallel.patch_weights(proj, "lof", m, lof_k=6)
+      run = lambda m=mesh: parallel.patch_weights(proj, "lof", options, mesh=m)
       rows_p = -(-49 // n) * 16 * n  # 784 positions in blocks of 16
       mem = _mem_bytes(
           parallel._positions_fn(
-              mesh, "lof", (("lof_k", 6),), _dispatch.resolve_impl(None, "lof")
+              mesh, "lof", options, dispatch.resolve_impl(None, "lof")
           ),
           parallel._put(xt, mesh, P(parallel.AXIS), rows_p),
       )
@@ -203,7 +204,7 @@ def bench_kcenter(meshes, args, rows):
       )
     else:
       run = lambda mh=mesh: parallel.kcenter(x, k, starts, w, mesh=mh)
-      per = _dispatch.round_up(-(-m // n), 8)  # parallel.kcenter's rows
+      per = dispatch.round_up(-(-m // n), 8)  # parallel.kcenter's rows
       put = lambda a, mh=mesh, r=per * n: parallel._put(
           a, mh, P(parallel.AXIS), r
       )
@@ -236,7 +237,7 @@ def bench_kcenter(meshes, args, rows):
 
 def _knn_mem(mesh, rows_per_device, n_queries, dim):
   """Per-device bytes of the sharded kNN program for a bank slice size."""
-  bq, bn, path = parallel._knn_blocks(n_queries, rows_per_device * mesh.size)
+  bq, bn, path = parallel.knn_blocks(n_queries, rows_per_device * mesh.size)
   rows_per_device = -(-rows_per_device // bn) * bn
   fn = parallel._nearest_fn(
       mesh, rows_per_device, bq, bn, scoring._nearest, path
@@ -264,13 +265,14 @@ def bench_knn(meshes, args, rows):
   q = queries.shape[0] * queries.shape[1]
   want = None
   for n, mesh in meshes:
+    search = scoring.choose_search(bank, scoring.ScoringOptions(), mesh)
     t, out = _timed(
-        lambda mh=mesh: scoring.score(bank, queries, mesh=mh), args.repeat
+        lambda s=search: scoring.score(bank, queries, s), args.repeat
     )
     out = [np.asarray(o) for o in out]
     want = out if want is None else want
     if mesh is None:
-      bq, bn, _ = parallel._knn_blocks(q, args.bank)
+      bq, bn, _ = parallel.knn_blocks(q, args.bank)
       mem = _mem_bytes(
           jax.jit(lambda a, b: scoring._nearest(b, a, block_n=bn, block_q=bq)),
           queries.reshape(q, 1024),

@@ -482,7 +482,7 @@ def main(argv=None):
 
 _INFO = """
 import json, jax
-from softpatch_jax.kernels import _dispatch
+from softpatch_jax.kernels import dispatch
 try:
   import torch
   cuda = torch.cuda.is_available()
@@ -492,7 +492,7 @@ except ImportError:
 print(json.dumps(dict(
     backend=jax.default_backend(), jax=jax.__version__,
     device=jax.devices()[0].device_kind, torch=tv, torch_cuda=cuda,
-    dispatch={op: _dispatch.resolve_impl(None, op) for op in _dispatch.OPS})))
+    dispatch={op: dispatch.resolve_impl(None, op) for op in dispatch.OPS})))
 """
 
 

@@ -7,7 +7,7 @@ Semantics (all paths):
     i = argmax(dist)            (first occurrence)
     record i
     dist = min(dist, d(x, x[i]) * w)
-With w = 0 for noise patches their distance is 0 from the start, so they
+With w = 0 for outlier patches their distance is 0 from the start, so they
 are only ever picked once every clean point is at distance 0 as well.
 
 An explicit ``first`` index replaces the first argmax: it is recorded
@@ -33,16 +33,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from softpatch_jax.kernels import _dispatch
+from softpatch_jax.kernels import dispatch
 from softpatch_jax.kernels import kcenter_common
 from softpatch_jax.kernels import kcenter_pallas
 
 _F32 = jnp.float32
 
 
-def _validate(x, n_select, start_idx, sampling_weight, op):
+def validate(x, n_select, start_idx, sampling_weight, op):
   x = jnp.asarray(x)
-  _dispatch.check_rank("x", op, x, 2)
+  dispatch.check_rank("x", op, x, 2)
   m = x.shape[0]
   if m == 0:
     raise ValueError(f"kernels.{op}: x is empty, shape {tuple(x.shape)}")
@@ -72,7 +72,7 @@ def _validate(x, n_select, start_idx, sampling_weight, op):
   return x.astype(_F32), int(n_select), start_idx.astype(jnp.int32), w
 
 
-def _check_first(first, m, op):
+def check_first(first, m, op):
   """None, or `first` as an int32 scalar; range-checked when concrete."""
   if first is None:
     return None
@@ -116,10 +116,10 @@ def kcenter_reference(
     x, n_select: int, start_idx, sampling_weight=None, *, first=None
 ):
   """Plain-jnp weighted greedy k-center -> (n_select,) int32 indices."""
-  x, n_select, start_idx, w = _validate(
+  x, n_select, start_idx, w = validate(
       x, n_select, start_idx, sampling_weight, "kcenter_reference"
   )
-  first = _check_first(first, x.shape[0], "kcenter_reference")
+  first = check_first(first, x.shape[0], "kcenter_reference")
   if n_select == 0:
     return jnp.zeros((0,), jnp.int32)
   return _kcenter_reference(x, n_select, start_idx, w, first)
@@ -207,8 +207,8 @@ def kcenter(
     x: (M, d) features (typically the 128-d projection).
     n_select: number of centres to pick.
     start_idx: (S,) int indices of the random starting points.
-    sampling_weight: (M,) weights (1 clean, 0 noise) or None (all ones).
-    impl: None (the platform's default, `_dispatch.DEFAULT_IMPL`), 'xla',
+    sampling_weight: (M,) weights (1 clean, 0 outlier patch) or None (all ones).
+    impl: None (the platform's default, `dispatch.DEFAULT_IMPL`), 'xla',
       'pallas', 'pallas_interpret' or 'reference'.
     storage_dtype: None (float32) or jnp.bfloat16 to store x in bf16 with
       f32 accumulation (XLA and Pallas paths). Selections may then differ
@@ -221,11 +221,11 @@ def kcenter(
   Returns:
     (n_select,) int32 indices into x, in selection order.
   """
-  x, n_select, start_idx, w = _validate(
+  x, n_select, start_idx, w = validate(
       x, n_select, start_idx, sampling_weight, "kcenter"
   )
-  first = _check_first(first, x.shape[0], "kcenter")
-  path = _dispatch.resolve_impl(impl, "kcenter")
+  first = check_first(first, x.shape[0], "kcenter")
+  path = dispatch.resolve_impl(impl, "kcenter")
   if first is not None and path.startswith("pallas"):
     path = "xla"
   if n_select == 0:
@@ -242,7 +242,7 @@ def kcenter(
       n_select,
       start_idx,
       w,
-      backend=_dispatch.pallas_backend(),
+      backend=dispatch.pallas_backend(),
       interpret=(path == "pallas_interpret"),
       storage_dtype=sdt,
   )

@@ -49,7 +49,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plt
 
-from softpatch_jax.kernels import _dispatch
+from softpatch_jax.kernels import dispatch
 from softpatch_jax.kernels.kcenter_common import initial_distance
 
 _F32 = jnp.float32
@@ -76,14 +76,14 @@ class Plan(NamedTuple):
 
 def _d_chunk(d: int, backend: str, itemsize: int) -> int:
   if backend == "triton":
-    return min(8, _dispatch.next_pow2(d))
+    return min(8, dispatch.next_pow2(d))
   # One native (sublane, lane) tile: 8 rows of f32, 16 of bf16.
   return 8 * max(1, 4 // itemsize)
 
 
 def _plan_blocks(block_m, d, backend, itemsize) -> Plan:
   dc = _d_chunk(d, backend, itemsize)
-  dp = _dispatch.round_up(d, dc)
+  dp = dispatch.round_up(d, dc)
   if backend == "triton":
     warps = max(1, min(8, block_m // 256))
     stages = _TRITON_STAGES
@@ -96,7 +96,7 @@ def _plan_blocks(block_m, d, backend, itemsize) -> Plan:
   nbytes = 2 * (
       dp * block_m * itemsize  # x^T block
       + 3 * row  # w, dist in, dist out
-      + _dispatch.round_up(dp, 8) * 128 * itemsize  # centre, lane-padded
+      + dispatch.round_up(dp, 8) * 128 * itemsize  # centre, lane-padded
       + 2 * 8 * 128 * 4  # block max, block argmax
   )
   # Live values: the chunk as f32, its difference and square; the running
@@ -130,14 +130,14 @@ def plan(
   Without an explicit `block_m` the default block is halved until the
   estimate fits the backend's budget.
   """
-  backend = _dispatch.pallas_backend(backend)
+  backend = dispatch.pallas_backend(backend)
   if backend == "triton":
-    limit = _dispatch.GPU_SMEM_BYTES
-    fit = _dispatch.next_pow2(max(m, 128))
+    limit = dispatch.GPU_SMEM_BYTES
+    fit = dispatch.next_pow2(max(m, 128))
     default, low = min(_TRITON_BLOCK_M, fit), 128
   else:
-    limit = _dispatch.TPU_VMEM_BYTES
-    default = min(_TPU_BLOCK_M, _dispatch.round_up(max(m, 1), 128))
+    limit = dispatch.TPU_VMEM_BYTES
+    default = min(_TPU_BLOCK_M, dispatch.round_up(max(m, 1), 128))
     low = 128
   if block_m is not None:
     block_m = int(block_m)
@@ -287,7 +287,7 @@ def _kcenter_pallas(
   if storage_dtype is not None:
     x = x.astype(storage_dtype)
   dist = initial_distance(x, start_idx, w)
-  mp = _dispatch.round_up(m, p.block_m)
+  mp = dispatch.round_up(m, p.block_m)
   xt = transposed(x, p, mp)
   wp = jnp.pad(w, (0, mp - m))[None, :]
   distp = jnp.pad(dist, (0, mp - m))[None, :]
@@ -334,14 +334,14 @@ def kcenter_pallas(
   Returns:
     (n_select,) int32 indices, as ``kcenter.kcenter_reference``.
   """
-  backend = _dispatch.pallas_backend(backend)
+  backend = dispatch.pallas_backend(backend)
   m, d = x.shape
   if int(n_select) == 0:
     return jnp.zeros((0,), jnp.int32)
   itemsize = 4 if storage_dtype is None else jnp.dtype(storage_dtype).itemsize
   p = plan(m, d, backend, block_m=block_m, itemsize=itemsize)
   if not interpret:
-    _dispatch.check_budget(
+    dispatch.check_budget(
         "kcenter", backend, p.nbytes, f"block_m={p.block_m}, d={d}"
     )
   return _kcenter_pallas(

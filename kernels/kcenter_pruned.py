@@ -46,7 +46,7 @@ import math
 
 import numpy as np
 
-from softpatch_jax.kernels import _blas
+from softpatch_jax.kernels import blas
 from softpatch_jax.kernels import kcenter
 
 _U32 = 2.0**-24  # float32 unit roundoff
@@ -60,15 +60,15 @@ _PRODUCT = 1 << 18  # elements per block of the catch-up product (L2-sized)
 _CENTRES = 2048  # centres per catch-up product
 
 
-def _validate(x, n_select, start_idx, sampling_weight, first):
+def validate(x, n_select, start_idx, sampling_weight, first):
   """kcenter.kcenter's checks (and messages), returning numpy arrays."""
   # pylint: disable-next=protected-access
-  x, n_select, start_idx, w = kcenter._validate(
+  x, n_select, start_idx, w = kcenter.validate(
       x, n_select, start_idx, sampling_weight, "kcenter_pruned"
   )
   m = x.shape[0]
   # pylint: disable-next=protected-access
-  first = kcenter._check_first(first, m, "kcenter_pruned")
+  first = kcenter.check_first(first, m, "kcenter_pruned")
   start_idx = np.asarray(start_idx).astype(np.int64)
   if np.any(start_idx < -m) or np.any(start_idx >= m):
     raise ValueError(f"kernels.kcenter_pruned: start_idx not in [0, {m})")
@@ -317,14 +317,14 @@ def kcenter_pruned(
     x: (M, d) features.
     n_select: number of centres to pick.
     start_idx: (S,) int indices of the random starting points.
-    sampling_weight: (M,) weights >= 0 (1 clean, 0 noise) or None (ones).
+    sampling_weight: (M,) weights >= 0 (1 clean, 0 outlier) or None (ones).
     first: None or an int index forced as the first pick.
 
   Returns:
     (n_select,) int32 numpy indices into x in selection order, identical
     to the float32 numpy reference (see the module docstring).
   """
-  x, n_select, start_idx, w, first = _validate(
+  x, n_select, start_idx, w, first = validate(
       x, n_select, start_idx, sampling_weight, first
   )
   if n_select == 0:
@@ -335,5 +335,5 @@ def kcenter_pruned(
   bounded = np.all(np.abs(x) < 1e15) and np.all((w >= 0) & (w < np.inf))
   if not bounded or not np.all(np.isfinite(dist)) or x.shape[1] > 100_000:
     return _dense(x, n_select, dist, w, first)
-  with _blas.one_thread():  # many ~1 MB products: see kernels/_blas.py
+  with blas.one_thread():  # many ~1 MB products: see kernels/blas.py
     return _Greedy(x, w, dist).run(n_select, first)

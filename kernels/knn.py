@@ -24,7 +24,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from softpatch_jax.kernels import _dispatch
+from softpatch_jax.kernels import dispatch
 from softpatch_jax.kernels import knn_common
 from softpatch_jax.kernels import knn_pallas
 
@@ -84,9 +84,9 @@ def default_blocks(m: int, n: int, k: int) -> tuple[int, int]:
   writes them and the min/top-k that reads them; measured ~20 % faster on
   CPU than 1024 x 4096 at 1024-d features.
   """
-  bq = min(_dispatch.round_up(max(m, 1), 8), 1024)
-  bn = min(_dispatch.round_up(max(n, 1), 8), 1024)
-  return bq, max(bn, _dispatch.round_up(k, 8))
+  bq = min(dispatch.round_up(max(m, 1), 8), 1024)
+  bn = min(dispatch.round_up(max(n, 1), 8), 1024)
+  return bq, max(bn, dispatch.round_up(k, 8))
 
 
 @functools.partial(
@@ -96,8 +96,8 @@ def _knn_xla(queries, bank, k, block_q, block_n, compute_dtype):
   m, dim = queries.shape
   n = bank.shape[0]
   q, b, qc, bc, qq, bb = _prep(queries, bank, compute_dtype)
-  mp = _dispatch.round_up(m, block_q)
-  np_ = _dispatch.round_up(n, block_n)
+  mp = dispatch.round_up(m, block_q)
+  np_ = dispatch.round_up(n, block_n)
   nq, nb = mp // block_q, np_ // block_n
   # Padded bank rows get +inf norms, hence +inf distance: never selected.
   qc = jnp.pad(qc, ((0, mp - m), (0, 0)))
@@ -151,7 +151,7 @@ def knn(
     bank: (N, D) float array, N >= k.
     k: neighbours per query (small: 1..~32).
     block_q, block_n: tile sizes (defaults chosen per path).
-    impl: None (``_dispatch.DEFAULT_IMPL``), 'xla', 'pallas' (the Pallas
+    impl: None (``dispatch.DEFAULT_IMPL``), 'xla', 'pallas' (the Pallas
       design of the current backend), 'pallas_interpret' (that design in
       the Pallas interpreter; on a CPU the Triton one unless
       SOFTPATCH_JAX_PALLAS_BACKEND=mosaic_tpu) or 'reference'.
@@ -166,7 +166,7 @@ def knn(
   """
   queries, bank = _validate(queries, bank, k)
   k = int(k)
-  path = _dispatch.resolve_impl(impl, "knn")
+  path = dispatch.resolve_impl(impl, "knn")
   if path == "reference":
     return _knn_reference(queries, bank, k)
   m, n = queries.shape[0], bank.shape[0]
@@ -187,7 +187,7 @@ def knn(
       bank,
       k,
       blocks=knn_pallas.Blocks(block_q, block_n),
-      backend=_dispatch.pallas_backend(),
+      backend=dispatch.pallas_backend(),
       interpret=(path == "pallas_interpret"),
       compute_dtype=cdt,
   )

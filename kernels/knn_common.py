@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from softpatch_jax.kernels import _dispatch
+from softpatch_jax.kernels import dispatch
 
 _F32 = jnp.float32
 
@@ -14,8 +14,8 @@ _F32 = jnp.float32
 def validate(queries, bank, k: int, op: str = "knn"):
   queries = jnp.asarray(queries)
   bank = jnp.asarray(bank)
-  _dispatch.check_rank("queries", op, queries, 2)
-  _dispatch.check_rank("bank", op, bank, 2)
+  dispatch.check_rank("queries", op, queries, 2)
+  dispatch.check_rank("bank", op, bank, 2)
   if queries.shape[1] != bank.shape[1]:
     raise ValueError(
         f"kernels.{op}: feature dims differ: queries {tuple(queries.shape)} vs "

@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plt
 
-from softpatch_jax.kernels import _dispatch
+from softpatch_jax.kernels import dispatch
 from softpatch_jax.kernels import knn_common
 
 _F32 = jnp.float32
@@ -68,7 +68,7 @@ class Plan(NamedTuple):
 
 def _triton_block_d(d: int) -> int:
   # 32 unless 16 pads the feature dimension less (e.g. d = 7 or 40).
-  return min((32, 16), key=lambda c: (_dispatch.round_up(d, c), -c))
+  return min((32, 16), key=lambda c: (dispatch.round_up(d, c), -c))
 
 
 class Blocks(NamedTuple):
@@ -80,11 +80,11 @@ class Blocks(NamedTuple):
 
 
 def _triton_plan(m, n, d, k, blocks: Blocks, itemsize: int) -> Plan:
-  pow2 = lambda v: _dispatch.next_pow2(max(int(v), _TRITON_MIN))
+  pow2 = lambda v: dispatch.next_pow2(max(int(v), _TRITON_MIN))
   bq = pow2(blocks.block_q or min(64, m))
   bn = pow2(blocks.block_n or min(128, n))
   bd = pow2(blocks.block_d or _triton_block_d(d))
-  kp = _dispatch.next_pow2(k)
+  kp = dispatch.next_pow2(k)
   nbytes = (
       TRITON_NUM_STAGES * (bq + bn) * bd * itemsize
       + bq * bn * 4
@@ -94,14 +94,14 @@ def _triton_plan(m, n, d, k, blocks: Blocks, itemsize: int) -> Plan:
 
 
 def _tpu_plan(m, n, d, k, blocks: Blocks, itemsize: int) -> Plan:
-  bq = _dispatch.round_up(blocks.block_q or min(256, m), 8)
-  bn = _dispatch.round_up(blocks.block_n or min(512, n), _LANES)
+  bq = dispatch.round_up(blocks.block_q or min(256, m), 8)
+  bn = dispatch.round_up(blocks.block_n or min(512, n), _LANES)
   if blocks.block_d:
-    bd = _dispatch.round_up(blocks.block_d, _LANES)
+    bd = dispatch.round_up(blocks.block_d, _LANES)
   else:
-    chunks = -(-_dispatch.round_up(d, _LANES) // _TPU_MAX_BLOCK_D)
-    bd = _dispatch.round_up(-(-d // chunks), _LANES)
-  kp = _dispatch.round_up(k, _LANES)
+    chunks = -(-dispatch.round_up(d, _LANES) // _TPU_MAX_BLOCK_D)
+    bd = dispatch.round_up(-(-d // chunks), _LANES)
+  kp = dispatch.round_up(k, _LANES)
   tile = bq * bn * 4
   nbytes = (
       2 * (bq + bn) * bd * itemsize  # query and bank blocks
@@ -132,7 +132,7 @@ def plan(
   two, >= 16 for the dot); Mosaic TPU 256 x 512 tiles with up to 1024-lane
   feature chunks and a 128-lane top-k block. Both shrink to small inputs.
   The query and bank tile sizes depend on (m, n) only, never on d, so that
-  ``parallel._knn_blocks`` (no d) can mirror them. Explicit `blocks` are
+  ``parallel.knn_blocks`` (no d) can mirror them. Explicit `blocks` are
   rounded up to what the backend accepts (Triton: powers of two >= 16;
   Mosaic TPU: block_q a multiple of 8, block_n and block_d of 128).
 
@@ -149,11 +149,11 @@ def plan(
       (block_q, block_n) intermediates (dot result, distances, column
       indices, masks).
   """
-  backend = _dispatch.pallas_backend(backend)
+  backend = dispatch.pallas_backend(backend)
   if backend not in _PLANS:
     raise ValueError(
         f"kernels.knn: backend={backend!r} is not one of "
-        f"{_dispatch.PALLAS_BACKENDS}"
+        f"{dispatch.PALLAS_BACKENDS}"
     )
   m, n, d = max(int(m), 1), max(int(n), 1), max(int(d), 1)
   return _PLANS[backend](m, n, d, int(k), blocks, itemsize)
@@ -334,9 +334,9 @@ def _knn_pallas(queries, bank, k, p, interpret, compute_dtype):
   m, dim = queries.shape
   n = bank.shape[0]
   q, b, qc, bc, qq, bb = knn_common.prep(queries, bank, compute_dtype)
-  mp = _dispatch.round_up(m, p.block_q)
-  np_ = _dispatch.round_up(n, p.block_n)
-  dp = _dispatch.round_up(dim, p.block_d)
+  mp = dispatch.round_up(m, p.block_q)
+  np_ = dispatch.round_up(n, p.block_n)
+  dp = dispatch.round_up(dim, p.block_d)
   qc = jnp.pad(qc, ((0, mp - m), (0, dp - dim)))
   bc = jnp.pad(bc, ((0, np_ - n), (0, dp - dim)))
   qq = jnp.pad(qq, (0, mp - m))[:, None]
@@ -365,12 +365,12 @@ def knn_pallas(
     queries, bank, k, compute_dtype: as ``kernels.knn``.
     blocks: tile sizes; None entries pick ``plan``'s, explicit ones are
       rounded up to what the backend accepts (see ``plan``).
-    backend: 'triton' or 'mosaic_tpu' (``_dispatch.PALLAS_BACKENDS``);
+    backend: 'triton' or 'mosaic_tpu' (``dispatch.PALLAS_BACKENDS``);
       None: the design for the current jax backend.
     interpret: run that design in the Pallas interpreter (any machine).
   """
   queries, bank = knn_common.validate(queries, bank, k, "knn_pallas")
-  backend = _dispatch.pallas_backend(backend)
+  backend = dispatch.pallas_backend(backend)
   m, dim = queries.shape
   n = bank.shape[0]
   if m == 0:
@@ -381,7 +381,7 @@ def knn_pallas(
   itemsize = 4 if cdt is None else cdt.itemsize
   p = plan(m, n, dim, int(k), backend, blocks, itemsize)
   if not interpret:
-    _dispatch.check_budget(
+    dispatch.check_budget(
         "knn",
         backend,
         p.nbytes,

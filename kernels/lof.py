@@ -32,7 +32,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from softpatch_jax.kernels import _dispatch
+from softpatch_jax.kernels import dispatch
 from softpatch_jax.kernels import lof_pallas
 
 _F32 = jnp.float32
@@ -46,7 +46,7 @@ def effective_k(k: int, n: int) -> int:
 
 def _validate(x, k, op):
   x = jnp.asarray(x)
-  _dispatch.check_rank("x", op, x, 3)
+  dispatch.check_rank("x", op, x, 3)
   if x.shape[1] < 2:
     raise ValueError(
         f"kernels.{op}: need at least 2 points per position, got x shape "
@@ -157,7 +157,7 @@ def _lof_xla_threaded(x, k, chunk, margin):
       or jax.default_backend() != "cpu"
   ):
     return _lof_xla(x, k, chunk, margin)
-  step = _dispatch.round_up(-(-p // workers), chunk)
+  step = dispatch.round_up(-(-p // workers), chunk)
   with concurrent.futures.ThreadPoolExecutor(workers) as ex:
     outs = list(
         ex.map(
@@ -176,7 +176,7 @@ def lof(
   Args:
     x: (P, N, D) features: P positions, N images, D dims.
     k: n_neighbors (clamped to N - 1 like sklearn).
-    impl: None (the platform's default, `_dispatch.DEFAULT_IMPL`), 'xla',
+    impl: None (the platform's default, `dispatch.DEFAULT_IMPL`), 'xla',
       'pallas', 'pallas_interpret' or 'reference'.
     chunk: positions per step of the XLA path (bounds memory at
       chunk * N * N floats).
@@ -188,7 +188,7 @@ def lof(
     (P, N) float32 LOF scores (1 = inlier, larger = more outlying).
   """
   x, keff = _validate(x, k, "lof")
-  path = _dispatch.resolve_impl(impl, "lof")
+  path = dispatch.resolve_impl(impl, "lof")
   if x.shape[0] == 0:
     return jnp.zeros((0, x.shape[1]), _F32)
   if path == "reference":
@@ -198,6 +198,6 @@ def lof(
   return lof_pallas.lof_pallas(
       x,
       keff,
-      backend=_dispatch.pallas_backend(),
+      backend=dispatch.pallas_backend(),
       interpret=(path == "pallas_interpret"),
   )

@@ -50,7 +50,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plt
 
-from softpatch_jax.kernels import _dispatch
+from softpatch_jax.kernels import dispatch
 
 _F32 = jnp.float32
 _EPS = 1e-10  # sklearn's guard in the lrd denominator
@@ -81,11 +81,11 @@ class Plan(NamedTuple):
 
 
 def _triton_plan(n, d, k, block_r, block_d) -> Plan:
-  n_pad = _dispatch.next_pow2(max(n, 2))
+  n_pad = dispatch.next_pow2(max(n, 2))
   block_r = min(block_r, n_pad)
-  block_d = min(block_d, _dispatch.next_pow2(d))
-  d_pad = _dispatch.round_up(d, block_d)
-  k_pad = _dispatch.next_pow2(k)
+  block_d = min(block_d, dispatch.next_pow2(d))
+  d_pad = dispatch.round_up(d, block_d)
+  k_pad = dispatch.next_pow2(k)
   tile = block_r * n_pad
   warps = max(1, min(8, tile // 1024))
   stages = _TRITON_STAGES
@@ -103,7 +103,7 @@ def _triton_plan(n, d, k, block_r, block_d) -> Plan:
       block_r,
       block_d,
       n_pad,
-      _dispatch.round_up(n, block_r),
+      dispatch.round_up(n, block_r),
       d_pad,
       k_pad,
       warps,
@@ -113,10 +113,10 @@ def _triton_plan(n, d, k, block_r, block_d) -> Plan:
 
 
 def _tpu_plan(n, d, k, block_r) -> Plan:
-  n8 = _dispatch.round_up(n, 8)
-  block_r = min(_dispatch.round_up(block_r, 8), n8)
-  k_pad = _dispatch.round_up(k, _LANES)
-  d_lanes = _dispatch.round_up(d, _LANES)
+  n8 = dispatch.round_up(n, 8)
+  block_r = min(dispatch.round_up(block_r, 8), n8)
+  k_pad = dispatch.round_up(k, _LANES)
+  d_lanes = dispatch.round_up(d, _LANES)
   col = n8 * _LANES * 4  # an (N8, 1) f32 column fills a lane-padded tile
   nbytes = 2 * (
       n8 * d_lanes * 4  # the position's points
@@ -129,7 +129,7 @@ def _tpu_plan(n, d, k, block_r) -> Plan:
       block_r,
       d,
       n8,
-      _dispatch.round_up(n, block_r),
+      dispatch.round_up(n, block_r),
       d,
       k_pad,
       0,
@@ -166,11 +166,11 @@ def plan(
   `block_r` must be a power of two. On mosaic_tpu `block_r` (default 128)
   is rounded up to a multiple of 8 and capped at N8.
   """
-  backend = _dispatch.pallas_backend(backend)
+  backend = dispatch.pallas_backend(backend)
   n, d, k = int(n), int(d), int(k)
   if backend == "triton":
     if block_r is None:
-      n_pad = _dispatch.next_pow2(max(n, 2))
+      n_pad = dispatch.next_pow2(max(n, 2))
       block_r = _TRITON_BLOCK_R
       while block_r > 1 and block_r * n_pad > _TRITON_TILE:
         block_r //= 2
@@ -355,16 +355,16 @@ def _neighbours(x, k, backend, interpret, pl_):
 
 
 def _prepare(x, k, backend, interpret, block_r, block_d):
-  backend = _dispatch.pallas_backend(backend)
+  backend = dispatch.pallas_backend(backend)
   x = jnp.asarray(x, _F32)
-  _dispatch.check_rank("x", "lof", x, 3)
+  dispatch.check_rank("x", "lof", x, 3)
   p, n, d = x.shape
   k = int(k)
   if not 1 <= k < n:
     raise ValueError(f"kernels.lof: need 1 <= k < N, got k={k}, N={n}")
   pl_ = plan(n, d, k, backend, block_r=block_r, block_d=block_d)
   if not interpret:
-    _dispatch.check_budget(
+    dispatch.check_budget(
         "lof", backend, pl_.nbytes, f"{pl_} for x shape {(p, n, d)}"
     )
   return x, k, backend, bool(interpret), pl_
@@ -410,7 +410,7 @@ def lof_pallas(
     x: (P, N, D) points, one LOF per position.
     k: number of neighbours, 1 <= k <= N - 1.
     backend: 'triton' or 'mosaic_tpu' (None: the design for the current jax
-      backend, see ``_dispatch.pallas_backend``).
+      backend, see ``dispatch.pallas_backend``).
     interpret: run that design in the Pallas interpreter (any machine).
     block_r, block_d: override the block sizes of ``plan``.
 

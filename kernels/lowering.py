@@ -7,7 +7,7 @@ that backend and that the block shapes obey the backend's rules (powers of
 two for Triton; (8, 128) tiles for Mosaic TPU). It does not compile: Triton
 turns its IR into GPU code, and Mosaic checks VMEM, only on the device. The
 static budgets (``plan(...).nbytes`` of each kernel, checked against
-``_dispatch.GPU_SMEM_BYTES`` and ``TPU_VMEM_BYTES``) stand in for that.
+``dispatch.GPU_SMEM_BYTES`` and ``TPU_VMEM_BYTES``) stand in for that.
 
 ``PIPELINE_SHAPES`` are the shapes the pipeline gives the kernels: the
 default job's (ELPV, 132 training images of a 28 x 28 grid, 1024-d
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import export
 
-from softpatch_jax.kernels import _dispatch
+from softpatch_jax.kernels import dispatch
 from softpatch_jax.kernels import kcenter_pallas
 from softpatch_jax.kernels import knn_pallas
 from softpatch_jax.kernels import lof_pallas
@@ -77,7 +77,7 @@ def _f32(*shape):
 
 def kernel_fn(op: str, platform: str, **shape):
   """(fn, specs): the op's Pallas kernel for `platform`, at `shape`."""
-  backend = _dispatch.pallas_backend(platform)
+  backend = dispatch.pallas_backend(platform)
   if op == "knn":
     k = shape["k"]
     fn = lambda q, b: knn_pallas.knn_pallas(q, b, k, backend=backend)
@@ -93,7 +93,7 @@ def kernel_fn(op: str, platform: str, **shape):
     )
     starts = jax.ShapeDtypeStruct((10,), jnp.int32)
     return fn, (_f32(m, shape["d"]), starts, _f32(m))
-  raise ValueError(f"unknown op {op!r}; one of {_dispatch.OPS}")
+  raise ValueError(f"unknown op {op!r}; one of {dispatch.OPS}")
 
 
 def lower(op: str, platform: str, **shape) -> export.Exported:
@@ -104,7 +104,7 @@ def lower(op: str, platform: str, **shape) -> export.Exported:
 
 def plan(op: str, platform: str, **shape):
   """The kernel's block plan (with its static ``nbytes``) at `shape`."""
-  backend = _dispatch.pallas_backend(platform)
+  backend = dispatch.pallas_backend(platform)
   if op == "knn":
     return knn_pallas.plan(
         shape["m"], shape["n"], shape["d"], shape["k"], backend
@@ -113,4 +113,4 @@ def plan(op: str, platform: str, **shape):
     return lof_pallas.plan(shape["n"], shape["d"], shape["k"], backend)
   if op == "kcenter":
     return kcenter_pallas.plan(shape["m"], shape["d"], backend)
-  raise ValueError(f"unknown op {op!r}; one of {_dispatch.OPS}")
+  raise ValueError(f"unknown op {op!r}; one of {dispatch.OPS}")

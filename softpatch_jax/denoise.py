@@ -43,7 +43,7 @@ import numpy as np
 from softpatch_jax import registry
 from softpatch_jax import settings
 from softpatch_jax import validation
-from softpatch_jax.kernels import _dispatch
+from softpatch_jax.kernels import dispatch
 from softpatch_jax.kernels import lof as lof_lib
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -126,7 +126,7 @@ def project(feats: jax.Array, proj: Tuple[jax.Array, jax.Array]) -> jax.Array:
 def _project_chunk():
   # One program for every chunk; a GPU's autotuning of this one-off matmul
   # (seconds per shape while compiling) is skipped.
-  gpu = _dispatch.platform() == "gpu"
+  gpu = dispatch.platform() == "gpu"
   opts = {"xla_gpu_autotune_level": 0} if gpu else None
   return jax.jit(project, compiler_options=opts)
 

@@ -7,7 +7,7 @@ The config (`studies` describes it) holds a pipeline config `base` and a
 `study`; `--config.base.<field>=...` and `--config.study.<field>=...`
 override them. Each cell (one setting, one category) runs every method of
 `base.methods` with one shared feature extraction
-(`experiment.run_category`), and its rows are merged into results.csv at
+(`evaluate.evaluate_category`), and its rows are merged into results.csv at
 once, atomically and in cell order. A cell whose id and configuration hash
 are already in results.csv is skipped, so an interrupted run resumes where it
 stopped and ends with the same table; a cell whose configuration changed is
@@ -42,86 +42,74 @@ import numpy as np
 from softpatch_jax import backbones
 from softpatch_jax import compile_cache
 from softpatch_jax import data
-from softpatch_jax import engine
-from softpatch_jax import experiment
+from softpatch_jax import evaluate
 from softpatch_jax import figures
 from softpatch_jax import io_utils
-from softpatch_jax import methods as methods_lib
+from softpatch_jax import options
+from softpatch_jax import settings
 from softpatch_jax import studies
 
 RESULTS = "results.csv"
 _KEY_FIELDS = ["cell", "cell_index", "category", "method", "config_hash"]
 
 
-class _Embedders:
-  """The backbone and embedder of the last config, rebuilt when they change."""
+class _Stacks:
+  """The networks of the last cell, rebuilt when its settings change."""
 
   def __init__(self):
     self.key, self.value = None, None
 
-  def get(self, cfg):
+  def get(self, opts: options.RunOptions) -> evaluate.Stack:
     key = json.dumps(
         [
-            cfg.backbone.to_dict(),
-            cfg.features.to_dict(),
-            cfg.data.batch_size,
-            cfg.seed if cfg.backbone.weights == "random" else None,
+            settings.as_dict(opts.backbone),
+            settings.as_dict(opts.features),
+            opts.data.batch_size,
+            opts.seed if opts.backbone.weights == "random" else None,
         ],
         sort_keys=True,
-        default=str,
     )
     if key != self.key:
       self.value = None  # free the old weights first
-      bb = engine.build_backbone(cfg)
-      self.key, self.value = key, (bb, engine.build_embedder(cfg, bb))
+      self.key, self.value = key, evaluate.build_stack(opts)
     return self.value
 
 
-def _prepare(cell, embedders: _Embedders, workdir: str):
-  """The cell's data after the noise protocol, its embedder and preprocess."""
-  cfg, cat = cell.config, cell.category
-  train, test = data.load_dataset(cfg, cat, workdir)
-  test = data.subsample_test(
-      test, cfg.data.get("max_test", 0), cfg.data.get("split_seed", 0)
+def _prepare(cell, stacks: _Stacks, workdir: str):
+  """The cell's records, its category after the protocol, the networks and
+  the preprocessing."""
+  opts = options.from_config(cell.config)
+  cat = data.prepare_category(opts.data, opts.noise, cell.category, workdir)
+  stack = stacks.get(opts)
+  pre = data.preprocess_for(
+      opts.data, stack.backbone.mean, stack.backbone.std, cat.train
   )
-  train, test, noise_info = data.apply_noise(cfg, cat, train, test)
-  bb, embedder = embedders.get(cfg)
-  pre = engine.build_preprocess(cfg, bb, train)
-  return train, test, noise_info, embedder, pre
+  return opts, cat, stack, pre
 
 
-def run_cell(cell, embedders: _Embedders, workdir: str) -> List[dict]:
+def run_cell(cell, stacks: _Stacks, workdir: str) -> List[dict]:
   """Runs every method of one cell -> its result rows."""
-  train, test, noise_info, embedder, pre = _prepare(cell, embedders, workdir)
+  opts, cat, stack, pre = _prepare(cell, stacks, workdir)
   logging.info(
       "cell %d %s: %d train (%d injected), %d test",
       cell.index,
       cell.id,
-      len(train),
-      sum(bool(getattr(s, "injected", False)) for s in train),
-      len(test),
+      len(cat.train),
+      cat.n_injected,
+      len(cat.test),
   )
   cell_dir = os.path.join(workdir, "cells", cell.slug)
-  return experiment.run_category(
-      cell.config,
-      cell.category,
-      train,
-      test,
-      embedder,
-      pre,
-      cell_dir,
-      noise_info,
-  )
+  return evaluate.evaluate_category(opts, cat, stack, pre, cell_dir)
 
 
-def diagnose_cell(cell, embedders: _Embedders, workdir: str, key: str):
+def diagnose_cell(cell, stacks: _Stacks, workdir: str, key: str):
   """Saves the data of the embedding and weight figures for one cell."""
-  train, _, _, embedder, pre = _prepare(cell, embedders, workdir)
+  opts, cat, stack, pre = _prepare(cell, stacks, workdir)
   figures.save_diagnosis(
       os.path.join(workdir, figures.DIAGNOSIS),
-      cell.config,
-      train,
-      embedder,
+      opts,
+      cat.train,
+      stack.embedder,
       pre,
       key,
   )
@@ -189,9 +177,7 @@ def run(config, workdir: str) -> dict:
 
 
 def _run_locked(config, study, workdir):
-  cells = studies.make_cells(config, workdir)
-  for cfg in {id(c.config): c.config for c in cells}.values():
-    methods_lib.parse_methods(cfg.methods)  # before any work
+  cells = studies.make_cells(config, workdir)  # every setting checked
   axes = studies.parse_axes(study.get("axes", ""))
   path = os.path.join(workdir, RESULTS)
   rows = read_results(path)
@@ -201,7 +187,7 @@ def _run_locked(config, study, workdir):
   done = {(r["cell"], r["config_hash"]) for r in rows}
   diag = figures.diagnosis_cell(cells, study)
   diag_path = os.path.join(workdir, figures.DIAGNOSIS)
-  embedders = _Embedders()
+  stacks = _Stacks()
   ran = 0
   for cell in cells:
     h = cell.config_hash()
@@ -209,7 +195,7 @@ def _run_locked(config, study, workdir):
       logging.info("cell %d %s: done before, skipped", cell.index, cell.id)
     else:
       t0 = time.perf_counter()
-      new = run_cell(cell, embedders, workdir)
+      new = run_cell(cell, stacks, workdir)
       ran += 1
       rows = [r for r in rows if r["cell"] != cell.id]
       rows += [_row(cell, h, j, r) for j, r in enumerate(new)]
@@ -223,7 +209,7 @@ def _run_locked(config, study, workdir):
       )
     key = f"{cell.id}|{h}"
     if cell.index == diag and figures.diagnosis_key(diag_path) != key:
-      diagnose_cell(cell, embedders, workdir, key)
+      diagnose_cell(cell, stacks, workdir, key)
   rows = read_results(path)
   agg = studies.aggregate(config, cells, rows)
   table = studies.format_tables(config, cells, agg)

@@ -7,9 +7,9 @@
 - embedding.png: a t-SNE (scikit-learn; a PCA in numpy without it) of
   training patches of one noisy cell, one panel per method: its memory bank
   coloured by origin (clean or injected training image) and the patches its
-  discriminator removed as noise (the paper's coreset figure).
+  discriminator removed as outliers (the paper's coreset figure).
 - weights.png: histograms of the discriminator weights of the patches of
-  injected against clean training images, with the noise threshold.
+  injected against clean training images, with the outlier threshold.
 
 matplotlib and scikit-learn come with the `viz` extra. Without matplotlib
 the runner writes its tables, logs one line, and skips the figures (and the
@@ -27,9 +27,10 @@ from absl import logging
 import jax
 import numpy as np
 
+from softpatch_jax import banks
 from softpatch_jax import coreset
 from softpatch_jax import data
-from softpatch_jax import engine
+from softpatch_jax import embedding
 from softpatch_jax import io_utils
 from softpatch_jax import methods as methods_lib
 from softpatch_jax import studies
@@ -61,7 +62,7 @@ def _save(fig, path: str) -> None:
 
 
 # --------------------------------------------------------------------------
-# Diagnosis of one cell: banks, noise flags and weights of its methods.
+# Diagnosis of one cell: banks, outlier flags and weights of its methods.
 
 
 def diagnosis_cell(cells: Sequence, study) -> Optional[int]:
@@ -84,7 +85,7 @@ def _diagnosed(names: Sequence[str]) -> List[str]:
   """PatchCore and the denoising methods of `names` (memory-bank methods)."""
   out = []
   for m in names:
-    method = methods_lib.METHODS.get(m)
+    method = methods_lib.METHODS.get(m) if m in methods_lib.METHODS else None
     if method is not None and (method.denoises or m == "patchcore"):
       out.append(m)
   return out
@@ -99,31 +100,27 @@ def diagnosis_key(path: str) -> Optional[str]:
     return None
 
 
-def save_diagnosis(path, config, train, embedder, pre, key="") -> None:
+def save_diagnosis(path, opts, train, embedder, pre, key="") -> None:
   """Refits the cell's bank methods and saves what the figures need.
 
-  `key` (the cell and its configuration) is stored with the data, so a
-  later run can tell whether the file is still that of its cell.
+  `opts`: the cell's `options.RunOptions`. `key` (the cell and its
+  configuration) is stored with the data, so a later run can tell whether
+  the file is still that of its cell.
   """
-  names = _diagnosed(methods_lib.parse_methods(config.methods))
+  names = _diagnosed(opts.method_names)
   if not names:
     return
-  feats = engine.extract_features(
-      embedder,
-      train,
-      pre,
-      num_workers=config.data.num_workers,
-      augment=data.build_augment(config),
-      desc="diagnosis: train features",
+  loader = embedding.LoaderOptions(
+      opts.data.num_workers, data.build_augment(opts.noise)
+  )
+  feats = embedding.extract_features(
+      embedder, train, pre, loader, desc="diagnosis: train features"
   )
   n, p, d = feats.shape
   image_size = pre.input_size or (pre.crop, pre.crop)
-  options = dict(
-      engine.bank_options(config),
-      grid=embedder.grid(image_size),
-      image_size=image_size,
-  )
-  prng = jax.random.PRNGKey(config.seed)  # the key of engine.fit_methods
+  bank_opts = methods_lib.BankOptions(opts.denoise, opts.coreset, opts.scoring)
+  geometry = methods_lib.BankGeometry(embedder.grid(image_size), image_size)
+  prng = jax.random.PRNGKey(opts.seed)  # the key of fitting.fit_methods
   rng = np.random.default_rng(0)
   picks = [rng.choice(n * p, min(_N_RANDOM, n * p), replace=False)]
   out = {
@@ -135,14 +132,14 @@ def save_diagnosis(path, config, train, embedder, pre, key="") -> None:
       : _N_EMBEDDED - len(embedded)
   ]
   for m in names:
-    _, fit = methods_lib.build_bank(feats, prng, m, **options)
+    _, fit = banks.build_bank(feats, prng, m, bank_opts, geometry)
     bank = np.asarray(coreset.compact((fit.indices, fit.valid)))
     out[f"bank/{m}"] = bank
     removed = np.zeros((0,), np.int64)
     if fit.weights is not None:
       out[f"weights/{m}"] = np.asarray(fit.weights)
       out[f"threshold/{m}"] = np.asarray(fit.threshold)
-      removed = np.flatnonzero(np.asarray(fit.noise).reshape(-1))
+      removed = np.flatnonzero(np.asarray(fit.outliers).reshape(-1))
     if m in embedded:
       picks.append(rng.choice(bank, min(_N_BANK, bank.size), replace=False))
       picks.append(
@@ -200,15 +197,15 @@ def plot_embedding(path: str, diag: Dict[str, np.ndarray]) -> None:
   for ax, m in zip(axes, names):
     ax.scatter(*xy.T, s=2, c="0.85", label="training patches")
     if f"weights/{m}" in diag:  # under the bank entries, which it excludes
-      noise = diag[f"weights/{m}"].reshape(-1) > diag[f"threshold/{m}"]
+      outlier = diag[f"weights/{m}"].reshape(-1) > diag[f"threshold/{m}"]
       ax.scatter(
-          *xy[noise[sample]].T,
+          *xy[outlier[sample]].T,
           s=6,
           c="tab:red",
           marker="x",
           linewidths=0.6,
           alpha=0.5,
-          label="removed as noise",
+          label="removed as outliers",
       )
     in_bank = np.isin(sample, diag[f"bank/{m}"])
     for sel, colour, name in [
@@ -227,7 +224,7 @@ def plot_embedding(path: str, diag: Dict[str, np.ndarray]) -> None:
     ax.set_yticks([])
   # The last panel's legend names every marker (the first may be PatchCore's).
   axes[len(names) - 1].legend(loc="best", fontsize=7, markerscale=2)
-  fig.suptitle(f"{how} of training patches: memory banks and removed noise")
+  fig.suptitle(f"{how} of training patches: memory banks and removed outliers")
   _save(fig, path)
 
 
@@ -248,7 +245,7 @@ def plot_weights(path: str, diag: Dict[str, np.ndarray]) -> None:
     ax.axvline(float(diag[f"threshold/{m}"]), c="k", ls="--", label="threshold")
     ax.set_yscale("log")
     ax.set_title(f"{studies.label(m)} patch weights")
-    ax.set_xlabel("weight (larger = more likely noise)")
+    ax.set_xlabel("weight (larger = more likely an outlier)")
   axes[0].legend(fontsize=7)
   _save(fig, path)
 

@@ -142,11 +142,8 @@ def load_training_set(
     )
   if opts.data.dataset == "folder" and not opts.data.train_dir:
     raise ValueError("set --config.data.train_dir=DIR (the training images)")
-  train, test = data.load_dataset(opts.data, cats[0], workdir)
-  train, _, noise_info = data.apply_noise(
-      opts.noise, opts.data, cats[0], train, test
-  )
-  return train, noise_info
+  cat = data.prepare_category(opts.data, opts.noise, cats[0], workdir)
+  return cat.train, cat.noise_info
 
 
 @dataclasses.dataclass

@@ -40,7 +40,10 @@ class Inputs:
   maps: Optional[embedding.MapExtractor] = None
 
   def __post_init__(self):
-    sizes = {s.batch_size for s in (self.features, self.maps) if s}
+    given = [s for s in (self.features, self.maps) if s is not None]
+    if not given:
+      raise ValueError("a prediction loop needs an embedder or map extractor")
+    sizes = {s.batch_size for s in given}
     if len(sizes) > 1:
       raise ValueError(
           f"the embedder and the map extractor take batches of {sizes}; "
@@ -49,7 +52,7 @@ class Inputs:
 
   @property
   def batch_size(self) -> int:
-    return (self.features or self.maps).batch_size
+    return (self.maps if self.features is None else self.features).batch_size
 
   def compute(self, source: str, images, what: str, pad: bool = True):
     """Input `source` ('features' or 'maps') of one batch of images."""

@@ -4,8 +4,8 @@ r"""Command line: parses flags and runs the config's mode.
   python -m softpatch_jax.main --config configs/fit_folder.py \
       --config.data.train_dir=DIR --workdir out/model
 
-config.mode 'evaluate' (default) runs `experiment.run`; 'fit' runs
-`fit.fit_and_save`. --config.distributed=True joins a multi-host job first
+config.mode 'evaluate' (default) runs `evaluate.run_options`; 'fit' runs
+`fit.fit_model`, on the config's typed records (`options.from_config`). --config.distributed=True joins a multi-host job first
 (README, "Scaling out").
 """
 
@@ -20,8 +20,9 @@ from ml_collections import config_flags
 
 from softpatch_jax import backbones
 from softpatch_jax import compile_cache
-from softpatch_jax import experiment
+from softpatch_jax import evaluate
 from softpatch_jax import fit
+from softpatch_jax import options
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to an ml_collections config file.", lock_config=True
@@ -30,7 +31,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "out", "Directory for results.")
 _CACHE = compile_cache.define_flag()
 flags.mark_flags_as_required(["config"])
 
-MODES = {"evaluate": experiment.run, "fit": fit.fit_and_save}
+MODES = {"evaluate": evaluate.run_options, "fit": fit.fit_model}
 
 
 def run(config, workdir: str):
@@ -41,19 +42,15 @@ def run(config, workdir: str):
   is used); all processes compute the same results, and process 0 writes
   them (the others into a scratch folder that is then removed).
   """
-  if config.get("distributed", False):
+  opts = options.from_config(config)  # every field checked, before any work
+  if opts.distributed:
     jax.distributed.initialize()
-  mode = config.get("mode", "evaluate")
-  if mode not in MODES:
-    raise ValueError(
-        f"config.mode must be one of {sorted(MODES)}, got {mode!r}"
-    )
   # Only a multi-host job asks for the process index: asking starts the
   # backends, whose probe lines would precede a one-line error.
-  if config.get("distributed", False) and jax.process_index() > 0:
+  if opts.distributed and jax.process_index() > 0:
     with tempfile.TemporaryDirectory() as scratch:
-      return MODES[mode](config, scratch)
-  return MODES[mode](config, workdir)
+      return MODES[opts.mode](opts, scratch)
+  return MODES[opts.mode](opts, workdir)
 
 
 def main(argv):

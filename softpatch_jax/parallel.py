@@ -5,7 +5,7 @@ are the single-device results, bit for bit (README, "Scaling out"):
 
 * features: data-parallel over images; each device embeds the batch one
   device would (another batch size could round the convolutions otherwise);
-* discriminators (SoftPatch's per-position noise scores, Jiang et al.,
+* discriminators (SoftPatch's per-position outlier scores, Jiang et al.,
   NeurIPS 2022): positions are independent and are dealt out in the blocks
   `denoise` batches them in, so no communication is needed; 'fusion' fuses
   its three sharded scores over all patches, as on one device;
@@ -37,7 +37,7 @@ from softpatch_jax import denoise
 from softpatch_jax import features as features_lib
 from softpatch_jax import settings
 from softpatch_jax import validation
-from softpatch_jax.kernels import _dispatch
+from softpatch_jax.kernels import dispatch
 from softpatch_jax.kernels import kcenter as kcenter_lib
 from softpatch_jax.kernels import kcenter_common
 from softpatch_jax.kernels import kcenter_pallas
@@ -209,7 +209,7 @@ def _positionwise(x: np.ndarray, name: str, mesh: Mesh, options) -> np.ndarray:
   blocks = -(-p // block) if pad_last else p // block
   split = min(p, blocks * block)
   rows = -(-blocks // mesh.size) * block * mesh.size
-  impl = _dispatch.resolve_impl(None, name)
+  impl = dispatch.resolve_impl(None, name)
   fn = _positions_fn(mesh, name, options, impl)
   out = _to_host(fn(_put(x[:split], mesh, P(AXIS), rows)))[:split]
   if split == p:
@@ -348,12 +348,12 @@ def kcenter(
   if int(n_select) == 0:
     return jnp.zeros((0,), jnp.int32)
   first = None if first is None else int(_host(first, "kcenter"))
-  path = _dispatch.resolve_impl(impl, "kcenter")
+  path = dispatch.resolve_impl(impl, "kcenter")
   interpret = path == "pallas_interpret"
-  block_m, backend = 0, _dispatch.pallas_backend()
+  block_m, backend = 0, dispatch.pallas_backend()
   if path.startswith("pallas") and first is None:  # one device's points
     block_m = kcenter_pallas.plan(-(-m // mesh.size), dim, backend).block_m
-  rows = _dispatch.round_up(-(-m // mesh.size), block_m or 8)
+  rows = dispatch.round_up(-(-m // mesh.size), block_m or 8)
   kernel = (block_m, interpret, backend)
   fn = _kcenter_fn(mesh, rows, dim, int(n_select), first is not None, kernel)
   i0 = 0 if first is None else first
@@ -370,12 +370,12 @@ def kcenter(
 # kNN scoring: the bank sharded, local top-1, global merge.
 
 
-def _knn_blocks(n_queries: int, n_bank: int):
+def knn_blocks(n_queries: int, n_bank: int):
   """(query tile, bank tile, path) of the single-device kNN scan."""
-  path = _dispatch.resolve_impl(None, "knn")
+  path = dispatch.resolve_impl(None, "knn")
   if path.startswith("pallas"):
     # The kernel's plan; its tiles do not depend on d (1 stands in).
-    backend = _dispatch.pallas_backend()
+    backend = dispatch.pallas_backend()
     p = knn_lib.knn_pallas.plan(n_queries, n_bank, 1, 1, backend)
     return p.block_q, p.block_n, path
   return (*knn_lib.default_blocks(n_queries, n_bank, 1), path)
@@ -406,7 +406,7 @@ def nearest(bank_feats, queries, mesh: Mesh, local_nearest: Callable) -> tuple:
   """
   queries = _host(queries, "nearest", np.float32)
   m, q = int(bank_feats.shape[0]), int(queries.shape[0])
-  block_q, block_n, path = _knn_blocks(q, m)
+  block_q, block_n, path = knn_blocks(q, m)
   rows = -(-(-(-m // block_n)) // mesh.size) * block_n
   fn = _nearest_fn(mesh, rows, block_q, block_n, local_nearest, path)
   feats = lambda: _host(bank_feats, "nearest", np.float32)

@@ -1,13 +1,13 @@
 """Per-category files that explain an evaluate-mode result.
 
-For each category, beside results.csv / results.json (see `experiment`):
+For each category, beside results.csv / results.json (see `evaluate`):
 
   scores/<category>.csv  every test image: path, defect type, label, whether
                          it was also injected into training (overlap
                          protocol), and its image score under each method.
   train/<category>.csv   every training image: path, whether it was
                          injected, and per method the share of its patches
-                         flagged as noise and how many memory-bank entries
+                         flagged as outliers and how many memory-bank entries
                          it contributed (and, after an image filter,
                          whether the method was fitted on it).
 
@@ -30,7 +30,7 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from softpatch_jax import engine
+from softpatch_jax import fitting
 from softpatch_jax import inference
 from softpatch_jax import io_utils
 from softpatch_jax import metrics
@@ -55,7 +55,7 @@ def _is_injected(sample) -> bool:
 
 def method_fields(
     pred: inference.Predictions,
-    info: engine.FitInfo,
+    info: fitting.FitInfo,
     train: Sequence,
     test: Sequence,
     pixel_metrics: bool,
@@ -111,7 +111,9 @@ def score_rows(
   return rows
 
 
-def train_rows(train: Sequence, infos: Dict[str, engine.FitInfo]) -> List[dict]:
+def train_rows(
+    train: Sequence, infos: Dict[str, fitting.FitInfo]
+) -> List[dict]:
   """One row per training image, in training order (train/<cat>.csv)."""
   rows = [
       {
@@ -122,7 +124,7 @@ def train_rows(train: Sequence, infos: Dict[str, engine.FitInfo]) -> List[dict]:
       for s in train
   ]
   for name, info in infos.items():
-    frac = info.image_noise_fraction
+    frac = info.image_outlier_fraction
     counts = (
         np.bincount(np.asarray(info.bank_images), minlength=len(train))
         if info.bank_images is not None
@@ -136,7 +138,7 @@ def train_rows(train: Sequence, infos: Dict[str, engine.FitInfo]) -> List[dict]:
       if kept is not None:
         row[f"fitted_on_{name}"] = bool(kept[i])
       if frac is not None:
-        row[f"noise_fraction_{name}"] = float(frac[i])
+        row[f"outlier_fraction_{name}"] = float(frac[i])
       if counts is not None:
         row[f"bank_entries_{name}"] = int(counts[i])
   return rows

@@ -10,7 +10,7 @@ import pytest
 from flax import traverse_util
 
 from softpatch_jax import backbones
-from softpatch_jax import engine
+from softpatch_jax import options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -107,14 +107,14 @@ def test_comma_layers_from_the_command_line():
   )
   # ml_collections hands a tuple-typed field the whole string as one item.
   assert tuple(c.backbone.layers) == ("stage3,stage5",)
-  assert engine.build_backbone(c).layers == ("stage3", "stage5")
+  assert options.from_config(c).backbone.load().layers == ("stage3", "stage5")
   c = _flag_config("--config.backbone.name=resnet18")  # the config's tuple
-  assert engine.build_backbone(c).layers == ("layer2", "layer3")
+  assert options.from_config(c).backbone.load().layers == ("layer2", "layer3")
   c = _flag_config(
       "--config.backbone.name=resnet18",
       '--config.backbone.layers=("layer1", "layer3")',
   )
-  assert engine.build_backbone(c).layers == ("layer1", "layer3")
+  assert options.from_config(c).backbone.load().layers == ("layer1", "layer3")
 
 
 def test_bad_weights_argument():

@@ -282,7 +282,9 @@ def test_noise_ratio_needs_more_anomalies(images, tmp_path):
   with pytest.raises(
       ValueError, match=r"needs 4 anomalous test images.*only 2 exist"
   ):
-    noise.inject(train, test, ratio=0.9, overlap=True, seed=0)
+    noise.inject(
+        train, test, noise.NoiseOptions(ratio=0.9, overlap=True, seed=0)
+    )
   c = fit_config(images / "train" / "good", **{"noise.ratio": 0.5})
   with pytest.raises(ValueError, match="only 0 exist"):
     fit.fit_and_save(c, str(tmp_path / "w"))

@@ -12,7 +12,7 @@ from softpatch_jax import backbones
 from softpatch_jax import data
 from softpatch_jax import defaults
 from softpatch_jax import embedding
-from softpatch_jax import experiment
+from softpatch_jax import evaluate
 from softpatch_jax import features
 from softpatch_jax import inference
 from softpatch_jax import methods
@@ -213,7 +213,7 @@ def run(tmp_path_factory):
   mp.setattr(backbones, "load", offline)
   workdir = str(tmp_path_factory.mktemp("run"))
   try:
-    result = experiment.run(_config(), workdir)
+    result = evaluate.run(_config(), workdir)
   finally:
     mp.undo()
   return workdir, {r["method"]: r for r in result["results"][: len(NAMES)]}

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 from softpatch_jax import backbones
+from softpatch_jax import coreset
 from softpatch_jax import data
 from softpatch_jax import defaults
 from softpatch_jax import embedding
 from softpatch_jax import fitting
+from softpatch_jax import methods
 from softpatch_jax import options
 from softpatch_jax import thresholds
 from softpatch_jax.baselines import fitters
@@ -183,3 +185,27 @@ def test_filter_extractor_takes_the_filter_backbone(setup):
   resnet = backbones.load("resnet18", weights="random")
   assert fpre == preprocess.preprocess_for(opts.data, resnet.mean, resnet.std)
   assert fpre != pre
+
+
+def test_fit_filtered_banks_fits_on_the_kept_rows():
+  rng = np.random.default_rng(0)
+  feats = rng.normal(size=(6, 4, 8)).astype(np.float32)
+  fitted = fitting.Fitted({}, {}, feats, (2, 2), (8, 8), 0.0)
+  options = fitting.BankOptions(
+      coreset=coreset.CoresetOptions(projection_dim=4)
+  )
+  rows = np.array([0, 2, 3, 5])
+  names = ["padim_filter+patchcore", "patchcore", "padim_filter+padim"]
+  subsets = {n: rows for n in names if n.startswith("padim_filter")}
+  image_filter.fit_filtered_banks(fitted, names, subsets, options, seed=3)
+  assert list(fitted.banks) == ["padim_filter+patchcore"]
+  geometry = methods.BankGeometry((2, 2), (8, 8))
+  key = jax.random.PRNGKey(3)
+  bank, _ = fitting.fit_bank(feats[rows], "patchcore", key, options, geometry)
+  got = fitted.banks["padim_filter+patchcore"]
+  np.testing.assert_array_equal(got.features, bank.features)
+  info = fitted.infos["padim_filter+patchcore"]
+  assert info.method == "padim_filter+patchcore"
+  np.testing.assert_array_equal(info.train_images, rows)
+  assert set(info.bank_images) <= set(rows)
+  np.testing.assert_array_equal(info.image_outlier_fraction, [0, 1, 0, 0, 1, 0])

@@ -46,14 +46,16 @@ def test_greedy_matches_numpy(seed, m, d, n, starts):
 @pytest.mark.parametrize(
     "seed,m,d,n", [(0, 80, 8, 15), (1, 120, 4, 30), (2, 50, 6, 10)]
 )
-def test_weighted_greedy_matches_numpy_and_skips_noise(seed, m, d, n):
+def test_weighted_greedy_matches_numpy_and_skips_outliers(seed, m, d, n):
   rng = np.random.default_rng(seed)
   x = rng.standard_normal((m, d)).astype(np.float32)
   x[
       rng.choice(m, 10, replace=False)
   ] *= 10.0  # far outliers, which plain greedy would love
   w = (rng.random(m) > 0.3).astype(np.float32)
-  w[np.argmax(np.linalg.norm(x, axis=1))] = 0.0  # the farthest point is noise
+  w[np.argmax(np.linalg.norm(x, axis=1))] = (
+      0.0  # the farthest point: an outlier
+  )
   key = jax.random.PRNGKey(seed + 10)
   got = _greedy(x, n, key, sampling_weight=w)
   s = np.asarray(coreset.start_indices(m, 10, key))
@@ -77,8 +79,8 @@ def test_greedy_more_than_selectable(caplog):
 
 
 def test_greedy_duplicates_exhaust_distances(caplog):
-  # 6 distinct clean points, each repeated; index 0 is noise. Asking for 10 picks
-  # exhausts all positive distances after 6: no repeats, no noise point.
+  # 6 distinct clean points, each repeated; index 0 is an outlier. Asking for 10 picks
+  # exhausts all positive distances after 6: no repeats, no outlier point.
   rng = np.random.default_rng(4)
   base = rng.standard_normal((6, 3)).astype(np.float32)
   x = np.concatenate([base[:1], base, base, base])  # 19 points
@@ -193,19 +195,19 @@ def _quirk_case(seed, m=60, d=5, n_dup=8):
   w = (rng.random(m) > 0.3).astype(np.float32)
   starts = rng.choice(m, 4, replace=False).astype(np.int32)
   d0 = _testutil.numpy_reference_sampler(x, 1, starts, np.ones(m))[0][0]
-  w[d0] = 0.0  # the unweighted first pick is a noise point
+  w[d0] = 0.0  # the unweighted first pick is an outlier
   return x, w, starts, int(d0)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_unweighted_first_picks_the_far_noise_point(seed):
+def test_unweighted_first_picks_the_far_outlier(seed):
   x, w, starts, far = _quirk_case(seed)
   idx, valid = coreset.greedy(
       x, 15, starts=starts, sampling_weight=w, unweighted_first=True
   )
   idx, valid = np.asarray(idx), np.asarray(valid)
   assert idx[0] == far and valid[0] and w[far] == 0
-  assert np.all(w[idx[1:][valid[1:]]] > 0)  # only the first can be noise
+  assert np.all(w[idx[1:][valid[1:]]] > 0)  # only the first can be an outlier
   # Without the flag the zero-weight point is never picked.
   plain, pvalid = coreset.greedy(x, 15, starts=starts, sampling_weight=w)
   assert far not in np.asarray(plain).tolist() and np.all(w[plain] > 0)
@@ -235,8 +237,8 @@ def test_unweighted_first_matches_numpy_reference_sampler(seed, m, n, n_dup):
   np.testing.assert_array_equal(np.asarray(jvalid), valid)
 
 
-def test_unweighted_first_tie_picks_the_noise_copy():
-  # The farthest point has an exact copy: the lower index (noise) wins the
+def test_unweighted_first_tie_picks_the_outlier_copy():
+  # The farthest point has an exact copy: the lower index (outlier) wins the
   # unweighted tie, and its clean copy then sits at distance 0.
   rng = np.random.default_rng(5)
   x = rng.standard_normal((30, 3)).astype(np.float32)
@@ -275,20 +277,19 @@ def test_unweighted_first_short_cut_and_no_weights():
 
 
 def test_resolve_impl(monkeypatch):
-  big = np.zeros((coreset.PRUNED_MIN_POINTS, 4), np.float32)
-  small = big[:-1]
+  big = coreset.PRUNED_MIN_POINTS
+  small = big - 1
   on_cpu = jax.default_backend() == "cpu"
-  assert coreset.resolve_impl("auto", big) == ("pruned" if on_cpu else "dense")
-  assert coreset.resolve_impl("auto", small) == "dense"
-  assert coreset.resolve_impl("auto", big, mesh=object()) == "dense"
-  assert coreset.resolve_impl("dense", big) == "dense"
-  assert coreset.resolve_impl("pruned", small) == "pruned"
-  traced = []
-  jax.jit(lambda x: traced.append(coreset.resolve_impl("auto", x)) or x)(big)
-  assert traced == ["dense"]
+  resolve = coreset.resolve_impl
+  assert resolve("auto", big, True) == ("pruned" if on_cpu else "dense")
+  assert resolve("auto", small, True) == "dense"
+  assert resolve("auto", big, True, mesh=object()) == "dense"
+  assert resolve("auto", big, False) == "dense"  # traced (under jit)
+  assert resolve("dense", big, True) == "dense"
+  assert resolve("pruned", small, True) == "pruned"
   monkeypatch.setattr(coreset.jax, "default_backend", lambda: "gpu")
-  assert coreset.resolve_impl("auto", big) == "dense"
+  assert resolve("auto", big, True) == "dense"
   with pytest.raises(ValueError, match="coreset_impl must be one of"):
-    coreset.resolve_impl("fast", big)
+    resolve("fast", big, True)
   with pytest.raises(ValueError, match="one device"):
-    coreset.resolve_impl("pruned", big, mesh=object())
+    resolve("pruned", big, True, mesh=object())

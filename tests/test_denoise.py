@@ -73,7 +73,9 @@ def _ambiguous_knn(xj, k):
 )
 def test_lof_matches_sklearn(seed, n, p, d, k):
   x = _data(seed, n, p, d)
-  got = np.asarray(denoise.patch_weights(x, "lof", lof_k=k))
+  got = np.asarray(
+      denoise.patch_weights(x, "lof", denoise.DenoiseOptions(lof_k=k))
+  )
   assert got.shape == (n, p) and np.all(np.isfinite(got))
   kk = min(k, n - 1)
   compared = 0
@@ -89,7 +91,9 @@ def test_lof_matches_sklearn(seed, n, p, d, k):
 def test_lof_k_clamped_with_warning(caplog):
   x = _data(5, 4, 2, 3, dup=False)
   with caplog.at_level(logging.WARNING):
-    got = np.asarray(denoise.patch_weights(x, "lof", lof_k=6))
+    got = np.asarray(
+        denoise.patch_weights(x, "lof", denoise.DenoiseOptions(lof_k=6))
+    )
   assert "lof_k=6" in caplog.text
   for j in range(2):
     ref = _testutil.sklearn_lof(x[None, :, j], 3)[0]
@@ -161,7 +165,7 @@ def test_threshold_and_denoise(seed, frac):
   rng = np.random.default_rng(seed)
   w = rng.standard_normal((13, 17)).astype(np.float32)
   w[0, :5] = w[1, :5]  # ties
-  t = float(denoise.noise_threshold(w, frac))
+  t = float(denoise.outlier_threshold(w, frac))
   np.testing.assert_allclose(
       t, np.quantile(w.astype(np.float64), 1 - frac), rtol=1e-5, atol=1e-6
   )
@@ -191,21 +195,26 @@ def test_bad_inputs():
   with pytest.raises(ValueError, match="2 non-finite"):
     denoise.patch_weights(bad, "gaussian")
   with pytest.raises(ValueError, match="noise_fraction"):
-    denoise.noise_threshold(x, 1.0)
+    denoise.outlier_threshold(x, 1.0)
 
 
 def test_lof_jit_equals_eager():
   x = _data(6, 10, 5, 4, dup=False)
-  f = jax.jit(lambda a: denoise.patch_weights(a, "lof", lof_k=4))
+  f = jax.jit(
+      lambda a: denoise.patch_weights(a, "lof", denoise.DenoiseOptions(lof_k=4))
+  )
   np.testing.assert_array_equal(
-      np.asarray(f(x)), np.asarray(denoise.patch_weights(x, "lof", lof_k=4))
+      np.asarray(f(x)),
+      np.asarray(
+          denoise.patch_weights(x, "lof", denoise.DenoiseOptions(lof_k=4))
+      ),
   )
 
 
 def test_register_discriminator():
   @denoise.register_discriminator("test_norm")
-  def norm(x, **unused):
-    del unused
+  def norm(x, options):
+    del options
     return np.linalg.norm(x, axis=-1)
 
   try:
@@ -216,4 +225,4 @@ def test_register_discriminator():
         rtol=1e-6,
     )
   finally:
-    del denoise.DISCRIMINATORS["test_norm"]
+    denoise.DISCRIMINATORS.unregister("test_norm")

@@ -8,6 +8,7 @@ from scipy import special
 from scipy import stats
 
 import _testutil  # pylint: disable=g-bad-import-order
+from softpatch_jax import banks
 from softpatch_jax import denoise
 from softpatch_jax import methods
 
@@ -107,14 +108,14 @@ _MONOTONE = [
 @pytest.mark.parametrize("seed", [0, 1])
 def test_rank_and_vote_invariant_to_monotone_maps(mode, which, seed):
   scores = [_scores(seed + 10 * i, (9, 17)) for i in range(3)]
-  base = np.asarray(denoise.fuse_scores(scores, mode))
+  base = np.asarray(denoise.fuse_scores(scores, mode, 0.15))
   for g in _MONOTONE:
     changed = list(scores)
     changed[which] = g(scores[which].astype(np.float64)).astype(np.float32)
     # Strictly increasing maps keep the order (float32 keeps it here).
     assert np.array_equal(_np_rank(changed[which]), _np_rank(scores[which]))
     np.testing.assert_array_equal(
-        np.asarray(denoise.fuse_scores(changed, mode)), base
+        np.asarray(denoise.fuse_scores(changed, mode, 0.15)), base
     )
 
 
@@ -122,14 +123,14 @@ def test_rank_and_vote_invariant_to_monotone_maps(mode, which, seed):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_zscore_invariant_to_positive_affine_maps_only(which, seed):
   scores = [_scores(seed + 10 * i, (9, 17), ties=False) for i in range(3)]
-  base = np.asarray(denoise.fuse_scores(scores, "zscore"))
+  base = np.asarray(denoise.fuse_scores(scores, "zscore", 0.15))
   for a, b in [(3.0, -2.0), (0.01, 5.0), (250.0, 0.0)]:
     changed = list(scores)
     changed[which] = (a * scores[which].astype(np.float64) + b).astype(
         np.float32
     )
     np.testing.assert_allclose(
-        np.asarray(denoise.fuse_scores(changed, "zscore")),
+        np.asarray(denoise.fuse_scores(changed, "zscore", 0.15)),
         base,
         rtol=1e-4,
         atol=1e-5,
@@ -138,7 +139,9 @@ def test_zscore_invariant_to_positive_affine_maps_only(which, seed):
   changed = list(scores)
   changed[which] = np.exp(scores[which])
   assert (
-      np.abs(np.asarray(denoise.fuse_scores(changed, "zscore")) - base).max()
+      np.abs(
+          np.asarray(denoise.fuse_scores(changed, "zscore", 0.15)) - base
+      ).max()
       > 1e-3
   )
 
@@ -167,13 +170,19 @@ def _np_components(x, k):
 def test_fusion_discriminator_matches_references(mode, seed):
   n, p, d = 12, 5, 4
   x = np.random.default_rng(seed).standard_normal((n, p, d)).astype(np.float32)
-  got = np.asarray(denoise.patch_weights(x, "fusion", lof_k=4, fusion=mode))
+  got = np.asarray(
+      denoise.patch_weights(
+          x, "fusion", denoise.DenoiseOptions(lof_k=4, fusion=mode)
+      )
+  )
   assert got.shape == (n, p)
   ref = 1.0 + _np_fuse(_np_components(x, 4), mode)
   # Float differences between implementations may swap near-equal scores:
   # one swap moves a normalised rank by 1 / (N P).
   np.testing.assert_allclose(got, ref, atol=1.5 / (n * p), rtol=0)
-  named = denoise.patch_weights(x, f"fusion_{mode}", lof_k=4, fusion="rank")
+  named = denoise.patch_weights(
+      x, f"fusion_{mode}", denoise.DenoiseOptions(lof_k=4, fusion="rank")
+  )
   np.testing.assert_array_equal(np.asarray(named), got)
 
 
@@ -181,10 +190,18 @@ def test_fusion_is_jittable_and_flags_outliers():
   rng = np.random.default_rng(4)
   x = rng.standard_normal((12, 5, 4)).astype(np.float32) * 0.1
   x[3] += 3.0  # one outlying image at every position
-  f = jax.jit(lambda a: denoise.patch_weights(a, "fusion", lof_k=5))
+  f = jax.jit(
+      lambda a: denoise.patch_weights(
+          a, "fusion", denoise.DenoiseOptions(lof_k=5)
+      )
+  )
   got = np.asarray(f(x))
   np.testing.assert_allclose(
-      got, np.asarray(denoise.patch_weights(x, "fusion", lof_k=5)), atol=1e-6
+      got,
+      np.asarray(
+          denoise.patch_weights(x, "fusion", denoise.DenoiseOptions(lof_k=5))
+      ),
+      atol=1e-6,
   )
   assert np.all(got[3] > np.delete(got, 3, axis=0).max(0))
   assert got.min() >= 1.0 and got.max() <= 2.0
@@ -204,35 +221,39 @@ def test_softpatch_fusion_method():
     # their compiled discriminators serve here too.
     feats = np.random.default_rng(5).standard_normal((12, 5, 10))
     proj = denoise.make_projection(jax.random.PRNGKey(0), 10, 4)
-    bank, fit = methods.build_bank(
+    options = methods.BankOptions(
+        denoise=denoise.DenoiseOptions(lof_k=4, fusion="vote")
+    )
+    bank, fit = banks.build_bank(
         feats.astype(np.float32),
         jax.random.PRNGKey(0),
         test_method,
-        fusion="vote",
-        lof_k=4,
-        grid=(5, 1),
-        projection=proj,
+        options,
+        methods.BankGeometry((5, 1)),
+        draws=methods.Draws(projection=proj),
     )
   finally:
-    del methods.METHODS["test_fusion_full"]
+    methods.METHODS.unregister("test_fusion_full")
   w = np.asarray(fit.weights)
   want = denoise.patch_weights(
-      denoise.project(feats.astype(np.float32), proj), "fusion_vote", lof_k=4
+      denoise.project(feats.astype(np.float32), proj),
+      "fusion_vote",
+      denoise.DenoiseOptions(lof_k=4),
   )
   np.testing.assert_array_equal(w, np.asarray(want))
   np.testing.assert_array_equal(
-      np.asarray(fit.noise), w > np.quantile(w, 0.85).astype(np.float32)
+      np.asarray(fit.outliers), w > np.quantile(w, 0.85).astype(np.float32)
   )
-  # The full bank holds every patch but the noise, with its soft weight.
-  kept = ~np.asarray(fit.noise).reshape(-1)
+  # The full bank holds every patch but the outliers, with its soft weight.
+  kept = ~np.asarray(fit.outliers).reshape(-1)
   np.testing.assert_array_equal(np.asarray(bank.weights), w.reshape(-1)[kept])
 
 
 def test_bad_fusion_mode():
   x = np.random.default_rng(0).standard_normal((5, 2, 3)).astype(np.float32)
-  with pytest.raises(ValueError, match="fusion mode 'mean'"):
-    denoise.patch_weights(x, "fusion", fusion="mean")
+  with pytest.raises(ValueError, match="denoise.fusion must be one of"):
+    denoise.DenoiseOptions(fusion="mean")
   with pytest.raises(ValueError, match="fusion mode"):
-    denoise.fuse_scores([x], "max")
+    denoise.fuse_scores([x], "max", 0.15)
   with pytest.raises(ValueError, match="one shape"):
-    denoise.fuse_scores([x, x[:2]], "rank")
+    denoise.fuse_scores([x, x[:2]], "rank", 0.15)

@@ -84,7 +84,7 @@ def test_diagnosis_matches_the_noisy_cell(tiny_run):
   assert diag["injected"].sum() == int(noisy["patchcore"]["n_injected"])
   n, p = diag["weights/softpatch_lof"].shape
   assert n == int(noisy["patchcore"]["n_train"])
-  # The refit reproduces the cell's banks and noise flags.
+  # The refit reproduces the cell's banks and outlier flags.
   for m in ("patchcore", "softpatch_lof"):
     bank = diag[f"bank/{m}"]
     assert bank.size == int(noisy[m]["bank_size"])
@@ -92,7 +92,7 @@ def test_diagnosis_matches_the_noisy_cell(tiny_run):
     assert from_injected == int(noisy[m]["bank_from_injected"])
   w = diag["weights/softpatch_lof"]
   flagged = (w > diag["threshold/softpatch_lof"]).sum()
-  assert flagged == int(noisy["softpatch_lof"]["n_noise_patches"])
+  assert flagged == int(noisy["softpatch_lof"]["n_outlier_patches"])
   assert np.isin(diag["sample"], np.arange(n * p)).all()
   np.testing.assert_array_equal(np.unique(diag["sample"]), diag["sample"])
 

@@ -158,6 +158,8 @@ def test_inputs_check_batch_sizes_and_sources():
   ex.batch_size = 8
   with pytest.raises(ValueError, match="one batch size"):
     inference.Inputs(_FakeEmbedder(), ex)
+  with pytest.raises(ValueError, match="needs an embedder or map extractor"):
+    inference.Inputs()
   only_maps = inference.Inputs(maps=_FakeExtractor())
   assert only_maps.batch_size == 4
   models = inference.bank_scorers(_banks(np.random.default_rng(3)))

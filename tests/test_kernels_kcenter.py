@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import _testutil  # pylint: disable=g-bad-import-order
-from softpatch_jax.kernels import _dispatch
+from softpatch_jax.kernels import dispatch
 from softpatch_jax.kernels import kcenter
 from softpatch_jax.kernels import kcenter_pallas
 
@@ -257,13 +257,13 @@ def test_plan_blocks_and_budget():
     p = kcenter_pallas.plan(m, d, "triton")
     assert p.block_m & (p.block_m - 1) == 0 and p.block_m <= 1024
     assert p.d_pad % p.d_chunk == 0 and p.d_pad >= d
-    assert 0 < p.nbytes <= _dispatch.GPU_SMEM_BYTES
+    assert 0 < p.nbytes <= dispatch.GPU_SMEM_BYTES
     p = kcenter_pallas.plan(m, d, "mosaic_tpu")
     assert p.block_m % 128 == 0 and p.d_pad % 8 == 0
-    assert 0 < p.nbytes <= _dispatch.TPU_VMEM_BYTES
+    assert 0 < p.nbytes <= dispatch.TPU_VMEM_BYTES
   # A huge D shrinks the default block until it fits.
   p = kcenter_pallas.plan(10**6, 4096, "mosaic_tpu")
-  assert p.block_m < 2048 and p.nbytes <= _dispatch.TPU_VMEM_BYTES
+  assert p.block_m < 2048 and p.nbytes <= dispatch.TPU_VMEM_BYTES
   with pytest.raises(ValueError, match="power of two"):
     kcenter_pallas.plan(1000, 8, "triton", block_m=384)
   with pytest.raises(ValueError, match="multiple of 128"):

@@ -8,11 +8,11 @@ import pytest
 from unittest import mock
 
 from softpatch_jax import parallel
-from softpatch_jax.kernels import _dispatch
+from softpatch_jax.kernels import dispatch
 from softpatch_jax.kernels import knn
 from softpatch_jax.kernels import knn_pallas
 
-BACKENDS = _dispatch.PALLAS_BACKENDS
+BACKENDS = dispatch.PALLAS_BACKENDS
 
 
 def _np_knn(q, b, k):
@@ -169,13 +169,13 @@ def test_plan_blocks_are_legal_and_fit(backend, m, n, d, k):
   if backend == "triton":
     for size in (p.block_q, p.block_n, p.block_d):
       assert size >= 16 and size & (size - 1) == 0, p
-    assert p.kp == _dispatch.next_pow2(k)
-    assert 0 < p.nbytes <= _dispatch.GPU_SMEM_BYTES
+    assert p.kp == dispatch.next_pow2(k)
+    assert 0 < p.nbytes <= dispatch.GPU_SMEM_BYTES
   else:
     assert p.block_q % 8 == 0 and p.block_n % 128 == 0, p
     assert p.block_d % 128 == 0 and p.kp % 128 == 0, p
-    assert 0 < p.nbytes <= _dispatch.TPU_VMEM_BYTES
-  # The tiles are independent of d (parallel._knn_blocks relies on it).
+    assert 0 < p.nbytes <= dispatch.TPU_VMEM_BYTES
+  # The tiles are independent of d (parallel.knn_blocks relies on it).
   other = knn_pallas.plan(m, n, 7, k, backend)
   assert (other.block_q, other.block_n) == (p.block_q, p.block_n)
 
@@ -199,7 +199,7 @@ def test_parallel_knn_blocks_mirror_the_plan(backend, monkeypatch):
   monkeypatch.setenv("SOFTPATCH_JAX_PALLAS_BACKEND", backend)
   for q, n in ((5, 3), (784, 132), (87808, 18110)):
     p = knn_pallas.plan(q, n, 1024, 1, backend)
-    assert parallel._knn_blocks(q, n) == (
+    assert parallel.knn_blocks(q, n) == (
         p.block_q,
         p.block_n,
         "pallas_interpret",
@@ -281,12 +281,12 @@ def test_default_dispatch_and_errors():
 
 def test_impl_can_be_forced_by_environment(monkeypatch):
   monkeypatch.setenv("SOFTPATCH_JAX_IMPL", "reference")
-  assert _dispatch.resolve_impl(None, "knn") == "reference"
-  assert _dispatch.resolve_impl("xla", "knn") == "xla"  # explicit wins
+  assert dispatch.resolve_impl(None, "knn") == "reference"
+  assert dispatch.resolve_impl("xla", "knn") == "xla"  # explicit wins
   monkeypatch.setenv("SOFTPATCH_JAX_IMPL", "cuda")
   with pytest.raises(ValueError, match="SOFTPATCH_JAX_IMPL"):
-    _dispatch.resolve_impl(None, "knn")
+    dispatch.resolve_impl(None, "knn")
   monkeypatch.delenv("SOFTPATCH_JAX_IMPL")
-  assert _dispatch.resolve_impl(None, "knn") == (
+  assert dispatch.resolve_impl(None, "knn") == (
       "xla" if jax.default_backend() == "cpu" else "pallas"
   )

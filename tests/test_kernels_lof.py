@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import _testutil  # pylint: disable=g-bad-import-order
-from softpatch_jax.kernels import _dispatch
+from softpatch_jax.kernels import dispatch
 from softpatch_jax.kernels import lof
 from softpatch_jax.kernels import lof_pallas
 
@@ -146,11 +146,11 @@ def test_pallas_plans_fit_on_chip_memory(n):
   tri = lof_pallas.plan(n, 128, 6, "triton")
   assert (tri.block_r, tri.n_pad, tri.k_pad, tri.num_warps) == (16, 256, 8, 4)
   assert tri.n_rows % tri.block_r == 0 and tri.n_rows >= n
-  assert 0 < tri.nbytes <= _dispatch.GPU_SMEM_BYTES // 3
+  assert 0 < tri.nbytes <= dispatch.GPU_SMEM_BYTES // 3
   tpu = lof_pallas.plan(n, 128, 6, "mosaic_tpu")
   assert tpu.block_r % 8 == 0 and tpu.k_pad == 128
   assert tpu.n_pad == -(-n // 8) * 8 and tpu.n_rows % tpu.block_r == 0
-  assert 0 < tpu.nbytes <= _dispatch.TPU_VMEM_BYTES // 8
+  assert 0 < tpu.nbytes <= dispatch.TPU_VMEM_BYTES // 8
   # Larger N: the Triton row tile shrinks to keep the tile in registers.
   big = lof_pallas.plan(4000, 128, 6, "triton")
   assert big.block_r * big.n_pad <= 4096 and big.n_pad == 4096

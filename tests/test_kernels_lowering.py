@@ -15,7 +15,7 @@ from unittest import mock
 import jax
 import pytest
 
-from softpatch_jax.kernels import _dispatch
+from softpatch_jax.kernels import dispatch
 from softpatch_jax.kernels import lowering
 
 CASES = [
@@ -46,9 +46,7 @@ def test_block_plan_fits_on_chip_memory(case):
   op, platform, shape = case
   plan = lowering.plan(op, platform, **shape)
   limit = (
-      _dispatch.GPU_SMEM_BYTES
-      if platform == "cuda"
-      else _dispatch.TPU_VMEM_BYTES
+      dispatch.GPU_SMEM_BYTES if platform == "cuda" else dispatch.TPU_VMEM_BYTES
   )
   assert 0 < plan.nbytes <= limit, (op, platform, shape, plan)
 
@@ -57,14 +55,14 @@ def test_budget_check_names_op_and_sizes():
   with pytest.raises(
       ValueError, match=r"kernels.knn.*300,000 bytes of shared memory on triton"
   ):
-    _dispatch.check_budget("knn", "triton", 300_000, "smem")
+    dispatch.check_budget("knn", "triton", 300_000, "smem")
   with pytest.raises(ValueError, match="VMEM"):
-    _dispatch.check_budget("lof", "mosaic_tpu", 2**30, "(784, 4096)")
-  _dispatch.check_budget("lof", "mosaic_tpu", 2**20, "small")
+    dispatch.check_budget("lof", "mosaic_tpu", 2**30, "(784, 4096)")
+  dispatch.check_budget("lof", "mosaic_tpu", 2**20, "small")
 
 
 @pytest.mark.parametrize("backend", ["gpu", "cuda", "tpu", "cpu"])
-@pytest.mark.parametrize("op", _dispatch.OPS)
+@pytest.mark.parametrize("op", dispatch.OPS)
 def test_default_is_xla_until_a_kernel_ran_on_the_hardware(
     backend, op, monkeypatch
 ):
@@ -72,25 +70,25 @@ def test_default_is_xla_until_a_kernel_ran_on_the_hardware(
   # platform defaults to XLA with no environment variable set.
   monkeypatch.delenv("SOFTPATCH_JAX_IMPL", raising=False)
   with mock.patch.object(jax, "default_backend", return_value=backend):
-    assert _dispatch.resolve_impl(None, op) == "xla"
-    assert _dispatch.platform() in _dispatch.PLATFORMS
+    assert dispatch.resolve_impl(None, op) == "xla"
+    assert dispatch.platform() in dispatch.PLATFORMS
 
 
 def test_override_and_bad_override(monkeypatch):
   monkeypatch.setenv("SOFTPATCH_JAX_IMPL", "pallas")
-  assert _dispatch.resolve_impl(None, "knn") == "pallas"
+  assert dispatch.resolve_impl(None, "knn") == "pallas"
   monkeypatch.setenv("SOFTPATCH_JAX_IMPL", "cuda")
   with pytest.raises(ValueError, match="SOFTPATCH_JAX_IMPL='cuda'"):
-    _dispatch.resolve_impl(None, "knn")
+    dispatch.resolve_impl(None, "knn")
 
 
 def test_pallas_backend_per_platform(monkeypatch):
   monkeypatch.delenv("SOFTPATCH_JAX_PALLAS_BACKEND", raising=False)
-  assert _dispatch.pallas_backend("cuda") == "triton"
-  assert _dispatch.pallas_backend("tpu") == "mosaic_tpu"
-  assert _dispatch.pallas_backend("cpu") == "triton"
+  assert dispatch.pallas_backend("cuda") == "triton"
+  assert dispatch.pallas_backend("tpu") == "mosaic_tpu"
+  assert dispatch.pallas_backend("cpu") == "triton"
   monkeypatch.setenv("SOFTPATCH_JAX_PALLAS_BACKEND", "mosaic_tpu")
-  assert _dispatch.pallas_backend("cpu") == "mosaic_tpu"
+  assert dispatch.pallas_backend("cpu") == "mosaic_tpu"
   monkeypatch.setenv("SOFTPATCH_JAX_PALLAS_BACKEND", "mosaic_gpu")
   with pytest.raises(ValueError, match="mosaic_gpu"):
-    _dispatch.pallas_backend("cpu")
+    dispatch.pallas_backend("cpu")

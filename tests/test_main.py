@@ -6,13 +6,13 @@ import sys
 import pytest
 
 import _testutil  # pylint: disable=g-bad-import-order
-from softpatch_jax import experiment
+from softpatch_jax import evaluate
 from softpatch_jax import fit
 from softpatch_jax import main
 
 
 def test_modes():
-  assert main.MODES == {"evaluate": experiment.run, "fit": fit.fit_and_save}
+  assert main.MODES == {"evaluate": evaluate.run_options, "fit": fit.fit_model}
   c = _testutil.load_config("synthetic")
   c.mode = "train"
   with pytest.raises(ValueError, match="config.mode must be one of"):

@@ -135,17 +135,17 @@ def test_softpatch_bank_matches_numpy(seed, impl):
       np.asarray(fit.weights), weights, rtol=1e-3, atol=1e-3
   )
   t = np.quantile(np.asarray(fit.weights), 0.85)
-  noise = np.asarray(fit.weights) > t
-  np.testing.assert_array_equal(np.asarray(fit.outliers), noise)
+  outliers = np.asarray(fit.weights) > t
+  np.testing.assert_array_equal(np.asarray(fit.outliers), outliers)
   starts = np.asarray(coreset.start_indices(n * p, 4, coreset_key))
   picks = _testutil.numpy_greedy_kcenter(
       reduced.astype(np.float32),
       int(n * p * 0.2),
       starts,
-      (~noise).reshape(-1).astype(np.float32),
+      (~outliers).reshape(-1).astype(np.float32),
   )
   np.testing.assert_array_equal(np.asarray(fit.indices), picks)
-  assert not noise.reshape(-1)[picks].any()  # noise never enters the bank
+  assert not outliers.reshape(-1)[picks].any()  # outliers never enter the bank
   np.testing.assert_array_equal(
       np.asarray(bank.features), feats.reshape(n * p, d)[picks]
   )
@@ -292,13 +292,15 @@ def test_reference_quirks_bank_matches_numpy(seed):
   np.testing.assert_allclose(
       np.asarray(fit.weights), lof.T, rtol=1e-3, atol=1e-3
   )
-  noise = np.asarray(fit.weights) > np.quantile(np.asarray(fit.weights), 0.85)
-  np.testing.assert_array_equal(np.asarray(fit.outliers), noise)
+  outliers = np.asarray(fit.weights) > np.quantile(
+      np.asarray(fit.weights), 0.85
+  )
+  np.testing.assert_array_equal(np.asarray(fit.outliers), outliers)
   picks, valid = _testutil.numpy_reference_sampler(
       (flat @ w2).astype(np.float32),
       int(n * p * 0.2),
       starts,
-      (~noise).reshape(-1).astype(np.float32),
+      (~outliers).reshape(-1).astype(np.float32),
   )
   np.testing.assert_array_equal(np.asarray(fit.valid), valid)
   np.testing.assert_array_equal(np.asarray(fit.indices)[valid], picks[valid])
@@ -310,12 +312,12 @@ def test_reference_quirks_bank_matches_numpy(seed):
       np.maximum(np.asarray(fit.weights), 0).reshape(-1)[picks[valid]],
   )
   # The first pick is the noisy image's patch, kept in the bank as in the
-  # official code; without the quirks noise never enters the bank.
-  assert noise.reshape(-1)[picks[0]]
+  # official code; without the quirks outliers never enter the bank.
+  assert outliers.reshape(-1)[picks[0]]
   _, plain = _quirk_bank(
       feats, jax.random.PRNGKey(seed), projection=w1, starts=starts
   )
-  assert not noise.reshape(-1)[np.asarray(plain.indices)].any()
+  assert not outliers.reshape(-1)[np.asarray(plain.indices)].any()
 
 
 @pytest.mark.parametrize(

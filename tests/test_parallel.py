@@ -21,6 +21,7 @@ import pytest
 
 import _testutil  # pylint: disable=g-bad-import-order
 from softpatch_jax import defaults
+from softpatch_jax import denoise
 from softpatch_jax import main
 from softpatch_jax import parallel
 
@@ -36,11 +37,15 @@ import os
 import sys
 import numpy as np
 import jax
-from softpatch_jax import backbones, denoise, engine, features, methods
-from softpatch_jax import parallel, scoring
+from softpatch_jax import backbones, banks, coreset, denoise, embedding
+from softpatch_jax import features, methods, parallel, scoring
 from softpatch_jax.kernels import kcenter
 inp = dict(np.load(sys.argv[1]))
-opts = dict(projection_dim=16, lof_k=6, grid=(5, 7), image_size=(20, 28))
+geometry = methods.BankGeometry((5, 7), (20, 28))
+def bank_options(quirks):
+  return methods.BankOptions(
+      denoise=denoise.DenoiseOptions(lof_k=6),
+      coreset=coreset.CoresetOptions(projection_dim=16, reference_quirks=quirks))
 key = jax.random.PRNGKey(3)
 bb = backbones.load("efficientnet_lite0", weights="random",
                     layers=("stage2", "stage3"))
@@ -54,9 +59,10 @@ def kc(mesh, *args, **kw):
     return kcenter.kcenter(*args, **kw)
   return parallel.kcenter(*args, mesh=mesh, **kw)
 def weights(mesh, x, name, **kw):
+  options = denoise.DenoiseOptions(**kw)
   if mesh is None:
-    return denoise.patch_weights(x, name, **kw)
-  return parallel.patch_weights(x, name, mesh, **kw)
+    return denoise.patch_weights(x, name, options)
+  return parallel.patch_weights(x, name, options, mesh=mesh)
 for n in (0, 1, 2, 3, 8):  # 0: one device, the single-device code
   mesh = parallel.make_mesh(n) if n else None
   x, w, starts = inp["kc_x"], inp["kc_w"], inp["kc_starts"]
@@ -66,11 +72,11 @@ for n in (0, 1, 2, 3, 8):  # 0: one device, the single-device code
     out[f"kc_pallas_{n}"] = kc(mesh, inp["pl_x"], 9, inp["pl_starts"],
                                inp["pl_w"], impl="pallas_interpret")
   for quirks in (0, 1) if n in (0, 3) else (0,):
-    bank, fit = methods.build_bank(inp["train"], key, "softpatch_lof",
-                                   mesh=mesh, reference_quirks=bool(quirks),
-                                   **opts)
+    bank, fit = banks.build_bank(inp["train"], key, "softpatch_lof",
+                                 bank_options(bool(quirks)), geometry,
+                                 mesh=mesh)
     for k, v in dict(feat=bank.features, bw=bank.weights, idx=fit.indices,
-                     valid=fit.valid, w=fit.weights).items():
+                          valid=fit.valid, w=fit.weights).items():
       out[f"bank{quirks}_{k}_{n}"] = v
   denoise._BLOCK_ELEMS = int(inp["block_elems"])
   for name in ("nearest", "gaussian", "fusion_vote"):
@@ -81,11 +87,12 @@ for n in (0, 1, 2, 3, 8):  # 0: one device, the single-device code
     bk = scoring.make_bank(inp[f"{b}_bank"], inp[f"{b}_w"], grid=(5, 7),
                            image_size=(20, 28), blur_sigma=1.5,
                            soft_weight=soft)
+    search = scoring.choose_search(bk, scoring.ScoringOptions(), mesh)
     for k, v in zip(("img", "maps", "scores"),
-                    scoring.score(bk, inp["queries"], mesh=mesh)):
+                    scoring.score(bk, inp["queries"], search)):
       out[f"{b}_{k}_{n}"] = v
   if n in (0, 3, 8):  # the backbone compiles slowly: two meshes
-    emb = engine.Embedder(bb.variables, spec, batch_size=2, mesh=mesh)
+    emb = embedding.Embedder(bb.variables, spec, batch_size=2, mesh=mesh)
     step = emb.batch_size
     out[f"embed_{n}"] = np.concatenate(
         [emb(inp["images"][i:i + step]) for i in range(0, 7, step)])
@@ -96,7 +103,8 @@ bk = scoring.make_bank(inp["big_bank"], inp["big_w"], grid=(5, 7),
 for n in (0, 3):
   mesh = parallel.make_mesh(n) if n else None
   out[f"pl_lof_{n}"] = weights(mesh, inp["proj"], "lof", lof_k=6)
-  out[f"pl_scores_{n}"] = scoring.score(bk, inp["queries"], mesh=mesh)[2]
+  search = scoring.choose_search(bk, scoring.ScoringOptions(), mesh)
+  out[f"pl_scores_{n}"] = scoring.score(bk, inp["queries"], search)[2]
 np.savez(sys.argv[2], **{k: np.asarray(v) for k, v in out.items()})
 """
 
@@ -170,7 +178,7 @@ def test_auto_mode_shards_over_every_visible_device(run):
   assert int(run[1]["auto_devices"]) == 8
   assert jax.device_count() == 1  # this process kept one device
   assert parallel.resolve_mesh("auto") is None
-  assert parallel.mesh_from_config(defaults.base_config()) is None
+  assert parallel.ParallelOptions().mesh() is None
   assert parallel.resolve_mesh("on").size == 1
   assert parallel.resolve_mesh("off") is None
 
@@ -283,6 +291,7 @@ def test_features_equal_one_device(run):
 
 def test_bad_input_is_one_value_error():
   mesh = parallel.make_mesh(1)
+  options = denoise.DenoiseOptions()
   with pytest.raises(ValueError, match="must be one of"):
     parallel.resolve_mesh("always")
   with pytest.raises(ValueError, match="2 devices requested, 1 visible"):
@@ -292,9 +301,9 @@ def test_bad_input_is_one_value_error():
   with pytest.raises(ValueError, match="sampling_weight"):
     parallel.kcenter(np.zeros((4, 2)), 2, np.array([0]), np.ones(3), mesh=mesh)
   with pytest.raises(ValueError, match=r"\(N >= 2, P, d\)"):
-    parallel.patch_weights(np.zeros((1, 4, 2)), "lof", mesh)
+    parallel.patch_weights(np.zeros((1, 4, 2)), "lof", options, mesh=mesh)
   with pytest.raises(ValueError, match="unknown discriminator"):
-    parallel.patch_weights(np.zeros((3, 4, 2)), "median", mesh)
+    parallel.patch_weights(np.zeros((3, 4, 2)), "median", options, mesh=mesh)
   with pytest.raises(ValueError, match="tracer"):
     jax.jit(lambda x: parallel.kcenter(x, 1, np.array([0]), mesh=mesh))(
         np.zeros((4, 2), np.float32)

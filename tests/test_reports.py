@@ -8,7 +8,7 @@ import pytest
 from sklearn import metrics as skm
 
 from softpatch_jax import data
-from softpatch_jax import engine
+from softpatch_jax import fitting
 from softpatch_jax import inference
 from softpatch_jax import reports
 
@@ -41,12 +41,12 @@ def _case(seed):
       indices=np.arange(n),
   )
   bank_images = rng.integers(0, len(train), size=40)
-  info = engine.FitInfo(
+  info = fitting.FitInfo(
       method="softpatch_lof",
       n_images=len(train),
       n_patches=16 * len(train),
       bank_size=40,
-      image_noise_fraction=rng.uniform(size=len(train)),
+      image_outlier_fraction=rng.uniform(size=len(train)),
       bank_images=bank_images,
   )
   return test, train, pred, info, set(int(i) for i in drawn)

@@ -134,8 +134,10 @@ class BackboneOptions:
   def __post_init__(self):
     layers = self.layers or ()
     if isinstance(layers, str):
-      layers = [t.strip() for t in layers.split(",") if t.strip()]
-    object.__setattr__(self, "layers", tuple(str(t) for t in layers))
+      layers = [layers]
+    # A command line hands a tuple field one comma string: ("a,b",).
+    names = [t.strip() for item in layers for t in str(item).split(",")]
+    object.__setattr__(self, "layers", tuple(t for t in names if t))
     object.__setattr__(self, "weights", str(self.weights or "imagenet"))
 
   def load(self, seed: int = 0) -> "Backbone":

@@ -2,8 +2,8 @@
 
 Injects 20 % anomalous images into training with overlap (the injected images
 stay in the test set). PatchCore memorises their defects and then scores the
-same defects as normal; SoftPatch's LOF flags those patches as noise and keeps
-them out of the memory bank.
+same defects as normal; SoftPatch's LOF flags those patches as outliers and
+keeps them out of the memory bank.
 """
 
 import csv
@@ -15,8 +15,9 @@ import pytest
 
 from softpatch_jax import defaults
 from softpatch_jax import data
-from softpatch_jax import experiment
+from softpatch_jax import evaluate
 from softpatch_jax import methods
+from softpatch_jax import options
 
 
 def _config(seed, size=96):
@@ -48,7 +49,7 @@ def runs(tmp_path_factory):
   out = {}
   for seed in (0, 1, 2):
     workdir = str(tmp_path_factory.mktemp(f"run{seed}"))
-    out[seed] = (workdir, experiment.run(_config(seed), workdir))
+    out[seed] = (workdir, evaluate.run(_config(seed), workdir))
   return out
 
 
@@ -76,8 +77,8 @@ def test_softpatch_beats_patchcore_with_injected_noise(runs):
 
 def test_lof_flags_injected_images(runs):
   for _, r in runs.values():
-    inj = _metric(r, "softpatch_lof", "noise_frac_injected")
-    clean = _metric(r, "softpatch_lof", "noise_frac_clean")
+    inj = _metric(r, "softpatch_lof", "outlier_frac_injected")
+    clean = _metric(r, "softpatch_lof", "outlier_frac_clean")
     assert inj > 2 * clean, (inj, clean)
 
 
@@ -122,23 +123,26 @@ def test_patchcore_random_and_gaussian_run(tmp_path):
   c.noise.augment = True
   c.noise.augment_blur = True
   c.noise.augment_noise = True
-  result = experiment.run(c, str(tmp_path))
+  result = evaluate.run(c, str(tmp_path))
   assert result["noise"]["synth"]["augment"] is True
   for m in ("patchcore_random", "softpatch_gaussian", "softpatch_nearest"):
     assert _metric(result, m, "image_auroc") > 0.8, m
   for m in ("softpatch_gaussian", "softpatch_nearest"):
     # The other discriminators also single out the injected images.
-    assert _metric(result, m, "noise_frac_injected") > _metric(
-        result, m, "noise_frac_clean"
+    assert _metric(result, m, "outlier_frac_injected") > _metric(
+        result, m, "outlier_frac_clean"
     ), m
 
 
 def test_synthetic_data_follows_its_parameters(tmp_path):
   c = _config(0, size=64)
   c.data.synthetic.n_train = 4
-  assert len(data.load_dataset(c, "synth", str(tmp_path))[0]) == 4
+  load = lambda: data.load_dataset(
+      options.from_config(c).data, "synth", str(tmp_path)
+  )
+  assert len(load()[0]) == 4
   c.data.synthetic.n_train = 6  # other parameters: generated anew
-  assert len(data.load_dataset(c, "synth", str(tmp_path))[0]) == 6
+  assert len(load()[0]) == 6
   assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
 
 
@@ -153,7 +157,7 @@ def test_inject_list_round_trips_through_results_json(tmp_path):
   c.output.num_heatmaps = 0
   listed = ["scratch/003.png", "synth/test/blob/001.png"]
   c.noise.inject_list = ",".join(listed)
-  experiment.run(c, str(tmp_path))
+  evaluate.run(c, str(tmp_path))
   with open(tmp_path / "results.json") as f:
     noise = json.load(f)["noise"]["synth"]
   assert noise["draw"] == "list"

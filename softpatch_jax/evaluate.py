@@ -1,0 +1,418 @@
+"""Evaluate mode: every method on every category, results files, heatmaps.
+
+    python -m softpatch_jax.main --config configs/default.py --workdir out/
+
+writes into the workdir (README, "The default job"): results.csv,
+results.json (per category and mean, timings, the injected-noise record),
+heatmaps/<category>.png, noise/<category>.json, and the per-category
+scores/<category>.csv and train/<category>.csv of `reports`. Every file is
+written atomically, so an interrupted run leaves either the previous result
+or none.
+
+The flow, top to bottom: `run` reads the config once into typed records
+(`options.RunOptions`); `build_stack` loads the backbone once; per
+category, `data.prepare_category` applies the protocol, `fit_models` fits
+every method (memory banks and baselines), one pass of
+`inference.predict_samples` scores the test images with all of them, and
+`result_rows` turns the predictions into results rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Dict, List
+
+from absl import logging
+import jax
+import numpy as np
+
+from softpatch_jax import backbones
+from softpatch_jax import data
+from softpatch_jax import embedding
+from softpatch_jax import fitting
+from softpatch_jax import inference
+from softpatch_jax import io_utils
+from softpatch_jax import methods as methods_lib
+from softpatch_jax import options
+from softpatch_jax import reports
+from softpatch_jax import viz
+from softpatch_jax.baselines import fitters
+from softpatch_jax.baselines import image_filter
+
+RESULT_FIELDS = [
+    "category",
+    "method",
+    "image_auroc",
+    "image_f1_max",
+    "pixel_auroc",
+    "aupro",
+    "n_train",
+    "n_injected",
+    "n_test",
+    "n_test_anomalous",
+    "bank_size",
+    "bank_from_injected",
+    "bank_from_clean",
+    "image_auroc_excl_injected",
+    "pixel_auroc_excl_injected",
+    "n_outlier_patches",
+    "outlier_frac_injected",
+    "outlier_frac_clean",
+    "image_filter_backbone",
+    "n_filtered_out",
+    "filtered_out_injected",
+    "search",
+    "filter_s",
+    "extract_s",
+    "fit_s",
+    "predict_s",
+]
+_METRICS = [
+    "image_auroc",
+    "image_f1_max",
+    "pixel_auroc",
+    "aupro",
+    "image_auroc_excl_injected",
+    "pixel_auroc_excl_injected",
+]
+
+
+@dataclasses.dataclass
+class Stack:
+  """The networks of a run, built once: the backbone, its patch-feature
+  embedder (memory banks) and its tap-map extractor (baselines)."""
+
+  backbone: backbones.Backbone
+  embedder: embedding.Embedder
+  extractor: embedding.MapExtractor
+
+  @property
+  def inputs(self) -> inference.Inputs:
+    return inference.Inputs(self.embedder, self.extractor)
+
+
+def build_stack(opts: options.RunOptions) -> Stack:
+  bb = opts.backbone.load(opts.seed)
+  embedder = embedding.for_backbone(
+      bb, opts.features, opts.data.batch_size, opts.parallel.mesh()
+  )
+  extractor = embedding.MapExtractor(bb.name, bb.variables, embedder.batch_size)
+  return Stack(bb, embedder, extractor)
+
+
+@dataclasses.dataclass
+class Fits:
+  """Every method of a category fitted: {name: model scoring images}, their
+  fit records and the seconds spent reading training images per method."""
+
+  models: Dict[str, object]
+  infos: Dict[str, fitting.FitInfo]
+  extract_s: Dict[str, float]
+  filter_fields: Dict[str, dict]
+
+
+def fit_models(opts, cat: data.Category, stack: Stack, pre) -> Fits:
+  """Fits every configured method on the category's training images.
+
+  PaDiM* first: each 'padim_filter+<method>' fits on the images it keeps.
+  The memory banks share one feature extraction, the baselines one pass
+  over the tap maps.
+  """
+  names = opts.method_names
+  loader = embedding.LoaderOptions(
+      opts.data.num_workers,
+      data.build_augment(opts.noise),
+      opts.data.feature_store,
+  )
+  fit_opts = fitters.FitOptions(opts.baselines, opts.scoring, opts.seed, loader)
+  filt = image_filter.image_filter(
+      cat.train, stack.extractor, pre, names, fit_opts, label=cat.name
+  )
+  fits = Fits({}, {}, {}, dict.fromkeys(filt.subsets, filt.fields))
+  bank_names = [n for n in names if not methods_lib.is_baseline(n)]
+  if bank_names:
+    bank_opts = methods_lib.BankOptions(
+        opts.denoise, opts.coreset, opts.scoring
+    )
+    plain = [n for n in bank_names if n not in filt.subsets]
+    fitted = fitting.fit_methods(
+        cat.train,
+        stack.embedder,
+        pre,
+        plain,
+        bank_opts,
+        seed=opts.seed,
+        loader=loader,
+        label=cat.name,
+    )
+    image_filter.fit_filtered_banks(
+        fitted,
+        bank_names,
+        filt.subsets,
+        bank_opts,
+        seed=opts.seed,
+        label=cat.name,
+    )
+    del fitted.train_feats
+    fits.models.update(
+        inference.chosen_scorers(
+            fitted.banks, opts.scoring, stack.embedder.mesh
+        )
+    )
+    fits.infos.update(fitted.infos)
+    fits.extract_s.update(dict.fromkeys(bank_names, fitted.extract_s))
+  base = fitters.fit(
+      cat.train,
+      stack.extractor,
+      pre,
+      names,
+      fit_opts,
+      subsets=filt.subsets,
+      label=cat.name,
+  )
+  fits.models.update(base.models)
+  fits.infos.update(base.infos)
+  fits.extract_s.update(dict.fromkeys(base.models, base.extract_s))
+  return fits
+
+
+def evaluate_category(opts, cat: data.Category, stack: Stack, pre, workdir):
+  """Fits every configured method on one category and evaluates it -> rows."""
+  names = list(opts.method_names)
+  has_masks = data.has_pixel_labels(cat.test)
+  fits = fit_models(opts, cat, stack, pre)
+  t0 = time.perf_counter()
+  preds = inference.predict_samples(
+      {n: fits.models[n] for n in names},
+      stack.inputs,
+      cat.test,
+      pre,
+      num_workers=opts.data.num_workers,
+      with_masks=has_masks,
+      desc=f"{cat.name}: test",
+  )
+  predict_s = time.perf_counter() - t0
+  rows = [
+      result_row(cat, name, preds[name], fits, has_masks, predict_s)
+      for name in names
+  ]
+  if opts.output.num_heatmaps > 0:
+    injected_paths = {s.path for s in cat.train if s.injected}
+    write_heatmaps(
+        os.path.join(workdir, "heatmaps", f"{cat.name}.png"),
+        cat.test,
+        preds,
+        names,
+        pre,
+        opts.output.num_heatmaps,
+        injected_paths,
+    )
+  if cat.noise_info is not None:
+    io_utils.write_json(
+        os.path.join(workdir, "noise", f"{cat.name}.json"), cat.noise_info
+    )
+  reports.write_category(
+      workdir, cat.name, cat.test, cat.train, preds, fits.infos
+  )
+  return rows
+
+
+def result_row(cat, name, pred, fits: Fits, has_masks, predict_s) -> dict:
+  """One method's results row: metrics, sizes, timings, explaining fields."""
+  res = inference.evaluate(pred, pixel_metrics=has_masks)
+  info = fits.infos[name]
+  search = getattr(fits.models[name], "search", None)
+  row = dict(
+      category=cat.name,
+      method=name,
+      **res,
+      n_train=len(cat.train),
+      n_injected=cat.n_injected,
+      n_test=len(cat.test),
+      n_test_anomalous=int(sum(s.label == 1 for s in cat.test)),
+      bank_size=info.bank_size,
+      n_outlier_patches=info.n_outlier_patches,
+      search=getattr(search, "name", None),
+      extract_s=round(fits.extract_s[name], 3),
+      fit_s=round(info.fit_s, 3),
+      predict_s=round(predict_s, 3),
+      **fits.filter_fields.get(name, {}),
+  )
+  # How much of the injected vs the clean images the discriminator flagged
+  # as outlier patches: the denoising at work.
+  injected = np.array([s.injected for s in cat.train], bool)
+  row.update(fitting.image_outlier_summary(info, injected))
+  row.update(reports.method_fields(pred, info, cat.train, cat.test, has_masks))
+  logging.info(
+      "%s / %s: %s",
+      cat.name,
+      name,
+      {k: v for k, v in res.items() if v is not None},
+  )
+  return row
+
+
+def write_heatmaps(path, test, preds, names, pre, num, injected_paths=()):
+  """PNG: rows of defective test images; columns input | methods | mask.
+
+  Test images that were also injected into training (overlap protocol) are
+  marked: they are the ones PatchCore tends to miss.
+  """
+  first = preds[names[0]]
+  defective = [i for i, lab in enumerate(first.labels) if lab == 1]
+  # Half the rows (at most) show defects that were also injected into
+  # training, where the methods differ most; the rest are ordinary ones.
+  seen = [
+      i for i in defective if test[int(first.indices[i])].path in injected_paths
+  ]
+  seen = seen[: num // 2]
+  rest = [i for i in defective if i not in seen][: num - len(seen)]
+  order = sorted(seen + rest)
+  if not order or first.maps is None:
+    return
+  samples = [test[int(first.indices[i])] for i in order]
+  batch = next(
+      iter(
+          data.stream_batches(
+              samples,
+              pre,
+              batch_size=len(samples),
+              num_workers=2,
+              with_masks=first.masks is not None,
+          )
+      )
+  )
+  images = [viz.to_uint8_image(im, pre.mean, pre.std) for im in batch.images]
+  # Colour scale per method: the median test pixel is dark, the 99.9th
+  # percentile is full heat.
+  scales = {n: np.percentile(preds[n].maps, [50.0, 99.9]) for n in names}
+  rows = []
+  for r, i in enumerate(order):
+    row = [images[r]]
+    for name in names:
+      lo, hi = scales[name]
+      row.append(
+          viz.overlay(images[r], preds[name].maps[i], float(lo), float(hi))
+      )
+    if batch.masks is not None:
+      row.append(viz.mask_outline(images[r], batch.masks[r]))
+    rows.append(row)
+  cols = ["input"] + list(names) + (["mask"] if batch.masks is not None else [])
+  titles = [
+      f"{os.path.basename(s.path)} ({s.defect_type})"
+      + (" [also injected into train]" if s.path in injected_paths else "")
+      for s in samples
+  ]
+  io_utils.save_image(path, viz.tile_rows(rows, titles, cols))
+
+
+def summarize(rows: List[dict]) -> List[dict]:
+  """One 'mean' row per method over the categories."""
+  out = []
+  names = list(dict.fromkeys(r["method"] for r in rows))
+  for m in names:
+    rs = [r for r in rows if r["method"] == m]
+    mean = {"category": "mean", "method": m}
+    for k in _METRICS:
+      vals = [r[k] for r in rs if r.get(k) is not None]
+      mean[k] = float(np.mean(vals)) if vals else None
+    for k in ["extract_s", "fit_s", "predict_s"]:
+      mean[k] = round(float(np.sum([r[k] for r in rs])), 3)
+    out.append(mean)
+  return out
+
+
+def format_table(rows: List[dict]) -> str:
+  cols = [
+      "category",
+      "method",
+      "image_auroc",
+      "pixel_auroc",
+      "aupro",
+      "image_f1_max",
+      "n_train",
+      "n_injected",
+      "fit_s",
+  ]
+
+  def fmt(v):
+    if v is None:
+      return "n/a"
+    if isinstance(v, float):
+      return f"{v:.4f}"
+    return str(v)
+
+  table = [cols] + [[fmt(r.get(c)) for c in cols] for r in rows]
+  widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+  return "\n".join(
+      "  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in table
+  )
+
+
+def run(config, workdir: str) -> dict:
+  """Runs every configured method on every configured category.
+
+  The config is read here, once, into `options.RunOptions`. Writes
+  results.csv, results.json and heatmaps/<category>.png into `workdir`;
+  returns the results.json content.
+  """
+  return run_options(options.from_config(config), workdir)
+
+
+def run_options(opts: options.RunOptions, workdir: str) -> dict:
+  """`run` on typed records."""
+  workdir = io_utils.ensure_writable_dir(workdir)
+  t_start = time.perf_counter()
+  # Categories first: a wrong data path fails before any weights load.
+  cats = data.list_categories(opts.data, workdir)
+  stack = build_stack(opts)
+  rows, noise_records, result = [], {}, {}
+  for name in cats:
+    cat = data.prepare_category(opts.data, opts.noise, name, workdir)
+    # Per category: in whole-image mode the input size follows its images.
+    pre = data.preprocess_for(
+        opts.data, stack.backbone.mean, stack.backbone.std, cat.train
+    )
+    if cat.noise_info is not None:
+      noise_records[name] = cat.noise_info
+    logging.info(
+        "%s: %d train (%d injected), %d test",
+        name,
+        len(cat.train),
+        cat.n_injected,
+        len(cat.test),
+    )
+    rows += evaluate_category(opts, cat, stack, pre, workdir)
+    # Rewritten after every category so a long run can be inspected midway.
+    elapsed = time.perf_counter() - t_start
+    result = _write_results(workdir, opts, rows, noise_records, elapsed, stack)
+  print(format_table(rows + summarize(rows)), flush=True)
+  print(
+      f"results written to {os.path.join(workdir, 'results.csv')} and "
+      "results.json",
+      flush=True,
+  )
+  return result
+
+
+def _write_results(workdir, opts, rows, noise_records, total_s, stack):
+  all_rows = rows + summarize(rows)
+  io_utils.write_csv(
+      os.path.join(workdir, "results.csv"), all_rows, RESULT_FIELDS
+  )
+  result = {
+      "results": all_rows,
+      "total_s": round(total_s, 3),
+      "backbone": {
+          "name": stack.backbone.name,
+          "layers": list(stack.backbone.layers),
+          "weights_id": stack.backbone.weights_id,
+      },
+      "jax": {"version": jax.__version__, "backend": jax.default_backend()},
+      "noise": noise_records,
+      "config": opts.to_dict(),
+  }
+  io_utils.write_json(os.path.join(workdir, "results.json"), result)
+  return result
