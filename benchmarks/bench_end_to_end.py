@@ -33,7 +33,7 @@ Stages, timed the same way on both sides:
   train features   image decoding + backbone + 3x3 patch features of every
                    training image. Official: fit() start up to its LOF
                    weighting (includes its extra embed of the last batch).
-                   Project: engine.fit_methods' extract_s (includes jit).
+                   Project: fitting.fit_methods' extract_s (includes jit).
   backbone forward per image: backbone alone up to the last tap, on a fixed
                    batch of --batch_size random 224 px images, median of
                    --repeats after one warm-up, divided by the batch.
@@ -170,15 +170,14 @@ def make_workload(data_dir: str, sizes: dict, seed: int) -> str:
   from softpatch_jax.data import synthetic
 
   os.makedirs(data_dir, exist_ok=True)
-  return synthetic.ensure_generated(
-      data_dir,
-      [CATEGORY],
+  spec = synthetic.SyntheticOptions(
       n_train=sizes["n_train"],
       n_test_good=sizes["n_test_good"],
       n_test_defect=sizes["n_test_defect"],
       size=sizes["image_size"],
       seed=seed,
   )
+  return synthetic.ensure_generated(data_dir, [CATEGORY], spec)
 
 
 def official_test_order(root: str) -> list:
@@ -300,7 +299,7 @@ def run_official(spec: dict) -> dict:
   # backbone, LOF projection and coreset on the GPU; sklearn LOF and
   # faiss-cpu stay on the host, as the official code has them).
   device = torch.device(spec.get("official_device", "cpu"))
-  # As main.run: seeds fixed before the sampler and the model are built.
+  # As main.run_mode: seeds fixed before the sampler and the model are built.
   mods["utils"].fix_seeds(spec["seed"], device)
   t_whole = _now()
   # main.get_sampler('approx_greedy_coreset') and main.get_coreset.
@@ -439,9 +438,10 @@ def run_project(spec: dict) -> dict:
   # pylint: disable=g-import-not-at-top
   import jax
   from softpatch_jax import data
-  from softpatch_jax import engine
+  from softpatch_jax import fitting
   from softpatch_jax import inference
   from softpatch_jax import metrics
+  from softpatch_jax import options
 
   from softpatch_jax import compile_cache
 
@@ -455,31 +455,38 @@ def run_project(spec: dict) -> dict:
       compile_s[1] += 1
 
   jax.monitoring.register_event_duration_secs_listener(on_compile)
-  config = project_config(spec)
+  opts = options.from_config(project_config(spec))
   root, method = spec["data_root"], "softpatch_lof"
   t_whole = _now()
-  bb = engine.build_backbone(config)
-  embedder = engine.build_embedder(config, bb)
-  train, test = data.load_dataset(config, CATEGORY, None)
-  train, test, _ = data.apply_noise(config, CATEGORY, train, test)
-  pre = engine.build_preprocess(config, bb, train)
+  stack = opts.build_stack()
+  bb, embedder = stack.backbone, stack.embedder
+  cat = data.prepare_category(opts.data, opts.noise, CATEGORY, None)
+  train, test = cat.train, cat.test
+  pre = data.preprocess_for(opts.data, bb.mean, bb.std, train)
   build_s = _now() - t_whole
 
-  fitted = engine.fit_methods(config, train, embedder, pre, [method], CATEGORY)
+  fitted = fitting.fit_methods(
+      train,
+      embedder,
+      pre,
+      [method],
+      opts.bank_options(),
+      seed=opts.seed,
+      loader=opts.loader(),
+      label=CATEGORY,
+  )
   info = fitted.infos[method]
-  dim = fitted.train_feats.shape[-1]
   del fitted.train_feats
 
   t_pred = _now()
   preds = inference.predict_samples(
-      fitted.banks,
-      embedder,
+      inference.chosen_scorers(fitted.banks, opts.scoring, embedder.mesh),
+      inference.Inputs(embedder),
       test,
       pre,
-      num_workers=config.data.num_workers,
+      num_workers=opts.data.num_workers,
       with_masks=True,
       desc=f"{CATEGORY}: test",
-      max_bank_rows=engine.max_bank_rows(config, dim),
   )
   t_scored = _now()
   p = preds[method]
@@ -509,8 +516,8 @@ def run_project(spec: dict) -> dict:
       image_auroc=float(image_auroc),
       pixel_auroc=float(pixel_auroc),
       bank_size=int(info.bank_size),
-      lof_k=int(config.denoise.lof_k),
-      num_starts=int(config.coreset.num_starts),
+      lof_k=int(opts.denoise.lof_k),
+      num_starts=int(opts.coreset.num_starts),
       train_list=[_rel(s.path, root) for s in train],
       test_list=[_rel(s.path, root) for s in test],
       jax=jax.__version__,

@@ -48,7 +48,7 @@ import numpy as np
 
 from softpatch_jax import backbones
 from softpatch_jax import denoise
-from softpatch_jax import engine
+from softpatch_jax import embedding
 from softpatch_jax import features
 from softpatch_jax import io_utils
 from softpatch_jax import parallel
@@ -111,7 +111,7 @@ def bench_features(meshes, args, rows):
   images = rng.normal(size=(args.images, s, s, 3)).astype(np.float32)
   want = None
   for n, mesh in meshes:
-    emb = engine.Embedder(bb.variables, spec, args.batch_size, mesh)
+    emb = embedding.Embedder(bb.variables, spec, args.batch_size, mesh)
     step = emb.batch_size
 
     def run(emb=emb, step=step):

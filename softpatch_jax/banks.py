@@ -242,13 +242,13 @@ def _pruned_kcenter(x, n_select, starts, w, first=None):
 
 
 # Rows per projection chunk of host features: 64 MiB of 1024-d float32.
-_PROJECT_ROWS = 16384
+PROJECT_ROWS = 16384
 
 
 def _project(flat, projection):
   """`denoise.project`; host arrays chunk by chunk, their pages released."""
   return denoise.project_chunked(
-      flat, projection, _PROJECT_ROWS, feature_store.release
+      flat, projection, PROJECT_ROWS, feature_store.release
   )
 
 

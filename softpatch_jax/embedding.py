@@ -131,12 +131,15 @@ class MapExtractor:
 @dataclasses.dataclass(frozen=True)
 class LoaderOptions:
   """How training images are read: decoding threads, the transforms of the
-  injected copies (a `data.Augment`, None: none), and where their features
-  are kept ('memory' or 'disk', `feature_store`)."""
+  injected copies (a `data.Augment`, None: none), where their features are
+  kept ('memory' or 'disk', `feature_store`), and what an unreadable image
+  does: 'raise' stops at the first, 'collect' reads on and then raises one
+  ValueError listing them all."""
 
   num_workers: int = 4
   augment: Optional[data.Augment] = None
   feature_store: str = "memory"
+  errors: str = "raise"
 
   def __post_init__(self):
     n = settings.check_int(self.num_workers, "data.num_workers", 1)
@@ -144,6 +147,23 @@ class LoaderOptions:
     settings.check_choice(
         self.feature_store, "data.feature_store", feature_store.STORES
     )
+    settings.check_choice(self.errors, "errors", ("raise", "collect"))
+
+
+def training_stream(samples, pre, batch_size: int, loader, desc: str):
+  """`data.stream_batches` of training `samples` as `loader` says (no
+  masks), in batches of `batch_size`, with a progress bar."""
+  batches = data.stream_batches(
+      samples,
+      pre,
+      batch_size=batch_size,
+      num_workers=loader.num_workers,
+      with_masks=False,
+      augment=loader.augment,
+      errors=loader.errors,
+  )
+  total = data.n_batches(len(samples), batch_size)
+  return Progress(batches, total=total, desc=desc, unit="batches")
 
 
 def extract_features(
@@ -153,31 +173,19 @@ def extract_features(
     loader: LoaderOptions,
     *,
     desc: str = "features",
-    errors: str = "raise",
     what: str = "image",
 ) -> np.ndarray:
   """Embeds every sample -> (N, P, D) float32 array, with a progress bar.
 
-  errors 'collect': read on past unreadable images, then raise one ValueError
-  listing them all ('N <what>(s) cannot be read: ...'); 'raise': stop at the
-  first. The features are kept as `loader.feature_store` says.
+  Unreadable images: `loader.errors` ('collect': one ValueError 'N <what>(s)
+  cannot be read: ...' at the end). The features are kept as
+  `loader.feature_store` says.
   """
-  bs = embedder.batch_size
-  stream = data.stream_batches(
-      samples,
-      pre,
-      batch_size=bs,
-      num_workers=loader.num_workers,
-      with_masks=False,
-      augment=loader.augment,
-      errors=errors,
-  )
   # One preallocated array (or file), filled batch by batch: concatenating
   # chunks would hold every feature twice at the peak.
   out = feature_store.Writer(len(samples), np.float32, loader.feature_store)
   failed = []
-  total = data.n_batches(len(samples), bs)
-  for batch in Progress(stream, total=total, desc=desc, unit="batches"):
+  for batch in training_stream(samples, pre, embedder.batch_size, loader, desc):
     failed += [(samples[i].path, msg) for i, msg in batch.errors]
     if failed or batch.images is None:
       continue  # the run fails anyway: only look for more unreadable files
@@ -189,3 +197,29 @@ def extract_features(
   if not out.filled:
     raise ValueError(f"no images to extract features from ({desc})")
   return out.finish()
+
+
+@dataclasses.dataclass
+class Stack:
+  """The networks of a run, built once: the backbone, its patch-feature
+  embedder (memory banks) and its tap-map extractor (baselines)."""
+
+  backbone: backbones.Backbone
+  embedder: Embedder
+  extractor: MapExtractor
+
+
+def build_stack(
+    backbone: backbones.BackboneOptions,
+    embed: features_lib.EmbedOptions,
+    batch_size: int,
+    mesh=None,
+    seed: int = 0,
+) -> Stack:
+  """Loads the backbone (`seed`: of random weights) and wraps it for
+  `batch_size` images per device of `mesh`."""
+  bb = backbone.load(seed)
+  embedder = for_backbone(bb, embed, batch_size, mesh)
+  return Stack(
+      bb, embedder, MapExtractor(bb.name, bb.variables, embedder.batch_size)
+  )

@@ -10,7 +10,7 @@ written atomically, so an interrupted run leaves either the previous result
 or none.
 
 The flow, top to bottom: `run` reads the config once into typed records
-(`options.RunOptions`); `build_stack` loads the backbone once; per
+(`options.RunOptions`); `RunOptions.build_stack` loads the backbone once; per
 category, `data.prepare_category` applies the protocol, `fit_models` fits
 every method (memory banks and baselines), one pass of
 `inference.predict_samples` scores the test images with all of them, and
@@ -28,7 +28,6 @@ from absl import logging
 import jax
 import numpy as np
 
-from softpatch_jax import backbones
 from softpatch_jax import data
 from softpatch_jax import embedding
 from softpatch_jax import fitting
@@ -79,27 +78,7 @@ _METRICS = [
 ]
 
 
-@dataclasses.dataclass
-class Stack:
-  """The networks of a run, built once: the backbone, its patch-feature
-  embedder (memory banks) and its tap-map extractor (baselines)."""
-
-  backbone: backbones.Backbone
-  embedder: embedding.Embedder
-  extractor: embedding.MapExtractor
-
-  @property
-  def inputs(self) -> inference.Inputs:
-    return inference.Inputs(self.embedder, self.extractor)
-
-
-def build_stack(opts: options.RunOptions) -> Stack:
-  bb = opts.backbone.load(opts.seed)
-  embedder = embedding.for_backbone(
-      bb, opts.features, opts.data.batch_size, opts.parallel.mesh()
-  )
-  extractor = embedding.MapExtractor(bb.name, bb.variables, embedder.batch_size)
-  return Stack(bb, embedder, extractor)
+Stack = embedding.Stack
 
 
 @dataclasses.dataclass
@@ -121,54 +100,22 @@ def fit_models(opts, cat: data.Category, stack: Stack, pre) -> Fits:
   over the tap maps.
   """
   names = opts.method_names
-  loader = embedding.LoaderOptions(
-      opts.data.num_workers,
-      data.build_augment(opts.noise),
-      opts.data.feature_store,
+  base_opts = fitters.FitOptions(
+      opts.baselines, opts.scoring, opts.seed, opts.loader()
   )
-  fit_opts = fitters.FitOptions(opts.baselines, opts.scoring, opts.seed, loader)
   filt = image_filter.image_filter(
-      cat.train, stack.extractor, pre, names, fit_opts, label=cat.name
+      cat.train, stack.extractor, pre, names, base_opts, label=cat.name
   )
   fits = Fits({}, {}, {}, dict.fromkeys(filt.subsets, filt.fields))
   bank_names = [n for n in names if not methods_lib.is_baseline(n)]
   if bank_names:
-    bank_opts = methods_lib.BankOptions(
-        opts.denoise, opts.coreset, opts.scoring
-    )
-    plain = [n for n in bank_names if n not in filt.subsets]
-    fitted = fitting.fit_methods(
-        cat.train,
-        stack.embedder,
-        pre,
-        plain,
-        bank_opts,
-        seed=opts.seed,
-        loader=loader,
-        label=cat.name,
-    )
-    image_filter.fit_filtered_banks(
-        fitted,
-        bank_names,
-        filt.subsets,
-        bank_opts,
-        seed=opts.seed,
-        label=cat.name,
-    )
-    del fitted.train_feats
-    fits.models.update(
-        inference.chosen_scorers(
-            fitted.banks, opts.scoring, stack.embedder.mesh
-        )
-    )
-    fits.infos.update(fitted.infos)
-    fits.extract_s.update(dict.fromkeys(bank_names, fitted.extract_s))
+    _fit_banks(opts, cat, stack, pre, bank_names, filt.subsets, fits)
   base = fitters.fit(
       cat.train,
       stack.extractor,
       pre,
       names,
-      fit_opts,
+      base_opts,
       subsets=filt.subsets,
       label=cat.name,
   )
@@ -176,6 +123,35 @@ def fit_models(opts, cat: data.Category, stack: Stack, pre) -> Fits:
   fits.infos.update(base.infos)
   fits.extract_s.update(dict.fromkeys(base.models, base.extract_s))
   return fits
+
+
+def _fit_banks(opts, cat, stack: Stack, pre, names, subsets, fits: Fits):
+  """The memory-bank methods into `fits`: one feature extraction, then each
+  bank (on its image filter's subset where it has one)."""
+  plain = [n for n in names if n not in subsets]
+  fitted = fitting.fit_methods(
+      cat.train,
+      stack.embedder,
+      pre,
+      plain,
+      opts.bank_options(),
+      seed=opts.seed,
+      loader=opts.loader(),
+      label=cat.name,
+  )
+  image_filter.fit_filtered_banks(
+      fitted,
+      names,
+      subsets,
+      opts.bank_options(),
+      seed=opts.seed,
+      label=cat.name,
+  )
+  del fitted.train_feats
+  mesh = stack.embedder.mesh
+  fits.models.update(inference.chosen_scorers(fitted.banks, opts.scoring, mesh))
+  fits.infos.update(fitted.infos)
+  fits.extract_s.update(dict.fromkeys(names, fitted.extract_s))
 
 
 def evaluate_category(opts, cat: data.Category, stack: Stack, pre, workdir):
@@ -186,7 +162,7 @@ def evaluate_category(opts, cat: data.Category, stack: Stack, pre, workdir):
   t0 = time.perf_counter()
   preds = inference.predict_samples(
       {n: fits.models[n] for n in names},
-      stack.inputs,
+      inference.Inputs(stack.embedder, stack.extractor),
       cat.test,
       pre,
       num_workers=opts.data.num_workers,
@@ -367,7 +343,7 @@ def run_options(opts: options.RunOptions, workdir: str) -> dict:
   t_start = time.perf_counter()
   # Categories first: a wrong data path fails before any weights load.
   cats = data.list_categories(opts.data, workdir)
-  stack = build_stack(opts)
+  stack = opts.build_stack()
   rows, noise_records, result = [], {}, {}
   for name in cats:
     cat = data.prepare_category(opts.data, opts.noise, name, workdir)

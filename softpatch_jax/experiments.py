@@ -71,7 +71,7 @@ class _Stacks:
     )
     if key != self.key:
       self.value = None  # free the old weights first
-      self.key, self.value = key, evaluate.build_stack(opts)
+      self.key, self.value = key, opts.build_stack()
     return self.value
 
 

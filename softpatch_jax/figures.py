@@ -110,15 +110,12 @@ def save_diagnosis(path, opts, train, embedder, pre, key="") -> None:
   names = _diagnosed(opts.method_names)
   if not names:
     return
-  loader = embedding.LoaderOptions(
-      opts.data.num_workers, data.build_augment(opts.noise)
-  )
   feats = embedding.extract_features(
-      embedder, train, pre, loader, desc="diagnosis: train features"
+      embedder, train, pre, opts.loader(), desc="diagnosis: train features"
   )
   n, p, d = feats.shape
   image_size = pre.input_size or (pre.crop, pre.crop)
-  bank_opts = methods_lib.BankOptions(opts.denoise, opts.coreset, opts.scoring)
+  bank_opts = opts.bank_options()
   geometry = methods_lib.BankGeometry(embedder.grid(image_size), image_size)
   prng = jax.random.PRNGKey(opts.seed)  # the key of fitting.fit_methods
   rng = np.random.default_rng(0)

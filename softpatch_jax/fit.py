@@ -70,10 +70,9 @@ def fit_model(opts: options_lib.RunOptions, workdir: str) -> dict:
         stages.embedder,
         stages.pre,
         [method],
-        bank_options(opts),
+        opts.bank_options(),
         seed=opts.seed,
-        loader=loader_options(opts),
-        errors="collect",
+        loader=opts.loader(errors="collect"),
     )
     t0 = time.perf_counter()
     chosen, heldout = choose_thresholds(opts, method, fitted, stages)
@@ -159,28 +158,10 @@ class Stages:
 def build_stages(opts: options_lib.RunOptions, train: Sequence) -> Stages:
   """The backbone of opts.backbone, its embedder over opts.data.batch_size
   images (split over opts.parallel's devices), and the preprocessing."""
-  bb = opts.backbone.load(opts.seed)
-  embedder = embedding.for_backbone(
-      bb, opts.features, opts.data.batch_size, opts.parallel.mesh()
-  )
+  stack = opts.build_stack()
+  bb = stack.backbone
   pre = data.preprocess_for(opts.data, bb.mean, bb.std, train)
-  return Stages(bb, embedder, pre)
-
-
-def bank_options(opts: options_lib.RunOptions) -> fitting.BankOptions:
-  """The settings of a bank fit: outlier weighting, coreset and scoring."""
-  return fitting.BankOptions(
-      denoise=opts.denoise, coreset=opts.coreset, scoring=opts.scoring
-  )
-
-
-def loader_options(opts: options_lib.RunOptions) -> embedding.LoaderOptions:
-  """How the training images are read: threads, augmentation, storage."""
-  return embedding.LoaderOptions(
-      num_workers=opts.data.num_workers,
-      augment=data.build_augment(opts.noise),
-      feature_store=opts.data.feature_store,
-  )
+  return Stages(bb, stack.embedder, pre)
 
 
 def choose_thresholds(opts, method: str, fitted, stages: Stages):
@@ -200,7 +181,7 @@ def choose_thresholds(opts, method: str, fitted, stages: Stages):
       fitted.train_feats,
       method,
       jax.random.PRNGKey(opts.seed),
-      bank_options(opts),
+      opts.bank_options(),
       methods_lib.BankGeometry(fitted.grid, fitted.image_size),
       folds,
       batch_size=opts.data.batch_size,

@@ -126,14 +126,12 @@ def fit_methods(
     seed: int,
     loader: embedding.LoaderOptions,
     label: str = "fit",
-    errors: str = "raise",
 ) -> Fitted:
   """Embeds the training samples once and fits every method on them.
 
   `seed` makes the fits' PRNG key; `label` (a category name) prefixes the
-  progress bar and the log lines; `errors` as in
-  `embedding.extract_features`. The banks are fitted on the embedder's
-  mesh, if any.
+  progress bar and the log lines; unreadable images as `loader.errors`
+  says. The banks are fitted on the embedder's mesh, if any.
   """
   desc = f"{label}: train features"
   image_size = pre.input_size or (pre.crop, pre.crop)
@@ -145,7 +143,6 @@ def fit_methods(
       pre,
       loader,
       desc=desc,
-      errors=errors,
       what="training image",
   )
   extract_s = time.perf_counter() - t0

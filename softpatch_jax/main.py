@@ -34,7 +34,7 @@ flags.mark_flags_as_required(["config"])
 MODES = {"evaluate": evaluate.run_options, "fit": fit.fit_model}
 
 
-def run(config, workdir: str):
+def run_mode(config, workdir: str):
   """Runs config.mode ('evaluate' or 'fit') into `workdir`.
 
   With config.distributed, every process of a multi-host job first joins
@@ -59,7 +59,7 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   compile_cache.enable(_CACHE.value)
   try:
-    run(_CONFIG.value, _WORKDIR.value)
+    run_mode(_CONFIG.value, _WORKDIR.value)
   except (ValueError, backbones.WeightsUnavailableError) as e:
     # Bad input (a file, a value, a shape): one clear line, no traceback.
     print(f"error: {e}", file=sys.stderr, flush=True)

@@ -17,7 +17,9 @@ import ml_collections
 
 from softpatch_jax import backbones
 from softpatch_jax import coreset
+from softpatch_jax import data
 from softpatch_jax import denoise
+from softpatch_jax import embedding
 from softpatch_jax import features
 from softpatch_jax import methods as methods_lib
 from softpatch_jax import parallel
@@ -100,6 +102,30 @@ class RunOptions:
   def method_names(self) -> Tuple[str, ...]:
     """The canonical method names, in the configured order."""
     return tuple(methods_lib.parse_methods(self.methods))
+
+  def bank_options(self) -> methods_lib.BankOptions:
+    """The settings of a bank fit: outlier weighting, coreset and scoring."""
+    return methods_lib.BankOptions(self.denoise, self.coreset, self.scoring)
+
+  def loader(self, errors: str = "raise") -> embedding.LoaderOptions:
+    """How training images are read: threads, augmentation, storage."""
+    return embedding.LoaderOptions(
+        self.data.num_workers,
+        data.build_augment(self.noise),
+        self.data.feature_store,
+        errors,
+    )
+
+  def build_stack(self) -> embedding.Stack:
+    """The run's networks: the backbone (loaded once), its embedder over
+    data.batch_size images per device of the parallel mesh, its tap maps."""
+    return embedding.build_stack(
+        self.backbone,
+        self.features,
+        self.data.batch_size,
+        self.parallel.mesh(),
+        self.seed,
+    )
 
   @classmethod
   def from_config(cls, config) -> "RunOptions":

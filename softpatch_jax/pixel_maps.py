@@ -52,7 +52,7 @@ def map_operators(grid, image_size, sigma):
   return up_h, up_w
 
 
-def anomaly_maps(scores: jax.Array, grid, image_size, sigma=4.0) -> jax.Array:
+def anomaly_maps(scores: jax.Array, grid, image_size, sigma) -> jax.Array:
   """(B, h*w) patch scores -> (B, H, W) pixel maps: upsample then blur.
 
   Both steps are linear and separable, so they fold into one (H, h) and one

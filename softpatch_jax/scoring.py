@@ -108,7 +108,9 @@ class MemoryBank:
   image_size: Tuple[int, int] = flax.struct.field(
       pytree_node=False, default=(224, 224)
   )
-  blur_sigma: float = flax.struct.field(pytree_node=False, default=4.0)
+  blur_sigma: float = flax.struct.field(
+      pytree_node=False, default=ScoringOptions.blur_sigma
+  )
   search: str = flax.struct.field(pytree_node=False, default="auto")
 
   @property
@@ -227,7 +229,7 @@ def chunk_plan(m: int, max_bank_rows: Optional[int]):
 
 # --------------------------------------------------------------------------
 # Search strategies: how `score` finds every test patch's nearest bank row.
-# Each has a `name` (recorded in results) and `run(bank, feats)` -> (image
+# Each has a `name` (recorded in results) and `score(bank, feats)` -> (image
 # scores, maps, patch scores); `choose_search` picks one at the edge.
 
 SEARCH_STRATEGIES = registry.Registry("search strategy")
@@ -259,7 +261,7 @@ class DenseSearch:
 
   name: ClassVar[str] = "dense"
 
-  def run(self, bank: MemoryBank, feats):
+  def score(self, bank: MemoryBank, feats):
     return _score_whole(bank, feats)
 
 
@@ -274,7 +276,7 @@ class ChunkedSearch:
   name: ClassVar[str] = "chunked"
   max_bank_rows: Optional[int] = None
 
-  def run(self, bank: MemoryBank, feats):
+  def score(self, bank: MemoryBank, feats):
     m = bank.features.shape[0]
     plan = chunk_plan(m, self.max_bank_rows)
     if plan is None:
@@ -301,7 +303,7 @@ class PrunedSearch:
 
   name: ClassVar[str] = "pruned"
 
-  def run(self, bank: MemoryBank, feats):
+  def score(self, bank: MemoryBank, feats):
     if not all(map(validation.is_concrete, (feats, bank.features))):
       return _score_whole(bank, feats)
     b, p, d = feats.shape
@@ -322,7 +324,7 @@ class ShardedSearch:
   name: ClassVar[str] = "sharded"
   mesh: Optional[jax.sharding.Mesh] = None
 
-  def run(self, bank: MemoryBank, feats):
+  def score(self, bank: MemoryBank, feats):
     if self.mesh is None:
       raise ValueError("the 'sharded' search needs a device mesh")
     b, p, d = feats.shape
@@ -413,4 +415,4 @@ def score(bank: MemoryBank, feats, search=None):
   """
   feats = jnp.asarray(feats, jnp.float32)
   _check_feats(bank, feats)
-  return _as_strategy(search).run(bank, feats)
+  return _as_strategy(search).score(bank, feats)

@@ -24,12 +24,18 @@ ALL = [
 
 
 def test_list_backbones():
-  assert backbones.list_backbones() == ALL
+  assert backbones.list_backbones() == sorted(ALL)
+
+
+def test_backbones_are_a_registry_refusing_duplicates():
+  assert "resnet18" in backbones.BACKBONES
+  with pytest.raises(ValueError, match="already registered"):
+    backbones.BACKBONES.register("resnet18", object())
 
 
 def test_unknown_name_lists_available():
   with pytest.raises(
-      ValueError, match="resnet18.*wide_resnet50_2.*efficientnet_lite0"
+      ValueError, match="unknown backbone 'vgg16'; choose from efficientnet"
   ):
     backbones.load("vgg16", weights="random")
 

@@ -3,6 +3,7 @@ scored in the one prediction loop; PaDiM* through the evaluate mode."""
 
 import csv
 import os
+import types
 
 import jax
 import numpy as np
@@ -58,7 +59,8 @@ def _fit_options(opts):
 
 @pytest.fixture(scope="module")
 def direct(tmp_path_factory):
-  """fitters.run on generated images (no injected noise), a subset fit."""
+  """fitters.fit and the prediction loop on generated images (no injected
+  noise), a subset fit."""
   root = tmp_path_factory.mktemp("data")
   synthetic.make_mvtec_like(
       root, n_train=13, n_test_good=6, n_test_defect=4, size=64, seed=0
@@ -69,15 +71,25 @@ def direct(tmp_path_factory):
   pre = data.Preprocess(resize=64, crop=64, mean=bb.mean, std=bb.std)
   ex = embedding.MapExtractor(bb.name, bb.variables, 8)
   subsets = {"padim_filter+padim": np.arange(2, 13)}
-  res = fitters.run(
+  fitted = fitters.fit(
       train,
-      test,
       ex,
       pre,
       BASELINES + ["patchcore"],
       _fit_options(opts),
       subsets=subsets,
       label="t",
+  )
+  preds = inference.predict_samples(
+      fitted.models,
+      inference.Inputs(maps=ex),
+      test,
+      pre,
+      num_workers=1,
+      with_masks=True,
+  )
+  res = types.SimpleNamespace(
+      preds=preds, infos=fitted.infos, extract_s=fitted.extract_s
   )
   return dict(train=train, test=test, bb=bb, pre=pre, ex=ex, opts=opts, res=res)
 
@@ -103,7 +115,7 @@ def test_run_fits_every_baseline_and_scores_the_test_images(direct):
   auroc = inference.evaluate(res.preds["cflow"])["image_auroc"]
   print("CFLOW image AUROC", auroc)
   assert auroc > 0.8
-  assert res.extract_s > 0 and res.predict_s > 0
+  assert res.extract_s > 0
 
 
 def _padim_embeddings(ex, pre, samples, channels):

@@ -1,6 +1,7 @@
 """embedding: the Embedder and the tap maps over padded batches, and
 extract_features (errors collected, feature stores, empty input)."""
 
+import dataclasses
 import os
 
 import jax
@@ -82,7 +83,9 @@ def test_map_extractor_pads_and_shares_the_backbone_apply(bb):
 
 
 def test_loader_options_check_their_fields():
-  assert embedding.LoaderOptions() == embedding.LoaderOptions(4, None, "memory")
+  assert embedding.LoaderOptions() == embedding.LoaderOptions(
+      4, None, "memory", "raise"
+  )
   with pytest.raises(ValueError, match="config.data.num_workers"):
     embedding.LoaderOptions(num_workers=0)
   with pytest.raises(ValueError, match="config.data.feature_store"):
@@ -119,7 +122,11 @@ def test_extract_features_collects_every_unreadable_file(bb, train, tmp_path):
   loader = embedding.LoaderOptions(num_workers=1)
   with pytest.raises(ValueError) as e:
     embedding.extract_features(
-        emb, samples, pre, loader, errors="collect", what="training image"
+        emb,
+        samples,
+        pre,
+        dataclasses.replace(loader, errors="collect"),
+        what="training image",
     )
   msg = str(e.value)
   assert msg.startswith("3 training image(s) cannot be read:")

@@ -7,6 +7,8 @@ import jax
 import numpy as np
 import pytest
 
+from softpatch_jax import banks
+from softpatch_jax import coreset
 from softpatch_jax import feature_store
 from softpatch_jax import methods
 
@@ -114,7 +116,7 @@ def test_errors(monkeypatch):
 @pytest.mark.parametrize("impl", ["dense", "pruned"])
 def test_a_bank_from_disk_equals_one_from_memory(impl, monkeypatch):
   # Chunks small enough that the projection reads the mapping in pieces.
-  monkeypatch.setattr(methods, "_PROJECT_ROWS", 64)
+  monkeypatch.setattr(banks, "PROJECT_ROWS", 64)
   rng = np.random.default_rng(3)
   x = rng.normal(size=(10, 49, 32)).astype(np.float32)
   w = feature_store.Writer(10, np.float32, "disk")
@@ -122,9 +124,11 @@ def test_a_bank_from_disk_equals_one_from_memory(impl, monkeypatch):
     w.write(x[i : i + 3])
   disk = w.finish()
   key = jax.random.PRNGKey(0)
-  opts = dict(projection_dim=8, coreset_impl=impl)
-  a, fa = methods.build_bank(x, key, "softpatch_lof", **opts)
-  b, fb = methods.build_bank(disk, key, "softpatch_lof", **opts)
+  opts = methods.BankOptions(
+      coreset=coreset.CoresetOptions(projection_dim=8, impl=impl)
+  )
+  a, fa = banks.build_bank(x, key, "softpatch_lof", opts)
+  b, fb = banks.build_bank(disk, key, "softpatch_lof", opts)
   np.testing.assert_array_equal(np.asarray(a.features), np.asarray(b.features))
   np.testing.assert_array_equal(np.asarray(fa.indices), np.asarray(fb.indices))
   np.testing.assert_array_equal(np.asarray(fa.weights), np.asarray(fb.weights))

@@ -16,6 +16,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CORE = {
     "softpatch_jax.settings",
     "softpatch_jax.registry",
+    "softpatch_jax.banks",
+    "softpatch_jax.pixel_maps",
+    "softpatch_jax.torch_pickle",  # numpy only: the backbones' .pth reader
+    "softpatch_jax.torch_unpickle",
     "softpatch_jax.features",
     "softpatch_jax.denoise",
     "softpatch_jax.coreset",

@@ -16,7 +16,7 @@ def test_modes():
   c = _testutil.load_config("synthetic")
   c.mode = "train"
   with pytest.raises(ValueError, match="config.mode must be one of"):
-    main.run(c, "unused")
+    main.run_mode(c, "unused")
 
 
 def test_bad_path_is_one_line_error(tmp_path):

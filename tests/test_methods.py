@@ -446,7 +446,7 @@ def test_default_bank_unchanged(name, quirks):
 def test_host_projection_chunks_share_one_program(monkeypatch):
   # A GPU autotunes every new matmul shape while compiling: the chunks,
   # the short last one included, must reuse one program.
-  monkeypatch.setattr(banks, "_PROJECT_ROWS", 64)
+  monkeypatch.setattr(banks, "PROJECT_ROWS", 64)
   denoise._project_chunk.cache_clear()  # pylint: disable=protected-access
   rng = np.random.default_rng(0)
   x = rng.normal(size=(150, 32)).astype(np.float32)

@@ -2,33 +2,26 @@
 
 import dataclasses
 import glob
-import importlib.util
 import math
 import os
 
-import ml_collections
 import pytest
 
+import _testutil  # pylint: disable=g-bad-import-order
 from softpatch_jax import defaults
 from softpatch_jax import denoise
 from softpatch_jax import options
 from softpatch_jax import scoring
 from softpatch_jax import studies
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
-EXPERIMENTS = sorted(
-    glob.glob(os.path.join(ROOT, "configs", "experiments", "*.py"))
+ROOT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
+CONFIGS = sorted(
+    os.path.relpath(p, ROOT)[: -len(".py")]
+    for p in glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(
+        os.path.join(ROOT, "experiments", "*.py")
+    )
 )
-
-
-def _load(path):
-  spec = importlib.util.spec_from_file_location(
-      os.path.basename(path)[:-3], path
-  )
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+EXPERIMENTS = [c for c in CONFIGS if c.startswith("experiments")]
 
 
 def test_base_config_is_the_records_defaults():
@@ -61,15 +54,15 @@ def test_every_record_field_is_a_config_field_and_back():
   assert fields == flat
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
-def test_every_config_file_builds_its_records(path):
-  opts = options.from_config(_load(path).get_config())
+@pytest.mark.parametrize("name", [c for c in CONFIGS if c not in EXPERIMENTS])
+def test_every_config_file_builds_its_records(name):
+  opts = options.from_config(_testutil.load_config(name))
   assert opts.method_names
 
 
-@pytest.mark.parametrize("path", EXPERIMENTS, ids=os.path.basename)
-def test_every_experiment_setting_builds_its_records(path):
-  settings = studies.settings_of(_load(path).get_config())
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_setting_builds_its_records(name):
+  settings = studies.settings_of(_testutil.load_config(name))
   assert settings
   for _, cfg in settings:
     assert options.from_config(cfg).method_names

@@ -319,11 +319,18 @@ def test_distributed_config_initializes_first(monkeypatch):
   monkeypatch.setattr(jax.distributed, "initialize", fake_initialize)
   c = defaults.base_config()
   assert c.distributed is False and c.parallel.mode == "auto"
-  c.mode = "train"  # fails right after the initialisation
-  with pytest.raises(ValueError, match="config.mode"):
-    main.run(c, "unused")
-  assert not calls
+  c.mode = "train"  # refused with the other settings, before any work
   c.distributed = True
   with pytest.raises(ValueError, match="config.mode"):
-    main.run(c, "unused")
+    main.run_mode(c, "unused")
+  assert not calls
+  c.mode = "evaluate"
+  c.data.root = "/nonexistent/mvtec"  # fails right after the initialisation
+  c.distributed = False
+  with pytest.raises(ValueError, match="nonexistent"):
+    main.run_mode(c, "unused")
+  assert not calls
+  c.distributed = True
+  with pytest.raises(ValueError, match="nonexistent"):
+    main.run_mode(c, "unused")
   assert calls == ["initialize"]

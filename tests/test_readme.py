@@ -28,7 +28,7 @@ def test_research_snippet_runs():
   np.testing.assert_array_equal(
       np.asarray(ns["image_scores"]), np.asarray(ns["patch_scores"]).max(-1)
   )
-  # The bank never holds a patch the LOF flagged as noise.
+  # The bank never holds a patch the LOF flagged as an outlier.
   fit = ns["fit"]
-  noise = np.asarray(fit.noise).reshape(-1)
-  assert not noise[np.asarray(fit.indices)[np.asarray(fit.valid)]].any()
+  outliers = np.asarray(fit.outliers).reshape(-1)
+  assert not outliers[np.asarray(fit.indices)[np.asarray(fit.valid)]].any()

@@ -32,13 +32,16 @@ from typing import Any, Callable, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 
+from softpatch_jax import registry
 from softpatch_jax import torch_pickle
 
 from . import _convert, _weights, efficientnet_lite, resnet
 from ._weights import WeightsUnavailableError
 
 __all__ = [
+    "BACKBONES",
     "Backbone",
+    "BackboneOptions",
     "load",
     "list_backbones",
     "analogue_taps",
@@ -106,17 +109,17 @@ def _lite_spec(name):
   )
 
 
-_REGISTRY = {
-    "resnet18": _resnet_spec("resnet18"),
-    "wide_resnet50_2": _resnet_spec("wide_resnet50_2"),
-    "efficientnet_lite0": _lite_spec("efficientnet_lite0"),
-    "efficientnet_lite1": _lite_spec("efficientnet_lite1"),
-    "efficientnet_lite2": _lite_spec("efficientnet_lite2"),
-}
+# The networks by name; a new one is one `BACKBONES.register` call of its
+# spec (module builder, taps, torch key layout, normalisation).
+BACKBONES = registry.Registry("backbone")
+for _name in ("resnet18", "wide_resnet50_2"):
+  BACKBONES.register(_name, _resnet_spec(_name))
+for _name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
+  BACKBONES.register(_name, _lite_spec(_name))
 
 
 def list_backbones() -> list[str]:
-  return list(_REGISTRY)
+  return BACKBONES.names()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,11 +283,7 @@ def _check_layers(name: str, spec: _Spec, layers) -> tuple[str, ...]:
 
 
 def _spec_of(name: str) -> _Spec:
-  if name not in _REGISTRY:
-    raise ValueError(
-        f"unknown backbone {name!r}; available: {list_backbones()}"
-    )
-  return _REGISTRY[name]
+  return BACKBONES.get(name)
 
 
 def analogue_taps(name: str, resnet_taps: Sequence[str]) -> tuple[str, ...]:
@@ -332,11 +331,7 @@ def load(
   ``layers``: tap names, as a sequence or a comma string ("stage3,stage5");
   None gives the backbone's default pair.
   """
-  if name not in _REGISTRY:
-    raise ValueError(
-        f"unknown backbone {name!r}; available: {list_backbones()}"
-    )
-  spec = _REGISTRY[name]
+  spec = _spec_of(name)
   layers = _check_layers(name, spec, layers)
   module = spec.build(layers)
   # Variables are built for every tap so one set serves any tap subset.

@@ -268,7 +268,9 @@ class CflowModel:
   hidden_ratio: float = flax.struct.field(pytree_node=False)
   clamp: float = flax.struct.field(pytree_node=False)
   image_size: Tuple[int, int] = flax.struct.field(pytree_node=False)
-  blur_sigma: float = flax.struct.field(pytree_node=False, default=4.0)
+  blur_sigma: float = flax.struct.field(
+      pytree_node=False, default=scoring.ScoringOptions.blur_sigma
+  )
 
   def flow(self, s: int) -> ConditionalFlow:
     return ConditionalFlow(

@@ -8,9 +8,9 @@ class per family with one small interface: `create(...)`, then
 `update(maps, weight)` per training batch and `finish(image_size, grid)`,
 which returns a model scoring raw tap maps -> (image scores (B,), maps
 (B, H, W)) in the one prediction loop (`inference.score_stream`, input
-'maps'). One stream over the training images fits every baseline (`fit`);
-`run` also scores the test images. Results come back as
-`inference.Predictions` and `fitting.FitInfo`, so evaluation, the results
+'maps'). One stream over the training images fits every baseline (`fit`).
+Predictions come back as `inference.Predictions` and fits as
+`fitting.FitInfo`, so evaluation, the results
 files and the reports treat every method alike; the memory-bank fields
 (bank size, outlier patches) are None.
 
@@ -32,14 +32,12 @@ import numpy as np
 from softpatch_jax import data
 from softpatch_jax import embedding
 from softpatch_jax import fitting
-from softpatch_jax import inference
 from softpatch_jax import methods as methods_lib
 from softpatch_jax import registry
 from softpatch_jax import scoring
 from softpatch_jax.baselines import cflow
 from softpatch_jax.baselines import options as options_lib
 from softpatch_jax.baselines import padim
-from softpatch_jax.progress import Progress
 
 # fold_in constants of the seeds of each random draw.
 PADIM_SEED, CFLOW_SEED = 11, 12
@@ -70,21 +68,6 @@ def padim_channels(
   (padim_options.channels[backbone] of them, at most all)."""
   n = min(padim_options.channels_for(backbone), total)
   return padim.select_channels(key, total, n)
-
-
-def stream(samples, pre, batch_size, desc, loader: embedding.LoaderOptions):
-  """`data.stream_batches` of training `samples` in batches of
-  `batch_size`, with a progress bar."""
-  batches = data.stream_batches(
-      samples,
-      pre,
-      batch_size=batch_size,
-      num_workers=loader.num_workers,
-      with_masks=False,
-      augment=loader.augment,
-  )
-  total = data.n_batches(len(samples), batch_size)
-  return Progress(batches, total=total, desc=desc, unit="batches")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,7 +214,7 @@ def fit_stream(samples, extractor, pre, fitters, loader, *, rows, desc):
       masks[name][np.asarray(r, np.int64)] = True
   grid = None
   bs = extractor.batch_size
-  for batch in stream(samples, pre, bs, desc, loader):
+  for batch in embedding.training_stream(samples, pre, bs, loader, desc):
     maps = jax.block_until_ready(extractor(batch.images))
     grid = tuple(maps[0].shape[1:3])
     idx = np.asarray(batch.indices)
@@ -308,46 +291,3 @@ def fit(
         "%s / %s: fitted on %d images (%.1fs)", label, name, n_fit, fit_s[name]
     )
   return BaselineFit(models, infos, extract_s)
-
-
-@dataclasses.dataclass
-class BaselineRun:
-  """Predictions and fit records of the baselines, with their timings."""
-
-  preds: Dict[str, inference.Predictions]
-  infos: Dict[str, fitting.FitInfo]
-  extract_s: float = 0.0
-  predict_s: float = 0.0
-
-
-def run(
-    train: Sequence,
-    test: Sequence,
-    extractor: embedding.MapExtractor,
-    pre: data.Preprocess,
-    names: Sequence[str],
-    options: FitOptions,
-    *,
-    subsets: Optional[Dict[str, np.ndarray]] = None,
-    label: str = "fit",
-) -> BaselineRun:
-  """`fit`, then scores `test` with every fitted baseline in one stream of
-  the prediction loop (pixel labels kept when every anomalous test image
-  has a mask)."""
-  fitted = fit(
-      train, extractor, pre, names, options, subsets=subsets, label=label
-  )
-  if not fitted.models:
-    return BaselineRun({}, {})
-  t0 = time.perf_counter()
-  preds = inference.predict_samples(
-      fitted.models,
-      inference.Inputs(maps=extractor),
-      test,
-      pre,
-      num_workers=options.loader.num_workers,
-      with_masks=data.has_pixel_labels(test),
-      desc=f"{label}: baselines test",
-  )
-  predict_s = time.perf_counter() - t0
-  return BaselineRun(preds, fitted.infos, fitted.extract_s, predict_s)

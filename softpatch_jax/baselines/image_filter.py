@@ -39,10 +39,6 @@ from softpatch_jax import thresholds
 from softpatch_jax.baselines import fitters
 from softpatch_jax.baselines import padim
 
-# The share of training images dropped by default (the paper's PaDiM*).
-FRACTION = 0.15
-# Folds of the held-out PaDiM scores (`filter_scores`).
-FOLDS = 5
 # fold_in constant of the filter's channel draw.
 _SEED = 13
 
@@ -58,7 +54,7 @@ def num_dropped(n: int, fraction: float) -> int:
   return int(np.floor(fraction * int(n) + 1e-9))
 
 
-def keep_mask(scores, fraction: float = FRACTION) -> np.ndarray:
+def keep_mask(scores, fraction: float) -> np.ndarray:
   """(N,) bool: False for the `num_dropped(N, fraction)` highest scores.
 
   Ties are broken deterministically: among equal scores the image that
@@ -173,7 +169,7 @@ def image_filter(
 def _embeddings(samples, extractor, pre, channels, desc, loader):
   """Yields (n, (batch_size, P, d) PaDiM embeddings, first n real)."""
   bs = extractor.batch_size
-  for batch in fitters.stream(samples, pre, bs, desc, loader):
+  for batch in embedding.training_stream(samples, pre, bs, loader, desc):
     maps = extractor(batch.images)
     yield len(batch.indices), padim.embed_maps(maps, channels)
 

@@ -218,7 +218,9 @@ class PadimModel:
   channels: Tuple[int, ...] = flax.struct.field(pytree_node=False)
   grid: Tuple[int, int] = flax.struct.field(pytree_node=False)
   image_size: Tuple[int, int] = flax.struct.field(pytree_node=False)
-  blur_sigma: float = flax.struct.field(pytree_node=False, default=4.0)
+  blur_sigma: float = flax.struct.field(
+      pytree_node=False, default=scoring.ScoringOptions.blur_sigma
+  )
 
 
 def fit(
@@ -227,7 +229,7 @@ def fit(
     channels: Tuple[int, ...],
     grid,
     image_size,
-    blur_sigma: float = 4.0,
+    blur_sigma: float = scoring.ScoringOptions.blur_sigma,
     eps: float = EPS,
     chunk: Optional[int] = None,
 ) -> PadimModel:
@@ -301,7 +303,7 @@ def fit_arrays(
     channels: Tuple[int, ...],
     grid,
     image_size,
-    blur_sigma: float = 4.0,
+    blur_sigma: float = scoring.ScoringOptions.blur_sigma,
     eps: float = EPS,
     batch: Optional[int] = None,
 ) -> PadimModel:
