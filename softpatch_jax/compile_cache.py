@@ -4,7 +4,8 @@ On a GPU, XLA autotunes every new matmul and convolution shape while it
 compiles, so a fit's first run spends most of its time compiling (README,
 "Kernel paths per backend"). The cache keeps compiled programs on disk, and
 a second run with the same shapes loads them. The command lines turn it on
-by default in a user cache folder; `--compilation_cache=off` turns it off.
+by default in a user cache folder; `--compilation_cache=off` turns it off
+(the flag is defined in `cli_flags`, which imports no jax).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from absl import flags
 from absl import logging
 import jax
 
@@ -57,14 +57,3 @@ def enable(path: Optional[str] = None) -> Optional[str]:
   # read back; the big ones (backbone, projection, kernels) are kept.
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   return path
-
-
-def define_flag():
-  """The command lines' --compilation_cache flag (absl)."""
-  return flags.DEFINE_string(
-      "compilation_cache",
-      None,
-      "Folder of the persistent XLA compilation cache (default: "
-      "$SOFTPATCH_JAX_CACHE_DIR or ~/.cache/softpatch_jax/xla); 'off' "
-      "compiles everything afresh.",
-  )

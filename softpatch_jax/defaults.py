@@ -1,4 +1,4 @@
-"""The base ml_collections config that every file in configs/ starts from.
+"""The base ml_collections config every packaged config (configs/) starts from.
 
 Defaults are the official SoftPatch code's, except where noted (README,
 "Deliberate differences from the reference implementation"). They are the
@@ -41,7 +41,7 @@ def elpv_config() -> ml_collections.ConfigDict:
 
 
 # --------------------------------------------------------------------------
-# Experiment configs (configs/experiments/, softpatch_jax/studies.py).
+# Experiment configs (softpatch_jax/configs/experiments/, studies.py).
 
 MVTEC_CATEGORIES = (
     "bottle,cable,capsule,carpet,grid,hazelnut,leather,metal_nut,pill,"

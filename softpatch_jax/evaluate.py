@@ -231,57 +231,54 @@ def result_row(cat, name, pred, fits: Fits, has_masks, predict_s) -> dict:
 
 
 def write_heatmaps(path, test, preds, names, pre, num, injected_paths=()):
-  """PNG: rows of defective test images; columns input | methods | mask.
+  """PNG: rows of normal, then defective test images; columns input |
+  methods | mask; one colour scale for every panel, its bar below.
 
-  Test images that were also injected into training (overlap protocol) are
-  marked: they are the ones PatchCore tends to miss.
+  Every method's maps go through `viz.normalise_map` with that method's
+  `viz.reference_scale` on the normal test images, so 0 is a typical normal
+  pixel and the green contour (1.0) encloses pixels as high as the top 1 %
+  of normal ones. Test images that were also injected into training
+  (overlap protocol) are marked: they are the ones PatchCore tends to miss.
+  Returns the labels of the rows shown (0 normal, 1 defective).
   """
   first = preds[names[0]]
-  defective = [i for i, lab in enumerate(first.labels) if lab == 1]
-  # Half the rows (at most) show defects that were also injected into
-  # training, where the methods differ most; the rest are ordinary ones.
-  seen = [
-      i for i in defective if test[int(first.indices[i])].path in injected_paths
-  ]
-  seen = seen[: num // 2]
-  rest = [i for i in defective if i not in seen][: num - len(seen)]
-  order = sorted(seen + rest)
+  prefer = [test[int(j)].path in injected_paths for j in first.indices]
+  order = viz.pick_rows(first.labels, num, prefer)
   if not order or first.maps is None:
-    return
+    return []
   samples = [test[int(first.indices[i])] for i in order]
-  batch = next(
-      iter(
-          data.stream_batches(
-              samples,
-              pre,
-              batch_size=len(samples),
-              num_workers=2,
-              with_masks=first.masks is not None,
-          )
-      )
+  batches = data.stream_batches(
+      samples,
+      pre,
+      batch_size=len(samples),
+      num_workers=2,
+      with_masks=first.masks is not None,
   )
+  batch = next(iter(batches))
   images = [viz.to_uint8_image(im, pre.mean, pre.std) for im in batch.images]
-  # Colour scale per method: the median test pixel is dark, the 99.9th
-  # percentile is full heat.
-  scales = {n: np.percentile(preds[n].maps, [50.0, 99.9]) for n in names}
+  normal = np.asarray(first.labels) == 0
+  refs = {n: viz.reference_scale(preds[n].maps, normal) for n in names}
+  scale = viz.NORMALISED_SCALE
   rows = []
   for r, i in enumerate(order):
     row = [images[r]]
-    for name in names:
-      lo, hi = scales[name]
-      row.append(
-          viz.overlay(images[r], preds[name].maps[i], float(lo), float(hi))
-      )
+    for n in names:
+      amap = viz.normalise_map(preds[n].maps[i], refs[n])
+      row.append(viz.heat_tile(images[r], amap, scale))
     if batch.masks is not None:
-      row.append(viz.mask_outline(images[r], batch.masks[r]))
+      width = viz.outline_width(images[r].shape)
+      row.append(viz.mask_outline(images[r], batch.masks[r], width=width))
     rows.append(row)
   cols = ["input"] + list(names) + (["mask"] if batch.masks is not None else [])
   titles = [
-      f"{os.path.basename(s.path)} ({s.defect_type})"
+      viz.row_title(s.label, s.defect_type, os.path.basename(s.path))
       + (" [also injected into train]" if s.path in injected_paths else "")
       for s in samples
   ]
-  io_utils.save_image(path, viz.tile_rows(rows, titles, cols))
+  figure = viz.tile_rows(rows, titles, cols)
+  caption = viz.normalised_caption(int(normal.sum()), batch.masks is not None)
+  io_utils.save_image(path, viz.with_legend(figure, scale, caption))
+  return [int(first.labels[i]) for i in order]
 
 
 def summarize(rows: List[dict]) -> List[dict]:

@@ -1,7 +1,10 @@
 r"""A study of the paper as one resumable command: results, tables, figures.
 
   python -m softpatch_jax.experiments \
-      --config configs/experiments/noise_sweep.py --workdir out/noise_sweep
+      --config=experiments/noise_sweep --workdir out/noise_sweep
+
+(or `softpatch experiments ...`); --config is a path or the name of an
+experiment shipped in softpatch_jax/configs/experiments/.
 
 The config (`studies` describes it) holds a pipeline config `base` and a
 `study`; `--config.base.<field>=...` and `--config.study.<field>=...`
@@ -36,10 +39,10 @@ from typing import List
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 import numpy as np
 
 from softpatch_jax import backbones
+from softpatch_jax import cli_flags
 from softpatch_jax import compile_cache
 from softpatch_jax import data
 from softpatch_jax import evaluate
@@ -232,10 +235,10 @@ def _run_locked(config, study, workdir):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  config = flags.FLAGS.config
+  config = flags.FLAGS.config  # defined by cli_flags.define_experiment_flags
   if config is None:
     raise app.UsageError("--config is required")
-  logging.set_verbosity(logging.INFO)
+  cli_flags.verbose_logging()
   compile_cache.enable(flags.FLAGS.compilation_cache)
   try:
     run(config, flags.FLAGS.workdir)
@@ -246,11 +249,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  # Defined here rather than at import: softpatch_jax.main owns the same
-  # flag names in any process that imports both modules.
-  config_flags.DEFINE_config_file(
-      "config", None, "Path to an experiment config file.", lock_config=True
-  )
-  flags.DEFINE_string("workdir", "out", "Directory for results.")
-  compile_cache.define_flag()
+  # Defined here rather than at import (as for softpatch_jax.main, which
+  # owns the same flag names; `softpatch experiments` defines them first).
+  cli_flags.prepare(sys.argv, cli_flags.define_experiment_flags, __doc__)
   app.run(main)

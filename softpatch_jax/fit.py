@@ -5,7 +5,10 @@
 
 writes ``out/model.softpatch`` (see model_io) and ``out/fit_summary.json``.
 No labels are needed; the decision threshold comes from held-out training
-scores by default (see thresholds.py for the choices and why).
+scores by default (see thresholds.py for the choices and why), and so does
+the calibration of the scores to [0, 1] (`choose_thresholds`,
+calibration.py). `fit` returns the fitted model in memory instead, for
+`detector.Detector.from_fit`.
 
 The config is read once, at the edge (`fit_and_save` -> `options.
 from_config`); every step below takes the typed records. Every setting is
@@ -26,6 +29,7 @@ import jax
 import numpy as np
 
 from softpatch_jax import backbones
+from softpatch_jax import calibration as calibration_lib
 from softpatch_jax import data
 from softpatch_jax import embedding
 from softpatch_jax import fitting
@@ -50,6 +54,15 @@ def fit_and_save(config, workdir: str) -> dict:
   return fit_model(options_lib.from_config(config), workdir)
 
 
+def fit(config, workdir: str) -> model_io.FittedModel:
+  """`fit_and_save` without the model file: the fitted model in memory.
+
+  Hand it to `detector.Detector.from_fit` to score images straight away.
+  `workdir` still holds what the data set prepares (generated images, ...).
+  """
+  return build_model(options_lib.from_config(config), workdir)
+
+
 def fit_model(opts: options_lib.RunOptions, workdir: str) -> dict:
   """Fits the one method of `opts` and writes the model and its summary.
 
@@ -60,26 +73,46 @@ def fit_model(opts: options_lib.RunOptions, workdir: str) -> dict:
   method = fit_method(opts)
   workdir = io_utils.ensure_writable_dir(workdir)
   with io_utils.folder_lock(workdir, "workdir"):
-    io_utils.clean_stale_temps(workdir)
-    train, noise_info = load_training_set(opts, workdir)
-    check_train_size(len(train), method, opts.threshold.method)
-    logging.info("fit: %d training images, method %s", len(train), method)
-    stages = build_stages(opts, train)
-    fitted = fitting.fit_methods(
-        train,
-        stages.embedder,
-        stages.pre,
-        [method],
-        opts.bank_options(),
-        seed=opts.seed,
-        loader=opts.loader(errors="collect"),
-    )
-    t0 = time.perf_counter()
-    chosen, heldout = choose_thresholds(opts, method, fitted, stages)
-    model = assemble_model(opts, method, stages, fitted, chosen, heldout)
-    model.fit_info = fit_info(train, fitted.infos[method], fitted, noise_info)
-    model.fit_info["threshold_s"] = round(time.perf_counter() - t0, 3)
+    model = fit_locked(opts, method, workdir)
     return write_outputs(workdir, model, t_start)
+
+
+def build_model(
+    opts: options_lib.RunOptions, workdir: str
+) -> model_io.FittedModel:
+  """`fit_model` without writing the model or its summary: the FittedModel."""
+  method = fit_method(opts)
+  workdir = io_utils.ensure_writable_dir(workdir)
+  with io_utils.folder_lock(workdir, "workdir"):
+    return fit_locked(opts, method, workdir)
+
+
+def fit_locked(opts, method: str, workdir: str) -> model_io.FittedModel:
+  """Loads the training set, fits the bank, chooses the thresholds and the
+  calibration -> the FittedModel (`workdir` locked by the caller)."""
+  io_utils.clean_stale_temps(workdir)
+  train, noise_info = load_training_set(opts, workdir)
+  check_train_size(len(train), method, opts.threshold.method)
+  logging.info("fit: %d training images, method %s", len(train), method)
+  stages = build_stages(opts, train)
+  fitted = fitting.fit_methods(
+      train,
+      stages.embedder,
+      stages.pre,
+      [method],
+      opts.bank_options(),
+      seed=opts.seed,
+      loader=opts.loader(errors="collect"),
+  )
+  t0 = time.perf_counter()
+  chosen, heldout, reference = choose_thresholds(opts, method, fitted, stages)
+  model = assemble_model(opts, method, stages, fitted, chosen, heldout)
+  model.calibration = calibration_lib.for_thresholds(
+      chosen.image, chosen.pixel, *(reference or (None, None))
+  )
+  model.fit_info = fit_info(train, fitted.infos[method], fitted, noise_info)
+  model.fit_info["threshold_s"] = round(time.perf_counter() - t0, 3)
+  return model
 
 
 # --------------------------------------------------------------------------
@@ -166,14 +199,23 @@ def build_stages(opts: options_lib.RunOptions, train: Sequence) -> Stages:
 
 def choose_thresholds(opts, method: str, fitted, stages: Stages):
   """(thresholds.ChosenThresholds, (held-out image scores, pixel maxima) or
-  None) by opts.threshold.method."""
+  None, the normal scores the calibration is anchored on) by
+  opts.threshold.method.
+
+  The calibration (`calibration.for_thresholds`) rests on what each method
+  has: 'quantile' the held-out training scores (image scores and per-image
+  map maxima); 'f1' the scores of the normal (good/) images of val_dir, their
+  map maxima when the folder has masks (else the pixel threshold alone);
+  'manual' nothing but the thresholds (0 -> 0, t -> 0.5, 2t -> 1).
+  """
   th = opts.threshold
   if th.method == "manual":
     chosen = thresholds_lib.ChosenThresholds(th.value, th.pixel_value, "manual")
-    return chosen, None
+    return chosen, None, None
   if th.method == "f1":
     bank = fitted.banks[method]
-    return f1_thresholds(opts, {method: bank}, stages), None
+    chosen, reference = f1_thresholds(opts, {method: bank}, stages)
+    return chosen, None, reference
   folds = thresholds_lib.fold_split(
       len(fitted.train_feats), th.folds, opts.seed
   )
@@ -198,7 +240,7 @@ def choose_thresholds(opts, method: str, fitted, stages: Stages):
       "quantile",
       details,
   )
-  return chosen, (img, pix)
+  return chosen, (img, pix), (img, pix)
 
 
 def val_samples(val_dir: str) -> List[data.Sample]:
@@ -217,7 +259,8 @@ def val_samples(val_dir: str) -> List[data.Sample]:
 
 
 def f1_thresholds(opts, banks, stages: Stages):
-  """F1-optimal image (and, with masks, pixel) thresholds on a val folder."""
+  """F1-optimal image (and, with masks, pixel) thresholds on a val folder
+  -> (ChosenThresholds, (normal image scores, their map maxima or None))."""
   val_dir = opts.threshold.val_dir
   samples = val_samples(val_dir)
   labels = np.array([s.label for s in samples])
@@ -252,7 +295,10 @@ def f1_thresholds(opts, banks, stages: Stages):
   if with_masks and pred.masks is not None and pred.masks.max() > 0:
     f1_pix, t_pix = thresholds_lib.pixel_f1_threshold(pred.masks, pred.maps)
     details["pixel_f1"] = f1_pix
-  return thresholds_lib.ChosenThresholds(t_img, t_pix, "f1", details)
+  normal = pred.labels == 0
+  pix_max = None if pred.maps is None else pred.maps[normal].max(axis=(1, 2))
+  chosen = thresholds_lib.ChosenThresholds(t_img, t_pix, "f1", details)
+  return chosen, (pred.image_scores[normal], pix_max)
 
 
 def assemble_model(opts, method, stages: Stages, fitted, chosen, heldout):
@@ -326,6 +372,9 @@ def write_outputs(workdir: str, model, t_start: float) -> dict:
       "n_train": info["n_train"],
       "bank_size": info["bank_size"],
       "thresholds": chosen.to_record(),
+      "calibration": (
+          None if model.calibration is None else model.calibration.to_record()
+      ),
       "backbone": dataclasses.asdict(model.backbone),
       "fit_info": info,
       "total_s": round(time.perf_counter() - t_start, 3),

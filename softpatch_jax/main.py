@@ -1,12 +1,15 @@
 r"""Command line: parses flags and runs the config's mode.
 
-  python -m softpatch_jax.main --config configs/default.py --workdir out/
-  python -m softpatch_jax.main --config configs/fit_folder.py \
+  python -m softpatch_jax.main --config=default --workdir out/default
+  python -m softpatch_jax.main --config=fit_folder \
       --config.data.train_dir=DIR --workdir out/model
 
-config.mode 'evaluate' (default) runs `evaluate.run_options`; 'fit' runs
-`fit.fit_model`, on the config's typed records (`options.from_config`). --config.distributed=True joins a multi-host job first
-(README, "Scaling out").
+(the same as `softpatch evaluate` and `softpatch fit`, `cli`). --config is
+a path or the name of a config shipped in softpatch_jax/configs/
+(`cli_flags`). config.mode 'evaluate' (default) runs
+`evaluate.run_options`; 'fit' runs `fit.fit_model`, on the config's typed
+records (`options.from_config`). --config.distributed=True joins a
+multi-host job first (README, "Scaling out").
 """
 
 import sys
@@ -14,22 +17,14 @@ import tempfile
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
-from ml_collections import config_flags
 
 from softpatch_jax import backbones
+from softpatch_jax import cli_flags
 from softpatch_jax import compile_cache
 from softpatch_jax import evaluate
 from softpatch_jax import fit
 from softpatch_jax import options
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to an ml_collections config file.", lock_config=True
-)
-_WORKDIR = flags.DEFINE_string("workdir", "out", "Directory for results.")
-_CACHE = compile_cache.define_flag()
-flags.mark_flags_as_required(["config"])
 
 MODES = {"evaluate": evaluate.run_options, "fit": fit.fit_model}
 
@@ -56,10 +51,11 @@ def run_mode(config, workdir: str):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
-  compile_cache.enable(_CACHE.value)
+  f = flags.FLAGS  # defined by cli_flags.define_main_flags
+  cli_flags.verbose_logging()
+  compile_cache.enable(f.compilation_cache)
   try:
-    run_mode(_CONFIG.value, _WORKDIR.value)
+    run_mode(f.config, f.workdir)
   except (ValueError, backbones.WeightsUnavailableError) as e:
     # Bad input (a file, a value, a shape): one clear line, no traceback.
     print(f"error: {e}", file=sys.stderr, flush=True)
@@ -67,4 +63,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # The flags are defined here, not at import: `softpatch evaluate` defines
+  # the same ones before it imports this module.
+  cli_flags.prepare(sys.argv, cli_flags.define_main_flags, __doc__)
   app.run(main)

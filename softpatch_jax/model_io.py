@@ -5,14 +5,14 @@ File format (``model.softpatch``): one msgpack document written with
 runs code)::
 
     {"magic": "softpatch-jax model",
-     "format_version": 2,
+     "format_version": 3,
      "meta": "<JSON string>",           # everything that is not an array
      "arrays": {"bank_features": float32 (M, D),
                 "bank_weights": float32 (M,),
                 "heldout_image_scores": float32 (N,)   # optional
                 "heldout_pixel_max": float32 (N,)}}    # optional
 
-``meta`` (format 2) holds typed records, each stored as a JSON object:
+``meta`` (format 3) holds typed records, each stored as a JSON object:
 
     method       the method name ('softpatch_lof', 'patchcore', ...)
     grid         [h, w] patch grid; image_size [H, W] network input size
@@ -23,12 +23,18 @@ runs code)::
     embed        `features.EmbedOptions`
     scoring      `scoring.ScoringOptions`, soft_weight resolved to true/false
     thresholds   `thresholds.ChosenThresholds`: image, pixel, method, details
+    calibration  `calibration.Calibration`: the image and pixel score maps
+                 raw -> [0, 1] (threshold -> 0.5), or null without an image
+                 threshold (format 3)
     fit_info     what fitting did (informational)
     config       the fitting settings (informational: nothing reads it)
 
 Format 1 files (a flat soft_weight / blur_sigma / features layout, the
 memory budget, search and batch size inside the saved config) are still
-read: `model_meta.upgrade_v1` maps them onto the format 2 records. Arrays are stored as
+read: `model_meta.upgrade_v1` maps them onto the format 2 records. Format 1
+and 2 files have no calibration: it is rebuilt on load from their stored
+held-out scores and thresholds (`calibration.for_thresholds`; the
+thresholds alone when there are no held-out scores). Arrays are stored as
 float32 exactly as fitted, so a loaded model scores bit for bit like the one
 that was saved.
 
@@ -46,6 +52,7 @@ from typing import Any, Dict, Optional, Tuple
 from flax import serialization
 import numpy as np
 
+from softpatch_jax import calibration as calibration_lib
 from softpatch_jax import features
 from softpatch_jax import io_utils
 from softpatch_jax import model_meta
@@ -54,8 +61,8 @@ from softpatch_jax import thresholds as thresholds_lib
 from softpatch_jax import validation
 
 MAGIC = "softpatch-jax model"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 MODEL_FILENAME = "model.softpatch"
 
 
@@ -81,6 +88,10 @@ class FittedModel:
     config: the fitting settings as a plain dict (informational only).
     heldout_image_scores: (N,) held-out training image scores, or None.
     heldout_pixel_max: (N,) max of each held-out pixel map, or None.
+    calibration: the `calibration.Calibration` of the thresholds (raw ->
+      [0, 1], threshold -> 0.5); None: built from the held-out scores and
+      thresholds (`calibration.for_thresholds`), and stays None without an
+      image threshold. One given must match the thresholds.
     format_version: file format version this model was read from / for.
   """
 
@@ -99,6 +110,7 @@ class FittedModel:
   config: Dict[str, Any] = dataclasses.field(default_factory=dict)
   heldout_image_scores: Optional[np.ndarray] = None
   heldout_pixel_max: Optional[np.ndarray] = None
+  calibration: Optional[calibration_lib.Calibration] = None
   format_version: int = FORMAT_VERSION
 
   def __post_init__(self):
@@ -113,6 +125,19 @@ class FittedModel:
           "choice, resolved when the bank was fitted), got None"
       )
     self._bank = None
+    t_img, t_pix = self.thresholds.image, self.thresholds.pixel
+    if self.calibration is None:
+      self.calibration = calibration_lib.for_thresholds(
+          t_img, t_pix, self.heldout_image_scores, self.heldout_pixel_max
+      )
+    elif t_img is None or not self.calibration.matches(t_img, t_pix):
+      raise ValueError(
+          "the model's calibration maps thresholds "
+          f"({self.calibration.image.threshold}, "
+          f"{getattr(self.calibration.pixel, 'threshold', None)}) to 0.5, "
+          f"but its thresholds are ({t_img}, {t_pix}); pass calibration=None "
+          "to rebuild it"
+      )
 
   def _make_bank(self, features_on_host):
     return scoring.make_bank(
@@ -151,7 +176,7 @@ class FittedModel:
 
 
 def meta_of(model: FittedModel) -> dict:
-  """The model's format 2 metadata, as plain JSON types."""
+  """The model's format 3 metadata, as plain JSON types."""
   return io_utils.jsonable({
       "method": model.method,
       "grid": list(model.grid),
@@ -162,6 +187,9 @@ def meta_of(model: FittedModel) -> dict:
       "embed": dataclasses.asdict(model.embed),
       "scoring": dataclasses.asdict(model.scoring),
       "thresholds": model.thresholds.to_record(),
+      "calibration": (
+          None if model.calibration is None else model.calibration.to_record()
+      ),
       "fit_info": model.fit_info,
       "config": model.config,
   })
@@ -189,7 +217,9 @@ def save_model(path: str, model: FittedModel) -> str:
   """Writes `model` to `path` atomically; returns the absolute path."""
   path = os.path.abspath(os.path.expanduser(path))
   check_finite_bank(model.bank_features, model.bank_weights, path)
-  model_meta.check_meta(meta_of(model), path)
+  meta = meta_of(model)
+  model_meta.check_meta(meta, path)
+  model_meta.calibration_of(meta, path)
   io_utils.write_bytes(path, to_bytes(model))
   return path
 
@@ -274,7 +304,18 @@ def from_bytes(data: bytes, origin: str = "<bytes>") -> FittedModel:
   if version == 1:
     meta = model_meta.upgrade_v1(meta, origin)
   model_meta.check_meta(meta, origin)
+  calib = None
+  if version >= 3:
+    calib = model_meta.calibration_of(meta, origin)
   opt = lambda k: (np.asarray(arrays[k], np.float32) if k in arrays else None)
+  try:
+    return model_of(meta, arrays, opt, calib, version)
+  except ValueError as e:
+    raise ValueError(f"{origin}: bad model metadata: {e}") from None
+
+
+def model_of(meta, arrays, opt, calib, version) -> FittedModel:
+  """The FittedModel of checked metadata and arrays."""
   return FittedModel(
       bank_features=np.asarray(arrays["bank_features"]),
       bank_weights=np.asarray(arrays["bank_weights"]),
@@ -291,6 +332,7 @@ def from_bytes(data: bytes, origin: str = "<bytes>") -> FittedModel:
       config=meta.get("config", {}),
       heldout_image_scores=opt("heldout_image_scores"),
       heldout_pixel_max=opt("heldout_pixel_max"),
+      calibration=calib,
       format_version=version,
   )
 

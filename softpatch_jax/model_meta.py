@@ -1,8 +1,9 @@
 """The metadata of a model file: its records, checks and format 1 reading.
 
 `model_io` writes and reads the file; this module says what its "meta"
-document must hold (format 2, see model_io), refuses anything else with one
-clear error (`check_meta`), and maps format 1 metadata onto format 2
+document must hold (format 2 and 3, see model_io), refuses anything else
+with one clear error (`check_meta`, `calibration_of` for format 3's
+calibration record), and maps format 1 metadata onto format 2
 (`upgrade_v1`).
 """
 
@@ -12,6 +13,7 @@ import dataclasses
 import math
 from typing import Tuple
 
+from softpatch_jax import calibration as calibration_lib
 from softpatch_jax import features
 from softpatch_jax import scoring
 from softpatch_jax import thresholds as thresholds_lib
@@ -126,6 +128,22 @@ def check_meta(meta: dict, origin: str) -> None:
       ("thresholds", thresholds_lib.ChosenThresholds),
   ):
     _record(cls, meta[field], field, origin)
+
+
+def calibration_of(meta: dict, origin: str):
+  """The `calibration.Calibration` of format 3 metadata (None: none stored,
+  then rebuilt from the thresholds)."""
+  _require(meta, ("calibration",), origin)
+  rec = meta["calibration"]
+  if rec is None:
+    return None
+  try:
+    return calibration_lib.Calibration.from_record(rec)
+  except (KeyError, TypeError, ValueError) as e:
+    msg = str(e).removeprefix("calibration: ")
+    raise ValueError(
+        f"{origin}: bad model metadata: calibration: {msg}"
+    ) from None
 
 
 def _check_scoring(rec: dict, origin: str) -> None:

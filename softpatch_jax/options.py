@@ -1,8 +1,8 @@
 """The edge between the config and the stages: `RunOptions.from_config`.
 
-The ml_collections config (configs/, `defaults.base_config`) is read here
-and nowhere below. `from_config` turns each config group into the typed,
-frozen record of its stage (`denoise.DenoiseOptions`, `scoring.
+The ml_collections config (softpatch_jax/configs/, `defaults.base_config`) is
+read here and nowhere below. `from_config` turns each config group into the
+typed, frozen record of its stage (`denoise.DenoiseOptions`, `scoring.
 ScoringOptions`, ...), each of which checks its own fields once and holds
 the only defaults. Everything below the edge takes these records or plain
 values.
@@ -50,7 +50,7 @@ class RunOptions:
 
   seed: the PRNG seed of projections, coreset starts and baselines.
   mode: 'evaluate' (fit + predict + metrics per labelled category) or 'fit'
-    (fit on an unlabelled folder and save a model, configs/fit_folder.py).
+    (fit on an unlabelled folder and save a model, the fit_folder config).
   methods: comma-separated method names (`methods.parse_methods`).
   distributed: jax.distributed.initialize() first (a TPU pod slice).
   """

@@ -10,14 +10,17 @@ lists them. Images are decoded, scored and written batch by batch, so a
 folder of any size runs in bounded memory, with a progress bar.
 
 Output (in --output):
-  predictions.csv      one row per input file: path, score, decision
+  predictions.csv      one row per input file: path, score,
+                       normalised_score (in [0, 1], 0.5 at the threshold:
+                       README "Use a fitted model from Python"), decision
                        (anomalous / normal / error), threshold,
                        anomalous_pixel_fraction, heatmap, map, mask, error.
                        Scores are written with full float precision.
   heatmaps/<name>.png  the anomaly map over the (resized, cropped) image, on
                        one colour scale for all images: 0 .. 2x the pixel
-                       threshold (the threshold is mid-scale); predicted
-                       defect regions (map >= pixel threshold) outlined green.
+                       threshold (the threshold is mid-scale), with a colour
+                       bar below; predicted defect regions (map >= pixel
+                       threshold) outlined green.
   maps/<name>.npy      with --save_maps: the raw float32 (H, W) anomaly map.
   masks/<name>.png     with --save_masks: the binary mask (map >= pixel
                        threshold) as a 0/255 PNG.
@@ -31,6 +34,9 @@ with decision 'error' and the reason, and a warning; the other images are
 still scored (--strict: stop at the first such file instead). Every file is
 written atomically; predictions.csv is removed at the start and written last,
 so it exists only for a complete run, and re-running overwrites cleanly.
+
+The scoring is `detector.Detector`'s (the in-memory API); this module
+streams the files through it and writes what it says.
 """
 
 from __future__ import annotations
@@ -46,12 +52,13 @@ from absl import flags
 from absl import logging
 
 from softpatch_jax import backbones
+from softpatch_jax import cli_flags
 from softpatch_jax import compile_cache
 from softpatch_jax import data
+from softpatch_jax import detector as detector_lib
 from softpatch_jax import io_utils
 from softpatch_jax import methods
 from softpatch_jax import model_io
-from softpatch_jax import model_scoring
 from softpatch_jax import predict_files
 from softpatch_jax import thresholds as thresholds_lib
 from softpatch_jax.progress import Progress
@@ -179,16 +186,16 @@ def predict(
     if os.path.exists(csv_path):
       os.remove(csv_path)
     t_img, t_pix = resolve_thresholds(model, options)
-    scorer = model_scoring.scorer_for(
+    det = detector_lib.Detector(
         model,
         backbone,
         batch_size=options.batch_size,
         memory_budget_mb=options.memory_budget_mb,
         weights=options.backbone_weights,
-    )
+    ).with_thresholds(t_img, t_pix)
     spec = predict_files.OutputSpec(
         folder=output,
-        pre=scorer.pre,
+        pre=det.pre,
         image_threshold=t_img,
         pixel_threshold=t_pix,
         color_range=predict_files.color_range(t_img, t_pix),
@@ -196,27 +203,28 @@ def predict(
         save_maps=options.save_maps,
         save_masks=options.save_masks,
     )
-    rows = score_inputs(scorer, paths, spec, options)
+    rows = score_inputs(det, paths, spec, options)
     predict_files.write_csv(csv_path, rows)
   return summarize(rows, csv_path, t_img, t_pix)
 
 
 def score_inputs(
-    scorer: model_scoring.Scorer,
+    det: detector_lib.Detector,
     paths: List[str],
     spec: predict_files.OutputSpec,
     opts: PredictOptions,
 ) -> List[dict]:
-  """Decodes, scores and writes the inputs batch by batch -> their rows.
+  """Decodes, scores (`det`) and writes the inputs batch by batch -> their
+  rows.
 
   An unreadable file becomes an error row (opts.strict: the ValueError).
   """
   names = predict_files.output_names(paths)
   rows = [None] * len(paths)
-  batch_size = scorer.inputs.batch_size
+  batch_size = det.batch_size
   stream = data.stream_batches(
       [data.Sample(p, -1, "unknown") for p in paths],
-      scorer.pre,
+      det.pre,
       batch_size=batch_size,
       num_workers=int(opts.num_workers),
       with_masks=False,
@@ -234,11 +242,17 @@ def score_inputs(
       rows[i] = predict_files.error_row(spec, paths[i], err)
     if batch.images is None or not len(batch.images):
       continue
-    img_scores, maps = scorer(batch.images)
+    results = det.results(*det.score_network(batch.images))
     for r, i in enumerate(int(i) for i in batch.indices):
-      score = float(img_scores[r])
+      res = results[r]
       rows[i] = predict_files.write_one(
-          spec, names[i], paths[i], batch.images[r], score, maps[r]
+          spec,
+          names[i],
+          paths[i],
+          batch.images[r],
+          res.score,
+          res.input_map,
+          res.score_norm,
       )
   return rows
 
@@ -268,68 +282,6 @@ def summarize(rows, csv_path, t_img, t_pix) -> dict:
 # Command line.
 
 
-def _define_flags():
-  """The command's flags; defined only when run as a program."""
-  flags.DEFINE_string(
-      "model", None, "model.softpatch file, or the fit workdir that holds it."
-  )
-  flags.DEFINE_string(
-      "input", None, "A directory of images, or comma-separated image files."
-  )
-  flags.DEFINE_string("output", None, "Output directory.")
-  flags.DEFINE_bool(
-      "recursive",
-      False,
-      "Also read images in sub-folders of an input directory.",
-  )
-  flags.DEFINE_integer(
-      "batch_size", None, "Images per batch (default: the fitting batch size)."
-  )
-  flags.DEFINE_integer("num_workers", 2, "Image decoding threads.")
-  flags.DEFINE_bool("heatmaps", True, "Write heatmaps/<name>.png.")
-  flags.DEFINE_bool(
-      "save_maps",
-      False,
-      "Also write maps/<name>.npy (raw float32 anomaly maps).",
-  )
-  flags.DEFINE_bool(
-      "save_masks",
-      False,
-      "Also write masks/<name>.png (binary, map >= pixel threshold).",
-  )
-  flags.DEFINE_float("threshold", None, "Image threshold override.")
-  flags.DEFINE_float("pixel_threshold", None, "Pixel threshold override.")
-  flags.DEFINE_float(
-      "quantile",
-      None,
-      "Re-derive both thresholds as this "
-      "quantile of the stored held-out training scores.",
-  )
-  flags.DEFINE_float(
-      "memory_budget_mb",
-      None,
-      "Scan the memory bank in "
-      "chunks of at most this size (default: the model's "
-      "config; 0: no limit).",
-  )
-  flags.DEFINE_string(
-      "backbone_weights",
-      None,
-      "Where the backbone weights "
-      "are now, if they moved since fitting (.pth path); "
-      "they must be the same weights.",
-  )
-  flags.DEFINE_bool(
-      "strict",
-      False,
-      "Stop at the first unreadable image "
-      "instead of recording it as an error row.",
-  )
-  compile_cache.define_flag()
-  flags.mark_flags_as_required(["model", "input", "output"])
-  return flags.FLAGS
-
-
 def options_from_flags(f) -> PredictOptions:
   """The PredictOptions of the parsed flags."""
   return PredictOptions(
@@ -351,7 +303,7 @@ def options_from_flags(f) -> PredictOptions:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
+  cli_flags.verbose_logging()
   f = flags.FLAGS
   compile_cache.enable(f.compilation_cache)
   try:
@@ -370,5 +322,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _define_flags()
+  cli_flags.prepare(sys.argv, cli_flags.define_predict_flags, __doc__)
   app.run(main)

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from softpatch_jax import data
+from softpatch_jax import detector
 from softpatch_jax import io_utils
 from softpatch_jax import viz
 from softpatch_jax.data import files as data_files
@@ -26,6 +27,7 @@ CSV_FILENAME = "predictions.csv"
 CSV_FIELDS = [
     "path",
     "score",
+    "normalised_score",
     "decision",
     "threshold",
     "anomalous_pixel_fraction",
@@ -162,9 +164,16 @@ def error_row(spec: OutputSpec, path: str, error: str) -> dict:
   }
 
 
-def write_one(spec: OutputSpec, name, path, image, score, amap) -> dict:
-  """Writes one image's heatmap / map / mask; returns its CSV row."""
+def write_one(
+    spec: OutputSpec, name, path, image, score, amap, score_norm=None
+) -> dict:
+  """Writes one image's heatmap / map / mask; returns its CSV row.
+
+  image, amap: the network input and its raw map; score, score_norm: the
+  raw and normalised image scores (`detector.Result`).
+  """
   row = {"path": path, "score": score, "threshold": spec.image_threshold}
+  row["normalised_score"] = score_norm
   row["decision"] = spec.decision(score)
   original = None
   if spec.needs_original:
@@ -194,27 +203,38 @@ def write_one(spec: OutputSpec, name, path, image, score, amap) -> dict:
   return row
 
 
+def heatmap_scale(spec: OutputSpec, amap) -> viz.ColorScale:
+  """The colour scale of a heatmap: `spec.color_range` (one scale for every
+  image; the map's own range without it), the pixel threshold marked."""
+  lo, hi = spec.color_range or (float(amap.min()), float(amap.max()))
+  return viz.ColorScale(lo, hi, threshold=spec.pixel_threshold)
+
+
 def write_heatmap(spec: OutputSpec, name, rgb, amap, mask) -> str:
-  """heatmaps/<name>.png: the map over `rgb`, the mask outlined; its path
-  relative to the output folder."""
+  """heatmaps/<name>.png: the map over `rgb`, the mask (map >= pixel
+  threshold) outlined in green, and below it the colour bar with the
+  threshold marked (images narrower than viz.LEGEND_MIN_WIDTH: no bar, no
+  room for its labels); its path relative to the output folder."""
   if rgb.shape[-1] == 1:
     rgb = np.repeat(rgb, 3, axis=-1)
-  lo, hi = spec.color_range or (float(amap.min()), float(amap.max()))
-  over = viz.overlay(rgb, amap, lo, hi)
+  scale = heatmap_scale(spec, amap)
+  over = viz.overlay(rgb, amap, scale.vmin, scale.vmax)
   if mask is not None and mask.any():
-    over = viz.mask_outline(over, mask)
+    over = viz.mask_outline(over, mask, width=viz.outline_width(over.shape))
+  if over.shape[1] >= viz.LEGEND_MIN_WIDTH:
+    caption = ["pixel score; green: map >= threshold"]
+    if scale.threshold is None:
+      caption = ["pixel score" + ("" if spec.color_range else " (own range)")]
+    over = np.asarray(viz.with_legend(over, scale, caption))
   rel = os.path.join("heatmaps", name + ".png")
   io_utils.write_bytes(os.path.join(spec.folder, rel), png_bytes(over))
   return rel
 
 
 def original_size_map(amap, size) -> np.ndarray:
-  """Bilinear resize of a float (H, W) map to `size` (h, w)."""
-  h, w = (int(v) for v in size)
-  if amap.shape == (h, w):
-    return np.asarray(amap, np.float32)
-  img = Image.fromarray(np.asarray(amap, np.float32), mode="F")
-  return np.asarray(img.resize((w, h), Image.BILINEAR), np.float32)
+  """Bilinear resize of a float (H, W) map to `size` (h, w), as the
+  detector's own-size maps of whole-image models (`detector.resize_map`)."""
+  return detector.resize_map(amap, size)
 
 
 def write_csv(path, rows):
@@ -231,6 +251,11 @@ def read_predictions(path) -> List[dict]:
   with open(path, newline="", encoding="utf-8") as f:
     rows = list(csv.DictReader(f))
   for r in rows:
-    for k in ("score", "threshold", "anomalous_pixel_fraction"):
+    for k in (
+        "score",
+        "normalised_score",
+        "threshold",
+        "anomalous_pixel_fraction",
+    ):
       r[k] = float(r[k]) if r.get(k) else None
   return rows

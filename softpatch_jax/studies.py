@@ -1,6 +1,6 @@
 """A study of the paper as data: its cells, and its results as tables.
 
-An experiment config (configs/experiments/) has two parts:
+An experiment config (softpatch_jax/configs/experiments/) has two parts:
   base   a pipeline config (softpatch_jax/defaults.py): data, backbone,
          methods, noise protocol.
   study  what varies:

@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
+from softpatch_jax import cli_flags
 from softpatch_jax import features
 from softpatch_jax import model_io
 from softpatch_jax import model_meta
@@ -41,9 +42,10 @@ def run_predict_cli(model, inputs, output):
 
 
 def load_config(name):
-  """Loads configs/<name>.py the way the command line does and returns it."""
+  """Loads the packaged config `name` (softpatch_jax/configs/<name>.py) the
+  way the command line does and returns it."""
   spec = importlib.util.spec_from_file_location(
-      name, os.path.join(ROOT, "configs", f"{name}.py")
+      name.replace("/", "_"), cli_flags.config_path(name)
   )
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
@@ -51,7 +53,7 @@ def load_config(name):
 
 
 def fit_config(train_dir, folds=3, **overrides):
-  """configs/fit_folder.py shrunk for tests: 64 px, small batches.
+  """The fit_folder config shrunk for tests: 64 px, small batches.
 
   `overrides` use dotted keys given with '__' (e.g. threshold__method='f1'
   is not needed: pass {'threshold.method': 'f1'} via **{...}).

@@ -10,6 +10,7 @@ import pytest
 from flax import traverse_util
 
 from softpatch_jax import backbones
+from softpatch_jax import cli_flags
 from softpatch_jax import options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,10 +91,10 @@ def test_analogue_hint_for_the_other_family():
 
 
 def _flag_config(*overrides):
-  """configs/mvtec.py parsed from a real command line, as main.py does."""
+  """The mvtec config parsed from a real command line, as main.py does."""
   argv = [
       "prog",
-      f"--config={os.path.join(ROOT, 'configs', 'mvtec.py')}",
+      f"--config={cli_flags.config_path('mvtec')}",
       "--config.backbone.weights=random",
       *overrides,
   ]

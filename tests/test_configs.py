@@ -1,4 +1,4 @@
-"""Every config file loads, names known methods, and documents itself."""
+"""Every packaged config loads, names known methods, and documents itself."""
 
 import glob
 import importlib.util
@@ -7,10 +7,14 @@ import os
 import pytest
 
 from softpatch_jax import backbones
+from softpatch_jax import cli_flags
 from softpatch_jax import methods
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+CONFIGS = sorted(
+    p
+    for p in glob.glob(os.path.join(cli_flags.CONFIG_DIR, "*.py"))
+    if not p.endswith("__init__.py")
+)
 
 
 def _load(path):

@@ -51,6 +51,9 @@ EDGE = {
     "softpatch_jax.figures",
     "softpatch_jax.reports",
     "softpatch_jax.compile_cache",
+    "softpatch_jax.cli",
+    "softpatch_jax.cli_flags",
+    "softpatch_jax.export",
 }
 MAX_LINES = 420
 # A function a reader can hold in their head (README, "Layout").
@@ -82,6 +85,8 @@ def _modules():
 
 
 MODULES = _modules()
+# The shipped config files build ConfigDicts: they are the edge too.
+EDGE |= {n for n in MODULES if n.startswith("softpatch_jax.configs")}
 
 
 def _is_core(name):

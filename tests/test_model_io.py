@@ -10,6 +10,7 @@ import pytest
 from flax import serialization
 
 from softpatch_jax import backbones
+from softpatch_jax import calibration
 from softpatch_jax import features
 from softpatch_jax import fit
 from softpatch_jax import model_io
@@ -69,7 +70,12 @@ def test_round_trip_scores_bit_exact(fitted):
   assert model.embed == model2.embed and model.scoring == model2.scoring
   assert model.scoring.soft_weight is True  # softpatch_lof's choice, resolved
   assert model.batch_size == 4  # the fitting batch size
-  assert model.format_version == model_io.FORMAT_VERSION == 2
+  assert model.format_version == model_io.FORMAT_VERSION == 3
+  # The calibration was computed at fit time from the held-out scores.
+  assert model.calibration == model2.calibration
+  assert model.calibration.image.source == "heldout"
+  assert model.calibration.image.threshold == model.image_threshold
+  assert model.calibration.pixel.threshold == model.pixel_threshold
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -268,10 +274,13 @@ def test_format_1_file_is_read_into_records(tmp_path):
       model_scoring.score_features(old, feats),
   ):
     np.testing.assert_array_equal(a, b)
-  # Saving it again writes format 2, with the same records.
+  # A calibration rebuilt from its held-out scores and thresholds.
+  assert old.calibration == model.calibration
+  # Saving it again writes format 3, with the same records.
   model_io.save_model(str(tmp_path / "new.softpatch"), old)
   new = model_io.load_model(str(tmp_path / "new.softpatch"))
-  assert new.format_version == 2 and new.scoring == old.scoring
+  assert new.format_version == 3 and new.scoring == old.scoring
+  assert new.calibration == old.calibration
 
 
 def test_format_1_defaults(tmp_path):
@@ -298,3 +307,78 @@ def test_format_1_defaults(tmp_path):
 def test_model_needs_a_resolved_soft_weight():
   with pytest.raises(ValueError, match="soft_weight must be true or false"):
     random_model(soft=None)
+
+
+def v2_bytes(model, drop_heldout=False):
+  """`model` written in format 2: no calibration record."""
+  payload = serialization.msgpack_restore(model_io.to_bytes(model))
+  meta = json.loads(payload["meta"])
+  del meta["calibration"]
+  payload["meta"] = json.dumps(meta)
+  payload["format_version"] = 2
+  if drop_heldout:
+    del payload["arrays"]["heldout_image_scores"]
+    del payload["arrays"]["heldout_pixel_max"]
+  return serialization.msgpack_serialize(payload)
+
+
+def test_format_2_file_gets_a_calibration(tmp_path):
+  model = random_model(4)
+  p = tmp_path / "v2.softpatch"
+  p.write_bytes(v2_bytes(model))
+  old = model_io.load_model(str(p))
+  assert old.format_version == 2
+  cal = calibration.for_thresholds(
+      1.5, 1.25, model.heldout_image_scores, model.heldout_pixel_max
+  )
+  assert old.calibration == cal == model.calibration
+  assert cal.image.source == cal.pixel.source == "heldout"
+  feats = np.random.default_rng(1).normal(size=(2, 16, 16)).astype(np.float32)
+  for a, b in zip(
+      model_scoring.score_features(model, feats),
+      model_scoring.score_features(old, feats),
+  ):
+    np.testing.assert_array_equal(a, b)
+  # Without held-out scores: from the thresholds alone.
+  p.write_bytes(v2_bytes(model, drop_heldout=True))
+  bare = model_io.load_model(str(p))
+  assert bare.calibration == calibration.for_thresholds(1.5, 1.25)
+  assert bare.calibration.image.xs == (0.0, 1.5, 3.0)
+
+
+def test_format_3_calibration_round_trip_and_checks(tmp_path):
+  model = random_model(5)
+  model.calibration = calibration.Calibration(
+      calibration.ScoreMap((1.0, 1.5, 4.0), threshold=1.5),
+      calibration.ScoreMap((0.0, 1.25, 9.0), threshold=1.25),
+  )
+  path = model_io.save_model(str(tmp_path / "m.softpatch"), model)
+  assert model_io.load_model(path).calibration == model.calibration
+  payload = serialization.msgpack_restore(model_io.to_bytes(model))
+  meta = json.loads(payload["meta"])
+  meta["calibration"]["image"]["xs"] = [1.0, 1.5, float("nan")]
+  payload["meta"] = json.dumps(meta)
+  p = tmp_path / "bad.softpatch"
+  p.write_bytes(serialization.msgpack_serialize(payload))
+  with pytest.raises(
+      ValueError,
+      match=(
+          "bad.softpatch: bad model metadata: "
+          "calibration: anchor must be a finite number"
+      ),
+  ):
+    model_io.load_model(str(p))
+  meta["calibration"]["image"]["xs"] = [1.0, 1.6, 4.0]
+  meta["calibration"]["image"]["threshold"] = 1.6
+  payload["meta"] = json.dumps(meta)
+  p.write_bytes(serialization.msgpack_serialize(payload))
+  with pytest.raises(
+      ValueError,
+      match="bad.softpatch: .*calibration maps " r"thresholds \(1.6, 1.25\)",
+  ):
+    model_io.load_model(str(p))
+  del meta["calibration"]
+  payload["meta"] = json.dumps(meta)
+  p.write_bytes(serialization.msgpack_serialize(payload))
+  with pytest.raises(ValueError, match="'calibration' is missing"):
+    model_io.load_model(str(p))

@@ -8,19 +8,14 @@ import os
 import pytest
 
 import _testutil  # pylint: disable=g-bad-import-order
+from softpatch_jax import cli_flags
 from softpatch_jax import defaults
 from softpatch_jax import denoise
 from softpatch_jax import options
 from softpatch_jax import scoring
 from softpatch_jax import studies
 
-ROOT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
-CONFIGS = sorted(
-    os.path.relpath(p, ROOT)[: -len(".py")]
-    for p in glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(
-        os.path.join(ROOT, "experiments", "*.py")
-    )
-)
+CONFIGS = cli_flags.config_names()
 EXPERIMENTS = [c for c in CONFIGS if c.startswith("experiments")]
 
 

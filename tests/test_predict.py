@@ -85,6 +85,9 @@ def test_predict_cli_in_new_process(fitted):
     assert r["decision"] == (
         "anomalous" if r["score"] >= r["threshold"] else "normal"
     )
+    # The normalised score: in [0, 1], 0.5 at the threshold.
+    assert 0.0 <= r["normalised_score"] <= 1.0
+    assert (r["normalised_score"] >= 0.5) == (r["decision"] == "anomalous")
     heat = Image.open(out / r["heatmap"])
     assert heat.size == (64, 64) and heat.mode == "RGB"
     amap = np.load(out / r["map"])

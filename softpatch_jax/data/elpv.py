@@ -39,13 +39,19 @@ _LEVELS = {
 }
 
 
+class MissingDataPackageError(ValueError, ImportError):
+  """The data's PyPI package is not installed (the command lines' one-line
+  error; an ImportError too)."""
+
+
 def default_data_dir() -> str:
   """The folder with labels.csv and images/ in the elpv-dataset package."""
   spec = importlib.util.find_spec("elpv_dataset")
   if spec is None or not spec.submodule_search_locations:
-    raise ImportError(
-        "the ELPV data comes from the PyPI package 'elpv-dataset', which is "
-        "not installed: pip install elpv-dataset"
+    raise MissingDataPackageError(
+        "the ELPV data (the default job's) comes from the PyPI package "
+        "'elpv-dataset', which is not installed: pip install "
+        "'softpatch-jax[demo]' (or pip install elpv-dataset)"
     )
   return os.path.join(list(spec.submodule_search_locations)[0], "data")
 

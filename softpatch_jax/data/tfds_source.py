@@ -1,6 +1,6 @@
 r"""`DataOptions.source='tfds'`: MVTec AD and BTAD read from TFDS records.
 
-  python -m softpatch_jax.main --config configs/mvtec.py \
+  python -m softpatch_jax.main --config=mvtec \
       --config.data.source=tfds --config.data.root=/data/mvtec_anomaly_detection \
       --config.data.tfds_dir=/data/tensorflow_datasets --workdir out/mvtec
 

@@ -1,7 +1,7 @@
 r"""SoftPatch-LOF vs PatchCore on BTAD (categories 01, 02, 03).
 
 Command:
-  python -m softpatch_jax.main --config configs/btad.py \
+  python -m softpatch_jax.main --config=btad \
       --config.data.root=/path/to/BTAD --workdir out/btad
 
 Expected runtime: a few minutes per category on one GPU; tens of minutes per

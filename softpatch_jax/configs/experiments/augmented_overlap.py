@@ -11,10 +11,10 @@ Variants: elpv (default), synthetic, mvtec, btad (as in noise_sweep.py).
 
 Commands:
   python -m softpatch_jax.experiments \
-      --config configs/experiments/augmented_overlap.py \
+      --config=experiments/augmented_overlap \
       --workdir out/augmented_overlap
   python -m softpatch_jax.experiments \
-      --config configs/experiments/augmented_overlap.py:synthetic \
+      --config=experiments/augmented_overlap:synthetic \
       --workdir out/augmented_overlap_synth
 
 Expected runtime (measured, 2-core CPU shared with other jobs, load 3-4):

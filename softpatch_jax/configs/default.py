@@ -7,7 +7,7 @@ taps stage3 + stage5, the analogues of ResNet layer2 + layer3), no network.
 which keeps them (overlap protocol, the seed paper's harder setting).
 
 Command:
-  python -m softpatch_jax.main --config configs/default.py --workdir out/default
+  python -m softpatch_jax.main --config=default --workdir out/default
 
 Sizes, chosen to keep a 2-core CPU run short:
   300 px cells resized to 224 px (no crop: defects at the border stay in),

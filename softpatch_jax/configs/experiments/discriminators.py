@@ -14,10 +14,10 @@ Variants: elpv (default), synthetic, mvtec, btad (as in noise_sweep.py).
 
 Commands:
   python -m softpatch_jax.experiments \
-      --config configs/experiments/discriminators.py \
+      --config=experiments/discriminators \
       --workdir out/discriminators
   python -m softpatch_jax.experiments \
-      --config configs/experiments/discriminators.py:synthetic \
+      --config=experiments/discriminators:synthetic \
       --workdir out/discriminators_synth
 
 Expected runtime (measured on a 2-core CPU shared with other jobs, load

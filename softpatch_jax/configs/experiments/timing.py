@@ -12,9 +12,9 @@ Variants: elpv (default), synthetic, mvtec, btad (as in noise_sweep.py).
 
 Commands:
   python -m softpatch_jax.experiments \
-      --config configs/experiments/timing.py --workdir out/timing
+      --config=experiments/timing --workdir out/timing
   python -m softpatch_jax.experiments \
-      --config configs/experiments/timing.py:synthetic \
+      --config=experiments/timing:synthetic \
       --workdir out/timing_synth
 
 Expected runtime (measured, 2-core CPU shared with other jobs, load 1.5-2):

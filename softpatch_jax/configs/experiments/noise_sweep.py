@@ -13,12 +13,12 @@ weights).
 
 Commands:
   python -m softpatch_jax.experiments \
-      --config configs/experiments/noise_sweep.py --workdir out/noise_sweep
+      --config=experiments/noise_sweep --workdir out/noise_sweep
   python -m softpatch_jax.experiments \
-      --config configs/experiments/noise_sweep.py:synthetic \
+      --config=experiments/noise_sweep:synthetic \
       --workdir out/noise_sweep_synth
   python -m softpatch_jax.experiments \
-      --config configs/experiments/noise_sweep.py:mvtec \
+      --config=experiments/noise_sweep:mvtec \
       --config.base.data.root=/data/mvtec_anomaly_detection \
       --config.base.backbone.weights=/path/wide_resnet50_2-95faca4d.pth \
       --workdir out/noise_sweep_mvtec

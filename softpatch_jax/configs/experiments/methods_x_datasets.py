@@ -10,10 +10,10 @@ the data sets), mvtec, btad (one data set each; the paper's tables).
 
 Commands:
   python -m softpatch_jax.experiments \
-      --config configs/experiments/methods_x_datasets.py \
+      --config=experiments/methods_x_datasets \
       --workdir out/methods_x_datasets
   python -m softpatch_jax.experiments \
-      --config configs/experiments/methods_x_datasets.py:mvtec \
+      --config=experiments/methods_x_datasets:mvtec \
       --config.base.data.root=/data/mvtec_anomaly_detection \
       --config.base.backbone.weights=/path/wide_resnet50_2-95faca4d.pth \
       --workdir out/methods_mvtec

@@ -4,7 +4,7 @@ The seed paper's main setting (WideResNet-50-2, layer2+layer3, 224 crop,
 10 % coreset, LOF k=6, 15 % of patches dropped as noise, overlap protocol).
 
 Command:
-  python -m softpatch_jax.main --config configs/mvtec.py \
+  python -m softpatch_jax.main --config=mvtec \
       --config.data.root=/path/to/mvtec_anomaly_detection --workdir out/mvtec
   (one category: --config.data.categories=bottle; no-overlap:
    --config.noise.overlap=False; other methods:

@@ -5,7 +5,7 @@ Generates a small MVTec-layout folder under <workdir>/synthetic_data, injects
 with PatchCore using the offline EfficientNet-Lite0 ImageNet weights.
 
 Command:
-  python -m softpatch_jax.main --config configs/synthetic.py --workdir out/synth
+  python -m softpatch_jax.main --config=synthetic --workdir out/synth
 
 Expected runtime: about 1 minute on a 2-core CPU.
 Expected result: SoftPatch-LOF image AUROC above PatchCore's (PatchCore has

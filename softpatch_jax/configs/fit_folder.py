@@ -6,7 +6,7 @@ train_dir (recursively; .png .jpg .jpeg .bmp .tif .tiff) is used; other files
 are skipped with a warning that lists them.
 
 Command:
-  python -m softpatch_jax.main --config configs/fit_folder.py \
+  python -m softpatch_jax.main --config=fit_folder \
       --config.data.train_dir=/path/to/images --workdir out/
   then
   python -m softpatch_jax.predict --model out/model.softpatch \
