@@ -21,7 +21,6 @@ import sys
 import textwrap
 from typing import Callable, List, Optional, Sequence
 
-from absl import app
 
 from softpatch_jax import cli_flags
 
@@ -131,7 +130,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   cmd = COMMANDS[name]
   doc = f"usage: softpatch {name} [flags]\n\n{textwrap.fill(cmd.summary, 79)}"
   cli_flags.prepare(command_argv(name, argv[2:]), cmd.define, doc)
-  app.run(load_main(cmd))
+  cli_flags.run_app(load_main(cmd))
 
 
 if __name__ == "__main__":

@@ -18,9 +18,11 @@ from __future__ import annotations
 import glob
 import logging as pylogging
 import os
+import re
 import sys
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
+from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
@@ -240,7 +242,104 @@ def prepare(argv: Sequence[str], define: Callable[[], None], doc: str) -> None:
 
 
 def verbose_logging() -> None:
-  """INFO for the command's own lines; jax's backend probe stays quiet."""
-  logging.set_verbosity(logging.INFO)
+  """INFO for the command's own lines (DEBUG with --verbosity=1); jax's
+  backend probe stays quiet."""
+  v = flags.FLAGS.verbosity if flags.FLAGS.is_parsed() else 0
+  logging.set_verbosity(max(int(v), 0))
   for name in QUIET_LOGGERS:
     pylogging.getLogger(name).setLevel(pylogging.WARNING)
+
+
+# --------------------------------------------------------------------------
+# Errors: one line on stderr, the traceback only with --verbosity=1.
+
+DEBUG_HINT = "--verbosity=1 shows the traceback"
+_DID_YOU_MEAN = re.compile(r'Did you mean "([^"]+)" instead of "([^"]+)"')
+
+
+def debug_requested(argv: Optional[Sequence[str]] = None) -> bool:
+  """Whether the command asks for tracebacks: --verbosity (-v) >= 1."""
+  if flags.FLAGS.is_parsed():
+    return int(flags.FLAGS.verbosity) >= 1
+  return argv_asks_debug(sys.argv if argv is None else argv)
+
+
+def argv_asks_debug(argv: Sequence[str]) -> bool:
+  """Whether unparsed argv sets --verbosity (-v) to 1 or more."""
+  args = list(argv)
+  for i, arg in enumerate(args):
+    key, eq, value = arg.partition("=")
+    if key not in ("--verbosity", "-verbosity", "-v", "--v"):
+      continue
+    value = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+    if value.lstrip("-").isdigit() and int(value) >= 1:
+      return True
+  return False
+
+
+def one_line(e: BaseException) -> str:
+  """An exception's message on one line (a KeyError's without its quotes)."""
+  while e.args and isinstance(e.args[0], BaseException):
+    e = e.args[0]
+  text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+  lines = [" ".join(line.split()) for line in str(text).splitlines()]
+  return "; ".join(line for line in lines if line) or type(e).__name__
+
+
+def config_error(e: BaseException, argv: Sequence[str]) -> str:
+  """The one line of a --config.<field> override that names no field."""
+  msg = one_line(e)
+  m = _DID_YOU_MEAN.search(msg)
+  if m is None:
+    return f"bad --config override: {msg}"
+  wrong = m.group(2)
+  flag = next(
+      (a for a in argv if a.lstrip("-").startswith("config.") and wrong in a),
+      f"--config...{wrong}",
+  )
+  return (
+      f"{flag.partition('=')[0]}: the config has no field {wrong!r}; did "
+      f"you mean {m.group(1)!r}?"
+  )
+
+
+def parse_flags(argv: List[str]):
+  """absl's flag parsing; a --config override naming no field (a typo) is
+  one line and exit status 1, not a traceback."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    if debug_requested(argv):
+      raise
+    print(
+        f"error: {config_error(e, argv)} ({DEBUG_HINT})",
+        file=sys.stderr,
+        flush=True,
+    )
+    sys.exit(1)
+
+
+def guarded(main: Callable[[List[str]], None]) -> Callable[[List[str]], None]:
+  """`main` with any uncaught error made one line and exit status 1."""
+
+  def run_main(argv: List[str]) -> None:
+    try:
+      main(argv)
+    except app.UsageError:
+      raise  # absl prints the usage line
+    except Exception as e:  # pylint: disable=broad-except
+      if debug_requested():
+        raise
+      print(
+          f"error: {one_line(e)} ({type(e).__name__}; {DEBUG_HINT})",
+          file=sys.stderr,
+          flush=True,
+      )
+      sys.exit(1)
+
+  return run_main
+
+
+def run_app(main: Callable[[List[str]], None]) -> None:
+  """app.run(main) with one-line errors (`parse_flags`, `guarded`)."""
+  app.run(guarded(main), flags_parser=parse_flags)

@@ -147,6 +147,27 @@ def _write_results(path, rows, cells, axes):
   io_utils.write_csv(path, rows, fields)
 
 
+def _replace_cell_rows(rows, cell, new):
+  """`rows` with `cell`'s earlier rows replaced by `new`. Rows of methods
+  that did not run now (dropped from base.methods since) are kept, with a
+  log line naming them; they no longer count in the tables (another
+  configuration)."""
+  ran = {r.get("method") for r in new}
+  kept = [
+      r for r in rows if r["cell"] == cell.id and r.get("method") not in ran
+  ]
+  if kept:
+    logging.info(
+        "cell %s: keeping %d row(s) of method(s) %s from an earlier run "
+        "(not run now) in %s",
+        cell.id,
+        len(kept),
+        ", ".join(sorted({str(r.get("method")) for r in kept})),
+        RESULTS,
+    )
+  return [r for r in rows if r["cell"] != cell.id] + kept + new
+
+
 def _row(cell, config_hash, order, result):
   scalars = {
       k: v
@@ -200,8 +221,9 @@ def _run_locked(config, study, workdir):
       t0 = time.perf_counter()
       new = run_cell(cell, stacks, workdir)
       ran += 1
-      rows = [r for r in rows if r["cell"] != cell.id]
-      rows += [_row(cell, h, j, r) for j, r in enumerate(new)]
+      rows = _replace_cell_rows(
+          rows, cell, [_row(cell, h, j, r) for j, r in enumerate(new)]
+      )
       _write_results(path, rows, cells, axes)
       logging.info(
           "cell %d/%d %s done in %.1fs",
@@ -252,4 +274,4 @@ if __name__ == "__main__":
   # Defined here rather than at import (as for softpatch_jax.main, which
   # owns the same flag names; `softpatch experiments` defines them first).
   cli_flags.prepare(sys.argv, cli_flags.define_experiment_flags, __doc__)
-  app.run(main)
+  cli_flags.run_app(main)

@@ -201,4 +201,4 @@ def main(argv):
 
 if __name__ == "__main__":
   cli_flags.prepare(sys.argv, cli_flags.define_export_flags, __doc__)
-  app.run(main)
+  cli_flags.run_app(main)

@@ -104,6 +104,7 @@ def fit_locked(opts, method: str, workdir: str) -> model_io.FittedModel:
       seed=opts.seed,
       loader=opts.loader(errors="collect"),
   )
+  check_degenerate(len(train), fitted.train_feats, opts.threshold.method)
   t0 = time.perf_counter()
   chosen, heldout, reference = choose_thresholds(opts, method, fitted, stages)
   model = assemble_model(opts, method, stages, fitted, chosen, heldout)
@@ -156,6 +157,32 @@ def check_train_size(n: int, method: str, threshold_method: str) -> None:
         f"images for {method}, got {n}; add images, or set "
         "--config.threshold.method=manual --config.threshold.value=<score>"
     )
+
+
+def check_degenerate(n: int, train_feats, threshold_method: str) -> None:
+  """Refuses a held-out threshold from (near-)copies of one image, warns of
+  too few images (`thresholds.degenerate_message`)."""
+  if n < 3:
+    logging.warning(
+        "fit: only %d training image(s); the bank and threshold rest on "
+        "them alone: add varied normal images",
+        n,
+    )
+  spread = thresholds_lib.image_spread(train_feats) if n >= 2 else 1.0
+  msg = thresholds_lib.degenerate_message(n, spread)
+  if msg is None:
+    return
+  if threshold_method == "quantile":
+    raise ValueError(
+        f"{msg}; their held-out threshold would not flag real defects: add "
+        "varied normal images, or set --config.threshold.method=manual "
+        "--config.threshold.value=<score>"
+    )
+  logging.warning(
+      "fit: %s; the bank holds little more than one image, so any change "
+      "from it scores as anomalous",
+      msg,
+  )
 
 
 # --------------------------------------------------------------------------

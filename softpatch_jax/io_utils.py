@@ -35,6 +35,9 @@ CORRUPT_LOCK_STALE_S = 10 * 60
 OLD_TEMP_STALE_S = 60 * 60
 _TEMP_WITH_PID = re.compile(r"^\..+\.(\d+)\.[a-z0-9_]{8}\.tmp$")
 _TEMP_WITHOUT_PID = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+# The destination's name in a temp file's name is cut to this many bytes, so
+# that the temp name fits a folder entry (255 bytes) whatever the name.
+TEMP_NAME_BYTES = 100
 
 
 def ensure_writable_dir(path: str) -> str:
@@ -63,7 +66,7 @@ def atomic_open(path: str, mode: str = "w", **kwargs):
     # The writer's pid in the name lets a later run tell an abandoned temp
     # file (its writer is gone) from one being written right now.
     fd, tmp = tempfile.mkstemp(
-        prefix=f".{os.path.basename(path)}.{os.getpid()}.",
+        prefix=f".{temp_stem(path)}.{os.getpid()}.",
         suffix=".tmp",
         dir=directory,
     )
@@ -88,6 +91,14 @@ def atomic_open(path: str, mode: str = "w", **kwargs):
     raise
 
 
+def temp_stem(path: str) -> str:
+  """The base name of `path`, cut to TEMP_NAME_BYTES bytes (for temp names)."""
+  name = os.path.basename(path)
+  while len(os.fsencode(name)) > TEMP_NAME_BYTES:
+    name = name[:-1]
+  return name
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str):
   """Yields a hidden temporary folder beside `path` to fill; on success it
@@ -95,7 +106,7 @@ def atomic_dir(path: str):
   `path` holds the old folder, the complete new one, or nothing."""
   parent = os.path.dirname(os.path.abspath(path))
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
+  tmp = tempfile.mkdtemp(prefix=f".{temp_stem(path)}.", dir=parent)
   try:
     yield tmp
     if os.path.exists(path):

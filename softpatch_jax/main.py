@@ -66,4 +66,4 @@ if __name__ == "__main__":
   # The flags are defined here, not at import: `softpatch evaluate` defines
   # the same ones before it imports this module.
   cli_flags.prepare(sys.argv, cli_flags.define_main_flags, __doc__)
-  app.run(main)
+  cli_flags.run_app(main)

@@ -1,18 +1,20 @@
 """A fitted model as one versioned file: serialisation only (save and load).
 
-File format (``model.softpatch``): one msgpack document written with
+File format (``model.softpatch``, format 4): a 64-byte header (magic bytes,
+the body's length, the SHA-256 of the body: `model_meta.frame`), checked
+before the body is parsed, then the body: one msgpack document written with
 ``flax.serialization.msgpack_serialize`` (no pickle, so loading a file never
 runs code)::
 
     {"magic": "softpatch-jax model",
-     "format_version": 3,
+     "format_version": 4,
      "meta": "<JSON string>",           # everything that is not an array
      "arrays": {"bank_features": float32 (M, D),
                 "bank_weights": float32 (M,),
                 "heldout_image_scores": float32 (N,)   # optional
                 "heldout_pixel_max": float32 (N,)}}    # optional
 
-``meta`` (format 3) holds typed records, each stored as a JSON object:
+``meta`` (format 3 and 4) holds typed records, each stored as a JSON object:
 
     method       the method name ('softpatch_lof', 'patchcore', ...)
     grid         [h, w] patch grid; image_size [H, W] network input size
@@ -34,7 +36,10 @@ memory budget, search and batch size inside the saved config) are still
 read: `model_meta.upgrade_v1` maps them onto the format 2 records. Format 1
 and 2 files have no calibration: it is rebuilt on load from their stored
 held-out scores and thresholds (`calibration.for_thresholds`; the
-thresholds alone when there are no held-out scores). Arrays are stored as
+thresholds alone when there are no held-out scores). Files of formats 1-3
+have no header: they load with a warning that nothing verified them. A
+format 4 file whose body does not match its checksum is refused ("model
+file X is corrupted (checksum mismatch)"). Arrays are stored as
 float32 exactly as fitted, so a loaded model scores bit for bit like the one
 that was saved.
 
@@ -60,9 +65,9 @@ from softpatch_jax import scoring
 from softpatch_jax import thresholds as thresholds_lib
 from softpatch_jax import validation
 
-MAGIC = "softpatch-jax model"
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+MAGIC = model_meta.MAGIC
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 MODEL_FILENAME = "model.softpatch"
 
 
@@ -196,6 +201,7 @@ def meta_of(model: FittedModel) -> dict:
 
 
 def to_bytes(model: FittedModel) -> bytes:
+  """The body document of the model's file (`file_bytes` adds the header)."""
   arrays = {
       "bank_features": np.ascontiguousarray(model.bank_features, np.float32),
       "bank_weights": np.ascontiguousarray(model.bank_weights, np.float32),
@@ -213,6 +219,11 @@ def to_bytes(model: FittedModel) -> bytes:
   return serialization.msgpack_serialize(payload)
 
 
+def file_bytes(model: FittedModel) -> bytes:
+  """The model's file: the checksummed header, then `to_bytes`."""
+  return model_meta.frame(to_bytes(model))
+
+
 def save_model(path: str, model: FittedModel) -> str:
   """Writes `model` to `path` atomically; returns the absolute path."""
   path = os.path.abspath(os.path.expanduser(path))
@@ -220,7 +231,7 @@ def save_model(path: str, model: FittedModel) -> str:
   meta = meta_of(model)
   model_meta.check_meta(meta, path)
   model_meta.calibration_of(meta, path)
-  io_utils.write_bytes(path, to_bytes(model))
+  io_utils.write_bytes(path, file_bytes(model))
   return path
 
 
@@ -246,8 +257,9 @@ def resolve_model_path(path: str) -> str:
 
 def read_payload(data: bytes, origin: str) -> Tuple[dict, int]:
   """The msgpack document of a model file and its format version."""
+  body = model_meta.unframe(data, origin)
   try:
-    payload = serialization.msgpack_restore(data)
+    payload = serialization.msgpack_restore(body)
   except Exception as e:  # msgpack raises several unrelated types
     raise ValueError(
         f"{origin} is not a readable SoftPatch model file "
@@ -346,11 +358,13 @@ def load_model(path: str, backbone=None) -> FittedModel:
       must be the one the model was fitted with (name, taps, weights id).
 
   Raises:
-    ValueError: unreadable file, unknown format version, non-finite bank,
-      bad metadata, or a mismatched backbone.
+    ValueError: not a model file (refused from its first bytes), a checksum
+      mismatch, unreadable file, unknown format version, non-finite bank,
+      bad metadata (or beyond a ceiling), or a mismatched backbone.
   """
   path = resolve_model_path(path)
   with open(path, "rb") as f:
+    model_meta.check_file(f, path)
     data = f.read()
   model = from_bytes(data, origin=path)
   if backbone is not None:

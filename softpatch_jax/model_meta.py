@@ -1,24 +1,127 @@
-"""The metadata of a model file: its records, checks and format 1 reading.
+"""The metadata of a model file: its header, records, checks, format 1.
 
-`model_io` writes and reads the file; this module says what its "meta"
-document must hold (format 2 and 3, see model_io), refuses anything else
-with one clear error (`check_meta`, `calibration_of` for format 3's
+`model_io` writes and reads the file; this module frames its body with the
+format 4 header (`frame`, `unframe`: magic bytes, body length and the
+SHA-256 of the body, checked before the body is parsed), says what its
+"meta" document must hold (format 2 to 4, see model_io), refuses anything
+else with one clear error (`check_meta`, `calibration_of` for the
 calibration record), and maps format 1 metadata onto format 2
 (`upgrade_v1`).
+
+Every stored size and numeric bound has a hard ceiling, checked on load, so
+that a hand-edited file cannot make predict hang or allocate without bound:
+sides <= 65536, image_size and preprocess.max_pixels <= `MAX_MODEL_PIXELS`,
+resize / crop <= `MAX_RESIZE`, batch_size <= `MAX_BATCH` (and times the
+image pixels <= `MAX_BATCH_PIXELS`), blur_sigma below
+`scoring.MAX_BLUR_SIGMA` (fit's own limit), memory_budget_mb <=
+`MAX_BUDGET_MB`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
+import struct
 from typing import Tuple
 
+from absl import logging
+
 from softpatch_jax import calibration as calibration_lib
+from softpatch_jax import data
 from softpatch_jax import features
 from softpatch_jax import scoring
 from softpatch_jax import thresholds as thresholds_lib
 
+MAGIC = "softpatch-jax model"
+# Format 4 files start with these bytes, then the body length and the
+# SHA-256 of the body (`frame`); the body is the msgpack document.
+HEADER_MAGIC = b"\x89softpatch-jax model\r\n\x1a\n"
+HEADER_SIZE = len(HEADER_MAGIC) + 8 + 32
+# Files of formats 1-3 (and a bare body) are one msgpack map: fixmap, map16
+# or map32.
+MAP_MARKERS = (*range(0x80, 0x90), 0xDE, 0xDF)
+MAX_MODEL_PIXELS = 1 << 26  # 8192 x 8192: 256 MiB per float32 map
+MAX_RESIZE = 8192
+MAX_BATCH = 1024
+MAX_BATCH_PIXELS = 1 << 28  # one batch of maps: 1 GiB as float32
+MAX_BUDGET_MB = 1e9
 _MAX_SIDE = 1 << 16
+_LEN = struct.Struct("<Q")
+
+
+def frame(body: bytes) -> bytes:
+  """The format 4 file of a body document: header (magic, length, SHA-256)
+  then the body."""
+  digest = hashlib.sha256(body).digest()
+  return HEADER_MAGIC + _LEN.pack(len(body)) + digest + body
+
+
+def check_head(head: bytes, origin: str) -> bool:
+  """Whether a file's first `HEADER_SIZE` bytes open a format 4 file (True)
+  or a bare msgpack model document (False, formats 1-3).
+
+  Raises:
+    ValueError: neither, before any more of the file is read.
+  """
+  if head.startswith(HEADER_MAGIC):
+    return True
+  if head[:1] and head[0] in MAP_MARKERS:
+    return False
+  raise ValueError(
+      f"{origin} is not a SoftPatch model file (no {MAGIC!r} header)"
+  )
+
+
+def check_file(f, origin: str) -> None:
+  """Refuses an open model file that is not one, or a format 4 file whose
+  body does not match its header, reading 1 MiB at a time; leaves `f` at
+  its start."""
+  head = f.read(HEADER_SIZE)
+  if check_head(head, origin):
+    digest = hashlib.sha256()
+    size = 0
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+      size += len(chunk)
+    start = len(HEADER_MAGIC)
+    check_body(origin, head[start:], size, digest.digest())
+  f.seek(0)
+
+
+def check_body(origin: str, stored: bytes, size: int, digest: bytes) -> None:
+  """Refuses a body of `size` bytes and SHA-256 `digest` that does not
+  match the header's `stored` length and checksum."""
+  if len(stored) < HEADER_SIZE - len(HEADER_MAGIC):
+    raise ValueError(f"model file {origin} is truncated (in its header)")
+  (want,) = _LEN.unpack_from(stored)
+  if size != want:
+    raise ValueError(
+        f"model file {origin} is truncated or corrupted: its header "
+        f"announces {want} body bytes, it holds {size}"
+    )
+  if digest != stored[8:40]:
+    raise ValueError(f"model file {origin} is corrupted (checksum mismatch)")
+
+
+def unframe(raw: bytes, origin: str):
+  """The body document of a model file's bytes, its checksum verified (a
+  file without one, format 1-3, loads with a warning).
+
+  Raises:
+    ValueError: not a model file, truncated, or a checksum mismatch.
+  """
+  if not check_head(raw[:HEADER_SIZE], origin):
+    logging.warning(
+        "model file %s has no checksum (written before format 4): it loads "
+        "unverified; save it again to add one",
+        origin,
+    )
+    return raw
+  body = memoryview(raw)[HEADER_SIZE:]
+  stored = raw[len(HEADER_MAGIC) : HEADER_SIZE]
+  check_body(origin, stored, len(body), hashlib.sha256(body).digest())
+  return body
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,11 +206,14 @@ def check_meta(meta: dict, origin: str) -> None:
   _require(meta, _FIELDS, origin)
   if not (isinstance(meta["method"], str) and meta["method"]):
     _bad(origin, "method", "a method name", meta["method"])
-  for field in ("grid", "image_size"):
-    if not _size_pair(meta[field]):
-      _bad(origin, field, "two positive integers", meta[field])
-  if not (_is_int(meta["batch_size"]) and meta["batch_size"] >= 1):
-    _bad(origin, "batch_size", "a positive integer", meta["batch_size"])
+  if not (_is_int(meta["batch_size"]) and 1 <= meta["batch_size"] <= MAX_BATCH):
+    _bad(
+        origin,
+        "batch_size",
+        f"a positive integer <= {MAX_BATCH}",
+        meta["batch_size"],
+    )
+  _check_sizes(meta, origin)
   for field, keys in _RECORDS.items():
     if not isinstance(meta[field], dict):
       _bad(origin, field, "a mapping", meta[field])
@@ -149,11 +255,35 @@ def calibration_of(meta: dict, origin: str):
 def _check_scoring(rec: dict, origin: str) -> None:
   if not isinstance(rec["soft_weight"], bool):
     _bad(origin, "scoring.soft_weight", "true or false", rec["soft_weight"])
-  for key in ("blur_sigma", "memory_budget_mb"):
-    v = rec[key]
-    if not (_number(v) and math.isfinite(v) and v >= 0):
-      _bad(origin, f"scoring.{key}", "a finite number >= 0", v)
+  sigma = rec["blur_sigma"]
+  if not (_number(sigma) and 0 <= sigma < scoring.MAX_BLUR_SIGMA):
+    want = f"a finite number >= 0 and < {scoring.MAX_BLUR_SIGMA:g}"
+    _bad(origin, "scoring.blur_sigma", want, sigma)
+  budget = rec["memory_budget_mb"]
+  if not (_number(budget) and 0 <= budget <= MAX_BUDGET_MB):
+    want = f"a finite number >= 0 and <= {MAX_BUDGET_MB:g} (MiB)"
+    _bad(origin, "scoring.memory_budget_mb", want, budget)
   _record(scoring.ScoringOptions, rec, "scoring", origin)
+
+
+def _check_sizes(meta: dict, origin: str) -> None:
+  """grid and image_size: pairs within the ceilings, the grid no finer
+  than the image, a batch of maps within `MAX_BATCH_PIXELS`."""
+  for field in ("grid", "image_size"):
+    if not _size_pair(meta[field]):
+      _bad(origin, field, "two positive integers <= 65536", meta[field])
+  h, w = meta["image_size"]
+  if h * w > MAX_MODEL_PIXELS:
+    want = f"at most {MAX_MODEL_PIXELS} pixels"
+    _bad(origin, "image_size", want, meta["image_size"])
+  if any(g > s for g, s in zip(meta["grid"], meta["image_size"])):
+    _bad(origin, "grid", "no larger than image_size", meta["grid"])
+  if h * w * meta["batch_size"] > MAX_BATCH_PIXELS:
+    raise ValueError(
+        f"{origin}: bad model metadata: batch_size x image_size must be at "
+        f"most {MAX_BATCH_PIXELS} pixels, got {meta['batch_size']} x "
+        f"{meta['image_size']}"
+    )
 
 
 def _check_preprocess(pre: dict, origin: str) -> None:
@@ -162,8 +292,25 @@ def _check_preprocess(pre: dict, origin: str) -> None:
     _bad(origin, "preprocess.input_size", "two positive integers or null", size)
   for key in ("resize", "crop"):
     v = pre[key]
-    if v is not None and not (_is_int(v) and 0 < v <= _MAX_SIDE):
-      _bad(origin, f"preprocess.{key}", "a positive integer or null", v)
+    if v is not None and not (_is_int(v) and 0 < v <= MAX_RESIZE):
+      _bad(
+          origin,
+          f"preprocess.{key}",
+          f"a positive integer <= {MAX_RESIZE} or null",
+          v,
+      )
+  pixels = pre.get("max_pixels", 1)
+  if not (_is_int(pixels) and 1 <= pixels <= MAX_MODEL_PIXELS):
+    want = f"a positive integer <= {MAX_MODEL_PIXELS}"
+    _bad(origin, "preprocess.max_pixels", want, pixels)
+  for key in ("mean", "std"):
+    v = pre[key]
+    if not (
+        isinstance(v, list)
+        and len(v) in (1, 3)
+        and all(_number(x) and math.isfinite(x) for x in v)
+    ):
+      _bad(origin, f"preprocess.{key}", "1 or 3 finite numbers", v)
   if pre["crop"] is None and size is None:
     _bad(
         origin,
@@ -171,6 +318,10 @@ def _check_preprocess(pre: dict, origin: str) -> None:
         "set when crop is null (whole image)",
         size,
     )
+  try:
+    data.Preprocess.from_record(pre)
+  except (KeyError, TypeError, ValueError) as e:
+    raise ValueError(f"{origin}: bad model metadata: preprocess: {e}") from None
 
 
 def _require(meta: dict, fields, origin: str) -> None:

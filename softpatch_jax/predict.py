@@ -29,11 +29,21 @@ maps and masks at each input file's own size, the heatmap drawn over the file.
 <name> is the path relative to the input folder (or to the common folder of
 the listed files), without extension, with '/' replaced by '__'.
 
+Output names longer than 120 bytes are cut, and names that are not UTF-8
+get '_' for the odd bytes, each with a hash of the full name appended; the
+CSV's path column writes such bytes as \xNN. With the output folder inside
+(or equal to) an input folder, a folder scan skips the output folder's
+results with a warning: they are never scored as inputs.
+
 A file that cannot be decoded (truncated, corrupt, zero bytes) gets a row
 with decision 'error' and the reason, and a warning; the other images are
 still scored (--strict: stop at the first such file instead). Every file is
-written atomically; predictions.csv is removed at the start and written last,
-so it exists only for a complete run, and re-running overwrites cleanly.
+written atomically. Rows go to predictions.partial.csv as they are scored;
+only a complete run replaces predictions.csv (in input order) and removes
+the partial file, so a killed run leaves the previous complete
+predictions.csv untouched beside the partial rows. A complete run then
+removes the heatmaps, maps and masks of earlier runs that its CSV does not
+name.
 
 The scoring is `detector.Detector`'s (the in-memory API); this module
 streams the files through it and writes what it says.
@@ -43,7 +53,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import sys
 from typing import List, Optional, Tuple
 
@@ -175,16 +184,14 @@ def predict(
   'n_errors', 'image_threshold', 'pixel_threshold'}.
   """
   model = load_for_predict(model)
-  paths = predict_files.list_inputs(inputs, recursive=options.recursive)
+  paths = predict_files.list_inputs(
+      inputs, recursive=options.recursive, output=output
+  )
   output = io_utils.ensure_writable_dir(output)
   # One run per folder: two would mix their heatmaps, and the CSV of the last
   # to finish would hide the other's rows.
   with io_utils.folder_lock(output, "output folder"):
     io_utils.clean_stale_temps(output)
-    csv_path = os.path.join(output, CSV_FILENAME)
-    # Only a complete run leaves a predictions.csv behind.
-    if os.path.exists(csv_path):
-      os.remove(csv_path)
     t_img, t_pix = resolve_thresholds(model, options)
     det = detector_lib.Detector(
         model,
@@ -203,8 +210,11 @@ def predict(
         save_maps=options.save_maps,
         save_masks=options.save_masks,
     )
-    rows = score_inputs(det, paths, spec, options)
-    predict_files.write_csv(csv_path, rows)
+    # The previous predictions.csv stays until this run is complete.
+    with predict_files.RowLog(output) as log:
+      rows = score_inputs(det, paths, spec, options, log)
+      csv_path = log.finish(rows)
+    predict_files.remove_stale_outputs(output, rows)
   return summarize(rows, csv_path, t_img, t_pix)
 
 
@@ -213,9 +223,10 @@ def score_inputs(
     paths: List[str],
     spec: predict_files.OutputSpec,
     opts: PredictOptions,
+    log: Optional[predict_files.RowLog] = None,
 ) -> List[dict]:
   """Decodes, scores (`det`) and writes the inputs batch by batch -> their
-  rows.
+  rows, each also added to `log` as soon as it is known.
 
   An unreadable file becomes an error row (opts.strict: the ValueError).
   """
@@ -240,6 +251,8 @@ def score_inputs(
     for i, err in batch.errors:
       logging.warning("cannot score %s: %s", paths[i], err)
       rows[i] = predict_files.error_row(spec, paths[i], err)
+      if log is not None:
+        log.add(rows[i])
     if batch.images is None or not len(batch.images):
       continue
     results = det.results(*det.score_network(batch.images))
@@ -254,6 +267,8 @@ def score_inputs(
           res.input_map,
           res.score_norm,
       )
+      if log is not None:
+        log.add(rows[i])
   return rows
 
 
@@ -323,4 +338,4 @@ def main(argv):
 
 if __name__ == "__main__":
   cli_flags.prepare(sys.argv, cli_flags.define_predict_flags, __doc__)
-  app.run(main)
+  cli_flags.run_app(main)

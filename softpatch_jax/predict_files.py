@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import collections
 import csv
+import contextlib
 import dataclasses
+import hashlib
 import io
 import os
 from typing import List, Optional, Sequence, Tuple
@@ -24,6 +26,15 @@ from softpatch_jax import viz
 from softpatch_jax.data import files as data_files
 
 CSV_FILENAME = "predictions.csv"
+# The rows of a run in progress, appended as they are scored; renamed onto
+# predictions.csv (input order) once the run is complete.
+PARTIAL_FILENAME = "predictions.partial.csv"
+# The folders of per-image outputs, and the extension of each one's files.
+OUTPUT_DIRS = {"heatmaps": ".png", "maps": ".npy", "masks": ".png"}
+# Output names longer than this (in bytes) are cut, with a hash of the full
+# name appended: a folder entry holds at most 255 bytes, and the temp file of
+# an atomic write adds about 30 to the name.
+MAX_NAME_BYTES = 120
 CSV_FIELDS = [
     "path",
     "score",
@@ -38,25 +49,29 @@ CSV_FIELDS = [
 ]
 
 
-def list_inputs(inputs, recursive: bool = False) -> List[str]:
+def list_inputs(inputs, recursive: bool = False, output=None) -> List[str]:
   """A directory, a comma-separated string, or a list -> image file paths.
 
   Non-image files are skipped with one warning listing them, and hidden
   files in a directory with one log line (see `data.files.list_images`); a listed
   file that does not exist or is a symlink loop, or no image at all, is a
-  ValueError.
+  ValueError. `output` (predict's output folder): files a folder scan finds
+  among its results are skipped with one warning (`in_output`).
   """
   if isinstance(inputs, str):
     if os.path.isdir(inputs):
-      return data_files.list_images(inputs, "input image", recursive=recursive)
-    inputs = [p.strip() for p in inputs.split(",") if p.strip()]
+      inputs = [inputs]
+    else:
+      inputs = [p.strip() for p in inputs.split(",") if p.strip()]
   inputs = [os.fspath(p) for p in inputs]
   if not inputs:
     raise ValueError("no input given: pass a directory or image files")
-  paths, skipped = [], []
+  paths, skipped, outputs = [], [], []
   for p in inputs:
     if os.path.isdir(p):
-      paths += data_files.list_images(p, "input image", recursive=recursive)
+      found = data_files.list_images(p, "input image", recursive=recursive)
+      for f in found:
+        (outputs if in_output(f, p, output) else paths).append(f)
     elif data_files.is_symlink_loop(p):
       raise ValueError(f"input file is a symlink loop: {p}")
     elif not os.path.isfile(p):
@@ -72,9 +87,32 @@ def list_inputs(inputs, recursive: bool = False) -> List[str]:
         ", ".join(data_files.IMAGE_EXTENSIONS),
         ", ".join(skipped),
     )
+  if outputs:
+    logging.warning(
+        "skipping %d file(s) in the output folder %s (results of earlier "
+        "runs are never scored as inputs): %s",
+        len(outputs),
+        output,
+        ", ".join(outputs[:5]) + (", ..." if len(outputs) > 5 else ""),
+    )
   if not paths:
     raise ValueError(f"no image files among the inputs {inputs}")
   return paths
+
+
+def in_output(path, scanned, output) -> bool:
+  """Whether `path`, found by scanning the folder `scanned`, belongs to the
+  output folder `output`: it is in one of its heatmaps/maps/masks folders,
+  or `output` lies inside `scanned` (the output folder equal to the input
+  folder keeps the images beside the results)."""
+  if output is None:
+    return False
+  real = os.path.realpath
+  path, scanned, output = real(path), real(scanned), real(output)
+  under = lambda p, d: os.path.commonpath([p, d]) == d
+  if any(under(path, os.path.join(output, d)) for d in OUTPUT_DIRS):
+    return True
+  return output != scanned and under(output, scanned) and under(path, output)
 
 
 def output_names(paths: Sequence[str]) -> List[str]:
@@ -88,12 +126,40 @@ def output_names(paths: Sequence[str]) -> List[str]:
   for r, n in zip(rel, names):
     if counts[n] > 1:  # a.png and a.jpg: keep the extension
       n = r.replace(os.sep, "__").replace(".", "_")
+    n = safe_name(n)
     base, i = n, 1
     while n in seen:
       n, i = f"{base}_{i}", i + 1
     seen.add(n)
     out.append(n)
   return out
+
+
+def safe_name(name: str) -> str:
+  """`name` as a file name that can always be written: bytes that are not
+  UTF-8 (a non-UTF-8 input name) become '_', and a name over MAX_NAME_BYTES
+  is cut; either way a hash of the original name is appended."""
+  raw = to_bytes(name)
+  clean = raw.decode("utf-8", "replace").replace("\ufffd", "_")
+  if clean == name and len(raw) <= MAX_NAME_BYTES:
+    return name
+  while len(clean.encode("utf-8")) > MAX_NAME_BYTES - 9:
+    clean = clean[:-1]
+  return f"{clean}_{hashlib.sha1(raw).hexdigest()[:8]}"
+
+
+def text(v: str) -> str:
+  """`v` as text that UTF-8 can store: the bytes of a non-UTF-8 file name
+  (surrogate escapes) written as \\xNN."""
+  return to_bytes(v).decode("utf-8", "backslashreplace")
+
+
+def to_bytes(v: str) -> bytes:
+  """The bytes of a file name as os.fsdecode made it (any str: no error)."""
+  try:
+    return v.encode("utf-8", "surrogateescape")
+  except UnicodeEncodeError:  # a surrogate fsdecode does not make
+    return v.encode("utf-8", "backslashreplace")
 
 
 def color_range(image_threshold, pixel_threshold):
@@ -115,7 +181,7 @@ def fmt(v):
     return ""
   if isinstance(v, float):
     return repr(v)  # full precision: the CSV round-trips the float32 score
-  return str(v)
+  return text(str(v))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,13 +303,91 @@ def original_size_map(amap, size) -> np.ndarray:
   return detector.resize_map(amap, size)
 
 
+def csv_row(r: dict) -> dict:
+  return {k: fmt(r.get(k)) for k in CSV_FIELDS}
+
+
 def write_csv(path, rows):
   buf = io.StringIO()
   w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
   w.writeheader()
   for r in rows:
-    w.writerow({k: fmt(r.get(k)) for k in CSV_FIELDS})
+    w.writerow(csv_row(r))
   io_utils.write_text(path, buf.getvalue())
+
+
+class RowLog:
+  """The CSV of a run in progress: PARTIAL_FILENAME in `folder`, each row
+  appended and flushed as it is scored, so that a killed run leaves the rows
+  scored so far beside the previous, complete predictions.csv (never
+  touched before the end). `finish` writes predictions.csv atomically, in
+  input order, then removes the partial file. Use it as a context manager:
+  an error closes the partial file and leaves it there when it holds rows
+  (removed when it holds none).
+  """
+
+  def __init__(self, folder: str):
+    self.partial = os.path.join(folder, PARTIAL_FILENAME)
+    self.path = os.path.join(folder, CSV_FILENAME)
+    try:
+      self._file = open(self.partial, "w", newline="", encoding="utf-8")
+    except OSError as e:
+      raise ValueError(f"cannot write {self.partial} ({e})") from e
+    self._writer = csv.DictWriter(self._file, fieldnames=CSV_FIELDS)
+    self._writer.writeheader()
+    self._file.flush()
+    self.n_rows = 0
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self._file.close()
+    if not self.n_rows:
+      with contextlib.suppress(OSError):
+        os.remove(self.partial)
+
+  def add(self, row: dict) -> None:
+    self._writer.writerow(csv_row(row))
+    self._file.flush()
+    self.n_rows += 1
+
+  def finish(self, rows) -> str:
+    """Writes predictions.csv (`rows`, input order); returns its path."""
+    self._file.close()
+    write_csv(self.path, rows)
+    with contextlib.suppress(OSError):
+      os.remove(self.partial)
+    return self.path
+
+
+def remove_stale_outputs(folder: str, rows) -> int:
+  """Removes heatmaps / maps / masks of earlier runs that `rows` (a
+  complete run's) do not name, so the folder holds one run's files; the
+  count removed, logged."""
+  keep = {
+      os.path.normpath(r[k])
+      for r in rows
+      for k in ("heatmap", "map", "mask")
+      if r.get(k)
+  }
+  removed = 0
+  for sub, ext in OUTPUT_DIRS.items():
+    d = os.path.join(folder, sub)
+    names = os.listdir(d) if os.path.isdir(d) else []
+    for n in names:
+      rel = os.path.join(sub, n)
+      if n.endswith(ext) and not n.startswith(".") and rel not in keep:
+        with contextlib.suppress(OSError):
+          os.remove(os.path.join(folder, rel))
+          removed += 1
+  if removed:
+    logging.info(
+        "removed %d heatmap/map/mask file(s) of earlier runs from %s",
+        removed,
+        folder,
+    )
+  return removed
 
 
 def read_predictions(path) -> List[dict]:

@@ -47,6 +47,10 @@ from softpatch_jax import settings
 METHODS = ("quantile", "manual", "f1")
 # Pixel-level F1 sorts every pixel; beyond this many, a regular subsample.
 MAX_F1_PIXELS = 20_000_000
+# A training set whose images differ from each other by less than this
+# fraction of the spread of patch features within an image is degenerate
+# (copies of one image, or of a constant one): see `image_spread`.
+MIN_IMAGE_SPREAD = 1e-2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +148,48 @@ def fold_split(n: int, n_folds: int, seed: int) -> List[np.ndarray]:
   k = max(2, min(int(n_folds), n))
   perm = np.random.default_rng(seed).permutation(n)
   return [np.sort(f) for f in np.array_split(perm, k)]
+
+
+def image_spread(train_feats) -> float:
+  """How much the training images differ from each other, relative to how
+  much patches differ within an image: 0 for copies of one image.
+
+  train_feats: (N, P, D) patch features, read one image at a time. The
+  between-image spread is the mean squared distance of each image's patch p
+  from the mean image's patch p; the within-image spread is the mean
+  squared distance of the mean image's patches from their own mean. Returns
+  between / within (0 when both are 0: a constant image).
+  """
+  n = int(np.shape(train_feats)[0])
+  mean = np.zeros(np.shape(train_feats)[1:], np.float64)
+  for i in range(n):
+    mean += np.asarray(train_feats[i], np.float64)
+  mean /= max(n, 1)
+  between = 0.0
+  for i in range(n):
+    d = np.asarray(train_feats[i], np.float64) - mean
+    between += float(np.mean(np.sum(d * d, axis=-1))) / n
+  within = float(np.mean(np.sum((mean - mean.mean(0)) ** 2, axis=-1)))
+  if between <= 0.0:
+    return 0.0
+  return between / within if within > 0.0 else float("inf")
+
+
+def degenerate_message(n: int, spread: float) -> Optional[str]:
+  """Why n training images with this `image_spread` are degenerate, or None.
+
+  Copies of one image (or near-copies, or constant images) leave the
+  held-out folds' coresets short of some of that image's patches, so their
+  held-out scores are bimodal and the threshold lands far above what a
+  clean image or a real defect scores.
+  """
+  if spread >= MIN_IMAGE_SPREAD:
+    return None
+  return (
+      f"the {n} training images are (nearly) identical: they differ from "
+      f"each other by {spread:.2%} of the patch spread within an image "
+      f"(at least {MIN_IMAGE_SPREAD:.0%} is needed)"
+  )
 
 
 def quantile(values, q: float) -> float:

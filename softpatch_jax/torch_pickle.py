@@ -301,6 +301,11 @@ def _read(path: str, inspect: _Inspect | None) -> Any:
     return _load_legacy(path, inspect)
   except (UnsafePickleError, StateDictError):
     raise
+  except RecursionError as e:  # containers nested 100k deep, say
+    raise ValueError(
+        f"{path}: cannot read torch file (its objects are nested too deeply "
+        "to follow: RecursionError)"
+    ) from e
   except (
       unpickle.CorruptFile,
       pickle.UnpicklingError,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import math
 import pickle
+import reprlib
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -186,8 +187,16 @@ class RestrictedUnpickler(pickle.Unpickler):
 
   def persistent_load(self, pid):
     if self._persistent is None:
-      raise CorruptFile(f"unexpected persistent id {pid!r}")
+      raise CorruptFile(f"unexpected persistent id {short_repr(pid)}")
     return self._persistent(pid)
+
+
+def short_repr(obj) -> str:
+  """repr() bounded in depth and length: a hostile pickle can nest a value
+  100k levels deep, and the plain repr() would raise RecursionError."""
+  r = reprlib.Repr()
+  r.maxlevel, r.maxstring, r.maxother = 3, 60, 60
+  return r.repr(obj)
 
 
 def parse_storage_pid(pid) -> tuple[_StorageType, str, int, Any]:
@@ -196,12 +205,15 @@ def parse_storage_pid(pid) -> tuple[_StorageType, str, int, Any]:
       or len(pid) < 5
       or pid[0] != "storage"
       or not isinstance(pid[1], _StorageType)
+      or not isinstance(pid[2], (str, int))
   ):
-    raise CorruptFile(f"unsupported persistent id {pid!r}")
+    raise CorruptFile(f"unsupported persistent id {short_repr(pid)}")
   view = pid[5] if len(pid) > 5 else None
   numel = int(pid[4])
   if numel < 0:
-    raise CorruptFile(f"storage {pid[2]!r}: negative element count {numel}")
+    raise CorruptFile(
+        f"storage {short_repr(pid[2])}: negative element count {numel}"
+    )
   return pid[1], str(pid[2]), numel, view
 
 

@@ -445,9 +445,13 @@ def test_interrupted_predict_then_rerun(
   monkeypatch.setattr(predict_files, "write_one", dies_on_third)
   with pytest.raises(KeyboardInterrupt):
     run_predict(model, bb, inp, out, recursive=True)
-  # The previous CSV is gone (it would not match the new heatmaps); every
-  # file that exists is complete.
-  assert not os.path.exists(out / "predictions.csv")
+  # The previous complete CSV is kept; the interrupted run's rows so far
+  # are in predictions.partial.csv. Every file that exists is complete.
+  before = predict.read_predictions(out / "predictions.csv")
+  assert [float(r["score"]) for r in before] == [
+      r["score"] for r in first["rows"]
+  ]
+  assert os.path.exists(out / "predictions.partial.csv")
   for f in os.listdir(out / "heatmaps"):
     Image.open(out / "heatmaps" / f).load()
   no_temp_files(out)

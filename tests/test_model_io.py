@@ -70,7 +70,7 @@ def test_round_trip_scores_bit_exact(fitted):
   assert model.embed == model2.embed and model.scoring == model2.scoring
   assert model.scoring.soft_weight is True  # softpatch_lof's choice, resolved
   assert model.batch_size == 4  # the fitting batch size
-  assert model.format_version == model_io.FORMAT_VERSION == 3
+  assert model.format_version == model_io.FORMAT_VERSION == 4
   # The calibration was computed at fit time from the held-out scores.
   assert model.calibration == model2.calibration
   assert model.calibration.image.source == "heldout"
@@ -279,7 +279,7 @@ def test_format_1_file_is_read_into_records(tmp_path):
   # Saving it again writes format 3, with the same records.
   model_io.save_model(str(tmp_path / "new.softpatch"), old)
   new = model_io.load_model(str(tmp_path / "new.softpatch"))
-  assert new.format_version == 3 and new.scoring == old.scoring
+  assert new.format_version == 4 and new.scoring == old.scoring
   assert new.calibration == old.calibration
 
 

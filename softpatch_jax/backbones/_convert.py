@@ -117,16 +117,33 @@ def check_fit(
       if k not in used and not k.endswith(_IGNORED_SUFFIXES)
   )
   if missing or unexpected or mismatched:
-    parts = []
-    if missing:
-      parts.append(f"missing keys ({len(missing)}): {missing}")
-    if unexpected:
-      parts.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
-    if mismatched:
-      parts.append(f"shape mismatches ({len(mismatched)}): {mismatched}")
+    parts = [
+        _listing(what, items)
+        for what, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
+        )
+        if items
+    ]
+    hint = ""
+    if len(missing) + len(mismatched) > len(used) // 2:
+      hint = " (is it the weights of another architecture?)"
     raise ValueError(
-        f"{source}: weights do not fit the model; " + "; ".join(parts)
+        f"{source}: weights do not fit the model{hint}; " + "; ".join(parts)
     )
+
+
+# How many of each kind of misfit a weights error names (then a count).
+MAX_LISTED = 5
+
+
+def _listing(what: str, items) -> str:
+  shown = ", ".join(items[:MAX_LISTED])
+  more = len(items) - MAX_LISTED
+  return f"{what} ({len(items)}): {shown}" + (
+      f", ... and {more} more" if more > 0 else ""
+  )
 
 
 def torch_to_flax(

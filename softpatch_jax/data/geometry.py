@@ -3,6 +3,9 @@
 Resize(int): the short side becomes `resize`, the long side
 int(resize * long / short). CenterCrop: top = int(round((h - crop) / 2.0)),
 left likewise; an image smaller than the crop is zero-padded first.
+
+Sizes read from a header are as displayed: EXIF orientations 5-8 (a quarter
+turn) swap width and height (`oriented_size`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,10 @@ from PIL import Image
 # Pixel bound of the network input (after resizing): 4.2M pixels is a
 # 2048 x 2048 image, 50 MB as float32 RGB, already slow on a CPU backbone.
 MAX_PIXELS = 1 << 22
+# Pixel bound of an original image, from its header, before it is decoded, in
+# every mode (an 8192 x 8192 image; config.data.max_pixels raises it when
+# larger): a 200 KB PNG can declare 10,000 x 10,000 pixels.
+MAX_SOURCE_PIXELS = 1 << 26
 MAX_ASPECT_RATIO = 20.0
 # Whole-image mode: how far an image's aspect ratio may differ (relative) from
 # the network input's before resizing it would visibly distort it.
@@ -23,6 +30,40 @@ ASPECT_TOLERANCE = 0.05
 CROP_WARN_KEPT = 0.8
 # (resized w, h, crop) already warned about, once per process.
 CROP_WARNED: set = set()
+
+
+# EXIF orientation (tag 274) -> the transpose that displays the image upright,
+# as ImageOps.exif_transpose applies it.
+EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def orientation(img: Image.Image) -> int:
+  """The EXIF orientation of an opened (not yet decoded) image; 1 if none.
+
+  A PNG's is read only from an eXIf chunk before its image data: asking
+  Pillow for a later one would decode the whole image.
+  """
+  if (img.format or "").upper() == "PNG" and "exif" not in img.info:
+    return 1
+  try:
+    value = int(img.getexif().get(0x0112, 1))
+  except Exception:  # pylint: disable=broad-except
+    return 1  # unreadable EXIF: shown as stored
+  return value if value in EXIF_TRANSPOSE else 1
+
+
+def oriented_size(img: Image.Image) -> Tuple[int, int]:
+  """(w, h) of an opened image as displayed, after its EXIF orientation."""
+  w, h = img.size
+  return (h, w) if orientation(img) in (5, 6, 7, 8) else (w, h)
 
 
 def resized_size(size: Tuple[int, int], resize: int) -> Tuple[int, int]:
@@ -42,7 +83,7 @@ def whole_image_size(path, resize: Optional[int]) -> Tuple[int, int]:
   path = os.fspath(path)
   try:
     with Image.open(path) as img:  # reads the header only
-      size = img.size
+      size = oriented_size(img)
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(
         f"cannot read image size of {path}: {type(e).__name__}: {e}"

@@ -19,8 +19,11 @@ nothing is cropped, so the patch grid is rectangular for elongated parts.
 Bounds on untrusted images (`max_pixels`, `max_aspect_ratio`): a file whose
 network-input size after resizing would exceed `max_pixels`, or whose aspect
 ratio exceeds `max_aspect_ratio`, is refused with a ValueError naming it and
-its size before anything is resized: a 1x20000 PNG is 121 bytes but resizing
-its short side to 256 would allocate 256 x 5.12M pixels. A centre crop that
+its size before anything is decoded (from the file's header): a 1x20000 PNG
+is 121 bytes but resizing its short side to 256 would allocate 256 x 5.12M
+pixels. In every mode, whole-image mode included, the original image's own
+pixel count is bounded too, by the larger of `MAX_SOURCE_PIXELS` (8192 x
+8192) and `max_pixels`: a 245 KB PNG can declare 14,000 x 5,600 pixels. A centre crop that
 keeps less than 80 % of an image's area is logged once per image size.
 
 Masks are decoded to 0/255 'L' images (decode.py). After the same resize
@@ -32,6 +35,7 @@ counts interpolated edge values as normal.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Optional, Sequence, Tuple
 
@@ -49,6 +53,7 @@ from softpatch_jax.data.geometry import center_crop
 from softpatch_jax.data.geometry import CROP_WARN_KEPT
 from softpatch_jax.data.geometry import MAX_ASPECT_RATIO
 from softpatch_jax.data.geometry import MAX_PIXELS
+from softpatch_jax.data.geometry import MAX_SOURCE_PIXELS
 from softpatch_jax.data.geometry import resize_short
 from softpatch_jax.data.geometry import resized_size
 from softpatch_jax.data.geometry import whole_image_size
@@ -129,13 +134,20 @@ class Preprocess:
     return self.crop is None and self.input_size is not None
 
   def check_size(self, size, path) -> None:
-    """Refuses an image of `size` (w, h) before it is resized (see module).
+    """Refuses an image of `size` (w, h) before it is decoded (see module).
 
     Raises:
       ValueError: naming `path` and its size.
     """
     w, h = (int(v) for v in size)
     what = f"image {os.fspath(path)} ({w}x{h} pixels, width x height)"
+    limit = max(MAX_SOURCE_PIXELS, int(self.max_pixels))
+    if w * h > limit:
+      raise ValueError(
+          f"{what} has {w * h} pixels, beyond the limit {limit} on an "
+          f"original image (the larger of {MAX_SOURCE_PIXELS} and "
+          "config.data.max_pixels)"
+      )
     aspect = max(w, h) / max(min(w, h), 1)
     if aspect > self.max_aspect_ratio:
       raise ValueError(
@@ -158,24 +170,8 @@ class Preprocess:
           f"{what} would be resized to {rw}x{rh} = {rw * rh} pixels, beyond "
           f"the limit {self.max_pixels} (config.data.max_pixels)"
       )
-    if (
-        self.crop is not None
-        and (rw, rh, self.crop) not in geometry.CROP_WARNED
-    ):
-      kept = min(self.crop, rw) * min(self.crop, rh) / (rw * rh)
-      if kept < CROP_WARN_KEPT:
-        geometry.CROP_WARNED.add((rw, rh, self.crop))
-        logging.warning(
-            "the %dx%d centre crop of %s resized to %dx%d keeps %.0f%% of "
-            "its area: defects outside the crop are never seen. Set "
-            "config.data.crop=0 to inspect whole images.",
-            self.crop,
-            self.crop,
-            os.fspath(path),
-            rw,
-            rh,
-            100.0 * kept,
-        )
+    if self.crop is not None:
+      _warn_crop(rw, rh, self.crop, path)
 
   @property
   def channels(self) -> int:
@@ -230,18 +226,15 @@ class Preprocess:
     (default Augment()) is applied to image and mask alike before the
     geometry.
     """
-    img = open_image(sample.path)
-    self.check_size(img.size, sample.path)
+    # Sizes are checked from the headers, before anything is decoded.
+    img = open_image(
+        sample.path, functools.partial(self.check_size, path=sample.path)
+    )
     mask = None
     if with_mask:
       if sample.mask_path is not None:
-        mask = open_mask(sample.mask_path)
-        if mask.size != img.size:
-          raise ValueError(
-              f"mask {sample.mask_path} has size "
-              f"{mask.size[0]}x{mask.size[1]} but image {sample.path} has "
-              f"size {img.size[0]}x{img.size[1]} (width x height)"
-          )
+        same = functools.partial(_same_size, image_size=img.size, sample=sample)
+        mask = open_mask(sample.mask_path, same)
       else:
         mask = Image.new("L", img.size, 0)
     if sample.aug_seed is not None:
@@ -281,6 +274,36 @@ class Preprocess:
         max_aspect_ratio=float(
             record.get("max_aspect_ratio", MAX_ASPECT_RATIO)
         ),
+    )
+
+
+def _warn_crop(rw: int, rh: int, crop: int, path) -> None:
+  """Logs once per size when a centre crop keeps < CROP_WARN_KEPT."""
+  if (rw, rh, crop) in geometry.CROP_WARNED:
+    return
+  kept = min(crop, rw) * min(crop, rh) / (rw * rh)
+  if kept < CROP_WARN_KEPT:
+    geometry.CROP_WARNED.add((rw, rh, crop))
+    logging.warning(
+        "the %dx%d centre crop of %s resized to %dx%d keeps %.0f%% of "
+        "its area: defects outside the crop are never seen. Set "
+        "config.data.crop=0 to inspect whole images.",
+        crop,
+        crop,
+        os.fspath(path),
+        rw,
+        rh,
+        100.0 * kept,
+    )
+
+
+def _same_size(mask_size, image_size, sample) -> None:
+  """Refuses a mask whose (header) size is not its image's."""
+  if tuple(mask_size) != tuple(image_size):
+    raise ValueError(
+        f"mask {sample.mask_path} has size "
+        f"{mask_size[0]}x{mask_size[1]} but image {sample.path} has "
+        f"size {image_size[0]}x{image_size[1]} (width x height)"
     )
 
 
