@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
+from PIL import ImageOps
 
 from softpatch_jax import calibration as calibration_lib
 from softpatch_jax import data
@@ -193,13 +194,16 @@ def as_image_list(images) -> list:
   return images
 
 
-def decode_input(item, index: int):
-  """One input -> (8-bit PIL image, its name for messages)."""
+def decode_input(item, index: int, pre: data.Preprocess):
+  """One input -> (8-bit PIL image, its name for messages). A file's size
+  is checked from its header before decoding; a PIL image is turned as its
+  EXIF orientation says, as a file is."""
   if isinstance(item, (str, os.PathLike)):
-    return data.open_image(item), os.fspath(item)
+    check = functools.partial(pre.check_size, path=os.fspath(item))
+    return data.open_image(item, check=check), os.fspath(item)
   what = f"image {index}"
   if isinstance(item, Image.Image):
-    img = decode_lib.to_8bit(item)
+    img = decode_lib.to_8bit(ImageOps.exif_transpose(item))
   elif isinstance(item, np.ndarray) or hasattr(item, "__array__"):
     img = _array_image(np.asarray(item), what)
   else:
@@ -214,7 +218,7 @@ def preprocess(images, pre: data.Preprocess):
   """Inputs -> (network batch (N, H, W, C) float32, [(h, w) of each])."""
   xs, sizes = [], []
   for i, item in enumerate(as_image_list(images)):
-    img, what = decode_input(item, i)
+    img, what = decode_input(item, i, pre)
     pre.check_size(img.size, what)
     xs.append(pre.image_array(img))
     sizes.append((img.size[1], img.size[0]))

@@ -41,9 +41,11 @@ HEADER_SIZE = len(HEADER_MAGIC) + 8 + 32
 # Files of formats 1-3 (and a bare body) are one msgpack map: fixmap, map16
 # or map32.
 MAP_MARKERS = (*range(0x80, 0x90), 0xDE, 0xDF)
-MAX_MODEL_PIXELS = 1 << 26  # 8192 x 8192: 256 MiB per float32 map
-MAX_RESIZE = 8192
-MAX_BATCH = 1024
+# The data settings' own ceilings (data/geometry.py): a config that passes
+# them saves a model that loads.
+MAX_MODEL_PIXELS = data.geometry.MAX_SOURCE_PIXELS  # 256 MiB per float32 map
+MAX_RESIZE = data.geometry.MAX_SIDE
+MAX_BATCH = data.geometry.MAX_BATCH
 MAX_BATCH_PIXELS = 1 << 28  # one batch of maps: 1 GiB as float32
 MAX_BUDGET_MB = 1e9
 _MAX_SIDE = 1 << 16

@@ -59,6 +59,26 @@ def test_every_input_kind_scores_like_the_file(fitted):
     np.testing.assert_array_equal(a.map, b.map)
 
 
+def test_rotated_jpeg_as_a_pil_image_scores_like_its_file(fitted, tmp_path):
+  _, _, _, det, files = fitted
+  img = Image.open(files[0]).convert("RGB")
+  exif = Image.Exif()
+  exif[0x0112] = 6  # stored rotated: displayed turned 90 degrees clockwise
+  path = tmp_path / "rotated.jpg"
+  img.transpose(Image.Transpose.ROTATE_90).save(path, exif=exif, quality=95)
+  (want,) = det(str(path))
+  assert det(Image.open(path))[0].score == want.score
+  assert want.size == (64, 64)
+
+
+def test_an_oversized_file_is_refused_from_its_header(fitted, tmp_path):
+  _, _, _, det, _ = fitted
+  path = tmp_path / "huge.png"
+  Image.new("L", (9000, 9000)).save(path)
+  with pytest.raises(ValueError, match="huge.png.*beyond the limit"):
+    det(str(path))
+
+
 def test_grayscale_array_scores_like_its_png(fitted, tmp_path):
   _, _, _, det, files = fitted
   gray = np.asarray(Image.open(files[0]).convert("L"))

@@ -22,6 +22,10 @@ MAX_PIXELS = 1 << 22
 # every mode (an 8192 x 8192 image; config.data.max_pixels raises it when
 # larger): a 200 KB PNG can declare 10,000 x 10,000 pixels.
 MAX_SOURCE_PIXELS = 1 << 26
+# Hard ceilings on the settings themselves (config and model file alike):
+# the resize / crop side, and images per batch.
+MAX_SIDE = 8192
+MAX_BATCH = 1024
 MAX_ASPECT_RATIO = 20.0
 # Whole-image mode: how far an image's aspect ratio may differ (relative) from
 # the network input's before resizing it would visibly distort it.

@@ -10,7 +10,10 @@ import numpy as np
 
 from softpatch_jax import settings
 from softpatch_jax.data.geometry import MAX_ASPECT_RATIO
+from softpatch_jax.data.geometry import MAX_BATCH
 from softpatch_jax.data.geometry import MAX_PIXELS
+from softpatch_jax.data.geometry import MAX_SIDE
+from softpatch_jax.data.geometry import MAX_SOURCE_PIXELS
 from softpatch_jax.feature_store import STORES
 
 # Values of DataOptions.source.
@@ -154,19 +157,22 @@ class DataOptions:
     settings.check_choice(self.source or "files", "data.source", SOURCES)
     settings.set_field(self, "source", self.source or "files")
     settings.check_choice(self.feature_store, "data.feature_store", STORES)
-    for name, lo in (
-        ("resize", 0),
-        ("crop", 0),
-        ("max_pixels", 1),
-        ("batch_size", 1),
-        ("num_workers", 1),
-        ("max_test", 0),
-        ("max_train", 0),
-        ("split_seed", 0),
+    # The ceilings a saved model is held to (model_meta), checked before
+    # any work rather than at save time.
+    for name, lo, hi in (
+        ("resize", 0, MAX_SIDE),
+        ("crop", 0, MAX_SIDE),
+        ("max_pixels", 1, MAX_SOURCE_PIXELS),
+        ("batch_size", 1, MAX_BATCH),
+        ("num_workers", 1, 1 << 62),
+        ("max_test", 0, 1 << 62),
+        ("max_train", 0, 1 << 62),
+        ("split_seed", 0, 1 << 62),
     ):
       v = getattr(self, name)
       v = 0 if v is None and name in ("resize", "crop") else v
-      settings.set_field(self, name, settings.check_int(v, f"data.{name}", lo))
+      v = settings.check_int(v, f"data.{name}", lo, hi)
+      settings.set_field(self, name, v)
     ratio = settings.check_float(
         self.max_aspect_ratio, "data.max_aspect_ratio", 1.0
     )
