@@ -255,9 +255,12 @@ def resolve_model_path(path: str) -> str:
   return path
 
 
-def read_payload(data: bytes, origin: str) -> Tuple[dict, int]:
-  """The msgpack document of a model file and its format version."""
-  body = model_meta.unframe(data, origin)
+def read_payload(
+    data: bytes, origin: str, verified: bool = False
+) -> Tuple[dict, int]:
+  """The msgpack document of a model file and its format version
+  (`verified`: its checksum already checked, `model_meta.unframe`)."""
+  body = model_meta.unframe(data, origin, verified)
   try:
     payload = serialization.msgpack_restore(body)
   except Exception as e:  # msgpack raises several unrelated types
@@ -309,9 +312,12 @@ def read_bank(payload: dict, origin: str) -> Tuple[dict, dict]:
   return meta, arrays
 
 
-def from_bytes(data: bytes, origin: str = "<bytes>") -> FittedModel:
-  """Reads a model file's bytes; `origin` names it in error messages."""
-  payload, version = read_payload(data, origin)
+def from_bytes(
+    data: bytes, origin: str = "<bytes>", verified: bool = False
+) -> FittedModel:
+  """Reads a model file's bytes; `origin` names it in error messages;
+  `verified`: their checksum was already checked (`load_model`)."""
+  payload, version = read_payload(data, origin, verified)
   meta, arrays = read_bank(payload, origin)
   if version == 1:
     meta = model_meta.upgrade_v1(meta, origin)
@@ -364,9 +370,9 @@ def load_model(path: str, backbone=None) -> FittedModel:
   """
   path = resolve_model_path(path)
   with open(path, "rb") as f:
-    model_meta.check_file(f, path)
+    model_meta.check_file(f, path)  # streamed: the checksum, once
     data = f.read()
-  model = from_bytes(data, origin=path)
+  model = from_bytes(data, origin=path, verified=True)
   if backbone is not None:
     check_backbone(model, backbone)
   return model

@@ -106,9 +106,10 @@ def check_body(origin: str, stored: bytes, size: int, digest: bytes) -> None:
     raise ValueError(f"model file {origin} is corrupted (checksum mismatch)")
 
 
-def unframe(raw: bytes, origin: str):
+def unframe(raw: bytes, origin: str, verified: bool = False):
   """The body document of a model file's bytes, its checksum verified (a
-  file without one, format 1-3, loads with a warning).
+  file without one, format 1-3, loads with a warning). `verified`: the
+  caller already checked length and checksum (`check_file`, streamed).
 
   Raises:
     ValueError: not a model file, truncated, or a checksum mismatch.
@@ -121,8 +122,9 @@ def unframe(raw: bytes, origin: str):
     )
     return raw
   body = memoryview(raw)[HEADER_SIZE:]
-  stored = raw[len(HEADER_MAGIC) : HEADER_SIZE]
-  check_body(origin, stored, len(body), hashlib.sha256(body).digest())
+  if not verified:
+    stored = raw[len(HEADER_MAGIC) : HEADER_SIZE]
+    check_body(origin, stored, len(body), hashlib.sha256(body).digest())
   return body
 
 

@@ -18,6 +18,7 @@ import pytest
 import _testutil  # pylint: disable=g-bad-import-order
 from softpatch_jax import backbones
 from softpatch_jax import cli_flags
+from softpatch_jax import detector
 from softpatch_jax import fit
 from softpatch_jax import model_io
 from softpatch_jax import model_meta
@@ -181,7 +182,7 @@ def test_copies_of_one_image_are_refused(tmp_path, noise):
   assert not (tmp_path / "w" / model_io.MODEL_FILENAME).exists()
 
 
-def test_copies_with_a_manual_threshold_warn_and_flag_a_defect(
+def test_copies_with_a_manual_threshold_warn_and_rank_a_defect_higher(
     tmp_path, caplog
 ):
   write_copies(tmp_path / "train", 4)
@@ -194,6 +195,13 @@ def test_copies_with_a_manual_threshold_warn_and_flag_a_defect(
     model = fit.fit(c, str(tmp_path / "w"))
   assert "the 4 training images are (nearly) identical" in caplog.text
   assert model.thresholds.image == 100.0
+  # The user's threshold is kept; the model still ranks a defect above
+  # the image it was fitted on, and flags it.
+  good = np.asarray(Image.open(tmp_path / "train" / "00.png"))
+  bad = good.copy()
+  bad[24:40, 24:40] = 255
+  normal, defect = detector.Detector.from_fit(model)(np.stack([good, bad]))
+  assert defect.score > normal.score and defect.anomalous
 
 
 def test_fewer_than_three_images_warn(tmp_path, caplog):
