@@ -61,6 +61,9 @@ def study_base(variant: str) -> ml_collections.ConfigDict:
   at 128 px (a 16x16 patch grid) with 40 normal training cells (a seeded
   subset) and about 50 test cells (seeded, label-stratified) per category;
   synthetic textures at 96 px with 30 training and 10 + 20 test images.
+  'synthetic_hard' is 'synthetic' with faint, small defects and more varied
+  normal textures (data.synthetic.difficulty 0.8), where image AUROC does
+  not saturate: clean PatchCore 0.935, pixel AUROC 0.952 (data seed 0).
   'mvtec' and 'btad' are the paper's setting (WideResNet-50-2, layer2 +
   layer3, 256 -> 224 crop, every image) and need --config.base.data.root
   and, without a network, --config.base.backbone.weights=<.pth>.
@@ -70,7 +73,7 @@ def study_base(variant: str) -> ml_collections.ConfigDict:
     c.data.resize = c.data.crop = 128
     c.data.max_train = 40
     c.data.max_test = 50
-  elif variant == "synthetic":
+  elif variant in ("synthetic", "synthetic_hard"):
     c = base_config()
     c.data.dataset = "synthetic"
     c.data.categories = "synth"
@@ -80,6 +83,8 @@ def study_base(variant: str) -> ml_collections.ConfigDict:
     c.data.synthetic.n_test_defect = 20
     c.backbone.name = "efficientnet_lite0"
     c.backbone.layers = ("stage3", "stage5")
+    if variant == "synthetic_hard":
+      c.data.synthetic.difficulty = 0.8
   elif variant in ("mvtec", "btad"):
     c = base_config()
     c.data.dataset = variant
@@ -87,7 +92,7 @@ def study_base(variant: str) -> ml_collections.ConfigDict:
   else:
     raise ValueError(
         f"unknown experiment variant {variant!r}; choose from elpv, "
-        "synthetic, mvtec, btad"
+        "synthetic, synthetic_hard, mvtec, btad"
     )
   c.data.num_workers = 2
   c.output.num_heatmaps = 0  # per-cell heatmaps cost a test pass each

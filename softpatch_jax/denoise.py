@@ -24,9 +24,13 @@ differences"):
 - 'nearest' excludes the point itself exactly. The reference sums the two
   smallest entries of a distance matrix computed by the |a|^2+|b|^2-2ab
   expansion, so its self-distance is float noise (~1e-3) rather than 0.
-- 'gaussian' uses a Cholesky solve instead of an explicit inverse, and clamps
-  the squared distance at 0 before the square root (the reference can return
-  NaN).
+- 'gaussian' scores each patch against the Gaussian of the *other* images'
+  patches at its position (leave-one-out), its covariance shrunk with the
+  Ledoit-Wolf intensity (`denoise_gaussian`). The reference fits on all N
+  points, itself included: with N <= d (128) the weights are then a
+  constant (~3.85), so it cannot flag anything with few training images.
+  It uses a Cholesky solve, not an explicit inverse, and clamps the squared
+  distance at 0 before the square root (the reference can return NaN).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from softpatch_jax import denoise_gaussian
 from softpatch_jax import registry
 from softpatch_jax import settings
 from softpatch_jax import validation
@@ -190,33 +195,23 @@ def nearest_other_distance(x: jax.Array) -> jax.Array:
 
 @register_discriminator("gaussian")
 def gaussian(x: jax.Array, options: DenoiseOptions) -> jax.Array:
-  """Mahalanobis distance to the per-position Gaussian, plus 1."""
+  """Leave-one-out Mahalanobis distance to the per-position Gaussian, + 1."""
   del options
   return gaussian_distance(x) + 1.0
 
 
-def gaussian_distance(x: jax.Array, reg: float = 0.01) -> jax.Array:
+def gaussian_distance(
+    x: jax.Array, reg: float = 0.01, in_sample: bool = False
+) -> jax.Array:
   """(P, N, d) -> (P, N): Mahalanobis distance (not squared) per position.
 
-  The Gaussian is fitted on all N points of the position, the point itself
-  included, with the unbiased covariance + reg*I (as the reference does).
+  Each point against the shrunk Gaussian of the other N - 1 points
+  (`denoise_gaussian.distance`); in_sample=True fits on all N points with
+  the unbiased covariance + reg*I, as the reference does.
   """
-  p, n, d = x.shape
-  eye = jnp.eye(d, dtype=x.dtype)
-
-  def one(xp):  # (N, d)
-    delta = xp - jnp.mean(xp, axis=0)
-    cov = jnp.matmul(delta.T, delta, precision=_HIGHEST) / (n - 1) + reg * eye
-    chol = jnp.linalg.cholesky(cov)
-    # |L^{-1} delta|^2 == delta^T cov^{-1} delta, without forming the inverse.
-    z = jax.lax.linalg.triangular_solve(
-        chol, delta.T, left_side=True, lower=True
-    )
-    return jnp.sqrt(jnp.maximum(jnp.sum(z * z, axis=0), 0.0))
-
-  return jax.lax.map(
-      one, x, batch_size=min(p, positions_per_block(d * d + n * d))
-  )
+  _, n, d = x.shape
+  block = positions_per_block(d * d + n * d)
+  return denoise_gaussian.distance(x, reg, in_sample=in_sample, batch=block)
 
 
 @register_discriminator("lof")

@@ -60,6 +60,7 @@ RESULT_FIELDS = [
     "outlier_frac_injected",
     "outlier_frac_clean",
     "image_filter_backbone",
+    "image_filter_fallback",
     "n_filtered_out",
     "filtered_out_injected",
     "search",
@@ -200,6 +201,10 @@ def result_row(cat, name, pred, fits: Fits, has_masks, predict_s) -> dict:
   res = inference.evaluate(pred, pixel_metrics=has_masks)
   info = fits.infos[name]
   search = getattr(fits.models[name], "search", None)
+  filt = fits.filter_fields.get(name, {})
+  # PaDiM*'s image filter is part of its method's fit (shared when several
+  # methods are filtered, like extract_s); filter_s is that part alone.
+  fit_s = info.fit_s + filt.get("filter_s", 0.0)
   row = dict(
       category=cat.name,
       method=name,
@@ -212,9 +217,9 @@ def result_row(cat, name, pred, fits: Fits, has_masks, predict_s) -> dict:
       n_outlier_patches=info.n_outlier_patches,
       search=getattr(search, "name", None),
       extract_s=round(fits.extract_s[name], 3),
-      fit_s=round(info.fit_s, 3),
+      fit_s=round(fit_s, 3),
       predict_s=round(predict_s, 3),
-      **fits.filter_fields.get(name, {}),
+      **filt,
   )
   # How much of the injected vs the clean images the discriminator flagged
   # as outlier patches: the denoising at work.
@@ -282,7 +287,8 @@ def write_heatmaps(path, test, preds, names, pre, num, injected_paths=()):
 
 
 def summarize(rows: List[dict]) -> List[dict]:
-  """One 'mean' row per method over the categories."""
+  """One 'mean' row per method over the categories: metrics and timings
+  alike are per-category means (results.json's total_s is the run's total)."""
   out = []
   names = list(dict.fromkeys(r["method"] for r in rows))
   for m in names:
@@ -291,8 +297,9 @@ def summarize(rows: List[dict]) -> List[dict]:
     for k in _METRICS:
       vals = [r[k] for r in rs if r.get(k) is not None]
       mean[k] = float(np.mean(vals)) if vals else None
-    for k in ["extract_s", "fit_s", "predict_s"]:
-      mean[k] = round(float(np.sum([r[k] for r in rs])), 3)
+    for k in ["filter_s", "extract_s", "fit_s", "predict_s"]:
+      vals = [r[k] for r in rs if r.get(k) is not None]
+      mean[k] = round(float(np.mean(vals)), 3) if vals else None
     out.append(mean)
   return out
 

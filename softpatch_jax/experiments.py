@@ -18,9 +18,11 @@ run again and its rows replaced (a newer version with new config fields
 counts as a change). At the end (and on every resume) it writes:
 
   results.csv   one row per cell x method: the axes, every metric, timings;
-  table.md      the paper's layout per setting and metric: categories x
-                methods with a mean row, mean +- std over the repeat axes,
-                and a methods x settings summary;
+  table.md      the paper's layout per setting and metric (`study_tables`):
+                categories x methods with a mean row (timings: mean per
+                category and total), mean +- std over the repeat axes, and
+                a methods x settings summary; the protocol axis reads
+                'overlap' / 'no overlap';
   table.csv     the same numbers (setting, category, method, metric, mean,
                 std, n);
   trend.png, embedding.png, weights.png   (`figures`; needs matplotlib);
@@ -51,6 +53,7 @@ from softpatch_jax import io_utils
 from softpatch_jax import options
 from softpatch_jax import settings
 from softpatch_jax import studies
+from softpatch_jax import study_tables
 
 RESULTS = "results.csv"
 _KEY_FIELDS = ["cell", "cell_index", "category", "method", "config_hash"]
@@ -236,15 +239,16 @@ def _run_locked(config, study, workdir):
     if cell.index == diag and figures.diagnosis_key(diag_path) != key:
       diagnose_cell(cell, stacks, workdir, key)
   rows = read_results(path)
-  agg = studies.aggregate(config, cells, rows)
-  table = studies.format_tables(config, cells, agg)
+  agg = study_tables.aggregate(config, cells, rows)
+  table = study_tables.format_tables(config, cells, agg, rows)
   io_utils.write_text(os.path.join(workdir, "table.md"), table)
   io_utils.write_csv(
       os.path.join(workdir, "table.csv"),
-      [dict(a, setting=studies.setting_text(a["setting"])) for a in agg],
+      [dict(a, setting=study_tables.setting_text(a["setting"])) for a in agg],
       ["setting", "category", "method", "metric", "mean", "std", "n"],
   )
-  figures.write_all(workdir, study, agg, studies.methods_of(cells))
+  names, _ = study_tables.method_labels(cells, rows)
+  figures.write_all(workdir, study, agg, names)
   print(table, flush=True)
   print(
       f"{ran} of {len(cells)} cells run now; results in {path}, tables in "

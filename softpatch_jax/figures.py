@@ -2,8 +2,8 @@
 
 - trend.png: a metric against the noise ratio, one line per method (mean
   over categories, error bars the std over the repeats), one panel per
-  other setting: the trend figures of SoftPatch (Jiang et al., NeurIPS
-  2022).
+  other setting, the protocol named 'overlap' / 'no overlap': the trend
+  figures of SoftPatch (Jiang et al., NeurIPS 2022).
 - embedding.png: a t-SNE (scikit-learn; a PCA in numpy without it) of
   training patches of one noisy cell, one panel per method: its memory bank
   coloured by origin (clean or injected training image) and the patches its
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import os
+import textwrap
 from typing import Dict, List, Optional, Sequence
 
 from absl import logging
@@ -34,6 +35,7 @@ from softpatch_jax import embedding
 from softpatch_jax import io_utils
 from softpatch_jax import methods as methods_lib
 from softpatch_jax import studies
+from softpatch_jax import study_tables
 
 try:
   from matplotlib.figure import Figure
@@ -251,56 +253,55 @@ def plot_weights(path: str, diag: Dict[str, np.ndarray]) -> None:
 # The trend figure.
 
 
-# How the trend panels name the metrics.
-_METRIC_TITLES = {
-    "image_auroc": "image AUROC",
-    "pixel_auroc": "pixel AUROC",
-    "image_auroc_excl_injected": (
-        "image AUROC without the injected images\n(the no-overlap result)"
-    ),
-}
+def _trend_panel(a, x_axis: str):
+  """(metric, the other axes its title names) of an aggregate row, or None
+  for a no-overlap cell's '_excl_injected' entry (the plain metric there)."""
+  rest = tuple((k, v) for k, v in a["setting"] if k != x_axis)
+  pairs = study_tables.metric_settings(a["metric"], [(a["setting"], rest)])
+  return (a["metric"], pairs[0][1]) if pairs else None
 
 
 def plot_trend(path, agg, methods, metrics, x_axis="noise.ratio") -> bool:
   """Each metric's 'mean' category against `x_axis`: a panel per metric and
   other setting, a line per method. False (nothing written) when there is
-  no trend: fewer than two values of `x_axis`."""
+  no trend: fewer than two values of `x_axis`.
+
+  `methods`: names, or {name: legend label}. Panels name the protocol
+  'overlap' / 'no overlap'; an '_excl_injected' metric is drawn for the
+  overlap cells only, titled as their no-overlap result.
+  """
   if isinstance(metrics, str):
     metrics = [metrics]
+  if not isinstance(methods, dict):
+    methods = {m: studies.label(m) for m in methods}
   rows = [
       a
       for a in agg
       if a["category"] == "mean"
       and a["metric"] in metrics
       and x_axis in dict(a["setting"])
+      and _trend_panel(a, x_axis) is not None
   ]
   if len({dict(a["setting"])[x_axis] for a in rows}) < 2:
     return False
-
-  def panel_of(a):
-    rest = tuple((k, v) for k, v in a["setting"] if k != x_axis)
-    return (a["metric"], rest)
-
-  panels = list(dict.fromkeys(panel_of(a) for a in rows))
+  panels = list(dict.fromkeys(_trend_panel(a, x_axis) for a in rows))
   fig, axes = _grid(len(panels), 4.8, 3.8)
   for ax, panel in zip(axes, panels):
     metric, rest = panel
-    for m in methods:
+    for m, name in methods.items():
       pts = sorted(
           (float(dict(a["setting"])[x_axis]), a["mean"], a["std"])
           for a in rows
-          if a["method"] == m and panel_of(a) == panel
+          if a["method"] == m and _trend_panel(a, x_axis) == panel
       )
       if pts:
         x, y, e = map(np.array, zip(*pts))
-        ax.errorbar(
-            x, y, yerr=e, marker="o", ms=3, capsize=2, label=studies.label(m)
-        )
+        ax.errorbar(x, y, yerr=e, marker="o", ms=3, capsize=2, label=name)
     ax.set_xlabel(x_axis)
     ax.set_ylabel(metric)
-    title = _METRIC_TITLES.get(metric, metric)
+    title = textwrap.fill(study_tables.METRIC_TITLES.get(metric, metric), 48)
     if rest:
-      title += "\n" + ", ".join(f"{k}={v}" for k, v in rest)
+      title += "\n" + study_tables.setting_label(rest)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=7)
@@ -308,8 +309,11 @@ def plot_trend(path, agg, methods, metrics, x_axis="noise.ratio") -> bool:
   return True
 
 
-def write_all(workdir: str, study, agg, methods: Sequence[str]) -> List[str]:
-  """Writes every figure the results allow; returns the paths written."""
+def write_all(workdir: str, study, agg, methods) -> List[str]:
+  """Writes every figure the results allow; returns the paths written.
+
+  `methods`: names, or {name: legend label} (`plot_trend`).
+  """
   if not study.get("figures", True):
     return []
   if not available():

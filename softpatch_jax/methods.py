@@ -23,6 +23,7 @@ import jax
 
 from softpatch_jax import coreset
 from softpatch_jax import denoise
+from softpatch_jax import mutual  # registers the 'mutual' discriminator
 from softpatch_jax import registry
 from softpatch_jax import scoring
 
@@ -106,6 +107,8 @@ register_method(Method("softpatch_gaussian", "gaussian", "greedy", True))
 # LOF, nearest and Gaussian scores fused (config.denoise.fusion picks how),
 # and one method per fusion mode, so a run can compare them.
 register_method(Method("softpatch_fusion", "fusion", "greedy", True))
+# Every patch against every other image, anywhere in it (`mutual`).
+register_method(Method("softpatch_mutual", "mutual", "greedy", True))
 for _mode in denoise.FUSION_MODES:
   register_method(
       Method(f"softpatch_fusion_{_mode}", f"fusion_{_mode}", "greedy", True)

@@ -18,7 +18,10 @@ and, per method, these fields in the results rows:
   image_auroc_excl_injected / pixel_auroc_excl_injected: the metrics over
       the test set without the images injected into training. Under the
       overlap protocol this is the no-overlap result of the same fitted
-      model, which the SoftPatch paper reports beside the overlap one;
+      model, equal to the noise.overlap=False result of the same seed (the
+      same images are injected, the same test images remain); without
+      overlap it equals image_auroc. The studies therefore run the protocol
+      as an axis and tabulate it only where overlap is fixed;
   image_auroc_by_defect: {defect type: image AUROC of the normal images
       against that type} (results.json only).
 """

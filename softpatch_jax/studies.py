@@ -15,10 +15,9 @@ An experiment config (softpatch_jax/configs/experiments/) has two parts:
     title; figures (bool) and diagnose ('auto' or 'none'), see `figures`.
 
 `make_cells` lists the cells: the product of the axes in the given order,
-the last varying fastest, then the categories of each setting. `aggregate`
-and `format_tables` turn result rows into the paper's layout: categories x
-methods with a mean row, mean +- std over the repeat axes, and a methods x
-settings summary. Nothing here reads or writes files (`experiments` does).
+the last varying fastest, then the categories of each setting; `study_tables`
+turns their result rows into the paper's tables (SoftPatch, Jiang et al.,
+NeurIPS 2022). Nothing here reads or writes files (`experiments` does).
 """
 
 from __future__ import annotations
@@ -30,10 +29,9 @@ import hashlib
 import itertools
 import json
 import re
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import ml_collections
-import numpy as np
 
 from softpatch_jax import data
 from softpatch_jax import methods as methods_lib
@@ -54,10 +52,12 @@ LABELS = {
 }
 
 
-def label(method: str) -> str:
-  """A method's display name ('padim_filter+patchcore' -> 'PaDiM*+PatchCore')."""
+def label(method: str, filter_backbone: str = "") -> str:
+  """A method's display name ('padim_filter+patchcore' -> 'PaDiM*+PatchCore';
+  with filter_backbone 'b' -> 'PaDiM*(filter: b)+PatchCore')."""
   if method.startswith("padim_filter+"):
-    return "PaDiM*+" + label(method.split("+", 1)[1])
+    note = f"(filter: {filter_backbone})" if filter_backbone else ""
+    return f"PaDiM*{note}+" + label(method.split("+", 1)[1])
   if method.startswith("softpatch_fusion_"):
     return "SoftPatch-fusion-" + method.rsplit("_", 1)[1]
   return LABELS.get(method, method)
@@ -197,7 +197,7 @@ def make_cells(config, workdir: Optional[str] = None) -> List[Cell]:
 def repeat_axes(study) -> List[str]:
   """study.repeat, by default 'seed' when that is an axis."""
   names = [a for a, _ in parse_axes(study.get("axes", ""))]
-  repeat = _split(study.get("repeat", None))
+  repeat = split_list(study.get("repeat", None))
   if "repeat" not in study or study.repeat is None:
     repeat = ["seed"] if "seed" in names else []
   bad = [a for a in repeat if a not in names]
@@ -206,153 +206,10 @@ def repeat_axes(study) -> List[str]:
   return repeat
 
 
-def _split(text) -> List[str]:
+def split_list(text) -> List[str]:
   if isinstance(text, (list, tuple)):
     return [str(t) for t in text]
   return [t.strip() for t in str(text or "").split(",") if t.strip()]
-
-
-# --------------------------------------------------------------------------
-# Tables.
-
-
-def _float(v) -> Optional[float]:
-  try:
-    f = float(v)
-  except (TypeError, ValueError):
-    return None
-  return f if np.isfinite(f) else None
-
-
-def aggregate(
-    config, cells: Sequence[Cell], rows: Sequence[dict]
-) -> List[dict]:
-  """Mean +- std over the repeat axes, per setting, category and method.
-
-  Each category's metric is averaged over the repeats; the 'mean' category
-  averages the categories within each repeat first, then over the repeats.
-  Only rows of the current cells (same id and configuration) count.
-  """
-  study = study_of(config)
-  repeat = set(repeat_axes(study))
-  metrics = _split(study.get("metrics", "image_auroc"))
-  current = {(c.id, c.config_hash()): c for c in cells}
-  groups: Dict[tuple, Dict[tuple, Dict[str, float]]] = {}
-  for r in rows:
-    cell = current.get((r["cell"], r["config_hash"]))
-    if cell is None:
-      continue
-    setting = tuple((a, v) for a, v in cell.values if a not in repeat)
-    rep = tuple((a, v) for a, v in cell.values if a in repeat)
-    for m in metrics:
-      v = _float(r.get(m))
-      if v is not None:
-        key = (setting, r["method"], m)
-        groups.setdefault(key, {}).setdefault(rep, {})[cell.category] = v
-  cats_of = _categories(cells, repeat)
-  out = []
-  for (setting, method, m), reps in groups.items():
-    cats = cats_of[setting]
-    per_cat = {c: [d[c] for d in reps.values() if c in d] for c in cats}
-    complete = [
-        np.mean([d[c] for c in cats])
-        for d in reps.values()
-        if all(c in d for c in cats)
-    ]
-    for cat, vals in list(per_cat.items()) + [("mean", complete)]:
-      if vals:
-        out.append(
-            dict(
-                setting=setting,
-                category=cat,
-                method=method,
-                metric=m,
-                mean=float(np.mean(vals)),
-                std=float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
-                n=len(vals),
-            )
-        )
-  return out
-
-
-def _categories(cells, repeat) -> Dict[tuple, List[str]]:
-  """{setting: its categories in cell order}."""
-  out = {}
-  for c in cells:
-    setting = tuple((a, v) for a, v in c.values if a not in repeat)
-    out.setdefault(setting, [])
-    if c.category not in out[setting]:
-      out[setting].append(c.category)
-  return out
-
-
-def _fmt(a: Optional[dict], metric: str) -> str:
-  if a is None:
-    return "-"
-  digits = 2 if metric.endswith("_s") else 3
-  text = f"{a['mean']:.{digits}f}"
-  if a["n"] > 1:
-    text += f" ± {a['std']:.{digits}f}"
-  return text
-
-
-def setting_text(setting) -> str:
-  return ", ".join(f"{a}={v}" for a, v in setting) or "all"
-
-
-def format_tables(config, cells, agg) -> str:
-  """The markdown tables: per setting and metric, then the summaries."""
-  study = study_of(config)
-  repeat = repeat_axes(study)
-  methods = methods_of(cells)
-  cats_of = _categories(cells, repeat)
-  settings = list(cats_of)
-  index = {
-      (a["setting"], a["category"], a["method"], a["metric"]): a for a in agg
-  }
-  ns = sorted({a["n"] for a in agg if a["category"] != "mean"})
-  # Axes with one value are stated once instead of in every heading.
-  fixed = [
-      (a, vals[0])
-      for a, vals in parse_axes(study.get("axes", ""))
-      if len(vals) == 1 and a not in repeat
-  ]
-  shown = {s: tuple(x for x in s if x not in fixed) for s in settings}
-  lines = [f"# {study.get('title', '') or 'Experiment'}", ""]
-  lines.append(
-      f"Mean ± sample std over {', '.join(repeat) or 'one run'} "
-      f"(n = {', '.join(map(str, ns)) or 0} runs per entry); 'mean' averages "
-      "the categories within each run first. '-': not run yet or n/a."
-      + (f" All cells: {setting_text(fixed)}." if fixed else "")
-  )
-  for metric in _split(study.get("metrics", "image_auroc")):
-    if not any(a["metric"] == metric for a in agg):
-      lines += ["", f"{metric}: n/a for every cell (no labels for it)."]
-      continue
-    if len(settings) > 1:
-      lines += ["", f"## {metric}: mean over categories", ""]
-      lines += _markdown(
-          ["method"] + [setting_text(shown[s]) for s in settings],
-          [
-              [label(m)]
-              + [
-                  _fmt(index.get((s, "mean", m, metric)), metric)
-                  for s in settings
-              ]
-              for m in methods
-          ],
-      )
-    for s in settings:
-      lines += ["", f"## {metric}: {setting_text(shown[s])}", ""]
-      lines += _markdown(
-          ["category"] + [label(m) for m in methods],
-          [
-              [cat]
-              + [_fmt(index.get((s, cat, m, metric)), metric) for m in methods]
-              for cat in cats_of[s] + ["mean"]
-          ],
-      )
-  return "\n".join(lines) + "\n"
 
 
 def methods_of(cells) -> List[str]:
@@ -362,10 +219,3 @@ def methods_of(cells) -> List[str]:
           m for c in cells for m in methods_lib.parse_methods(c.config.methods)
       )
   )
-
-
-def _markdown(header, body) -> List[str]:
-  return [
-      "| " + " | ".join(header) + " |",
-      "|" + "|".join("---" for _ in header) + "|",
-  ] + ["| " + " | ".join(row) + " |" for row in body]

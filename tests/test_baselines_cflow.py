@@ -98,8 +98,49 @@ def test_bad_settings_are_one_clear_error():
     options.CflowOptions(condition_dim=6)
   with pytest.raises(ValueError, match="learning_rate must be"):
     options.CflowOptions(learning_rate=0.0)
+  with pytest.raises(ValueError, match="cflow.min_steps must be .* got 0"):
+    options.CflowOptions(min_steps=0)
+  with pytest.raises(ValueError, match="cflow.objective must be"):
+    options.CflowOptions(objective="kl")
   with pytest.raises(ValueError, match="at least one feature map"):
     cflow.fit(jax.random.PRNGKey(0), [], SMALL, image_size=(8, 8), blur_sigma=4)
+
+
+def test_training_loss_matches_a_numpy_reference():
+  ll = np.array([-40.0, -3.0, -0.5, 0.0, 0.7, 6.0, 40.0])
+  # -log sigmoid(v) = log(1 + exp(-v)), CFLOW-AD's objective.
+  ref = np.mean(np.logaddexp(0.0, -ll))
+  got = float(cflow.training_loss(jnp.asarray(ll), "logsigmoid"))
+  np.testing.assert_allclose(got, ref, rtol=1e-6)
+  np.testing.assert_allclose(
+      float(cflow.training_loss(jnp.asarray(ll), "nll")), -ll.mean(), rtol=1e-6
+  )
+  # Saturates for likely positions, linear for unlikely ones.
+  g = jax.grad(lambda v: cflow.training_loss(v, "logsigmoid"))(jnp.asarray(ll))
+  assert abs(float(g[-1])) < 1e-12 < abs(float(g[0]))
+  with pytest.raises(ValueError, match="unknown CFLOW objective"):
+    cflow.training_loss(jnp.asarray(ll), "kl")
+
+
+def test_coarse_scales_get_at_least_min_steps():
+  o = options.CflowOptions(epochs=3, min_steps=200)
+  assert cflow.epochs_for(o, 1000) == 3  # fine grid: the epochs decide
+  assert cflow.epochs_for(o, 2) == 100  # coarse grid: the step floor
+  assert cflow.epochs_for(o, 7) == 29  # rounded up: 29 * 7 >= 200
+
+
+def test_global_affine_enters_the_log_det():
+  # Only the learnt per-dimension scale differs from the identity.
+  flow = cflow.ConditionalFlow(4, 4, 1)
+  x, c = jnp.ones((2, 4)), jnp.zeros((2, 4))
+  params = jax.jit(flow.init)(jax.random.PRNGKey(0), x, c)
+  blk = params["params"]["blocks_0"]
+  g = np.array([0.3, -2.0, 1.0, 7.0])
+  blk["global_scale"] = jnp.asarray(g)
+  scale = 0.1 * 2.0 * np.log1p(np.exp(0.5 * g))  # 0.1 softplus, beta 1/2
+  z, logdet = jax.jit(flow.apply)(params, x, c)
+  np.testing.assert_allclose(np.sort(np.asarray(z[0])), np.sort(scale), 1e-5)
+  np.testing.assert_allclose(logdet, np.log(scale).sum(), rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +178,8 @@ def trained(tmp_path_factory):
 def test_training_lowers_the_nll(trained):
   _, losses, _, _ = trained
   assert len(losses) == 3  # one decoder per scale
+  # Every scale, the coarse one too, gets at least min_steps Adam steps.
+  assert min(len(loss) for loss in losses) >= SMALL.min_steps
   for s, loss in enumerate(losses):
     assert np.isfinite(loss).all()
     steps = len(loss) // 4

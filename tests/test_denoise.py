@@ -9,6 +9,7 @@ import torch
 
 import _testutil  # pylint: disable=g-bad-import-order
 from softpatch_jax import denoise
+from softpatch_jax import denoise_gaussian
 
 
 def _data(seed, n, p, d, dup=True):
@@ -130,22 +131,97 @@ def test_nearest_chunked(monkeypatch):
   np.testing.assert_allclose(got, diff.min(axis=1) + 1, rtol=1e-4, atol=1e-4)
 
 
+def _gaussian_in_sample(xj, reg=0.01):
+  """The reference: all N points, unbiased covariance + reg I (float64)."""
+  d = xj.shape[1]
+  cov = np.cov(xj, rowvar=False, ddof=1).reshape(d, d) + reg * np.eye(d)
+  delta = xj - xj.mean(0)
+  return np.sqrt(np.einsum("nd,de,ne->n", delta, np.linalg.inv(cov), delta))
+
+
+def _gaussian_loo(xj, reg=0.01):
+  """Point i against the others' Gaussian, shrunk by Ledoit-Wolf (float64):
+  written from the definitions, one covariance and inverse per point."""
+  n, d = xj.shape
+  c = xj - xj.mean(0)
+  s = c.T @ c / n
+  mu = np.trace(s) / d
+  spread = np.sum((s - mu * np.eye(d)) ** 2) / d
+  b2 = sum(np.sum((np.outer(v, v) - s) ** 2) for v in c) / n**2 / d
+  alpha = min(b2, spread) / spread if spread > 0 else 0.0
+  out = np.empty(n)
+  for i in range(n):
+    others = np.delete(xj, i, axis=0)
+    oc = others - others.mean(0)
+    cov = oc.T @ oc / max(n - 2, 1)
+    sig = (1 - alpha) * cov + (alpha * mu + reg) * np.eye(d)
+    v = xj[i] - others.mean(0)
+    out[i] = np.sqrt(v @ np.linalg.inv(sig) @ v)
+  return out
+
+
 @pytest.mark.parametrize(
-    "seed,n,p,d", [(0, 20, 4, 4), (1, 6, 3, 10), (2, 40, 2, 16), (3, 3, 5, 2)]
+    "seed,n,p,d",
+    [
+        (0, 20, 4, 4),
+        (1, 6, 3, 10),
+        (2, 40, 2, 16),
+        (3, 3, 5, 2),
+        (4, 16, 2, 64),
+        (5, 2, 3, 5),
+        (6, 90, 2, 6),
+    ],
 )
 def test_gaussian_matches_numpy(seed, n, p, d):
-  x = _data(seed, n, p, d)
+  x = _data(seed, n, p, d) * np.float32(0.1 + 3 * seed)  # scales differ
   got = np.asarray(denoise.patch_weights(x, "gaussian"))
-  ref = np.empty((n, p))
-  for j in range(p):
-    xj = x[:, j].astype(np.float64)
-    mu = xj.mean(0)
-    cov = np.cov(xj, rowvar=False, ddof=1).reshape(d, d) + 0.01 * np.eye(d)
-    delta = xj - mu
-    ref[:, j] = (
-        np.sqrt(np.einsum("nd,de,ne->n", delta, np.linalg.inv(cov), delta)) + 1
-    )
+  ref = np.stack(
+      [_gaussian_loo(x[:, j].astype(np.float64)) for j in range(p)], 1
+  )
+  np.testing.assert_allclose(got, ref + 1, rtol=2e-3, atol=2e-3)
+  # in_sample=True is the reference implementation's in-sample fit.
+  got = np.asarray(denoise.gaussian_distance(x.transpose(1, 0, 2), 0.01, True))
+  ref = np.stack(
+      [_gaussian_in_sample(x[:, j].astype(np.float64)) for j in range(p)]
+  )
   np.testing.assert_allclose(got, ref, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ledoit_wolf_matches_sklearn(seed):
+  covariance = pytest.importorskip("sklearn.covariance")
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((7 + 5 * seed, 12)) * rng.uniform(0.5, 3, 12)
+  c = x - x.mean(0)
+  alpha, mu = denoise_gaussian.ledoit_wolf(np.float32(c), np.float32(c.T @ c))
+  np.testing.assert_allclose(
+      float(alpha), covariance.ledoit_wolf_shrinkage(x), rtol=1e-3
+  )
+  np.testing.assert_allclose(float(mu), np.trace(c.T @ c) / len(x) / 12, 1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gaussian_flags_an_outlier_with_few_images(seed):
+  # N = 12 images in d = 64 dimensions (fewer images than dimensions): the
+  # in-sample fit gives every point the same distance; leave-one-out does
+  # not, and the injected image stands out at every position.
+  rng = np.random.default_rng(seed)
+  n, p, d = 12, 5, 64
+  x = rng.standard_normal((n, p, d)).astype(np.float32)
+  x[7] += 2.0 * rng.standard_normal((p, d)).astype(np.float32)
+  w = np.asarray(denoise.patch_weights(x, "gaussian"))
+  assert (np.argmax(w, axis=0) == 7).all()
+  others = np.delete(w, 7, axis=0)
+  assert (w[7] > 1.3 * others.max(axis=0)).all()
+  # Identical points all score 1 (zero distance).
+  np.testing.assert_allclose(
+      np.asarray(
+          denoise.patch_weights(np.ones((4, 2, 3), np.float32), "gaussian")
+      ),
+      1.0,
+  )
+  old = np.asarray(denoise.gaussian_distance(x.transpose(1, 0, 2), 0.01, True))
+  assert old.std(axis=1).max() < 1e-3 * old.mean()  # the bug it fixes
 
 
 def test_gaussian_jit_equals_eager():

@@ -203,3 +203,33 @@ def test_command_line(tmp_path):
   )
   assert res.returncode == 1
   assert "error: config.study: no config field 'noise.ratoi'" in res.stderr
+
+
+def test_no_overlap_cell_equals_excl_injected_and_filter_time(tmp_path):
+  # The same seed injects the same images: the overlap=False cell scores
+  # the test set the overlap=True cell has without them.
+  c = _tiny("noise.overlap=True,False;noise.ratio=0.3;seed=0")
+  c.base.methods = "patchcore,padim_filter+patchcore"
+  c.study.metrics = "image_auroc,fit_s"
+  c.study.figures = False
+  c.study.diagnose = "none"
+  out = experiments.run(c, str(tmp_path))
+  rows = {
+      (r["noise.overlap"], r["method"]): r
+      for r in _csv(os.path.join(str(tmp_path), "results.csv"))
+  }
+  for m in ("patchcore", "padim_filter+patchcore"):
+    on, off = rows[("True", m)], rows[("False", m)]
+    assert int(on["n_test"]) == int(off["n_test"]) + int(on["n_injected"])
+    assert float(off["image_auroc"]) == pytest.approx(
+        float(on["image_auroc_excl_injected"]), abs=1e-9
+    )
+    assert off["image_auroc_excl_injected"] == off["image_auroc"]
+  f = rows[("False", "padim_filter+patchcore")]
+  assert float(f["fit_s"]) >= float(f["filter_s"]) > 0  # the filter counts
+  assert f["image_filter_backbone"] == "efficientnet_lite0"
+  assert f["image_filter_fallback"] == "True"  # no resnet18 weights offline
+  assert "PaDiM*(filter: efficientnet_lite0, fallback)+PatchCore" in (
+      out["table"]
+  )
+  assert "| method | overlap | no overlap |" in out["table"]

@@ -130,3 +130,32 @@ def test_without_matplotlib(monkeypatch, tmp_path, caplog):
     got = figures.write_all(str(tmp_path), study, _agg(["0", "0.1"]), ["a"])
   assert got == [] and list(tmp_path.iterdir()) == []
   assert "matplotlib is not installed" in caplog.text
+
+
+def test_trend_names_the_protocol(tmp_path, monkeypatch):
+  agg = _agg(["0", "0.1", "0.4"])
+  agg += [
+      dict(a, metric="image_auroc_excl_injected", mean=a["mean"] + 0.01)
+      for a in agg
+  ]
+  saved = []
+  monkeypatch.setattr(figures, "_save", lambda fig, path: saved.append(fig))
+  assert figures.plot_trend(
+      str(tmp_path / "t.png"),
+      agg,
+      {"patchcore": "PC", "softpatch_lof": "SP"},
+      ["image_auroc", "image_auroc_excl_injected"],
+  )
+  axes = [ax for ax in saved[0].axes if ax.get_visible()]
+  titles = [ax.get_title() for ax in axes]
+  # overlap / no overlap for the plain metric; the no-overlap metric of the
+  # overlap cells once, not subtitled as an overlap panel.
+  assert len(titles) == 3, titles
+  assert titles[0].endswith("\noverlap") and titles[1].endswith("\nno overlap")
+  assert "without the injected" in titles[2]
+  assert titles[2].endswith("overlap models, injected test images left out")
+  assert not any("noise.overlap" in t for t in titles)
+  assert [t.get_text() for t in axes[0].get_legend().get_texts()] == [
+      "PC",
+      "SP",
+  ]

@@ -14,6 +14,7 @@ from softpatch_jax import cli_flags
 from softpatch_jax import defaults
 from softpatch_jax import methods
 from softpatch_jax import studies
+from softpatch_jax import study_tables
 
 CONFIGS = sorted(
     p
@@ -177,7 +178,7 @@ def test_aggregate_matches_numpy(seed):
   rows = _rows(cells, rng)
   rows.append(dict(rows[0], config_hash="stale", image_auroc="0"))  # ignored
   rows[1]["image_auroc"] = "n/a"  # a missing value
-  agg = studies.aggregate(c, cells, rows)
+  agg = study_tables.aggregate(c, cells, rows)
   got = {
       (a["setting"], a["category"], a["method"], a["metric"]): a for a in agg
   }
@@ -214,8 +215,8 @@ def test_format_tables_layout():
   c = _config("noise.ratio=0,0.2;seed=0,1")
   cells = studies.make_cells(c)
   rows = _rows(cells, np.random.default_rng(0))
-  agg = studies.aggregate(c, cells, rows)
-  text = studies.format_tables(c, cells, agg)
+  agg = study_tables.aggregate(c, cells, rows)
+  text = study_tables.format_tables(c, cells, agg)
   a = next(
       a
       for a in agg
@@ -229,7 +230,7 @@ def test_format_tables_layout():
   assert "| method | noise.ratio=0 | noise.ratio=0.2 |" in text
   assert "## fit_s: noise.ratio=0" in text
   # Nothing run yet: every entry is '-'.
-  empty = studies.format_tables(c, cells, [])
+  empty = study_tables.format_tables(c, cells, [])
   assert "n/a for every cell" in empty
 
 
@@ -238,3 +239,120 @@ def test_labels():
   assert studies.label("softpatch_fusion_vote") == "SoftPatch-fusion-vote"
   assert studies.label("cflow") == "CFLOW"
   assert studies.label("something_new") == "something_new"
+
+
+def _protocol_rows(cells, rng):
+  rows = _rows(cells, rng, ("patchcore", "padim_filter+patchcore"))
+  for r in rows:
+    r["image_auroc_excl_injected"] = f"{rng.uniform(0.5, 1):.6g}"
+    if r["method"] == "padim_filter+patchcore":
+      r["image_filter_backbone"] = "efficientnet_lite0"
+      r["image_filter_fallback"] = "True"
+    else:
+      r["image_filter_backbone"] = "n/a"
+  return rows
+
+
+def test_protocol_axis_timing_rows_and_filter_backbone():
+  c = _config(
+      "noise.overlap=True,False;noise.ratio=0,0.2;seed=0,1",
+      metrics="image_auroc,image_auroc_excl_injected,fit_s",
+  )
+  c.base.methods = "patchcore,padim_filter+patchcore"
+  c.base.data.dataset = "elpv"
+  c.base.data.categories = "mono,poly"
+  cells = studies.make_cells(c)
+  rows = _protocol_rows(cells, np.random.default_rng(0))
+  agg = study_tables.aggregate(c, cells, rows)
+  text = study_tables.format_tables(c, cells, agg, rows)
+  assert "noise.overlap" not in text
+  assert "| method | overlap, noise.ratio=0 | overlap, noise.ratio=0.2 | " in (
+      text
+  )
+  assert "no overlap, noise.ratio=0.2 |" in text
+  assert "## image_auroc: no overlap, noise.ratio=0.2" in text
+  # The no-overlap result of the overlap cells, never of no-overlap cells.
+  excl = [ln for ln in text.splitlines() if "image_auroc_excl_injected:" in ln]
+  assert len(excl) == 4, excl  # title, summary, two settings
+  assert not [ln for ln in excl if "no overlap," in ln], excl
+  assert "overlap models, injected test images left out, noise.ratio=0.2" in (
+      text
+  )
+  # The fallback filter backbone, in the label and in a footnote.
+  name = "PaDiM*(filter: efficientnet_lite0, fallback)+PatchCore"
+  assert f"| category | PatchCore | {name} |" in text
+  assert (
+      f"{name}: the PaDiM* image filter ran on efficientnet_lite0 "
+      "(fallback: no resnet18 weights) in 16 cell(s)."
+      in text
+  )
+  assert "PatchCore: the PaDiM* image filter" not in text.replace(name, "")
+  # Timings: a per-category mean and a total, each over the seeds.
+  assert "| mean per category |" in text and "| total (2 categories) |" in text
+  setting = (("noise.overlap", "True"), ("noise.ratio", "0.2"))
+  by = {
+      (a["category"], a["method"]): a
+      for a in agg
+      if a["setting"] == setting and a["metric"] == "fit_s"
+  }
+  for m in ("patchcore", "padim_filter+patchcore"):
+    runs = [
+        [
+            float(r["fit_s"])
+            for r, cell in zip(rows, [x for x in cells for _ in range(2)])
+            if r["method"] == m
+            and cell.values[:2] == setting
+            and cell.values[2][1] == seed
+        ]
+        for seed in "01"
+    ]
+    np.testing.assert_allclose(
+        by[("total", m)]["mean"], np.mean(np.sum(runs, 1))
+    )
+    np.testing.assert_allclose(by[("mean", m)]["mean"], np.mean(runs))
+    np.testing.assert_allclose(
+        by[("total", m)]["std"], np.std(np.sum(runs, 1), ddof=1)
+    )
+  assert not [
+      a
+      for a in agg
+      if a["category"] == "total" and a["metric"] == "image_auroc"
+  ]
+  # Without a fallback the label is the plain one.
+  for r in rows:
+    r["image_filter_fallback"] = "False"
+  names, notes = study_tables.method_labels(cells, rows)
+  assert names["padim_filter+patchcore"] == "PaDiM*+PatchCore"
+  assert notes == [
+      "PaDiM*+PatchCore: the PaDiM* image filter ran on efficientnet_lite0 "
+      "in 16 cell(s)."
+  ]
+
+
+@pytest.mark.parametrize("name", ["noise_sweep", "discriminators"])
+@pytest.mark.parametrize("variant", ["elpv", "synthetic"])
+def test_the_protocol_is_an_axis(name, variant):
+  path = os.path.join(cli_flags.CONFIG_DIR, "experiments", f"{name}.py")
+  c = _load(path).get_config(variant)
+  axes = dict(studies.parse_axes(c.study.axes))
+  assert axes["noise.overlap"] == ["True", "False"]
+  assert "excl_injected" not in c.study.metrics
+  cells = studies.make_cells(c)
+  assert {cell.config.noise.overlap for cell in cells} == {True, False}
+  n = len(cells)
+  assert (
+      n
+      == {
+          ("noise_sweep", "elpv"): 48,
+          ("noise_sweep", "synthetic"): 24,
+          ("discriminators", "elpv"): 36,
+          ("discriminators", "synthetic"): 18,
+      }[(name, variant)]
+  )
+  assert f"{n}" in _load(path).__doc__
+
+
+def test_timing_shows_the_filter():
+  path = os.path.join(cli_flags.CONFIG_DIR, "experiments", "timing.py")
+  metrics = _load(path).get_config().study.metrics.split(",")
+  assert "fit_s" in metrics and "filter_s" in metrics

@@ -20,15 +20,19 @@ SoftPatch's maps (`scoring.anomaly_maps`); the image score is its maximum.
 A coupling block permutes the dimensions with a fixed permutation, splits
 them into x1 (the first half) and x2, and maps x2 -> x2 * exp(s) + t with
 (s, t) = subnet([x1, condition]); s is soft-clamped to (-clamp, clamp) with
-clamp * tanh(s / clamp). The subnet is a two-layer MLP whose output layer
-starts at zero, so every flow starts as the identity.
+clamp * tanh(s / clamp). Then every dimension gets a learnt scale and
+offset (the scale 0.1 * softplus_{beta=1/2}, starting at 1), as in the
+FrEIA all-in-one blocks of CFLOW-AD's decoders: the taps have a standard
+deviation near 7, which the couplings alone reach only slowly. The subnet
+is a two-layer MLP whose output layer starts at zero, so every flow starts
+as the identity.
 
-Cost: training makes `epochs` passes over every training patch position of
-every scale. With EfficientNet-Lite0 at 224 px (scales of 56², 28² and 14²
-positions) an epoch over 132 images took about 35 s on a 2-core CPU, and the
-evaluate mode keeps the training maps in memory (68 MB there; about 2.2 GB
-for WRN-50-2 on 400 images). The paper trains far longer; AUROC still rises
-with more epochs (`config.baselines.cflow`).
+Training minimises -log sigmoid(log p / C) (CFLOW-AD's code) for `epochs`
+passes, and at least `min_steps` Adam steps per scale: without that floor
+the coarsest scale of a small training set got a handful of steps and its
+untrained likelihoods drowned the others (ELPV mono AUROC 0.47, now 0.87;
+benchmarks/REFERENCE_BASELINES.md). The evaluate mode keeps the training
+maps in memory (68 MB for Lite0 on 132 cells at 224 px).
 """
 
 from __future__ import annotations
@@ -94,10 +98,9 @@ class _Subnet(nn.Module):
 
 
 class CouplingBlock(nn.Module):
-  """A fixed permutation, then an affine coupling conditioned on `c`.
-
-  `__call__(x, c) -> (y, log|det dy/dx|)`; `inverse(y, c) -> x`.
-  """
+  """A fixed permutation, an affine coupling conditioned on `c`, then a
+  learnt per-dimension affine map. `__call__(x, c) -> (y, log|det dy/dx|)`;
+  `inverse(y, c) -> x`."""
 
   dim: int
   hidden: int
@@ -106,10 +109,21 @@ class CouplingBlock(nn.Module):
 
   def setup(self):
     self.subnet = _Subnet(self.hidden, 2 * (self.dim - self.dim // 2))
+    # 0.1 * softplus_{beta=0.5}(g) starts at 1: the block starts as identity.
+    init = 2.0 * math.log(math.expm1(5.0))
+    self.global_scale = self.param(
+        "global_scale", nn.initializers.constant(init), (self.dim,)
+    )
+    self.global_offset = self.param(
+        "global_offset", nn.initializers.zeros, (self.dim,)
+    )
 
   def _scale_shift(self, x1, c):
     s, t = jnp.split(self.subnet(jnp.concatenate([x1, c], axis=-1)), 2, -1)
     return self.clamp * jnp.tanh(s / self.clamp), t
+
+  def _global(self):
+    return 0.2 * jax.nn.softplus(0.5 * self.global_scale), self.global_offset
 
   def __call__(self, x, c):
     perm, _ = _permutation(self.dim, self.seed)
@@ -117,10 +131,13 @@ class CouplingBlock(nn.Module):
     k = self.dim // 2
     s, t = self._scale_shift(x[..., :k], c)
     y = jnp.concatenate([x[..., :k], x[..., k:] * jnp.exp(s) + t], axis=-1)
-    return y, s.sum(axis=-1)
+    g, b = self._global()
+    return y * g + b, s.sum(axis=-1) + jnp.log(g).sum()
 
   def inverse(self, y, c):
     _, inv = _permutation(self.dim, self.seed)
+    g, b = self._global()
+    y = (y - b) / g
     k = self.dim // 2
     s, t = self._scale_shift(y[..., :k], c)
     x = jnp.concatenate([y[..., :k], (y[..., k:] - t) * jnp.exp(-s)], -1)
@@ -170,21 +187,37 @@ def log_likelihood(z: jax.Array, logdet: jax.Array) -> jax.Array:
   return logp / dim
 
 
+def training_loss(loglik: jax.Array, objective: str) -> jax.Array:
+  """Mean loss of per-dimension log-likelihoods: 'logsigmoid' (CFLOW-AD's
+  code; saturates on well-fit positions) or 'nll' (-log p / C)."""
+  if objective == "logsigmoid":
+    return -jnp.mean(jax.nn.log_sigmoid(loglik))
+  if objective == "nll":
+    return -jnp.mean(loglik)
+  raise ValueError(f"unknown CFLOW objective {objective!r}")
+
+
+def epochs_for(options: options_lib.CflowOptions, steps: int) -> int:
+  """Epochs for a scale of `steps` batches an epoch: at least
+  `options.epochs` and `options.min_steps` Adam steps."""
+  return max(int(options.epochs), -(-int(options.min_steps) // steps))
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _init(flow, key, x, c):
   # Compiled: an eager init dispatches every op of every block one by one.
   return flow.init(key, x, c)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _epoch(flow, learning_rate, params, state, flat, cond, order):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _epoch(flow, learning_rate, objective, params, state, flat, cond, order):
   """One epoch of Adam steps over the (steps, batch) position indices."""
   opt = optax.adam(learning_rate)
   p = cond.shape[0]
 
   def loss_fn(params, idx):
     z, logdet = flow.apply(params, flat[idx], cond[idx % p])
-    return -jnp.mean(log_likelihood(z, logdet))
+    return training_loss(log_likelihood(z, logdet), objective)
 
   def step(carry, idx):
     params, state = carry
@@ -206,10 +239,10 @@ def train_flow(
 ):
   """Fits `flow` to (N, P, C) features with conditions (P, cond_dim).
 
-  Adam (optax) with `options.learning_rate` on the mean negative
-  log-likelihood per dimension of mini-batches of `options.batch_positions`
-  patch positions, drawn without replacement from all N * P positions
-  every one of `options.epochs` epochs (a last partial batch is skipped).
+  Adam (optax) with `options.learning_rate` on `training_loss` of
+  mini-batches of `options.batch_positions` patch positions, drawn without
+  replacement from all N * P positions every epoch (a last partial batch
+  is skipped), for `epochs_for(options, steps)` epochs.
   Returns (params, per-step losses as a numpy array). `progress(epoch,
   mean loss)` is called after each epoch.
   """
@@ -224,12 +257,13 @@ def train_flow(
   params = _init(flow, init_key, flat[:1], cond[:1])
   state = optax.adam(learning_rate).init(params)
   losses = []
-  for e in range(int(options.epochs)):
+  for e in range(epochs_for(options, steps)):
     key, sub = jax.random.split(key)
     order = jax.random.permutation(sub, m)[: steps * batch]
     params, state, loss = _epoch(
         flow,
         learning_rate,
+        options.objective,
         params,
         state,
         flat,
@@ -248,8 +282,7 @@ def train_flow(
 
 @flax.struct.dataclass
 class CflowModel:
-  """Fitted CFLOW decoders, one per scale: a pytree (`anomaly_maps` is
-  jitted over it).
+  """Fitted CFLOW decoders, one per scale: a pytree (jitted over).
 
   Attributes:
     params: per-scale flow parameters.
@@ -294,11 +327,8 @@ def _loglik(flow, params, x, cond):
 
 
 def log_likelihoods(model: CflowModel, maps: Sequence) -> List[np.ndarray]:
-  """Per-scale (B, P_s) log-likelihoods per dimension of (B, h, w, C) maps.
-
-  Positions are scored `_SCORE_POSITIONS` at a time, the last chunk padded,
-  so any number of images runs one compiled program per scale.
-  """
+  """Per-scale (B, P_s) log-likelihoods per dimension of (B, h, w, C) maps,
+  in padded chunks of `_SCORE_POSITIONS` (one compiled program a scale)."""
   out = []
   k = _SCORE_POSITIONS
   for s, m in enumerate(maps):
@@ -370,9 +400,7 @@ def fit(
         o,
         progress=report,
     )
-    params.append(prm)
-    losses.append(loss)
-    dims.append(c)
+    params.append(prm), losses.append(loss), dims.append(c)
     grids.append((h, w))
   model = CflowModel(
       params=tuple(params),
@@ -387,5 +415,4 @@ def fit(
       blur_sigma=float(blur_sigma),
   )
   ref = [float(ll.max()) for ll in log_likelihoods(model, maps)]
-  ref = jnp.asarray(ref, jnp.float32)
-  return model.replace(ref=ref), losses
+  return model.replace(ref=jnp.asarray(ref, jnp.float32)), losses

@@ -17,8 +17,10 @@ The filter's backbone is `baselines.filter_backbone` (ResNet-18, as in the
 paper) with `filter_weights`. No registry package ships ResNet-18
 weights, so without a network or a local .pth file the filter falls back to
 the configured backbone, logs a warning, and records the backbone it used in
-the results ('image_filter_backbone'). Like `fitters`, this module reads
-images but writes no files.
+the results ('image_filter_backbone', and 'image_filter_fallback': True when
+that is not `filter_backbone`; the study tables name it). Its time,
+'filter_s', is part of the filtered method's 'fit_s' (evaluate.result_row).
+Like `fitters`, this module reads images but writes no files.
 """
 
 from __future__ import annotations
@@ -136,7 +138,10 @@ def image_filter(
   fraction = options.baselines.filter_fraction
   num_dropped(len(train), fraction)  # checks it before any work
   t0 = time.perf_counter()
+  wanted = options.baselines.filter_backbone
+  fallback = wanted != extractor.name
   extractor, fpre = filter_extractor(extractor, pre, options, label)
+  fallback = fallback and extractor.name != wanted
   image_size = fpre.input_size or (fpre.crop, fpre.crop)
   key = jax.random.fold_in(jax.random.PRNGKey(options.seed), _SEED)
   channels = fitters.padim_channels(
@@ -150,6 +155,7 @@ def image_filter(
   injected = np.array([bool(getattr(s, "injected", False)) for s in train])
   fields = dict(
       image_filter_backbone=extractor.name,
+      image_filter_fallback=bool(fallback),
       n_filtered_out=int((~keep).sum()),
       filtered_out_injected=int((injected & ~keep).sum()),
       filter_s=round(time.perf_counter() - t0, 3),

@@ -49,14 +49,21 @@ class PadimOptions:
 
 @dataclasses.dataclass(frozen=True)
 class CflowOptions:
-  """config.baselines.cflow: CFLOW's decoders, Adam on the NLL.
+  """config.baselines.cflow: CFLOW's decoders and their training (Adam).
 
-  epochs over all training positions in batches of batch_positions. Cost
-  measured on a 2-core CPU, EfficientNet-Lite0 at 224 px, 132 ELPV cells
-  (414k, 103k and 26k positions at the three scales): about 35 s per epoch,
-  125-140 s per category with these settings. Longer training helps: ELPV
-  mono image AUROC 0.78 / 0.85 / 0.86 after 2 / 3 / 6 epochs (lr 1e-3 /
-  3e-3 / 1e-3).
+  epochs over all training positions in batches of batch_positions, but at
+  least min_steps Adam steps per scale (a coarse grid has few positions:
+  at 128 px the stage5 grid of 40 ELPV cells holds 2560 positions, 2 batches
+  an epoch, and its decoder trained 6 steps before this floor). objective:
+  'logsigmoid' (-log sigmoid(log p / C), CFLOW-AD's released code) or
+  'nll' (-log p / C). See benchmarks/REFERENCE_BASELINES.md.
+
+  Measured on a 2-core CPU, EfficientNet-Lite0, ELPV at 128 px with 40
+  training cells (defaults.study_base('elpv'); grids 32², 16², 8²): these
+  defaults give image AUROC 0.87 (mono) / 0.89 (poly) in 40-60 s per
+  category; the old training (no step floor, plain NLL, no learnt global
+  scale) gave 0.47 / 0.74. 128 px is enough here: the per-scale likelihoods
+  alone reach 0.83-0.92. At 224 px with 132 cells an epoch took about 35 s.
   """
 
   epochs: int = 3
@@ -66,9 +73,17 @@ class CflowOptions:
   batch_positions: int = 1024
   hidden_ratio: float = 2.0
   clamp: float = 1.9
+  min_steps: int = 200
+  objective: str = "logsigmoid"
 
   def __post_init__(self):
-    for name in ("epochs", "coupling_blocks", "batch_positions"):
+    settings.require(
+        self.objective in ("logsigmoid", "nll"),
+        "baselines.cflow.objective",
+        "'logsigmoid' or 'nll'",
+        self.objective,
+    )
+    for name in ("epochs", "coupling_blocks", "batch_positions", "min_steps"):
       v = settings.check_int(getattr(self, name), f"baselines.cflow.{name}", 1)
       settings.set_field(self, name, v)
     dim = settings.check_int(

@@ -3,12 +3,18 @@
 Each category gets one texture family (stripes, grid or smooth noise, by its
 position in `categories`) with per-image jitter of phase, angle, period,
 brightness and noise so normal images differ. Defects are drawn with PIL (no
-antialiasing), so masks are exactly 0/255 and the image is changed exactly
+antialiasing), so masks are exactly 0/255 and the image is changed only
 where the mask is 255:
   scratch: a thick dark polyline;
   blob:    a filled ellipse in the complementary colour;
   spot:    several small saturated colour discs.
 Defects lie inside the central region so a 256 -> 224 centre crop keeps them.
+
+`SyntheticOptions.difficulty` d in [0, 1] makes the task harder: defect
+pixels move only 1 - 0.9 d of the way from the texture to the defect colour
+(so they keep the texture beneath), defects shrink by up to half (scratches
+thin to 1-2 px), and the per-image jitter of the normal textures grows by
+1 + 2 d. d = 0 is the original generator, bit for bit (same random draws).
 """
 
 from __future__ import annotations
@@ -40,11 +46,13 @@ def _smooth(rng, size: int, cells: int) -> np.ndarray:
   )
 
 
-def _texture(kind: str, base: dict, rng, size: int) -> np.ndarray:
-  """float (size, size, 3) in [0, 1]."""
+def _texture(
+    kind: str, base: dict, rng, size: int, spread: float = 1.0
+) -> np.ndarray:
+  """float (size, size, 3) in [0, 1]; `spread` scales the per-image jitter."""
   yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-  angle = base["angle"] + rng.normal(0, 0.05)
-  period = base["period"] * (1 + rng.normal(0, 0.03))
+  angle = base["angle"] + rng.normal(0, 0.05 * spread)
+  period = base["period"] * (1 + rng.normal(0, 0.03 * spread))
   phase = rng.uniform(0, 2 * np.pi)
   u = xx * np.cos(angle) + yy * np.sin(angle)
   if kind == "stripes":
@@ -61,9 +69,9 @@ def _texture(kind: str, base: dict, rng, size: int) -> np.ndarray:
   img = (
       shade[..., None]
       * base["colour"][None, None, :]
-      * (1 + rng.normal(0, 0.03))
+      * (1 + rng.normal(0, 0.03 * spread))
   )
-  img = img + rng.normal(0, 0.015, size=img.shape)
+  img = img + rng.normal(0, 0.015 * spread, size=img.shape)
   return np.clip(img, 0, 1)
 
 
@@ -73,7 +81,9 @@ def _point(rng, size: int, lo: float = 0.3):
   )
 
 
-def _defect(kind: str, img: np.ndarray, base: dict, rng, size: int):
+def _defect(kind: str, img: np.ndarray, base: dict, rng, size: int, d=0.0):
+  """(image with a `kind` defect, its bool mask); `d` is the difficulty."""
+  shrink = 1.0 - 0.5 * d
   mask_img = Image.new("L", (size, size), 0)
   draw = ImageDraw.Draw(mask_img)
   if kind == "scratch":
@@ -87,17 +97,18 @@ def _defect(kind: str, img: np.ndarray, base: dict, rng, size: int):
           >= 0.25 * size
       ):
         break
-    draw.line(pts, fill=255, width=max(3, size // 28))
+    width = max(3, size // 28)
+    draw.line(pts, fill=255, width=max(1, round(width * (1.0 - 0.6 * d))))
     colour = base["colour"] * 0.12
   elif kind == "blob":
     cx, cy = _point(rng, size, 0.35)
-    rx, ry = rng.uniform(size / 14, size / 8, size=2)
+    rx, ry = rng.uniform(size / 14, size / 8, size=2) * shrink
     draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=255)
     colour = 1.0 - base["colour"] * 0.8
   elif kind == "spot":
     for _ in range(int(rng.integers(3, 6))):
       cx, cy = _point(rng, size, 0.35)
-      r = rng.uniform(size / 40, size / 20) + 1.5
+      r = (rng.uniform(size / 40, size / 20) + 1.5) * shrink
       draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
     colour = (
         np.array([1.0, 0.1, 0.9])
@@ -115,7 +126,10 @@ def _defect(kind: str, img: np.ndarray, base: dict, rng, size: int):
     mask[size // 2 - 2 : size // 2 + 2, size // 2 - 2 : size // 2 + 2] = True
   out = img.copy()
   texture = 0.9 + 0.1 * rng.random(size=(size, size, 1))
-  out[mask] = np.clip(colour[None, :] * texture[mask], 0, 1)
+  target = colour[None, :] * texture[mask]
+  if d > 0:  # a partial step keeps the texture beneath: a faint defect
+    target = img[mask] + (1.0 - 0.9 * d) * (target - img[mask])
+  out[mask] = np.clip(target, 0, 1)
   return out, mask
 
 
@@ -148,11 +162,16 @@ def make_mvtec_like(
       size=size,
       seed=seed,
   )
-  return _generate(root, categories, spec, defect_types)
+  return generate(root, categories, spec, defect_types)
 
 
-def _generate(root, categories, spec, defect_types=DEFAULT_DEFECTS) -> str:
-  """`make_mvtec_like` with the sizes in `spec`."""
+def generate(
+    root,
+    categories: Sequence[str],
+    spec: SyntheticOptions,
+    defect_types: Sequence[str] = DEFAULT_DEFECTS,
+) -> str:
+  """`make_mvtec_like` with the sizes (and difficulty) in `spec`."""
   if spec.size < 32:
     raise ValueError(f"synthetic image size must be >= 32, got {spec.size}")
   for d in defect_types:
@@ -176,12 +195,13 @@ def _write_category(cat_dir, index, spec, defect_types) -> None:
       cells=int(rng.integers(4, 9)),
   )
   kind = _KINDS[index % len(_KINDS)]
+  spread = 1.0 + 2.0 * spec.difficulty
 
   def write(folder, n):
     d = os.path.join(cat_dir, folder)
     os.makedirs(d, exist_ok=True)
     for i in range(n):
-      img = _texture(kind, base, rng, size)
+      img = _texture(kind, base, rng, size, spread)
       _save_png(
           (img * 255).round().astype(np.uint8), os.path.join(d, f"{i:03d}.png")
       )
@@ -194,7 +214,8 @@ def _write_category(cat_dir, index, spec, defect_types) -> None:
     os.makedirs(d, exist_ok=True)
     os.makedirs(g, exist_ok=True)
     for i in range(spec.n_test_defect):
-      img, mask = _defect(dt, _texture(kind, base, rng, size), base, rng, size)
+      normal = _texture(kind, base, rng, size, spread)
+      img, mask = _defect(dt, normal, base, rng, size, spec.difficulty)
       _save_png(
           (img * 255).round().astype(np.uint8), os.path.join(d, f"{i:03d}.png")
       )
@@ -218,7 +239,8 @@ def ensure_generated(
   Args:
     workdir: an existing, writable folder.
     categories: the category names (see `make_mvtec_like`).
-    spec: the image counts, size and seed (`DataOptions.synthetic`).
+    spec: the image counts, size, seed and difficulty
+      (`DataOptions.synthetic`).
 
   Returns:
     The data root, <workdir>/synthetic_data.
@@ -232,6 +254,8 @@ def ensure_generated(
       size=spec.size,
       seed=spec.seed,
   )
+  if spec.difficulty:  # absent at 0, so the records of old data still match
+    params["difficulty"] = spec.difficulty
   record = os.path.join(root, "params.json")
   try:
     with open(record, encoding="utf-8") as f:
@@ -240,6 +264,6 @@ def ensure_generated(
   except (OSError, ValueError):
     pass
   with io_utils.atomic_dir(root) as tmp:
-    _generate(tmp, tuple(categories), spec)
+    generate(tmp, tuple(categories), spec)
     io_utils.write_json(os.path.join(tmp, "params.json"), params)
   return root

@@ -91,17 +91,28 @@ def has_pixel_labels(samples) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticOptions:
-  """config.data.synthetic: the generated MVTec-like data set."""
+  """config.data.synthetic: the generated MVTec-like data set.
+
+  difficulty: in [0, 1]; 0 is the original generator (bold defects).
+    Higher values fade the defects into the texture, make them smaller and
+    thinner and vary the normal images more (data/synthetic.py).
+  """
 
   n_train: int = 20
   n_test_good: int = 8
   n_test_defect: int = 8
   size: int = 128
   seed: int = 0
+  difficulty: float = 0.0
 
   def __post_init__(self):
     for f in dataclasses.fields(self):
-      v = settings.check_int(getattr(self, f.name), f"data.synthetic.{f.name}")
+      name = f"data.synthetic.{f.name}"
+      v = getattr(self, f.name)
+      if f.name == "difficulty":
+        v = settings.check_float(v, name, 0.0, 1.0)
+      else:
+        v = settings.check_int(v, name)
       settings.set_field(self, f.name, v)
 
 
