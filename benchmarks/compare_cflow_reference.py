@@ -287,16 +287,25 @@ def main():
   save(args.label, rows)
 
 
-def save(key, rows):
-  """Merges {key: rows} into the results file (temp file, then rename)."""
+def save(key, rows, **extra):
+  """Merges rows into res[key]["rows"] of the results file (temp file, then
+  rename): a row replaces an earlier one of the same category, noise, seed
+  and channel draw; the other rows are kept."""
   res = {}
   if os.path.exists(RESULTS):
     with open(RESULTS) as f:
       res = json.load(f)
+
+  def ident(r):
+    return tuple(r.get(k) for k in ("category", "noise", "seed", "channels"))
+
+  new = {ident(r) for r in rows}
+  old = [r for r in res.get(key, {}).get("rows", []) if ident(r) not in new]
   res[key] = dict(
       machine="2-core x86-64 CPU, no GPU",
-      rows=rows,
+      rows=old + rows,
       time=time.strftime("%Y-%m-%d %H:%M"),
+      **extra,
   )
   tmp = RESULTS + ".tmp"
   with open(tmp, "w") as f:

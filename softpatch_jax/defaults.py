@@ -53,6 +53,16 @@ PAPER_METHODS = (
     "softpatch_nearest,softpatch_gaussian,softpatch_fusion"
 )
 
+# The noise-sweep's methods: the paper's baselines, SoftPatch-LOF, and the
+# candidates of this project for heavy noise (README, "Robust methods").
+SWEEP_METHODS = (
+    "patchcore,padim,padim_filter+patchcore,cflow,softpatch_lof,"
+    "softpatch_mutual,consensus"
+)
+# The method the README recommends for noisy training data (README,
+# "Robust methods"): consensus nearest neighbours.
+best_robust_method = "consensus"
+
 
 def study_base(variant: str) -> ml_collections.ConfigDict:
   """The pipeline config of an experiment on one data set.

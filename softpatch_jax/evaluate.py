@@ -108,7 +108,7 @@ def fit_models(opts, cat: data.Category, stack: Stack, pre) -> Fits:
       cat.train, stack.extractor, pre, names, base_opts, label=cat.name
   )
   fits = Fits({}, {}, {}, dict.fromkeys(filt.subsets, filt.fields))
-  bank_names = [n for n in names if not methods_lib.is_baseline(n)]
+  bank_names = [n for n in names if methods_lib.scores_features(n)]
   if bank_names:
     _fit_banks(opts, cat, stack, pre, bank_names, filt.subsets, fits)
   base = fitters.fit(
@@ -129,7 +129,11 @@ def fit_models(opts, cat: data.Category, stack: Stack, pre) -> Fits:
 def _fit_banks(opts, cat, stack: Stack, pre, names, subsets, fits: Fits):
   """The memory-bank methods into `fits`: one feature extraction, then each
   bank (on its image filter's subset where it has one)."""
-  plain = [n for n in names if n not in subsets]
+  plain = [
+      n
+      for n in names
+      if n not in subsets and methods_lib.family(n) == methods_lib.BANK
+  ]
   fitted = fitting.fit_methods(
       cat.train,
       stack.embedder,
@@ -148,10 +152,15 @@ def _fit_banks(opts, cat, stack: Stack, pre, names, subsets, fits: Fits):
       seed=opts.seed,
       label=cat.name,
   )
+  scorers, infos = fitting.fit_consensus(
+      fitted, names, subsets, opts.consensus, opts.scoring.blur_sigma
+  )
   del fitted.train_feats
   mesh = stack.embedder.mesh
   fits.models.update(inference.chosen_scorers(fitted.banks, opts.scoring, mesh))
+  fits.models.update(scorers)
   fits.infos.update(fitted.infos)
+  fits.infos.update(infos)
   fits.extract_s.update(dict.fromkeys(names, fitted.extract_s))
 
 

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from softpatch_jax import banks
+from softpatch_jax import consensus
 from softpatch_jax import coreset
 from softpatch_jax import data
 from softpatch_jax import embedding
@@ -172,6 +173,37 @@ def fit_methods(
   return Fitted(
       fitted, infos, train_feats, geometry.grid, tuple(image_size), extract_s
   )
+
+
+def fit_consensus(
+    fitted: Fitted,
+    names: Sequence[str],
+    subsets,
+    options: consensus.ConsensusOptions,
+    blur_sigma: float,
+):
+  """The consensus methods among `names` on `fitted.train_feats` (on a
+  filtered method's rows `subsets[name]`) -> ({name: scorer}, {name:
+  FitInfo})."""
+  scorers, infos = {}, {}
+  n_all, p = fitted.train_feats.shape[:2]
+  for name in names:
+    if methods_lib.family(name) != methods_lib.CONSENSUS:
+      continue
+    t0 = time.perf_counter()
+    rows = subsets.get(name)
+    feats = fitted.train_feats if rows is None else fitted.train_feats[rows]
+    model = consensus.fit(
+        feats, options, fitted.grid, fitted.image_size, blur_sigma
+    )
+    scorers[name] = consensus.ConsensusScorer(model)
+    n = model.n_images
+    infos[name] = FitInfo(name, n, n * p, n * p, bank_images=None)
+    infos[name].fit_s = time.perf_counter() - t0
+    if rows is not None:
+      infos[name].train_images = np.asarray(rows)
+    logging.info("%s: every patch of %d of %d images", name, n, n_all)
+  return scorers, infos
 
 
 def image_outlier_summary(

@@ -28,6 +28,8 @@ from softpatch_jax import registry
 from softpatch_jax import scoring
 
 BANK = "bank"
+# Scores patch features against every training patch (`consensus`).
+CONSENSUS = "consensus"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +70,18 @@ def is_baseline(name: str) -> bool:
   """True when the method after any image filter is not a bank method."""
   base = split_filter(name)[1]
   return base in METHODS and METHODS.get(base).family != BANK
+
+
+def scores_features(name) -> bool:
+  """True for the methods that score patch features (memory banks and
+  consensus), False for those on raw tap maps (PaDiM, CFLOW)."""
+  return family(name) in (BANK, CONSENSUS)
+
+
+def family(name) -> str:
+  """The family of method `name` ('padim_filter+cflow': 'cflow')."""
+  base = split_filter(name)[1]
+  return get_method(base, bank_only=False).family
 
 
 def bank_methods() -> List[str]:
@@ -120,6 +134,8 @@ register_method(Method("patchcore_full", None, "identity", False))
 # Evaluate-mode baselines without a memory bank (softpatch_jax.baselines).
 register_method(Method("padim", None, None, False, family="padim"))
 register_method(Method("cflow", None, None, False, family="cflow"))
+# Consensus nearest neighbours over the full bank (evaluate mode).
+register_method(Method("consensus", None, None, False, family=CONSENSUS))
 
 
 def get_method(name, *, bank_only: bool = True) -> Method:
@@ -133,9 +149,9 @@ def get_method(name, *, bank_only: bool = True) -> Method:
   key = ALIASES.get(name, name)
   if split_filter(key)[0] or (bank_only and is_baseline(key)):
     raise ValueError(
-        f"method {name!r} runs in evaluate mode only: PaDiM, CFLOW and the "
-        "padim_filter image filter have no memory bank to fit, save or "
-        "load here; fit mode and saved models take one of "
+        f"method {name!r} runs in evaluate mode only: PaDiM, CFLOW, "
+        "consensus and the padim_filter image filter have no memory bank "
+        "to fit, save or load here; fit mode and saved models take one of "
         f"{', '.join(bank_methods())}"
     )
   if key not in METHODS:

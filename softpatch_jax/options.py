@@ -16,6 +16,7 @@ from typing import Tuple
 import ml_collections
 
 from softpatch_jax import backbones
+from softpatch_jax import consensus
 from softpatch_jax import coreset
 from softpatch_jax import data
 from softpatch_jax import denoise
@@ -88,6 +89,9 @@ class RunOptions:
   )
   baselines: baseline_options.BaselineOptions = dataclasses.field(
       default_factory=baseline_options.BaselineOptions
+  )
+  consensus: consensus.ConsensusOptions = dataclasses.field(
+      default_factory=consensus.ConsensusOptions
   )
   output: OutputOptions = dataclasses.field(default_factory=OutputOptions)
 

@@ -171,3 +171,22 @@ def test_inject_list_round_trips_through_results_json(tmp_path):
         if r["injected_into_train"] == "True"
     ]
   assert sorted(seen) == sorted(noise["injected_paths"])
+
+
+def test_consensus_and_mutual_run_under_overlap(tmp_path):
+  # The robust candidates in evaluate mode, beside PatchCore, with overlap.
+  c = _config(0, size=64)
+  c.methods = "patchcore,consensus,padim_filter+consensus,softpatch_mutual"
+  c.output.num_heatmaps = 0
+  result = evaluate.run(c, str(tmp_path))
+  for m in ("consensus", "padim_filter+consensus", "softpatch_mutual"):
+    assert _metric(result, m, "image_auroc") > 0.8, m
+  # The memorised defects stay visible to consensus scoring.
+  assert _metric(result, "consensus", "pixel_auroc") > _metric(
+      result, "patchcore", "pixel_auroc"
+  )
+  n_train = _metric(result, "consensus", "n_train")
+  assert _metric(result, "consensus", "bank_size") == n_train * 64
+  assert _metric(result, "softpatch_mutual", "outlier_frac_injected") > (
+      _metric(result, "softpatch_mutual", "outlier_frac_clean")
+  )

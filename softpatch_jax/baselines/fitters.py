@@ -196,8 +196,7 @@ FITTERS.register("cflow", CflowFitter)
 def family(name: str) -> str:
   """The fitter family of baseline method `name` (its registered
   `methods.Method.family`; 'padim_filter+cflow': 'cflow')."""
-  base = methods_lib.split_filter(name)[1]
-  return methods_lib.get_method(base, bank_only=False).family
+  return methods_lib.family(name)
 
 
 def fit_stream(samples, extractor, pre, fitters, loader, *, rows, desc):
@@ -255,7 +254,7 @@ def fit(
 ) -> BaselineFit:
   """Fits the baselines among `names` on `train` (a filtered one on the
   rows `subsets[name]`) with one training stream."""
-  names = [n for n in names if methods_lib.is_baseline(n)]
+  names = [n for n in names if not methods_lib.scores_features(n)]
   if not names:
     return BaselineFit({}, {})
   subsets = subsets or {}

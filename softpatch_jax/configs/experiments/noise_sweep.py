@@ -84,14 +84,15 @@ from softpatch_jax import defaults
 
 def get_config(variant="elpv"):
   base = defaults.study_base(variant)
+  base.methods = defaults.SWEEP_METHODS
   # image_auroc_excl_injected is left out: the overlap=False cells are the
   # no-overlap result (results.csv still has the column).
   metrics = "image_auroc"
   axes = "noise.overlap=True,False;noise.ratio=0,0.1,0.2,0.4;seed=0,1,2"
-  if variant == "synthetic":
+  if variant in ("synthetic", "synthetic_hard"):
     base.data.synthetic.n_test_defect = 24  # 12 injected at 0.4
   if variant != "elpv":  # pixel labels: ELPV has none
-    metrics = "image_auroc,pixel_auroc"
+    metrics = "image_auroc,pixel_auroc,aupro"
   if variant in ("mvtec", "btad"):
     axes = "noise.overlap=True,False;noise.ratio=0,0.05,0.1,0.15,0.2;seed=0"
   return defaults.experiment_config(
