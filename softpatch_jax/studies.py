@@ -49,6 +49,8 @@ LABELS = {
     "softpatch_fusion": "SoftPatch-fusion",
     "padim": "PaDiM",
     "cflow": "CFLOW",
+    "softpatch_mutual": "SoftPatch-mutual",
+    "consensus": "Consensus",
 }
 
 
