@@ -9,4 +9,4 @@ files, flags and the terminal: `evaluate`, `fit`, `predict`,
 `experiments` and `main`.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

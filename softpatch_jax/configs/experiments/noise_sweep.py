@@ -36,47 +36,39 @@ together). Cells: elpv 48 (2 categories x 24 settings), synthetic 24.
 ELPV sizes (defaults.study_base): 128 px, 40 normal training cells per
 category (a seeded subset; ratio 0.4 adds 16 defective ones), about 50 test
 cells per category (seeded, label-stratified); seeds 0, 1, 2 (projection,
-coreset starts and the injected draw); 8 methods: PatchCore, PaDiM,
-PaDiM*+PatchCore, CFLOW, SoftPatch-LOF / -nearest / -gaussian / -fusion.
+coreset starts and the injected draw). Methods (defaults.SWEEP_METHODS):
+PatchCore, PaDiM, PaDiM*+PatchCore, CFLOW, SoftPatch-LOF, SoftPatch-mutual
+and consensus (README, "Noisy training data: robust methods").
 
-Measured numbers below are from the PREVIOUS PROTOCOL (overlap cells only,
-24 elpv / 12 synthetic cells; "without overlap" meant the column
-image_auroc_excl_injected, the same models scored without the injected test
-images, which equals the overlap=False cells of the same seed) and from the
-in-sample Gaussian discriminator (SoftPatch-gaussian and -fusion change
-since: denoise_gaussian.py). Not re-measured yet; expect about twice the
-runtime (twice the cells).
+Measured on a 2-core x86-64 CPU shared with other jobs, without CFLOW
+(--config.base.methods=patchcore,padim,padim_filter+patchcore,softpatch_lof,\
+softpatch_mutual,consensus): elpv 14 min (48 cells, 6-30 s each),
+synthetic_hard 2.7 min (24 cells). CFLOW adds 40-100 s per category and
+cell at 128 px; the README's CFLOW rows come from a run at ratios 0 and
+0.4 only.
 
-Expected runtime (elpv, measured, previous protocol): 21 min on a 2-core CPU shared with other
-jobs (load about 4; 30 min in an earlier run at load 4-9); 40-120 s per
-cell (the first cells compile).
+Expected result (elpv, image AUROC, mean over mono + poly, mean +- std over
+seeds 0-2; docs/results/table.md has every category):
+                     overlap                               no overlap
+  noise ratio        0      0.1    0.2    0.4              0.1    0.2    0.4
+  PatchCore          0.891  0.853  0.791  0.717+-.030      0.892  0.874  0.842+-.035
+  PaDiM              0.899  0.789  0.692  0.471+-.023      0.891  0.897  0.867+-.043
+  PaDiM*+PatchCore   0.888  0.867  0.872  0.791+-.011      0.876  0.893  0.883+-.031
+  SoftPatch-LOF      0.850  0.836  0.836  0.834+-.016      0.835  0.847  0.831+-.048
+  SoftPatch-mutual   0.859  0.841  0.847  0.804+-.006      0.837  0.854  0.811+-.038
+  consensus          0.882  0.879  0.869  0.865+-.004      0.878  0.873  0.854+-.032
+(ratio 0 is the same for both protocols.) With overlap consensus loses
+0.017 from 0 to 40 %, SoftPatch-LOF 0.016, PatchCore 0.17 and PaDiM 0.43.
+Without overlap the test set shrinks to the images that were not injected;
+re-scored on those images (benchmarks/noise_loss.py,
+docs/results/noise_loss.md) the clean models lose 0.009 (consensus), 0.006
+(SoftPatch-LOF), 0.019 (PaDiM) and 0.035 (PatchCore) at 40 %.
 
-Expected result (elpv, measured, previous protocol; image AUROC, mean over mono + poly, mean
-+- std over seeds 0-2; docs/results/table.md has every category):
-  noise ratio          0            0.1          0.2          0.4
-  PatchCore            0.891+-.011  0.853+-.014  0.791+-.013  0.717+-.030
-  PaDiM                0.899+-.006  0.789+-.014  0.692+-.012  0.471+-.023
-  PaDiM*+PatchCore     0.888+-.007  0.867+-.028  0.872+-.018  0.791+-.011
-  CFLOW                0.627+-.016  0.579+-.009  0.544+-.010  0.526+-.014
-  SoftPatch-LOF        0.850+-.009  0.836+-.006  0.836+-.014  0.834+-.016
-  SoftPatch-nearest    0.873+-.010  0.876+-.002  0.856+-.032  0.825+-.008
-  SoftPatch-gaussian   0.876+-.003  0.875+-.013  0.850+-.011  0.827+-.009
-  SoftPatch-fusion     0.872+-.014  0.869+-.007  0.839+-.030  0.833+-.027
-With overlap, PatchCore and PaDiM lose 0.17 and 0.43 from 0 to 40 % noise,
-SoftPatch 0.02-0.05, and the PaDiM* filter holds PatchCore at 0.87 up to
-20 %; without noise PatchCore and PaDiM are best and SoftPatch-LOF is 0.04
-behind. Without overlap (then image_auroc_excl_injected) PaDiM leads or ties at
-every ratio (0.87-0.90), PaDiM*+PatchCore from 20 % on, and SoftPatch trails
-or ties PatchCore. CFLOW (3 epochs, 8 coupling blocks) is far behind at
-this size: 0.35-0.50 on mono, 0.70-0.75 on poly (more epochs did not help
-at 128 px; the defaults' docstring has 0.78-0.86 on mono at 224 px).
-
-Synthetic (measured, previous protocol: 10.4 min, 12 cells): image AUROC saturates (1.000 for
-SoftPatch and CFLOW at every ratio, PatchCore 0.974-0.979 and PaDiM
-0.938 / 0.875 / 0.750 with noise); pixel AUROC at 0 / 0.1 / 0.2 / 0.4:
-PatchCore 0.993 / 0.890 / 0.846 / 0.743, PaDiM 0.994 / 0.911 / 0.871 /
-0.800, PaDiM*+PatchCore 0.993 / 0.993 / 0.952 / 0.838, CFLOW 0.998 at every
-ratio, SoftPatch (every discriminator) 0.993-0.994 at every ratio.
+synthetic_hard (pixel masks; docs/results/synthetic_hard/): image / pixel
+AUROC at 0 -> 40 % with overlap: PatchCore 0.956 / 0.948 -> 0.849 / 0.754,
+SoftPatch-LOF 0.931 / 0.944 -> 0.956 / 0.924, consensus 0.915 / 0.942 ->
+0.917 / 0.950; without overlap at 40 %: 0.957 / 0.950, 0.972 / 0.952,
+0.932 / 0.954.
 """
 
 from softpatch_jax import defaults
