@@ -21,30 +21,32 @@ Commands:
       --config=experiments/timing:synthetic \
       --workdir out/timing_synth
 
-Expected runtime (measured, 2-core CPU shared with other jobs, load 1.5-2):
-elpv 4.1 min (6 cells), synthetic 2.0 min (3 cells).
+Expected runtime (measured, 2-core x86-64 CPU, quiet): elpv 5 min (6
+cells; CFLOW's training is most of it).
 
-Expected result (measured with the previous table, whose fit_s left out the
-PaDiM* filter (PaDiM*+PatchCore's fit below is the bank alone; the filter
-adds a PaDiM pass over the training images) and with the in-sample Gaussian
-discriminator; seconds per category, mean +- std over seeds 0-2; the large
-stds are the first cell's compilation):
-                      elpv (128 px, ~44 train / 50 test)   synthetic (96 px)
-                      fit         predict   extract        fit
-  PatchCore           1.0+-0.9    5.6       1.4            1.4+-2.2
-  PaDiM               0.7+-0.0    3.4       0.5            0.6+-0.0
-  PaDiM*+PatchCore    0.8+-0.7    5.6       1.4            1.1+-1.6
-  CFLOW              10.7+-5.5    3.4       0.5            8.8+-9.0
-  SoftPatch-LOF       0.8+-0.5    5.6       1.4            0.8+-1.3
-  SoftPatch-nearest   0.7+-0.1    5.6       1.4            0.4+-0.1
-  SoftPatch-gaussian  1.2+-0.1    5.6       1.4            0.9+-0.3
-  SoftPatch-fusion    1.6+-0.3    5.6       1.4            1.4+-0.7
-predict_s and extract_s are shared: one test pass scores every memory bank
-(PatchCore, PaDiM*+PatchCore, SoftPatch), another serves PaDiM and CFLOW.
-At this size denoising costs no more than the coreset (SoftPatch-LOF /
--nearest fit as fast as PatchCore; the fusion of all three adds under a
-second), and CFLOW's training is the costliest fit by 10x. Image AUROC as in
-noise_sweep.py at 0.1.
+Expected result (elpv, measured; seconds per category, mean +- std over
+seeds 0-2; the large stds are the first cell's compilation):
+                      fit         filter    predict   extract   image AUROC
+  PatchCore           0.49+-0.36  -         3.56      0.47      0.853
+  PaDiM               0.31+-0.01  -         3.56      0.25      0.789
+  PaDiM*+PatchCore    2.80+-0.97  2.42      3.56      0.47      0.867
+  CFLOW              17.98+-2.50  -         3.56      0.25      0.809
+  SoftPatch-LOF       0.50+-0.32  -         3.56      0.47      0.836
+  SoftPatch-nearest   0.38+-0.04  -         3.56      0.47      0.876
+  SoftPatch-gaussian  0.62+-0.02  -         3.56      0.47      0.874
+  SoftPatch-fusion    0.79+-0.16  -         3.56      0.47      0.861
+The 'total (2 categories)' rows of table.md double these. predict_s and
+extract_s are shared: one test pass scores every model, so predict_s is the
+same for all; extract_s is the training-feature pass (memory banks) or the
+tap-map pass (PaDiM, CFLOW). PaDiM*'s filter (a PaDiM fit per fold) costs
+4-5x the bank it filters for. CFLOW's training (at least 200 Adam steps per
+scale) is the costliest fit by 20x or more.
+
+Test time of consensus scoring, which compares every test patch with every
+training patch, measured alone (--config.base.methods=consensus, then
+=patchcore; --config.study.axes="seed=0,1"): predict_s 2.83+-0.07 s per
+category against 0.79+-0.08 s for PatchCore's 10 % coreset; its fit is
+free (no coreset).
 """
 
 from softpatch_jax import defaults
