@@ -282,3 +282,24 @@ def write_mvtec_layout(root, category, defects, n_train=10, normal="good"):
         os.makedirs(gt, exist_ok=True)
         Image.new("L", (4, 4), 255).save(os.path.join(gt, f"{i:03d}_mask.png"))
   return cat
+
+
+def gaussian_loo(xj, reg=0.01):
+  """Point i against the others' Gaussian, shrunk by Ledoit-Wolf (float64):
+  written from the definitions, one covariance and inverse per point."""
+  n, d = xj.shape
+  c = xj - xj.mean(0)
+  s = c.T @ c / n
+  mu = np.trace(s) / d
+  spread = np.sum((s - mu * np.eye(d)) ** 2) / d
+  b2 = sum(np.sum((np.outer(v, v) - s) ** 2) for v in c) / n**2 / d
+  alpha = min(b2, spread) / spread if spread > 0 else 0.0
+  out = np.empty(n)
+  for i in range(n):
+    others = np.delete(xj, i, axis=0)
+    oc = others - others.mean(0)
+    cov = oc.T @ oc / max(n - 2, 1)
+    sig = (1 - alpha) * cov + (alpha * mu + reg) * np.eye(d)
+    v = xj[i] - others.mean(0)
+    out[i] = np.sqrt(v @ np.linalg.inv(sig) @ v)
+  return out

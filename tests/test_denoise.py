@@ -139,27 +139,6 @@ def _gaussian_in_sample(xj, reg=0.01):
   return np.sqrt(np.einsum("nd,de,ne->n", delta, np.linalg.inv(cov), delta))
 
 
-def _gaussian_loo(xj, reg=0.01):
-  """Point i against the others' Gaussian, shrunk by Ledoit-Wolf (float64):
-  written from the definitions, one covariance and inverse per point."""
-  n, d = xj.shape
-  c = xj - xj.mean(0)
-  s = c.T @ c / n
-  mu = np.trace(s) / d
-  spread = np.sum((s - mu * np.eye(d)) ** 2) / d
-  b2 = sum(np.sum((np.outer(v, v) - s) ** 2) for v in c) / n**2 / d
-  alpha = min(b2, spread) / spread if spread > 0 else 0.0
-  out = np.empty(n)
-  for i in range(n):
-    others = np.delete(xj, i, axis=0)
-    oc = others - others.mean(0)
-    cov = oc.T @ oc / max(n - 2, 1)
-    sig = (1 - alpha) * cov + (alpha * mu + reg) * np.eye(d)
-    v = xj[i] - others.mean(0)
-    out[i] = np.sqrt(v @ np.linalg.inv(sig) @ v)
-  return out
-
-
 @pytest.mark.parametrize(
     "seed,n,p,d",
     [
@@ -176,7 +155,7 @@ def test_gaussian_matches_numpy(seed, n, p, d):
   x = _data(seed, n, p, d) * np.float32(0.1 + 3 * seed)  # scales differ
   got = np.asarray(denoise.patch_weights(x, "gaussian"))
   ref = np.stack(
-      [_gaussian_loo(x[:, j].astype(np.float64)) for j in range(p)], 1
+      [_testutil.gaussian_loo(x[:, j].astype(np.float64)) for j in range(p)], 1
   )
   np.testing.assert_allclose(got, ref + 1, rtol=2e-3, atol=2e-3)
   # in_sample=True is the reference implementation's in-sample fit.

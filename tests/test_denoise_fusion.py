@@ -154,13 +154,8 @@ def _np_components(x, k):
   dist = np.sqrt(((xp[:, :, None] - xp[:, None]) ** 2).sum(-1))
   dist[:, np.arange(n), np.arange(n)] = np.inf
   nearest = dist.min(-1) + 1.0
-  gauss = np.empty((p, n))
-  for j in range(p):
-    delta = xp[j] - xp[j].mean(0)
-    cov = np.cov(xp[j], rowvar=False, ddof=1).reshape(d, d) + 0.01 * np.eye(d)
-    gauss[j] = np.sqrt(
-        np.einsum("nd,de,ne->n", delta, np.linalg.inv(cov), delta)
-    )
+  # The Gaussian is leave-one-out with a shrunk covariance (denoise_gaussian).
+  gauss = np.stack([_testutil.gaussian_loo(xp[j]) for j in range(p)])
   return [np.asarray(lof).T, nearest.T, gauss.T + 1.0]
 
 
