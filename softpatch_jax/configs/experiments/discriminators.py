@@ -57,7 +57,8 @@ from softpatch_jax import defaults
 
 METHODS = (
     "patchcore,softpatch_lof,softpatch_nearest,softpatch_gaussian,"
-    "softpatch_fusion_rank,softpatch_fusion_zscore,softpatch_fusion_vote"
+    "softpatch_fusion_rank,softpatch_fusion_zscore,softpatch_fusion_vote,"
+    "softpatch_mutual"
 )
 
 
