@@ -22,35 +22,28 @@ Commands:
       --config=experiments/discriminators:synthetic \
       --workdir out/discriminators_synth
 
-Measured numbers below are from the PREVIOUS PROTOCOL (overlap cells only;
-the no-overlap columns were image_auroc_excl_injected, the same models
-scored without the injected test images, which equals the overlap=False
-cells of the same seed) and from the in-sample Gaussian discriminator (the
-Gaussian and fusion rows change since: denoise_gaussian.py). Not
-re-measured yet; expect about twice the runtime (twice the cells).
-
-Expected runtime (measured on a 2-core CPU shared with other jobs, load
-about 7; previous protocol): elpv 20 min (18 cells), synthetic 8.5 min (9
+Expected runtime (elpv, measured on a 2-core x86-64 CPU): 8 min (36
 cells).
 
 Expected result, elpv (image AUROC, mean over mono + poly, mean +- std over
-seeds 0-2; measured, previous protocol):
-                        overlap                  no overlap (excl. injected)
+seeds 0-2; measured with the leave-one-out Gaussian; docs/results/
+discriminators/table.md):
+                        overlap                  no overlap
   noise ratio           0.1    0.2    0.4        0.1    0.2    0.4
   PatchCore             0.853  0.791  0.717      0.892  0.874  0.842
   SoftPatch-LOF         0.836  0.836  0.834      0.835  0.847  0.831
   SoftPatch-nearest     0.876  0.856  0.825      0.878  0.865  0.830
-  SoftPatch-gaussian    0.875  0.850  0.827      0.877  0.854  0.840
-  fusion rank           0.869  0.839  0.833      0.868  0.850  0.840
-  fusion zscore         0.859  0.846  0.820      0.861  0.855  0.819
-  fusion vote           0.859  0.842  0.837      0.858  0.852  0.845
-Stds are 0.002-0.06. Every denoiser beats PatchCore with overlap from 20 %
-noise on; without overlap PatchCore is best at 10-20 % and the denoisers
-only tie it at 40 %. Fusion lands between its members: it beats LOF and the
-z-score fusion, not nearest or Gaussian, and 'vote' is best only at 40 %
-(within the std). On synthetic textures every denoiser scores image AUROC
-1.000 and pixel AUROC 0.992-0.994 at every ratio (PatchCore 0.979 / 0.978 /
-0.974 image, 0.890 / 0.846 / 0.743 pixel): too easy to rank them.
+  SoftPatch-gaussian    0.874  0.865  0.828      0.875  0.875  0.829
+  fusion rank           0.861  0.863  0.842      0.860  0.873  0.847
+  fusion zscore         0.852  0.851  0.844      0.853  0.863  0.858
+  fusion vote           0.865  0.864  0.809      0.869  0.872  0.799
+  SoftPatch-mutual      0.841  0.847  0.804      0.837  0.854  0.811
+Stds are 0.002-0.05. Every denoiser beats PatchCore with overlap from 20 %
+noise on; without overlap PatchCore is best at 10 % and the denoisers tie
+it at 20-40 %. At 40 % the rank and z-score fusions lead the denoisers
+(0.842-0.858), 'vote' falls behind; SoftPatch-mutual trails LOF on these
+aligned cells. None reaches consensus scoring (noise_sweep.py: 0.865 /
+0.854 at 40 %).
 """
 
 from softpatch_jax import defaults
