@@ -12,7 +12,9 @@ import pytest
 from softpatch_jax import defaults
 from softpatch_jax import experiments
 from softpatch_jax import figures
+from softpatch_jax import fitting
 from softpatch_jax import studies
+from softpatch_jax.baselines import image_filter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -205,7 +207,24 @@ def test_command_line(tmp_path):
   assert "error: config.study: no config field 'noise.ratoi'" in res.stderr
 
 
-def test_no_overlap_cell_equals_excl_injected_and_filter_time(tmp_path):
+class _Clock:
+  """A fake `time` module whose perf_counter advances `step` per call."""
+
+  def __init__(self, step):
+    self.now, self.step = 0.0, step
+
+  def perf_counter(self):
+    self.now += self.step
+    return self.now
+
+
+def test_no_overlap_cell_equals_excl_injected_and_filter_time(
+    tmp_path, monkeypatch
+):
+  # Fake clocks, not wall time: the filter's timer ticks 100 a call, the
+  # banks' 1, so the row's fit_s shows whether the filter's part is in it.
+  monkeypatch.setattr(image_filter, "time", _Clock(100.0))
+  monkeypatch.setattr(fitting, "time", _Clock(1.0))
   # The same seed injects the same images: the overlap=False cell scores
   # the test set the overlap=True cell has without them.
   c = _tiny("noise.overlap=True,False;noise.ratio=0.3;seed=0")
@@ -226,7 +245,9 @@ def test_no_overlap_cell_equals_excl_injected_and_filter_time(tmp_path):
     )
     assert off["image_auroc_excl_injected"] == off["image_auroc"]
   f = rows[("False", "padim_filter+patchcore")]
-  assert float(f["fit_s"]) >= float(f["filter_s"]) > 0  # the filter counts
+  assert float(f["filter_s"]) == 100.0
+  bank_part = float(f["fit_s"]) - float(f["filter_s"])
+  assert bank_part == float(rows[("False", "patchcore")]["fit_s"]) > 0
   assert f["image_filter_backbone"] == "efficientnet_lite0"
   assert f["image_filter_fallback"] == "True"  # no resnet18 weights offline
   assert "PaDiM*(filter: efficientnet_lite0, fallback)+PatchCore" in (
