@@ -21,8 +21,8 @@ half of the images.
 The weights are the averaged distance divided by its median over all
 patches, so an ordinary patch weighs about 1, as SoftPatch's soft weights
 expect. Cost: (N P)^2 d multiply-adds over N images of P patches in d
-projected dimensions, blocked so that at most about 64 MiB of distances
-exist at a time.
+projected dimensions, blocked as `consensus.per_image_distances` is (at
+most about 64 MiB of distances at a time).
 """
 
 from __future__ import annotations
@@ -32,11 +32,9 @@ import math
 import jax
 import jax.numpy as jnp
 
+from softpatch_jax import consensus
 from softpatch_jax import denoise
 
-_HIGHEST = jax.lax.Precision.HIGHEST
-# Elements of one (queries, N, P) distance block; bounds peak memory.
-_BLOCK_ELEMS = 1 << 24
 # The share of the other images averaged over (closest first).
 NEAREST_SHARE = 0.5
 
@@ -45,28 +43,11 @@ def per_image_distances(x: jax.Array) -> jax.Array:
   """(N, P, d) -> (N, P, N): distance from each patch to the closest patch
   of each image (anywhere in it); a patch's own image gets +inf."""
   n, p, d = x.shape
-  flat = x.reshape(n * p, d)
   # Centring shrinks |x|^2 and so the cancellation error of the expansion.
-  flat = flat - jnp.mean(flat, axis=0)
-  sq = jnp.sum(flat * flat, axis=-1)
-  block = int(max(1, min(n * p, _BLOCK_ELEMS // max(1, n * p))))
-  pad = -(n * p) % block
-  rows = jnp.arange(n * p + pad)
-  queries = jnp.pad(flat, ((0, pad), (0, 0)))
-
-  def one(args):
-    q, r = args  # (B, d), (B,)
-    g = jnp.matmul(q, flat.T, precision=_HIGHEST)
-    d2 = jnp.sum(q * q, axis=-1)[:, None] + sq[None, :] - 2.0 * g
-    d2 = jnp.min(d2.reshape(-1, n, p), axis=-1)  # (B, N)
-    own = (r // p)[:, None] == jnp.arange(n)[None, :]
-    return jnp.where(own, jnp.inf, jnp.sqrt(jnp.maximum(d2, 0.0)))
-
-  out = jax.lax.map(
-      one,
-      (queries.reshape(-1, block, d), rows.reshape(-1, block)),
-  )
-  return out.reshape(-1, n)[: n * p].reshape(n, p, n)
+  x = x - jnp.mean(x.reshape(n * p, d), axis=0)
+  d2 = consensus.per_image_distances(x, x.reshape(n * p, d)).reshape(n, p, n)
+  own = jnp.arange(n)[:, None, None] == jnp.arange(n)[None, None, :]
+  return jnp.where(own, jnp.inf, jnp.sqrt(d2))
 
 
 def num_nearest(n_images: int, share: float = NEAREST_SHARE) -> int:

@@ -21,23 +21,27 @@ from softpatch_jax.data import Sample
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_predict_cli(model, inputs, output):
-  """The predict command in a new process -> CompletedProcess (not checked)."""
+def run_module(module, *args):
+  """`python -m <module> <args>` in a new process on the CPU ->
+  CompletedProcess (not checked)."""
   return subprocess.run(
-      [
-          sys.executable,
-          "-m",
-          "softpatch_jax.predict",
-          f"--model={model}",
-          f"--input={inputs}",
-          f"--output={output}",
-      ],
+      [sys.executable, "-m", module, *args],
       cwd=ROOT,
       env=dict(os.environ, JAX_PLATFORMS="cpu"),
       capture_output=True,
       text=True,
       check=False,
       timeout=300,
+  )
+
+
+def run_predict_cli(model, inputs, output):
+  """The predict command in a new process -> CompletedProcess (not checked)."""
+  return run_module(
+      "softpatch_jax.predict",
+      f"--model={model}",
+      f"--input={inputs}",
+      f"--output={output}",
   )
 
 

@@ -105,7 +105,8 @@ def test_run_fits_every_baseline_and_scores_the_test_images(direct):
     np.testing.assert_array_equal(pred.indices, np.arange(n))
     info = res.infos[name]
     assert info.method == name and info.bank_size is None
-    assert info.n_outlier_patches is None and info.fit_s > 0
+    assert info.n_outlier_patches is None
+    assert np.isfinite(info.fit_s) and info.fit_s >= 0  # recorded
   assert res.infos["padim"].n_images == 13
   assert res.infos["padim"].n_patches == 13 * 16 * 16  # the stage2 grid
   assert res.infos["padim"].train_images is None
@@ -115,7 +116,7 @@ def test_run_fits_every_baseline_and_scores_the_test_images(direct):
   auroc = inference.evaluate(res.preds["cflow"])["image_auroc"]
   print("CFLOW image AUROC", auroc)
   assert auroc > 0.8
-  assert res.extract_s > 0
+  assert np.isfinite(res.extract_s) and res.extract_s >= 0  # recorded
 
 
 def _padim_embeddings(ex, pre, samples, channels):
@@ -181,7 +182,7 @@ def test_one_loop_scores_banks_and_baselines_alike(direct):
 
 def test_fitter_registry_and_empty_fits(direct):
   assert fitters.FITTERS.names() == ["cflow", "padim"]
-  assert fitters.family("padim_filter+cflow") == "cflow"
+  assert methods.family("padim_filter+cflow") == "cflow"
   with pytest.raises(ValueError, match="unknown baseline fitter 'nope'"):
     fitters.FITTERS.get("nope")
   fit_options = _fit_options(direct["opts"])

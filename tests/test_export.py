@@ -10,10 +10,6 @@ the preprocessed images). Image scores agree to 1e-4 relative; maps to
 over the batch; calibrated outputs (in [0, 1]) to 1e-3 absolute.
 """
 
-import os
-import subprocess
-import sys
-
 import jax
 import numpy as np
 import pytest
@@ -185,15 +181,7 @@ def test_bad_input_is_one_clear_error(models, tmp_path):
 
 
 def _run_cli(*args):
-  return subprocess.run(
-      [sys.executable, "-m", "softpatch_jax.export", *args],
-      cwd=_testutil.ROOT,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"),
-      capture_output=True,
-      text=True,
-      check=False,
-      timeout=300,
-  )
+  return _testutil.run_module("softpatch_jax.export", *args)
 
 
 def test_command_line(models, tmp_path):

@@ -8,8 +8,6 @@ weights error kept short, and training sets of copies of one image.
 
 import logging
 import os
-import subprocess
-import sys
 
 import numpy as np
 from PIL import Image
@@ -27,15 +25,7 @@ from softpatch_jax import thresholds
 
 def softpatch(*args):
   """`softpatch <args>` in a new process -> CompletedProcess."""
-  return subprocess.run(
-      [sys.executable, "-m", "softpatch_jax.cli", *args],
-      cwd=_testutil.ROOT,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"),
-      capture_output=True,
-      text=True,
-      check=False,
-      timeout=300,
-  )
+  return _testutil.run_module("softpatch_jax.cli", *args)
 
 
 def one_error_line(proc):

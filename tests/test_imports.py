@@ -24,6 +24,7 @@ CORE = {
     "softpatch_jax.denoise",
     "softpatch_jax.denoise_gaussian",
     "softpatch_jax.mutual",
+    "softpatch_jax.consensus",
     "softpatch_jax.coreset",
     "softpatch_jax.methods",
     "softpatch_jax.scoring",

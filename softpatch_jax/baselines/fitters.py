@@ -193,12 +193,6 @@ FITTERS.register("padim", PadimFitter)
 FITTERS.register("cflow", CflowFitter)
 
 
-def family(name: str) -> str:
-  """The fitter family of baseline method `name` (its registered
-  `methods.Method.family`; 'padim_filter+cflow': 'cflow')."""
-  return methods_lib.family(name)
-
-
 def fit_stream(samples, extractor, pre, fitters, loader, *, rows, desc):
   """One stream over `samples` feeding every fitter its `rows` (indices
   into samples, None: all) -> ({name: model}, {name: fit seconds}, extract
@@ -260,7 +254,11 @@ def fit(
   subsets = subsets or {}
   image_size = pre.input_size or (pre.crop, pre.crop)
   fitters = {
-      n: FITTERS.get(family(n)).create(extractor, image_size, options, label)
+      n: (
+          FITTERS.get(methods_lib.family(n)).create(
+              extractor, image_size, options, label
+          )
+      )
       for n in names
   }
   rows = {n: subsets.get(n) for n in names}
